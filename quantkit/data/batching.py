@@ -1,0 +1,143 @@
+"""Batching samples into model feeds, checking every sample against the model's inputs first."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+from quantkit.model import InputSpec, ModelInfo
+
+from .sources import Sample
+
+
+@dataclass
+class Batch:
+    """Stacked inputs of consecutive samples, with their ids (for error messages) and labels."""
+
+    ids: list[str]
+    feeds: dict[str, np.ndarray]
+    labels: list[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape) or "scalar"
+
+
+def check_sample(sample: Sample, inputs: tuple[InputSpec, ...]) -> dict[str, np.ndarray]:
+    """Return the sample's arrays cast to the model dtypes, or raise a one-line error naming it."""
+    out: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        if spec.name not in sample.feeds:
+            have = ", ".join(sample.feeds) or "nothing"
+            raise QuantkitError(f"sample {sample.id} has no data for model input '{spec.name}' (it has {have})")
+        arr = np.asarray(sample.feeds[spec.name])
+        want = spec.shape[1:]
+        if arr.ndim != len(want):
+            raise QuantkitError(
+                f"sample {sample.id}: input '{spec.name}' has shape {_dims(arr.shape)} but model input "
+                f"{spec.describe()} takes {len(want)}-d samples; check the data layout (--layout) and preprocessing"
+            )
+        for axis, (got, need) in enumerate(zip(arr.shape, want, strict=True), start=1):
+            if isinstance(need, int) and got != need:
+                what = (
+                    "channels" if len(spec.shape) == 4 and ((axis == 1 and want[0] in (1, 3)) or axis == 3) and need in (1, 3) else "size"
+                )
+                hint = (
+                    " (set --color L for 1 channel or RGB for 3)"
+                    if what == "channels"
+                    else " (set --resize/--center-crop, or check --layout)"
+                )
+                raise QuantkitError(
+                    f"sample {sample.id}: input '{spec.name}' has shape {_dims(arr.shape)} but the model expects "
+                    f"{spec.describe()}: {what} mismatch at axis {axis}, {got} vs {need}{hint}"
+                )
+        if spec.is_float:
+            if arr.dtype.kind not in "f":
+                raise QuantkitError(
+                    f"sample {sample.id}: input '{spec.name}' is {arr.dtype} but the model expects {spec.dtype}; "
+                    "store float data or feed images through the preprocessing options"
+                )
+            arr = arr.astype(spec.dtype, copy=False)
+            if not np.isfinite(arr).all():
+                bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+                raise QuantkitError(f"sample {sample.id}: input '{spec.name}' holds {bad} NaN/Inf value(s); fix or drop this sample")
+        elif spec.dtype.kind in "iub":
+            if arr.dtype.kind not in "iub":
+                raise QuantkitError(f"sample {sample.id}: input '{spec.name}' is {arr.dtype} but the model expects {spec.dtype}")
+            arr = arr.astype(spec.dtype, copy=False)
+        out[spec.name] = arr
+    return out
+
+
+def _fixed_batch(model: ModelInfo) -> int | None:
+    sizes = {i.shape[0] for i in model.inputs if i.shape and isinstance(i.shape[0], int)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def batches(
+    samples: Iterable[Sample],
+    model: ModelInfo,
+    batch_size: int = 32,
+    num_samples: int | None = None,
+    source_name: str = "the data",
+    warnings: list[str] | None = None,
+) -> Iterator[Batch]:
+    """Yield batches of up to ``batch_size`` samples; samples of another shape start a new batch.
+
+    Raises when fewer than ``num_samples`` samples exist (after yielding what there was, so the
+    caller must not write results before the generator is exhausted).
+    """
+    if batch_size < 1:
+        raise QuantkitError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_samples is not None and num_samples < 1:
+        raise QuantkitError(f"--num-samples must be at least 1, got {num_samples}")
+    for spec in model.inputs:
+        if not spec.shape:
+            raise QuantkitError(f"model input {spec.describe()} is a scalar; quantkit needs a batch axis on every input")
+    fixed = _fixed_batch(model)
+    if fixed is not None and fixed != batch_size:
+        raise QuantkitError(f"model {model.path} has a fixed batch size of {fixed}; use --batch-size {fixed}")
+
+    pending: list[tuple[Sample, dict[str, np.ndarray]]] = []
+    seen = 0
+
+    def flush() -> Batch:
+        feeds = {name: np.stack([arrays[name] for _, arrays in pending]) for name in pending[0][1]}
+        batch = Batch([s.id for s, _ in pending], feeds, [s.label for s, _ in pending])
+        pending.clear()
+        return batch
+
+    for sample in samples:
+        if num_samples is not None and seen >= num_samples:
+            break
+        arrays = check_sample(sample, model.inputs)
+        if pending and any(arrays[n].shape != pending[0][1][n].shape for n in arrays):
+            if fixed is not None:
+                raise QuantkitError(
+                    f"sample {sample.id} has another shape than the samples before it; the model's fixed batch needs equal shapes"
+                )
+            yield flush()
+        pending.append((sample, arrays))
+        seen += 1
+        if len(pending) == batch_size:
+            yield flush()
+    if pending:
+        if fixed is not None and len(pending) != fixed:
+            if warnings is not None:
+                warnings.append(f"dropped the last {len(pending)} sample(s): the model's fixed batch size is {fixed}")
+            pending.clear()
+        else:
+            yield flush()
+    if num_samples is not None and seen < num_samples:
+        raise QuantkitError(
+            f"{source_name} has only {seen} sample(s) but --num-samples {num_samples} was asked; lower --num-samples or omit it to use all"
+        )
+    if seen == 0:
+        raise QuantkitError(f"{source_name} yielded no samples")

@@ -1,0 +1,312 @@
+"""Data sources: each yields ``Sample``s (one sample's input arrays, no batch axis) lazily.
+
+Supported, chosen from the path:
+- an image folder (``root/<label>/*.png`` or flat), read through ``datasets``' imagefolder in
+  streaming mode, decoded and preprocessed one image at a time;
+- a table: ``.parquet`` / ``.arrow`` / ``.csv`` / ``.json(l)`` files (or a folder of them), through
+  ``datasets`` in streaming mode; a column named like a model input holds that input's array,
+  or an image column (``datasets.Image`` feature, or a column called ``image``) feeds the
+  single image input through the preprocessing spec;
+- NumPy: a ``.npz`` file keyed by input name, a ``.npy`` file for a single-input model
+  (memory-mapped), or a folder of them (``<input name>.npy`` files, or one ``.npz``/``.npy``
+  per sample or per batch). Arrays with the model input's rank hold many samples along axis 0.
+
+Nothing holds the whole data set in memory; only the current sample is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.data.preprocess import PreprocessSpec
+from quantkit.errors import QuantkitError
+from quantkit.model import InputSpec, ModelInfo
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+TABLE_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+ARRAY_EXTENSIONS = {".npy", ".npz"}
+IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")
+LABEL_COLUMN_NAMES = ("label", "labels", "target", "class")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample: where it came from (for error messages), its input arrays, and its label if any."""
+
+    id: str
+    feeds: dict[str, np.ndarray]
+    label: Any = None
+
+
+def _offline() -> None:
+    # quantkit never downloads: keep datasets/huggingface_hub from trying the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _decode_image(ref: Any, sample_id: str) -> Any:
+    from PIL import Image
+
+    try:
+        if isinstance(ref, dict):
+            data = ref.get("bytes")
+            image = Image.open(io.BytesIO(data)) if data else Image.open(ref["path"])
+        elif isinstance(ref, Image.Image):
+            image = ref
+        else:
+            raise TypeError(f"unsupported image value of type {type(ref).__name__}")
+        image.load()
+        return image
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types; the user needs the file name
+        raise QuantkitError(f"cannot read image {sample_id} ({type(exc).__name__}: {exc}); remove or replace the file") from None
+
+
+def _single_image_input(model: ModelInfo, input_name: str | None, what: str) -> InputSpec:
+    if input_name is not None:
+        return model.input(input_name)
+    floats = model.float_inputs
+    if len(floats) == 1:
+        return floats[0]
+    if not floats:
+        raise QuantkitError(f"{what} holds images but model {model.path} has no float input to feed them to")
+    names = ", ".join(i.name for i in floats)
+    raise QuantkitError(f"{what} holds images but model {model.path} has several float inputs ({names}); pass --input-name")
+
+
+class ImageFolderSource:
+    """Images under a folder (by-label subfolders or flat), via datasets' imagefolder builder."""
+
+    def __init__(self, root: Path, model: ModelInfo, preprocess: PreprocessSpec, input_name: str | None, shuffle: bool, seed: int) -> None:
+        self.root = root
+        self.input = _single_image_input(model, input_name, f"image folder {root}")
+        self.preprocess = preprocess.resolved(self.input)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if shuffle:  # a label-sorted folder must not yield only the first classes for a subset
+            files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+        self.files = files
+        self.size: int | None = len(files)
+        self.description = f"image folder {root} ({len(files)} images)"
+
+    def __iter__(self) -> Iterator[Sample]:
+        _offline()
+        import datasets
+
+        ds = datasets.load_dataset("imagefolder", data_files={"train": [str(f) for f in self.files]}, split="train", streaming=True)
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+        for path, row in zip(self.files, ds, strict=True):
+            image = _decode_image(row["image"], str(path))
+            yield Sample(str(path), {self.input.name: self.preprocess.apply(image)}, row.get("label"))
+
+
+class TableSource:
+    """Rows of parquet/arrow/csv/json files, streamed through ``datasets``."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        builder: str,
+        model: ModelInfo,
+        preprocess: PreprocessSpec,
+        input_name: str | None,
+        label_column: str | None,
+    ) -> None:
+        self.files, self.builder, self.model = files, builder, model
+        self.preprocess_base, self.input_name, self.label_column = preprocess, input_name, label_column
+        self.size: int | None = self._count_rows() if builder == "parquet" else None
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+        self.description = f"{builder} data {where}"
+
+    def _count_rows(self) -> int | None:
+        try:
+            import pyarrow.parquet as pq
+
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        except Exception:  # noqa: BLE001 - the count is only for the progress bar; iteration reports real errors
+            return None
+
+    def __iter__(self) -> Iterator[Sample]:
+        _offline()
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(self.builder, data_files={"train": [str(f) for f in self.files]}, split="train", streaming=True)
+            features = ds.features or {}
+        except Exception as exc:  # noqa: BLE001
+            raise QuantkitError(f"cannot read {self.description}: {exc}") from None
+        columns = list(features) if features else None
+        image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+        if image_column is None and columns:
+            image_column = next((c for c in IMAGE_COLUMN_NAMES if c in columns and c not in {i.name for i in self.model.inputs}), None)
+        if image_column is not None and isinstance(features.get(image_column), datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        label_column = self.label_column or (next((c for c in LABEL_COLUMN_NAMES if c in columns), None) if columns else None)
+        image_input = preprocess = None
+        if image_column is not None:
+            image_input = _single_image_input(self.model, self.input_name, self.description)
+            preprocess = self.preprocess_base.resolved(image_input)
+        wanted = [i for i in self.model.inputs if image_input is None or i.name != image_input.name]
+        if columns is not None:
+            missing = [i.name for i in wanted if i.name not in columns]
+            if missing:
+                raise QuantkitError(
+                    f"{self.description} has no column for model input(s) {', '.join(missing)} (columns: {', '.join(columns)}); "
+                    "name the columns after the inputs, or give an image column"
+                )
+        base = self.files[0] if len(self.files) == 1 else self.files[0].parent
+        for row_no, row in enumerate(ds):
+            sample_id = f"{base} row {row_no}"
+            feeds: dict[str, np.ndarray] = {}
+            if image_input is not None and preprocess is not None:
+                feeds[image_input.name] = preprocess.apply(_decode_image(row[image_column], sample_id))
+            for spec in wanted:
+                if spec.name not in row:
+                    raise QuantkitError(f"{sample_id} has no value for model input '{spec.name}'")
+                feeds[spec.name] = _row_array(row[spec.name], spec, sample_id)
+            yield Sample(sample_id, feeds, row.get(label_column) if label_column else None)
+
+
+def _row_array(value: Any, spec: InputSpec, sample_id: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise QuantkitError(f"{sample_id}: column '{spec.name}' holds ragged nested lists; store one array per row") from None
+    per_sample = spec.shape[1:]
+    if arr.ndim == 1 and len(per_sample) > 1 and all(isinstance(d, int) for d in per_sample):
+        size = int(np.prod(per_sample))
+        if arr.size == size:  # flattened arrays are common in tables
+            arr = arr.reshape(tuple(int(d) for d in per_sample))
+    return arr
+
+
+class ArraySource:
+    """NumPy arrays keyed by input name: .npz / .npy files or a folder of them."""
+
+    def __init__(self, path: Path, model: ModelInfo) -> None:
+        self.path, self.model = path, model
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in ARRAY_EXTENSIONS and p.is_file())
+            if not files:
+                raise QuantkitError(f"data directory {path} is empty: no images, tables, .npy or .npz files found")
+            names = {i.name for i in model.inputs}
+            self.keyed_npy = [f for f in files if f.suffix == ".npy" and f.stem in names]
+            self.files = files if not self.keyed_npy else []
+        else:
+            self.keyed_npy, self.files = [], [path]
+        self.size = self._count()
+        self.description = f"array data {path}"
+
+    def _count(self) -> int | None:
+        if self.keyed_npy:
+            arr = np.load(self.keyed_npy[0], mmap_mode="r")
+            spec = self.model.input(self.keyed_npy[0].stem)
+            return int(arr.shape[0]) if arr.ndim == len(spec.shape) else 1
+        return None
+
+    def __iter__(self) -> Iterator[Sample]:
+        if self.keyed_npy:
+            yield from self._iter_keyed(self.keyed_npy)
+            return
+        for f in self.files:
+            yield from self._iter_file(f)
+
+    def _load(self, f: Path) -> dict[str, np.ndarray]:
+        try:
+            if f.suffix.lower() == ".npy":
+                arr = np.load(f, mmap_mode="r", allow_pickle=False)
+                floats = self.model.float_inputs or self.model.inputs
+                if len(self.model.inputs) != 1:
+                    names = ", ".join(i.name for i in self.model.inputs)
+                    raise QuantkitError(f"{f} holds one array but the model has inputs {names}; use a .npz keyed by input name")
+                return {floats[0].name: arr}
+            with np.load(f, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except QuantkitError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise QuantkitError(f"cannot read {f} as NumPy data ({type(exc).__name__}: {exc})") from None
+
+    def _iter_keyed(self, files: list[Path]) -> Iterator[Sample]:
+        arrays = {}
+        for f in files:
+            try:
+                arrays[f.stem] = np.load(f, mmap_mode="r", allow_pickle=False)
+            except Exception as exc:  # noqa: BLE001
+                raise QuantkitError(f"cannot read {f} as NumPy data ({type(exc).__name__}: {exc})") from None
+        yield from self._split(arrays, str(self.path))
+
+    def _iter_file(self, f: Path) -> Iterator[Sample]:
+        yield from self._split(self._load(f), str(f))
+
+    def _split(self, arrays: dict[str, np.ndarray], where: str) -> Iterator[Sample]:
+        missing = [i.name for i in self.model.inputs if i.name not in arrays]
+        if missing:
+            raise QuantkitError(f"{where} has no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays) or 'none'})")
+        batched = {}
+        for spec in self.model.inputs:
+            arr = arrays[spec.name]
+            if arr.ndim == len(spec.shape):
+                batched[spec.name] = True
+            elif arr.ndim == len(spec.shape) - 1:
+                batched[spec.name] = False
+            else:
+                raise QuantkitError(
+                    f"{where}: array '{spec.name}' has shape {arr.shape} but model input {spec.describe()} needs rank "
+                    f"{len(spec.shape)} (many samples) or {len(spec.shape) - 1} (one sample)"
+                )
+        counts = {arrays[n].shape[0] for n, b in batched.items() if b}
+        if len(counts) > 1:
+            raise QuantkitError(f"{where}: arrays hold different numbers of samples ({sorted(counts)})")
+        n = counts.pop() if counts else 1
+        for k in range(n):
+            feeds = {name: np.asarray(arrays[name][k] if batched[name] else arrays[name]) for name in batched}
+            yield Sample(f"{where}[{k}]" if any(batched.values()) else where, feeds)
+
+
+def open_source(
+    path: str | Path,
+    model: ModelInfo,
+    preprocess: PreprocessSpec | None = None,
+    *,
+    input_name: str | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    label_column: str | None = None,
+) -> ImageFolderSource | TableSource | ArraySource:
+    """Pick the source for ``path`` (see the module docstring); bad paths are clear errors."""
+    path = Path(path)
+    preprocess = preprocess or PreprocessSpec()
+    if not path.exists():
+        raise QuantkitError(f"data path not found: {path}")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in ARRAY_EXTENSIONS:
+            return ArraySource(path, model)
+        if suffix in TABLE_EXTENSIONS:
+            return TableSource([path], TABLE_EXTENSIONS[suffix], model, preprocess, input_name, label_column)
+        raise QuantkitError(
+            f"cannot tell how to read {path}: give an image folder, a .parquet/.arrow/.csv/.jsonl table, or .npy/.npz arrays"
+        )
+    try:
+        entries = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    except OSError as exc:
+        raise QuantkitError(f"cannot list data directory {path}: {exc.strerror}") from None
+    suffixes = {p.suffix.lower() for p in entries}
+    if suffixes & IMAGE_EXTENSIONS:
+        source = ImageFolderSource(path, model, preprocess, input_name, shuffle, seed)
+        return source
+    tables = sorted(p for p in entries if p.suffix.lower() in TABLE_EXTENSIONS)
+    if tables:
+        builders = {TABLE_EXTENSIONS[p.suffix.lower()] for p in tables}
+        if len(builders) > 1:
+            raise QuantkitError(f"data directory {path} mixes table formats ({', '.join(sorted(builders))}); keep one")
+        return TableSource(tables, builders.pop(), model, preprocess, input_name, label_column)
+    if suffixes & ARRAY_EXTENSIONS:
+        return ArraySource(path, model)
+    raise QuantkitError(f"data directory {path} is empty: no images, tables, .npy or .npz files found")

@@ -1,0 +1,103 @@
+"""Loading an ONNX model and describing its inputs, with clear errors for bad files."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from quantkit.errors import QuantkitError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: its name, shape (ints for fixed axes, str/None for dynamic ones) and dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    def describe(self) -> str:
+        dims = "x".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
+        return f"{self.name}[{dims}] {self.dtype}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A loaded model: path, proto, content hash and inputs (initializers excluded)."""
+
+    path: Path
+    proto: onnx.ModelProto
+    sha256: str
+    inputs: tuple[InputSpec, ...]
+
+    @property
+    def float_inputs(self) -> tuple[InputSpec, ...]:
+        return tuple(i for i in self.inputs if i.is_float)
+
+    def input(self, name: str) -> InputSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        names = ", ".join(i.name for i in self.inputs)
+        raise QuantkitError(f"model {self.path} has no input named '{name}' (inputs: {names})")
+
+
+def _dtype(elem_type: int) -> np.dtype:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError):
+        return np.dtype(object)
+
+
+def _shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
+    dims: list[int | str | None] = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path) -> ModelInfo:
+    """Load and check an ONNX model; every failure is a one-line QuantkitError."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantkitError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(str(path))
+    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+        raise QuantkitError(f"cannot read {path} as an ONNX model ({type(exc).__name__}); is the file complete?") from None
+    if not proto.graph.node:
+        raise QuantkitError(f"{path} holds no ONNX graph nodes; is it an ONNX model file?")
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
+        raise QuantkitError(f"{path} is not a valid ONNX model: {first}") from None
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = tuple(
+        InputSpec(vi.name, _shape(vi), _dtype(vi.type.tensor_type.elem_type)) for vi in proto.graph.input if vi.name not in initializers
+    )
+    return ModelInfo(path=path, proto=proto, sha256=file_sha256(path), inputs=inputs)

@@ -1,0 +1,164 @@
+"""``RangeSet``: the calibration result every later step consumes (a plain data object + JSON file).
+
+One file, ``ranges.json``, holds per tensor its observed min/max and counts, and the ``amax``
+(and ``scale = amax / 127``) of every method that was computed, with the methods' parameters
+and the provenance (model hash, samples, batch size, input shapes, quantkit version). Floats are
+written with Python's shortest round-trip repr, keys in a fixed order and no timestamps, so the
+same model + data + options give a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.atomic import write_bytes_atomic
+from quantkit.errors import QuantkitError
+
+FORMAT = "quantkit.ranges"
+FORMAT_VERSION = 1
+INT8_MAX = 127
+#: scale written for a tensor whose amax is 0 (it was constant zero): any positive scale
+#: represents 0 exactly; 1.0 follows onnxruntime's convention for degenerate ranges.
+CONSTANT_TENSOR_SCALE = 1.0
+
+
+def amax_to_scale(amax: float) -> float:
+    """TensorRT's symmetric int8 scale, as the float32 value that the cache and Q/DQ store.
+
+    A zero (or non-representable) amax gets ``CONSTANT_TENSOR_SCALE``: never 0, inf or NaN.
+    """
+    scale = float(np.float32(amax / INT8_MAX))
+    if not (math.isfinite(scale) and scale >= float(np.finfo(np.float32).tiny)):
+        return CONSTANT_TENSOR_SCALE
+    return scale
+
+
+@dataclass
+class TensorRange:
+    """Observed statistics and per-method amax of one tensor."""
+
+    name: str
+    min: float
+    max: float
+    count: int
+    zeros: int = 0
+    nonfinite: int = 0
+    sentinels: int = 0
+    amax: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def constant(self) -> bool:
+        return self.min == self.max
+
+    def scale(self, method: str) -> float:
+        return amax_to_scale(self.amax[method])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "min": self.min,
+            "max": self.max,
+            "count": self.count,
+            "zeros": self.zeros,
+            "nonfinite": self.nonfinite,
+            "sentinels": self.sentinels,
+            "amax": dict(self.amax),
+            "scale": {m: self.scale(m) for m in self.amax},
+        }
+
+
+@dataclass
+class RangeSet:
+    """Ranges for every calibrated tensor of one model, for one or more methods."""
+
+    tensors: dict[str, TensorRange]
+    methods: dict[str, dict[str, Any]]  # method name -> its parameters
+    model: dict[str, Any]  # path, sha256
+    calibration: dict[str, Any]  # num_samples, batch_size, input_shapes, data, preprocess, bins
+    quantkit_version: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def default_method(self) -> str:
+        return next(iter(self.methods))
+
+    def amax(self, tensor: str, method: str | None = None) -> float:
+        return self.tensors[tensor].amax[self._method(method)]
+
+    def scales(self, method: str | None = None) -> dict[str, float]:
+        """tensor name -> scale for one method, in calibration (graph) order."""
+        method = self._method(method)
+        return {name: r.scale(method) for name, r in self.tensors.items()}
+
+    def _method(self, method: str | None) -> str:
+        if method is None:
+            return self.default_method
+        if method not in self.methods:
+            raise QuantkitError(f"ranges hold no '{method}' method (have: {', '.join(self.methods)}); recalibrate with --method {method}")
+        return method
+
+    # ---- JSON -------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "quantkit_version": self.quantkit_version,
+            "model": self.model,
+            "calibration": self.calibration,
+            "methods": self.methods,
+            "default_method": self.default_method,
+            "warnings": self.warnings,
+            "tensors": {name: r.to_json() for name, r in self.tensors.items()},
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        return write_bytes_atomic(path, self.dumps().encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RangeSet:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise QuantkitError(f"ranges file not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise QuantkitError(f"{path} is not valid JSON ({exc}); was it written by quantkit calibrate?") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise QuantkitError(f'{path} is not a quantkit ranges file (missing "format": "{FORMAT}")')
+        if doc.get("format_version", 0) > FORMAT_VERSION:
+            raise QuantkitError(
+                f"{path} has ranges format {doc['format_version']}; this quantkit reads up to {FORMAT_VERSION}: upgrade quantkit"
+            )
+        tensors = {
+            name: TensorRange(
+                name=name,
+                min=t["min"],
+                max=t["max"],
+                count=t["count"],
+                zeros=t.get("zeros", 0),
+                nonfinite=t.get("nonfinite", 0),
+                sentinels=t.get("sentinels", 0),
+                amax=dict(t["amax"]),
+            )
+            for name, t in doc["tensors"].items()
+        }
+        methods = dict(doc["methods"])
+        default = doc.get("default_method")
+        if default in methods:  # keep the default first
+            methods = {default: methods[default], **{k: v for k, v in methods.items() if k != default}}
+        return cls(
+            tensors=tensors,
+            methods=methods,
+            model=doc["model"],
+            calibration=doc["calibration"],
+            quantkit_version=doc.get("quantkit_version", ""),
+            warnings=list(doc.get("warnings", [])),
+        )

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "calib_data" / "demo_cnn.onnx"
+DEMO_CALIB = ROOT / "calib_data" / "mnist" / "calib"
+DEMO_VAL = ROOT / "calib_data" / "mnist" / "val.parquet"
+DEMO_PREPROCESS = ROOT / "calib_data" / "mnist" / "preprocess.json"
+
+
+@pytest.fixture(scope="session")
+def demo_preprocess():
+    from quantkit.data import PreprocessSpec
+
+    return PreprocessSpec.load(DEMO_PREPROCESS)
+
+
+@pytest.fixture(scope="session")
+def demo_val(demo_preprocess):
+    """The 1,000 validation images (preprocessed) and labels."""
+    from quantkit.data import batches, open_source
+    from quantkit.model import load_model
+
+    model = load_model(DEMO_MODEL)
+    images, labels = [], []
+    for batch in batches(open_source(DEMO_VAL, model, demo_preprocess), model, 500):
+        images.append(batch.feeds["image"])
+        labels += batch.labels
+    return np.concatenate(images), np.array(labels)
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def conv_model(channels: int = 3, batch: int | str = "N", constant_branch: bool = False) -> onnx.ModelProto:
+    """x[N,C,8,8] -> Conv -> Relu -> Conv -> y; optionally a Mul-by-zero branch feeding the second Conv."""
+    rng = np.random.default_rng(1)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [4, channels, 3, 3], rng.normal(size=(4, channels, 3, 3)).astype(np.float32).ravel())
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [2, 4, 1, 1], rng.normal(size=(2, 4, 1, 1)).astype(np.float32).ravel())
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+    ]
+    feed = "r1"
+    if constant_branch:
+        nodes.append(helper.make_node("Mul", ["r1", "zero"], ["zeroed"], name="zero_mul"))
+        nodes.append(helper.make_node("Add", ["zeroed", "r1"], ["summed"], name="add"))
+        feed = "summed"
+    nodes.append(helper.make_node("Conv", [feed, "w2"], ["y"], name="conv2"))
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2, 8, 8])],
+        [w1, w2, zero],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def encoder_model(seq: int = 6, dim: int = 8, vocab: int = 20) -> onnx.ModelProto:
+    """A one-head attention block as exported from transformers: int64 ids and mask inputs,
+    embedding Gather, LayerNorm, Q/K/V MatMuls, a -3.4e38 additive mask, Softmax."""
+    rng = np.random.default_rng(2)
+
+    def w(name, *shape):
+        return helper.make_tensor(name, TensorProto.FLOAT, list(shape), rng.normal(size=shape).astype(np.float32).ravel())
+
+    inits = [
+        w("emb", vocab, dim), w("wq", dim, dim), w("wk", dim, dim), w("wv", dim, dim), w("wo", dim, dim),
+        helper.make_tensor("gamma", TensorProto.FLOAT, [dim], np.ones(dim, np.float32)),
+        helper.make_tensor("beta", TensorProto.FLOAT, [dim], np.zeros(dim, np.float32)),
+        helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("neg", TensorProto.FLOAT, [], [float(np.finfo(np.float32).min)]),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("perm_scale", TensorProto.FLOAT, [], [1.0 / np.sqrt(dim)]),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["hidden"]),
+        helper.make_node("LayerNormalization", ["hidden", "gamma", "beta"], ["ln"], axis=-1),
+        helper.make_node("MatMul", ["ln", "wq"], ["q"]),
+        helper.make_node("MatMul", ["ln", "wk"], ["k"]),
+        helper.make_node("MatMul", ["ln", "wv"], ["v"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores_raw"]),
+        helper.make_node("Mul", ["scores_raw", "perm_scale"], ["scores"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "mask_f"], ["inv_mask"]),
+        helper.make_node("Mul", ["inv_mask", "neg"], ["mask_bias2"]),
+        helper.make_node("Unsqueeze", ["mask_bias2", "axes"], ["mask_bias"]),
+        helper.make_node("Add", ["scores", "mask_bias"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["context"]),
+        helper.make_node("MatMul", ["context", "wo"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "encoder",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "seq", dim])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
