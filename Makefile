@@ -30,6 +30,8 @@ demo: install
 # Side-by-side benchmarks against onnxruntime.quantization; results in reports/bench/.
 bench: install
 	$(PY) -m pip install -q -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	@# only the model file is used: --no-deps keeps OpenCV and the OCR pipeline's needs out
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) bench/calibration.py --samples $(BENCH_SAMPLES)
 
 lint: install

@@ -14,17 +14,20 @@ from quantkit.errors import QuantkitError
 from quantkit.model import ModelInfo
 
 #: Ops whose float inputs TensorRT (implicit INT8 or Q/DQ placement) may read in int8: the
-#: weighted ops, and the element-wise, pooling, concat and resize ops around them. BatchNorm and
-#: activations are not listed: TensorRT fuses them into the preceding convolution, so the
-#: tensors between Conv, BN and ReLU disappear and need no range (``all_tensors`` still
-#: collects them).
+#: weighted ops, and the pooling, concat, resize and residual-add ops around them. BatchNorm
+#: and activations (ReLU, Clip, and the Add/Mul/Div inside SiLU or hard-swish) are not listed:
+#: TensorRT fuses them into the preceding convolution, so the tensors between them disappear
+#: and need no range. ``all_tensors`` still collects everything.
 QUANTIZABLE_OP_TYPES = frozenset(
     {
         "Conv", "ConvTranspose", "Gemm", "MatMul",
-        "Add", "Mul", "Concat", "Resize",
+        "Add", "Concat", "Resize",
         "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
     }
 )  # fmt: skip
+#: Of these, Add counts only as a skip connection: both operands computed from the inputs
+#: (``x + 3`` inside hard-swish, or a bias add, is part of a fused pointwise epilogue).
+_RESIDUAL_ONLY = frozenset({"Add"})
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
@@ -54,7 +57,7 @@ def select_calibration_tensors(model: onnx.ModelProto, all_tensors: bool = False
     """Names of the activations to calibrate, in graph order.
 
     Default: float graph inputs and outputs, and every float tensor that feeds a quantizable op
-    (``QUANTIZABLE_OP_TYPES``), weights excluded. ``all_tensors``: every float activation.
+    (``QUANTIZABLE_OP_TYPES``; Add only when both operands are activations), weights excluded. ``all_tensors``: every float activation.
     Tensors of unknown type are included and filtered by dtype at run time.
     """
     graph = model.graph
@@ -73,6 +76,8 @@ def select_calibration_tensors(model: onnx.ModelProto, all_tensors: bool = False
             for name in list(node.input) + list(node.output):
                 consider(name)
         elif node.op_type in QUANTIZABLE_OP_TYPES:
+            if node.op_type in _RESIDUAL_ONLY and any(i in const for i in node.input):
+                continue
             for name in node.input:
                 consider(name)
     for vi in graph.output:
