@@ -140,7 +140,14 @@ def run_worker(model_key: str, contender: str, n: int) -> dict:
             tensors = len(cal.compute_data().data)
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"model": model_key, "contender": contender, "samples": n, "wall_s": round(wall, 3), "peak_rss_mb": round(peak_mb, 1), "tensors": tensors}
+    return {
+        "model": model_key,
+        "contender": contender,
+        "samples": n,
+        "wall_s": round(wall, 3),
+        "peak_rss_mb": round(peak_mb, 1),
+        "tensors": tensors,
+    }
 
 
 def spawn(model_key: str, contender: str, n: int, timeout: int) -> dict:
@@ -178,7 +185,12 @@ def render(rows: list[dict], samples: list[int], command: str) -> str:
         "",
     ]
     for model in MODELS:
-        out += [f"## {model}", "", "| contender | " + " | ".join(f"{n} samples: wall s / peak RSS MB" for n in samples) + " | tensors |", "|---|" + "---|" * (len(samples) + 1)]
+        out += [
+            f"## {model}",
+            "",
+            "| contender | " + " | ".join(f"{n} samples: wall s / peak RSS MB" for n in samples) + " | tensors |",
+            "|---|" + "---|" * (len(samples) + 1),
+        ]
         for contender in CONTENDERS:
             cells, tensors = [], ""
             for n in samples:
@@ -206,7 +218,9 @@ def render(rows: list[dict], samples: list[int], command: str) -> str:
         q_lo, q_hi = find(rows, model, "quantkit-entropy", samples[0]), find(rows, model, "quantkit-entropy", samples[-1])
         o_lo, o_hi = find(rows, model, "ort-entropy-trt", samples[0]), find(rows, model, "ort-entropy-trt", samples[-1])
         if q_lo and q_hi and "error" not in q_lo and "error" not in q_hi:
-            lines.append(f"- peak RSS {samples[0]} -> {samples[-1]} samples: quantkit entropy {q_hi['peak_rss_mb'] / q_lo['peak_rss_mb'] - 1:+.1%}")
+            lines.append(
+                f"- peak RSS {samples[0]} -> {samples[-1]} samples: quantkit entropy {q_hi['peak_rss_mb'] / q_lo['peak_rss_mb'] - 1:+.1%}"
+            )
         if o_lo and o_hi and "error" not in o_lo and "error" not in o_hi:
             lines.append(f"  , onnxruntime TensorRT-like entropy {o_hi['peak_rss_mb'] / o_lo['peak_rss_mb'] - 1:+.1%}")
         out += ["Ratios (wall time):", "", *lines, ""]
