@@ -72,8 +72,9 @@ def collect_statistics(
     """Run ``model`` over ``data`` and fold every activation into its streaming histogram.
 
     Histogram updates run on a worker thread while onnxruntime computes the next batch (it
-    releases the GIL), so statistics cost little beyond inference. At most two batches of
-    activations are in flight, so memory does not depend on the number of samples.
+    releases the GIL), so statistics cost little beyond inference. At most three batches of
+    activations exist at once (one folded, one queued, one computed), so memory does not depend
+    on the number of samples.
     """
     tensors = list(tensors) if tensors is not None else select_calibration_tensors(model.proto, all_tensors)
     if not tensors:
@@ -81,7 +82,7 @@ def collect_statistics(
     runner = ActivationRunner(model, tensors, providers=providers, threads=threads)
     histograms = {name: TensorHistogram(bins=bins) for name in tensors}
     stats = CalibrationStats(histograms)
-    pending: queue.Queue[dict[str, np.ndarray] | None] = queue.Queue(maxsize=2)
+    pending: queue.Queue[dict[str, np.ndarray] | None] = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
 
     def fold() -> None:
