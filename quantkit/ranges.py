@@ -162,3 +162,17 @@ class RangeSet:
             quantkit_version=doc.get("quantkit_version", ""),
             warnings=list(doc.get("warnings", [])),
         )
+
+
+def ranges_from_scales(
+    scales: dict[str, float | None], method: str, params: dict[str, Any], model: dict[str, Any], warnings: list[str] | None = None
+) -> RangeSet:
+    """A RangeSet holding only symmetric amax values (amax = scale * 127), e.g. from a TensorRT
+    cache or a Q/DQ model. Min/max are unknown and set to -amax/+amax; entries without a scale are skipped."""
+    tensors = {}
+    for name, scale in scales.items():
+        if scale is None:
+            continue
+        amax = float(np.float32(scale)) * INT8_MAX  # exact in float64, so amax/127 gives the scale back
+        tensors[name] = TensorRange(name, -amax, amax, 0, amax={method: amax})
+    return RangeSet(tensors=tensors, methods={method: params}, model=model, calibration={}, quantkit_version="", warnings=list(warnings or []))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from quantkit.atomic import write_bytes_atomic
 from quantkit.errors import QuantkitError
+from quantkit.ranges import RangeSet, ranges_from_scales
 
 #: The TensorRT release the header claims by default (override with --trt-version to match yours).
 DEFAULT_TRT_VERSION = "10.14.1"
@@ -131,3 +132,9 @@ def read_trt_cache(path: str | Path, expect_version: str | None = None) -> TrtCa
     except UnicodeDecodeError:
         raise QuantkitError(f"{path} is not a text TensorRT calibration cache") from None
     return parse_trt_cache(text, str(path), expect_version)
+
+
+def ranges_from_trt_cache(cache: TrtCache, source: str = "<cache>") -> RangeSet:
+    """The cache's scales as a RangeSet (method ``cache``), e.g. to build a Q/DQ model for TensorRT 11."""
+    params = {"source": source, "trt_version": cache.version_string, "algorithm": cache.algorithm}
+    return ranges_from_scales(cache.scales, "cache", params, {"path": "", "sha256": ""})

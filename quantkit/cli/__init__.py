@@ -7,10 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from quantkit import __version__
+from quantkit.cli import cache as cache_cmd
 from quantkit.cli import calibrate as calibrate_cmd
+from quantkit.cli import fp16 as fp16_cmd
+from quantkit.cli import quantize as quantize_cmd
 from quantkit.errors import QuantkitError
 
-SUBCOMMANDS = {"calibrate": calibrate_cmd}
+SUBCOMMANDS = {"calibrate": calibrate_cmd, "quantize": quantize_cmd, "fp16": fp16_cmd, "cache": cache_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

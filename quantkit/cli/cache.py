@@ -1,0 +1,42 @@
+"""``quantkit cache``: write a TensorRT calibration cache from ranges.json or from a Q/DQ model."""
+
+from __future__ import annotations
+
+import argparse
+
+import onnx
+
+from quantkit.errors import QuantkitError
+from quantkit.qdq import ranges_from_qdq
+from quantkit.ranges import RangeSet
+from quantkit.trt_cache import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION, write_trt_cache
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="write a TensorRT (<= 10) calibration cache from ranges.json or a Q/DQ model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-ranges", help="ranges.json from quantkit calibrate")
+    src.add_argument("--from-qdq", help="a TensorRT-style Q/DQ ONNX model (int8 per-tensor activation scales)")
+    p.add_argument("--method", help="with --from-ranges: which method (default: the first)")
+    p.add_argument("--trt-version", default=DEFAULT_TRT_VERSION)
+    p.add_argument("--cache-algorithm", default=DEFAULT_ALGORITHM, choices=ALGORITHMS)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_ranges:
+        ranges = RangeSet.load(args.from_ranges)
+        scales = ranges.scales(args.method)
+    else:
+        try:
+            model = onnx.load(args.from_qdq)
+        except Exception as exc:  # noqa: BLE001
+            raise QuantkitError(f"cannot read {args.from_qdq} as an ONNX model ({type(exc).__name__})") from None
+        scales = ranges_from_qdq(model).scales()
+        if not scales:
+            raise QuantkitError(f"{args.from_qdq} has no per-tensor int8 QuantizeLinear scales to export")
+    path = write_trt_cache(args.output, scales, args.trt_version, args.cache_algorithm)
+    if not args.quiet:
+        print(f"wrote {path} ({len(scales)} tensors, TRT-{args.trt_version} {args.cache_algorithm})")
+    return 0

@@ -1,0 +1,137 @@
+"""``PrecisionPlan``: which ONNX nodes run in int8, fp16 or fp32 (a plain data object + JSON/YAML file).
+
+Format (JSON or YAML)::
+
+    {
+      "format": "quantkit.plan",
+      "default": "int8",                       # every node not matched below
+      "fallback": "fp32",                      # int8 nodes whose op has no int8 placement
+      "nodes": {
+        "/features/features.0/features.0.0/Conv": "fp32",   # an exact node name
+        "/head/*": "fp16",                                  # a glob (fnmatch)
+        "re:.*/attn/.*MatMul": "fp16"                       # a regular expression (full match)
+      }
+    }
+
+Exact names win over patterns; among patterns, the first that matches (in file order) wins.
+Names and patterns that match no node of the model are an error that lists close matches, so a
+typo never silently leaves a layer at the wrong precision.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.atomic import write_bytes_atomic
+from quantkit.errors import QuantkitError
+
+PRECISIONS = ("int8", "fp16", "fp32")
+FORMAT = "quantkit.plan"
+
+
+def _check_precision(value: Any, where: str) -> str:
+    if not isinstance(value, str) or value.lower() not in PRECISIONS:
+        raise QuantkitError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value.lower()
+
+
+def _is_pattern(key: str) -> bool:
+    return key.startswith("re:") or any(c in key for c in "*?[")
+
+
+def _matches(key: str, name: str) -> bool:
+    if key.startswith("re:"):
+        return re.fullmatch(key[3:], name) is not None
+    return fnmatch.fnmatchcase(name, key)
+
+
+@dataclass
+class PrecisionPlan:
+    """Node name (or pattern) -> precision, with a default for every other node."""
+
+    default: str = "int8"
+    fallback: str = "fp32"
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.default = _check_precision(self.default, "plan default")
+        self.fallback = _check_precision(self.fallback, "plan fallback")
+        if self.fallback == "int8":
+            raise QuantkitError("plan fallback must be fp16 or fp32 (it is where int8 nodes go when they cannot be int8)")
+        self.nodes = {k: _check_precision(v, f"plan entry {k!r}") for k, v in self.nodes.items()}
+        for key in self.nodes:
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise QuantkitError(f"plan entry {key!r} is not a valid regular expression: {exc}") from None
+
+    # ---- resolution ------------------------------------------------------------------------
+    def precision_of(self, node_name: str) -> str:
+        if node_name in self.nodes and not _is_pattern(node_name):
+            return self.nodes[node_name]
+        for key, precision in self.nodes.items():
+            if _is_pattern(key) and _matches(key, node_name):
+                return precision
+        return self.default
+
+    def resolve(self, node_names: list[str], source: str = "the plan") -> dict[str, str]:
+        """Precision of every node; entries that match no node are an error naming close matches."""
+        names = set(node_names)
+        unmatched = []
+        for key in self.nodes:
+            if _is_pattern(key):
+                if not any(_matches(key, n) for n in node_names):
+                    unmatched.append(f"pattern {key!r} matches no node")
+            elif key not in names:
+                close = difflib.get_close_matches(key, node_names, n=3, cutoff=0.6)
+                hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+                unmatched.append(f"node {key!r} does not exist{hint}")
+        if unmatched:
+            raise QuantkitError(f"{source}: " + "; ".join(unmatched))
+        return {n: self.precision_of(n) for n in node_names}
+
+    # ---- files ---------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": 1, "default": self.default, "fallback": self.fallback, "nodes": dict(self.nodes)}
+
+    def save(self, path: str | Path) -> Path:
+        return write_bytes_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+
+    @classmethod
+    def from_mapping(cls, doc: Any, source: str = "plan") -> PrecisionPlan:
+        if not isinstance(doc, dict):
+            raise QuantkitError(f"{source} must hold a mapping with 'default' and 'nodes'")
+        if doc.get("format", FORMAT) != FORMAT:
+            raise QuantkitError(f"{source} is not a quantkit precision plan (format {doc.get('format')!r})")
+        unknown = set(doc) - {"format", "version", "default", "fallback", "nodes"}
+        if unknown:
+            raise QuantkitError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+        nodes = doc.get("nodes") or {}
+        if not isinstance(nodes, dict):
+            raise QuantkitError(f"{source}: 'nodes' must map node names or patterns to precisions")
+        return cls(default=doc.get("default", "int8"), fallback=doc.get("fallback", "fp32"), nodes=dict(nodes))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrecisionPlan:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise QuantkitError(f"cannot read precision plan {path}: {exc.strerror}") from None
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                doc = yaml.safe_load(text)
+            else:
+                doc = json.loads(text)
+        except Exception as exc:  # noqa: BLE001
+            raise QuantkitError(f"cannot parse precision plan {path}: {exc}") from None
+        return cls.from_mapping(doc, str(path))
