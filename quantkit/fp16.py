@@ -48,7 +48,9 @@ class Fp16Report:
     initializers_converted: int = 0
 
     def summary(self) -> str:
-        lines = [f"{len(self.fp16_nodes)} node(s) in float16, {len(self.kept_fp32)} kept in float32, {self.casts_inserted} Cast(s) inserted"]
+        lines = [
+            f"{len(self.fp16_nodes)} node(s) in float16, {len(self.kept_fp32)} kept in float32, {self.casts_inserted} Cast(s) inserted"
+        ]
         if self.kept_fp32:
             reasons = Counter(self.kept_fp32.values())
             lines.append("kept in float32: " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
@@ -70,21 +72,31 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def fp16_precisions(plan: PrecisionPlan | None, names: list[str], quantized: set[str] = frozenset()) -> dict[str, str]:
+def fp16_precisions(plan: PrecisionPlan | None, names: list[str], quantized: set[str] | None = None) -> dict[str, str]:
     """Node -> fp16/fp32 for the FP16 pass, from a precision plan.
 
-    ``fp32`` stays fp32. ``fp16`` converts. ``int8`` nodes that were quantized keep float32
-    around their Q/DQ, and the others go to the plan's fallback. Without a plan every node is
-    fp16, as after ``quantkit fp16``.
+    ``fp32`` stays fp32 and ``fp16`` converts. For ``int8`` nodes there are two cases:
+    - after quantization (``quantized`` given): a quantized node keeps float32 around its Q/DQ;
+      one that could not be quantized goes to the plan's fallback;
+    - in a plain FP16 conversion (``quantized`` None): they become fp16, the lowest precision
+      available without Q/DQ.
     """
     if plan is None:
-        return {n: ("fp32" if n in quantized else "fp16") for n in names}
-    resolved = plan.resolve(names)
+        resolved = dict.fromkeys(names, "int8")
+    elif quantized is None:
+        resolved = plan.resolve(names)
+    else:  # after quantize_model, which validated the plan against the original model
+        resolved = {n: plan.precision_of(n) for n in names}
     out = {}
     for name in names:
         p = resolved[name]
         if p == "int8":
-            p = "fp32" if name in quantized else plan.fallback
+            if quantized is None:
+                p = "fp16"
+            elif name in quantized:
+                p = "fp32"
+            else:
+                p = plan.fallback if plan is not None else "fp32"
         out[name] = p
     return out
 
@@ -119,7 +131,9 @@ def convert_fp16(
         if precisions.get(node.name) == "fp32":
             reason = "plan: fp32"
         elif node.op_type in keep:
-            reason = f"{node.op_type} kept in float32" + (" (may overflow float16)" if node.op_type.startswith("Reduce") or node.op_type == "CumSum" else "")
+            reason = f"{node.op_type} kept in float32" + (
+                " (may overflow float16)" if node.op_type.startswith("Reduce") or node.op_type == "CumSum" else ""
+            )
         elif node.domain not in ("", "ai.onnx"):
             reason = f"custom-domain op {node.domain}.{node.op_type}"
         elif ranges is not None and any(_exceeds_fp16(ranges, t) for t in [*node.input, *node.output]):
@@ -198,7 +212,9 @@ def convert_fp16(
             have = dtype_of.get(name)
             if have is None:
                 continue  # not a float tensor
-            want = TensorProto.FLOAT16 if node.name in fp16 and slot not in _FLOAT32_ONLY_INPUTS.get(node.op_type, ()) else TensorProto.FLOAT
+            want = (
+                TensorProto.FLOAT16 if node.name in fp16 and slot not in _FLOAT32_ONLY_INPUTS.get(node.op_type, ()) else TensorProto.FLOAT
+            )
             if node.op_type in ("Cast",) and node.name in fp16:
                 continue  # a Cast accepts any input type
             if have != want:

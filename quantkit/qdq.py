@@ -41,7 +41,17 @@ TARGETS = ("tensorrt", "onnxruntime")
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ORT_INT8_OPS = WEIGHTED_OPS | {"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"}
 ALREADY_QUANTIZED_OPS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QGemm"}
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "QLinearAdd",
+        "QGemm",
+    }
 )
 #: ops TensorRT fuses into a preceding weighted op's epilogue (walked when finding the Conv branch of an Add)
 _EPILOGUE_OPS = frozenset({"BatchNormalization"})
@@ -69,7 +79,9 @@ class QuantizeReport:
             f"{len(self.activation_params)} activation Q/DQ, {len(self.weight_scales)} int8 weight tensor(s)"
         ]
         if self.folded_batchnorms:
-            lines.append(f"folded {len(self.folded_batchnorms)} BatchNormalization node(s) into their Conv (onnxruntime fuses Conv+Q/DQ only then)")
+            lines.append(
+                f"folded {len(self.folded_batchnorms)} BatchNormalization node(s) into their Conv (onnxruntime fuses Conv+Q/DQ only then)"
+            )
         if self.opset_converted_from is not None:
             lines.append(f"converted the model from opset {self.opset_converted_from} to {MIN_OPSET} (per-channel Q/DQ needs it)")
         if self.kept_float:
@@ -78,7 +90,9 @@ class QuantizeReport:
         if self.float_op_counts:
             lines.append("no int8 placement (float): " + ", ".join(f"{op} x{n}" for op, n in sorted(self.float_op_counts.items())))
         if self.missing_ranges:
-            lines.append(f"no range for {len(self.missing_ranges)} tensor(s), their ops left in float: {', '.join(self.missing_ranges[:5])}")
+            lines.append(
+                f"no range for {len(self.missing_ranges)} tensor(s), their ops left in float: {', '.join(self.missing_ranges[:5])}"
+            )
         return "\n".join(lines)
 
 
@@ -202,7 +216,9 @@ def prepare_model(model: ModelInfo | onnx.ModelProto) -> tuple[onnx.ModelProto, 
         try:
             proto = onnx.version_converter.convert_version(proto, MIN_OPSET)
         except Exception as exc:  # noqa: BLE001 - the converter raises many types
-            raise QuantkitError(f"cannot convert the model from opset {opset} to {MIN_OPSET} ({exc}); re-export it with opset >= 13") from None
+            raise QuantkitError(
+                f"cannot convert the model from opset {opset} to {MIN_OPSET} ({exc}); re-export it with opset >= 13"
+            ) from None
         converted = opset
     return proto, converted
 
@@ -250,11 +266,13 @@ def quantize_model(
         )
     proto, converted = prepare_model(model)
     report = QuantizeReport(target=target, method=method, opset_converted_from=converted)
+    if plan is not None:  # validate against the model's own node names, before any folding
+        plan.resolve([n.name for n in proto.graph.node])
     if target == "onnxruntime":
         proto, report.folded_batchnorms = fold_batchnorm(proto)
     inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     graph = gs.import_onnx(inferred)
-    precisions = plan.resolve([n.name for n in graph.nodes]) if plan else {n.name: "int8" for n in graph.nodes}
+    precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
 
     # ---- pass 1: decide, per node, which inputs get Q/DQ -----------------------------------
     plans: dict[str, _NodePlan] = {}
@@ -318,7 +336,9 @@ def quantize_model(
             s = gs.Constant(f"{tensor.name}_scale", scales)
             z = gs.Constant(f"{tensor.name}_zero_point", np.zeros(scales.shape, dtype=np.int8))
             dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=list(w.shape))
-            graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq], attrs={"axis": axis}))
+            graph.nodes.append(
+                gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq], attrs={"axis": axis})
+            )
             weight_dq[key] = dq
         return weight_dq[key]
 

@@ -175,4 +175,6 @@ def ranges_from_scales(
             continue
         amax = float(np.float32(scale)) * INT8_MAX  # exact in float64, so amax/127 gives the scale back
         tensors[name] = TensorRange(name, -amax, amax, 0, amax={method: amax})
-    return RangeSet(tensors=tensors, methods={method: params}, model=model, calibration={}, quantkit_version="", warnings=list(warnings or []))
+    return RangeSet(
+        tensors=tensors, methods={method: params}, model=model, calibration={}, quantkit_version="", warnings=list(warnings or [])
+    )

@@ -23,7 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--from-cache", help="a TensorRT calibration cache (TensorRT <= 10) to migrate to Q/DQ")
     p.add_argument("--method", help="which method's ranges (default: the first in ranges.json)")
     p.add_argument("--plan", help="precision plan (JSON/YAML): node names or patterns -> int8/fp16/fp32")
-    p.add_argument("--target", choices=TARGETS, default="tensorrt", help="placement: tensorrt (int8 symmetric, default) or onnxruntime (uint8, fast on CPU)")
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="tensorrt",
+        help="placement: tensorrt (int8 symmetric, default) or onnxruntime (uint8, fast on CPU)",
+    )
     p.add_argument("--allow-missing", action="store_true", help="leave ops whose input has no range in float instead of failing")
     p.add_argument("--trt-version", help="with --from-cache: warn when the cache was written for another TensorRT version")
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
@@ -45,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     plan = PrecisionPlan.load(args.plan) if args.plan else None
     quantized, report = quantize_model(model, ranges, method=args.method, plan=plan, target=args.target, allow_missing=allow_missing)
     if args.from_cache and report.missing_ranges:
-        warnings.append(f"{len(report.missing_ranges)} tensor(s) have no entry in the cache; their ops stay in float: {', '.join(report.missing_ranges[:5])}")
+        shown = ", ".join(report.missing_ranges[:5])
+        warnings.append(f"{len(report.missing_ranges)} tensor(s) have no entry in the cache; their ops stay in float: {shown}")
     if plan is not None:
         names = [n.name for n in quantized.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
         wanted = fp16_precisions(plan, names, set(report.int8_nodes))
