@@ -21,10 +21,16 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q
 
-# Calibrate the bundled demo CNN with every method; writes ranges.json + TensorRT caches.
+# The bundled demo end to end: calibrate with every method (ranges.json + TensorRT caches),
+# then the Q/DQ models (TensorRT and onnxruntime placements) and the FP16 model.
 demo: install
 	$(PY) -m quantkit calibrate calib_data/demo_cnn.onnx --data calib_data/mnist/calib \
 		--preprocess-config calib_data/mnist/preprocess.json --method all --num-samples 512 --out $(DEMO_OUT)
+	$(PY) -m quantkit quantize calib_data/demo_cnn.onnx --ranges $(DEMO_OUT)/ranges.json --method entropy \
+		--target tensorrt -o $(DEMO_OUT)/demo_cnn.int8.tensorrt.onnx
+	$(PY) -m quantkit quantize calib_data/demo_cnn.onnx --ranges $(DEMO_OUT)/ranges.json --method entropy \
+		--target onnxruntime -o $(DEMO_OUT)/demo_cnn.int8.onnxruntime.onnx
+	$(PY) -m quantkit fp16 calib_data/demo_cnn.onnx --ranges $(DEMO_OUT)/ranges.json -o $(DEMO_OUT)/demo_cnn.fp16.onnx
 	@echo "demo outputs are in $(DEMO_OUT)/"
 
 # Side-by-side benchmarks against onnxruntime.quantization; results in reports/bench/.
@@ -33,6 +39,7 @@ bench: install
 	@# only the model file is used: --no-deps keeps OpenCV and the OCR pipeline's needs out
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) bench/calibration.py --samples $(BENCH_SAMPLES)
+	$(PY) bench/quantize.py
 
 lint: install
 	$(VENV)/bin/ruff check quantkit tests bench scripts

@@ -72,6 +72,55 @@ def _shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
     return tuple(dims)
 
 
+def constant_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Initializers, Constant outputs, and everything computed from constants alone.
+
+    These are weights and parameters (a bias reshaped at run time, a transposed weight), never
+    activations: nothing to calibrate, and no activation Q/DQ.
+    """
+    const = {init.name for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" or (node.input and all(i in const or i == "" for i in node.input)):
+            const.update(o for o in node.output if o)
+    return const
+
+
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: ops that an int8 kernel absorbs after a weighted op (BN and a constant bias Add fold into it;
+#: ReLU and Clip are removed by onnxruntime in front of a QuantizeLinear)
+_ABSORBED_OPS = frozenset({"BatchNormalization", "Relu", "Clip"})
+_CONSTANT_OPERAND_OPS = frozenset({"Add"})
+
+
+def effective_outputs(graph: onnx.GraphProto, op_types: frozenset[str] | set[str] = WEIGHTED_OPS) -> dict[str, str]:
+    """Output tensor of each ``op_types`` node -> its effective output, the tensor after the ops fused into it.
+
+    Walks forward through single-consumer BatchNormalization, a bias Add with a constant
+    operand, Relu and Clip. This is where an integer kernel's output would be requantized.
+    """
+    const = constant_tensors(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    result = {}
+    for node in graph.node:
+        if node.op_type not in op_types or not node.output:
+            continue
+        tensor = node.output[0]
+        while tensor not in outputs and len(users := consumers.get(tensor, [])) == 1:
+            nxt = users[0]
+            absorbed = nxt.op_type in _ABSORBED_OPS or (
+                nxt.op_type in _CONSTANT_OPERAND_OPS and all(i == tensor or i in const for i in nxt.input)
+            )
+            if not absorbed or (nxt.input[0] != tensor and nxt.op_type not in _CONSTANT_OPERAND_OPS):
+                break
+            tensor = nxt.output[0]
+        result[node.output[0]] = tensor
+    return result
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -1,8 +1,8 @@
 """Graph passes that are numerically exact up to float rounding.
 
-``fold_batchnorm``: BatchNormalization folded into the preceding Conv's weights and bias. The
-folded Conv takes over the BN's output tensor name, so calibrated ranges keyed by tensor name
-still apply. The onnxruntime Q/DQ placement needs this: with the weight behind a
+``fold_batchnorm``: BatchNormalization, and per-channel constant bias Adds, folded into the
+preceding Conv's weights and bias. The folded Conv takes over the folded node's output tensor
+name, so calibrated ranges keyed by tensor name still apply. The onnxruntime Q/DQ placement needs this: with the weight behind a
 DequantizeLinear, onnxruntime can no longer fold BN itself, and a BN between Conv and
 QuantizeLinear blocks its integer Conv kernel.
 """
@@ -19,8 +19,10 @@ def _constant(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
-    """Return the model with Conv -> BatchNormalization pairs folded, and the (conv, bn) names folded."""
+    """Return the model with Conv -> BatchNormalization and Conv -> Add(per-channel constant bias)
+    pairs folded into the Conv, and the (conv, folded node) names."""
     graph = gs.import_onnx(model)
+    graph.fold_constants(error_ok=True).cleanup()  # BN parameters may come from Constant nodes
     folded: list[tuple[str, str]] = []
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         if bn.attrs.get("training_mode", 0) or len(bn.outputs) != 1:
@@ -51,6 +53,33 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[
         bn.outputs.clear()
         conv.outputs[0] = y  # the folded Conv produces the BN's output tensor (ranges stay valid)
         folded.append((conv.name, bn.name))
+    for add in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
+        # Conv -> Add(per-channel constant): the bias exporters such as Paddle2ONNX emit separately
+        x, c = add.inputs if _constant(add.inputs[1]) is not None else add.inputs[::-1]
+        bias_add = _constant(c)
+        if bias_add is None or len(x.inputs) != 1 or len(x.outputs) != 1 or x.inputs[0].op != "Conv" or x in graph.outputs:
+            continue
+        conv = x.inputs[0]
+        w = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
+        channels = w.shape[0] if w is not None else None
+        rank = len(x.shape) if x.shape is not None else (w.ndim if w is not None else 0)
+        if w is None or bias_add.size not in (1, channels) or bias_add.ndim > rank:
+            continue
+        shape = (1,) * (rank - bias_add.ndim) + bias_add.shape
+        if bias_add.size == channels and (len(shape) < 2 or shape[1] != channels):
+            continue  # not a per-output-channel bias
+        b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(channels, dtype=w.dtype)
+        if b is None:
+            continue
+        bias = gs.Constant(f"{conv.name}_bias_addfolded", (b + np.broadcast_to(bias_add.reshape(-1), (channels,))).astype(w.dtype))
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = bias
+        else:
+            conv.inputs.append(bias)
+        y = add.outputs[0]
+        add.outputs.clear()
+        conv.outputs[0] = y
+        folded.append((conv.name, add.name))
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version

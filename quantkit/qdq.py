@@ -32,7 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from quantkit.errors import QuantkitError
-from quantkit.model import ModelInfo
+from quantkit.model import ModelInfo, effective_outputs
 from quantkit.passes import fold_batchnorm
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet, amax_to_scale, ranges_from_scales
@@ -79,9 +79,8 @@ class QuantizeReport:
             f"{len(self.activation_params)} activation Q/DQ, {len(self.weight_scales)} int8 weight tensor(s)"
         ]
         if self.folded_batchnorms:
-            lines.append(
-                f"folded {len(self.folded_batchnorms)} BatchNormalization node(s) into their Conv (onnxruntime fuses Conv+Q/DQ only then)"
-            )
+            n = len(self.folded_batchnorms)
+            lines.append(f"folded {n} BatchNormalization/bias node(s) into their Conv (onnxruntime fuses Conv+Q/DQ only then)")
         if self.opset_converted_from is not None:
             lines.append(f"converted the model from opset {self.opset_converted_from} to {MIN_OPSET} (per-channel Q/DQ needs it)")
         if self.kept_float:
@@ -268,10 +267,17 @@ def quantize_model(
     report = QuantizeReport(target=target, method=method, opset_converted_from=converted)
     if plan is not None:  # validate against the model's own node names, before any folding
         plan.resolve([n.name for n in proto.graph.node])
+    # where each op's int8 kernel would requantize (computed before BN folding; the folded Conv
+    # takes over the BN output's name, so the tensor names stay valid)
+    effective = effective_outputs(proto.graph, ORT_INT8_OPS)
+    effective_output = {n.name: effective[n.output[0]] for n in proto.graph.node if n.output and n.output[0] in effective}
     if target == "onnxruntime":
         proto, report.folded_batchnorms = fold_batchnorm(proto)
     inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     graph = gs.import_onnx(inferred)
+    # weights computed from constants (a reshaped bias, a transposed MatMul weight) become
+    # plain constants, so they are quantized per channel and never mistaken for activations
+    graph.fold_constants(error_ok=True).cleanup()
     precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
 
     # ---- pass 1: decide, per node, which inputs get Q/DQ -----------------------------------
@@ -351,6 +357,30 @@ def quantize_model(
         for slot, axis in node_plan.weights:
             node.inputs[slot] = weight(node.inputs[slot], axis)
         report.int8_nodes.append(node.name)
+
+    if target == "onnxruntime":
+        # onnxruntime runs an op as an integer kernel only when a QuantizeLinear reads its output:
+        # quantize each int8 op's effective output, for every consumer (except plan-excluded ones).
+        # Graph outputs stay float (users read them; a detector's concatenated boxes and scores
+        # would share one scale), and so does a Concat read by any float op, for the same reason.
+        tensors = graph.tensors()
+        int8 = set(report.int8_nodes)
+        for node in [n for n in graph.nodes if n.name in int8]:
+            name = effective_output.get(node.name)
+            if name is None or name not in tensors or tensors[name] in graph.outputs:
+                continue
+            if name not in ranges.tensors:
+                report.kept_float.setdefault(f"{node.name} (output)", "no range for the output")
+                continue
+            tensor = tensors[name]
+            readers = [c for c in tensor.outputs if c.op != "QuantizeLinear" and precisions.get(c.name, "int8") == "int8"]
+            if not readers or (node.op == "Concat" and any(c.name not in int8 for c in readers)):
+                continue
+            dq = activation(tensor)
+            for reader in readers:
+                for slot, inp in enumerate(reader.inputs):
+                    if inp is tensor:
+                        reader.inputs[slot] = dq
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from quantkit.errors import QuantkitError
-from quantkit.model import ModelInfo
+from quantkit.model import ModelInfo, constant_tensors, effective_outputs
 
 #: Ops whose float inputs TensorRT (implicit INT8 or Q/DQ placement) may read in int8: the
 #: weighted ops, and the pooling, concat, resize and residual-add ops around them. BatchNorm
@@ -44,26 +44,20 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
-    """Initializers, Constant outputs, and everything computed from constants alone (weights)."""
-    const = {init.name for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" or (node.input and all(i in const or i == "" for i in node.input)):
-            const.update(o for o in node.output if o)
-    return const
-
-
 def select_calibration_tensors(model: onnx.ModelProto, all_tensors: bool = False) -> list[str]:
     """Names of the activations to calibrate, in graph order.
 
-    Default: float graph inputs and outputs, and every float tensor that feeds a quantizable op
-    (``QUANTIZABLE_OP_TYPES``; Add only when both operands are activations), weights excluded. ``all_tensors``: every float activation.
+    Default: float graph inputs and outputs, and for every quantizable op
+    (``QUANTIZABLE_OP_TYPES``; Add only when both operands are activations) its float inputs and
+    its effective output (after BN/bias/ReLU, see ``effective_outputs``), where an int8 kernel
+    requantizes. Weights are excluded. ``all_tensors``: every float activation.
     Tensors of unknown type are included and filtered by dtype at run time.
     """
     graph = model.graph
     types = _elem_types(model)
-    const = _constant_tensors(graph)
+    const = constant_tensors(graph)
     chosen: dict[str, None] = {}
+    effective = effective_outputs(graph, QUANTIZABLE_OP_TYPES)
 
     def consider(name: str) -> None:
         if name and name not in const and types.get(name, 0) in _FLOAT_TYPES | {0}:
@@ -80,6 +74,8 @@ def select_calibration_tensors(model: onnx.ModelProto, all_tensors: bool = False
                 continue
             for name in node.input:
                 consider(name)
+            if node.output:
+                consider(effective[node.output[0]])
     for vi in graph.output:
         consider(vi.name)
     return list(chosen)

@@ -111,9 +111,10 @@ def test_transformer_encoder_with_mask_sentinels_and_int_inputs(tmp_path):
     result = quantkit.calibrate(path, tmp_path / "calib.npz", methods="all", batch_size=4, out=tmp_path / "out")
     tensors = result.ranges.tensors
     assert "input_ids" not in tensors and "attention_mask" not in tensors  # integers are skipped
-    assert {"ln", "q", "kt", "probs", "v", "context", "scores", "mask_bias"} <= set(tensors)
-    assert "masked" not in tensors  # feeds only Softmax, which stays in float
+    assert {"ln", "q", "kt", "probs", "v", "context", "scores", "mask_bias", "masked"} <= set(tensors)
+    assert "hidden" not in tensors  # feeds only LayerNorm, which stays in float
     assert tensors["mask_bias"].sentinels > 0 and tensors["mask_bias"].min == 0.0  # sentinels kept out
+    assert tensors["masked"].sentinels > 0 and abs(tensors["masked"].min) < 1e30
     for t in tensors.values():
         for method in t.amax:
             assert math.isfinite(t.scale(method)) and t.scale(method) > 0
