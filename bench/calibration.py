@@ -215,14 +215,13 @@ def render(rows: list[dict], samples: list[int], command: str) -> str:
                 if None not in (e, f, a)
                 else f"- {n} samples: ratios unavailable (a contender failed)"
             )
-        q_lo, q_hi = find(rows, model, "quantkit-entropy", samples[0]), find(rows, model, "quantkit-entropy", samples[-1])
-        o_lo, o_hi = find(rows, model, "ort-entropy-trt", samples[0]), find(rows, model, "ort-entropy-trt", samples[-1])
-        if q_lo and q_hi and "error" not in q_lo and "error" not in q_hi:
-            lines.append(
-                f"- peak RSS {samples[0]} -> {samples[-1]} samples: quantkit entropy {q_hi['peak_rss_mb'] / q_lo['peak_rss_mb'] - 1:+.1%}"
-            )
-        if o_lo and o_hi and "error" not in o_lo and "error" not in o_hi:
-            lines.append(f"  , onnxruntime TensorRT-like entropy {o_hi['peak_rss_mb'] / o_lo['peak_rss_mb'] - 1:+.1%}")
+        growth = []
+        for label, contender in (("quantkit entropy", "quantkit-entropy"), ("onnxruntime TensorRT-like entropy", "ort-entropy-trt")):
+            lo, hi = find(rows, model, contender, samples[0]), find(rows, model, contender, samples[-1])
+            if lo and hi and "error" not in lo and "error" not in hi:
+                growth.append(f"{label} {hi['peak_rss_mb'] / lo['peak_rss_mb'] - 1:+.1%}")
+        if growth:
+            lines.append(f"- peak RSS growth from {samples[0]} to {samples[-1]} samples: " + "; ".join(growth))
         out += ["Ratios (wall time):", "", *lines, ""]
     return "\n".join(out)
 
@@ -234,7 +233,13 @@ def main() -> None:
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "CONTENDER", "N"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite calibration.md from calibration.json")
     args = parser.parse_args()
+    if args.render_only:
+        saved = json.loads((REPORT_DIR / "calibration.json").read_text())
+        samples = sorted({r["samples"] for r in saved["rows"]})
+        (REPORT_DIR / "calibration.md").write_text(render(saved["rows"], samples, saved["command"]) + "\n")
+        return
     if args.worker:
         print(json.dumps(run_worker(args.worker[0], args.worker[1], int(args.worker[2]))))
         return

@@ -18,6 +18,18 @@ def _constant(tensor: gs.Tensor) -> np.ndarray | None:
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
 
+def _absorb(conv: gs.Node, node: gs.Node, bias: gs.Constant) -> None:
+    """Give ``conv`` the new bias and let it produce ``node``'s output tensor (ranges stay valid);
+    ``node`` is left without outputs and removed by the next cleanup."""
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = bias
+    else:
+        conv.inputs.append(bias)
+    y = node.outputs[0]
+    node.outputs.clear()
+    conv.outputs[0] = y
+
+
 def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
     """Return the model with Conv -> BatchNormalization and Conv -> Add(per-channel constant bias)
     pairs folded into the Conv, and the (conv, folded node) names."""
@@ -44,14 +56,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[
         new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
         new_b = ((b - mean) * factor + beta).astype(w.dtype)
         conv.inputs[1] = gs.Constant(f"{conv.inputs[1].name}_bnfolded", new_w)
-        bias = gs.Constant(f"{conv.name}_bias_bnfolded", new_b)
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = bias
-        else:
-            conv.inputs.append(bias)
-        y = bn.outputs[0]
-        bn.outputs.clear()
-        conv.outputs[0] = y  # the folded Conv produces the BN's output tensor (ranges stay valid)
+        _absorb(conv, bn, gs.Constant(f"{conv.name}_bias_bnfolded", new_b))
         folded.append((conv.name, bn.name))
     for add in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
         # Conv -> Add(per-channel constant): the bias exporters such as Paddle2ONNX emit separately
@@ -71,14 +76,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[
         b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(channels, dtype=w.dtype)
         if b is None:
             continue
-        bias = gs.Constant(f"{conv.name}_bias_addfolded", (b + np.broadcast_to(bias_add.reshape(-1), (channels,))).astype(w.dtype))
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = bias
-        else:
-            conv.inputs.append(bias)
-        y = add.outputs[0]
-        add.outputs.clear()
-        conv.outputs[0] = y
+        new_b = (b + np.broadcast_to(bias_add.reshape(-1), (channels,))).astype(w.dtype)
+        _absorb(conv, add, gs.Constant(f"{conv.name}_bias_addfolded", new_b))
         folded.append((conv.name, add.name))
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.atomic import write_bytes_atomic
+from quantkit.config import read_mapping_file
 from quantkit.errors import QuantkitError
 
 PRECISIONS = ("int8", "fp16", "fp32")
@@ -120,18 +121,4 @@ class PrecisionPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PrecisionPlan:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise QuantkitError(f"cannot read precision plan {path}: {exc.strerror}") from None
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                doc = yaml.safe_load(text)
-            else:
-                doc = json.loads(text)
-        except Exception as exc:  # noqa: BLE001
-            raise QuantkitError(f"cannot parse precision plan {path}: {exc}") from None
-        return cls.from_mapping(doc, str(path))
+        return cls.from_mapping(read_mapping_file(path, "precision plan"), str(path))

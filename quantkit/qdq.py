@@ -311,6 +311,17 @@ def quantize_model(
             "recalibrate (with --all-tensors if needed) or pass --allow-missing to leave those ops in float"
         )
 
+    # TensorRT: the inputs of a Concat whose output is quantized share the output's scale, also
+    # where an input is quantized for another reader, so TensorRT never requantizes at the Concat
+    range_of: dict[str, str] = {}
+    if target == "tensorrt":
+        quantized_tensors = {n.inputs[slot].name for n in graph.nodes if n.name in plans for slot in plans[n.name].activations}
+        for node in graph.nodes:
+            if node.op == "Concat" and node.outputs and node.outputs[0].name in quantized_tensors:
+                for inp in node.inputs:
+                    if inp.name in quantized_tensors and inp.name != node.outputs[0].name:
+                        range_of[inp.name] = node.outputs[0].name
+
     # ---- pass 2: insert Q/DQ pairs and int8 weights ----------------------------------------
     act_dq: dict[str, gs.Variable] = {}
     weight_dq: dict[tuple[str, int], gs.Variable] = {}
@@ -318,7 +329,7 @@ def quantize_model(
 
     def activation(tensor: gs.Variable) -> gs.Variable:
         if tensor.name not in act_dq:
-            scale, zp = _activation_params(ranges, tensor.name, method, target)
+            scale, zp = _activation_params(ranges, range_of.get(tensor.name, tensor.name), method, target)
             report.activation_params[tensor.name] = (scale, zp)
             s = gs.Constant(f"{tensor.name}_scale", np.array(scale, dtype=np.float32))
             z = gs.Constant(f"{tensor.name}_zero_point", np.array(zp, dtype=qtype))

@@ -38,7 +38,11 @@ def test_per_channel_bias_add_is_folded_and_others_are_not():
     ]
     inits.append(helper.make_tensor("w2", TensorProto.FLOAT, [4, 4, 1, 1], rng.normal(size=16).astype(np.float32)))
     g = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])], inits
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        inits,
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     folded, pairs = fold_batchnorm(model)

@@ -333,3 +333,18 @@ def test_low_opset_model_is_converted(tmp_path):
     q, report = quantize_model(info, ranges)
     assert report.opset_converted_from == 11 and q.opset_import[0].version == 13
     session(q)
+
+
+def test_concat_input_also_read_by_a_conv_shares_the_concat_scale(tmp_path):
+    """CSP/Inception pattern: a branch output feeds the Concat and another conv."""
+    model = concat_model(head=False)
+    rng = np.random.default_rng(6)
+    model.graph.initializer.append(helper.make_tensor("wd", TensorProto.FLOAT, [2, 2, 1, 1], rng.normal(size=4).astype(np.float32)))
+    model.graph.node.append(helper.make_node("Conv", ["scores", "wd"], ["side"], name="conv_side"))
+    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, ["n", 2, 4, 4]))
+    ranges, info = synthetic_ranges(model, {"x": rng.normal(size=(8, 3, 4, 4)).astype(np.float32)}, tmp_path)
+    _, report = quantize_model(info, ranges)
+    assert report.activation_params["scores"] == report.activation_params["cat"]
+    assert report.activation_params["cat"][0] == ranges.tensors["cat"].scale("minmax")
+    _, ort_report = quantize_model(info, ranges, target="onnxruntime")
+    assert ort_report.activation_params["scores"] != ort_report.activation_params["cat"]  # onnxruntime requantizes itself

@@ -6,7 +6,6 @@ convert colour -> resize -> center-crop -> to float -> * scale -> (x - mean) / s
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from quantkit.config import read_mapping_file
 from quantkit.errors import QuantkitError
 from quantkit.model import InputSpec
 
@@ -94,23 +94,7 @@ class PreprocessSpec:
     @classmethod
     def load(cls, path: str | Path) -> PreprocessSpec:
         """Read a JSON or YAML file with the same keys as the CLI flags."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise QuantkitError(f"cannot read preprocessing config {path}: {exc.strerror}") from None
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                values = yaml.safe_load(text) or {}
-            else:
-                values = json.loads(text)
-        except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
-            raise QuantkitError(f"cannot parse preprocessing config {path}: {exc}") from None
-        if not isinstance(values, dict):
-            raise QuantkitError(f"preprocessing config {path} must hold a mapping of options")
-        return cls.from_mapping(values, str(path))
+        return cls.from_mapping(read_mapping_file(path, "preprocessing config"), str(path))
 
     def merged(self, overrides: dict[str, Any]) -> PreprocessSpec:
         """This spec with the non-None ``overrides`` (CLI flags win over a config file)."""
