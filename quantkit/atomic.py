@@ -28,6 +28,13 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return out
 
 
+def _public_mode(path: str | os.PathLike) -> None:
+    """mkstemp creates 0600 files; give the result the permissions a plain open() would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; rename it onto ``dest`` only if the block succeeds."""
@@ -37,6 +44,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _public_mode(tmp_path)
         os.replace(tmp_path, dest)
     finally:  # also on KeyboardInterrupt: never leave the temporary file behind
         if tmp_path.exists():
@@ -61,6 +69,7 @@ def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            _public_mode(tmp)
             staged.append((Path(tmp), dest))
         for tmp, dest in staged:
             os.replace(tmp, dest)

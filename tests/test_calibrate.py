@@ -54,6 +54,16 @@ def test_cli_writes_ranges_and_one_cache_per_method(demo_run):
         assert t.amax["minmax"] == float(np.float32(max(abs(t.min), abs(t.max))))
 
 
+def test_outputs_get_ordinary_file_permissions(demo_run):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in demo_run.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
 def test_same_inputs_give_byte_identical_outputs(demo_run, tmp_path):
     assert main(["calibrate", *DEMO_ARGS, "--method", "all", "--num-samples", "256", "--out", str(tmp_path)]) == 0
     for name in files_in(demo_run):
