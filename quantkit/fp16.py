@@ -107,7 +107,6 @@ def convert_fp16(
     precisions: dict[str, str] | None = None,
     ranges: RangeSet | None = None,
     keep_op_types: set[str] | frozenset[str] = frozenset(),
-    keep_io_types: bool = True,
 ) -> tuple[onnx.ModelProto, Fp16Report]:
     """Return a float16 copy of ``model`` (FP32 where needed, see the module doc) and its report."""
     src = onnx.ModelProto()
@@ -190,24 +189,20 @@ def convert_fp16(
                 dtype_of[out] = TensorProto.FLOAT16
         report.fp16_nodes.append(node.name)
 
-    new_nodes: list[onnx.NodeProto] = []
-    casts: dict[tuple[str, int], str] = {}
+    casts: dict[tuple[str, int], str] = {}  # one Cast per (tensor, type), reused by later readers
+    body: list[onnx.NodeProto] = []
 
     def cast(name: str, to: int) -> str:
         key = (name, to)
         if key not in casts:
             suffix = "fp16" if to == TensorProto.FLOAT16 else "fp32"
             out = f"{name}_cast_{suffix}"
-            new_nodes.append(helper.make_node("Cast", [name], [out], name=f"{name}_Cast_{suffix}", to=to))
+            body.append(helper.make_node("Cast", [name], [out], name=f"{name}_Cast_{suffix}", to=to))  # before its first reader
             casts[key] = out
             report.casts_inserted += 1
         return casts[key]
 
-    graph_inputs = {vi.name for vi in graph.input}
-    body: list[onnx.NodeProto] = []
     for node in graph.node:
-        pending: list[onnx.NodeProto] = []
-        new_nodes = pending  # casts for this node's inputs go right before it
         for slot, name in enumerate(node.input):
             have = dtype_of.get(name)
             if have is None:
@@ -219,14 +214,11 @@ def convert_fp16(
                 continue  # a Cast accepts any input type
             if have != want:
                 node.input[slot] = cast(name, want)
-        body += pending
         body.append(node)
     del graph.node[:]
     graph.node.extend(body)
 
     # graph inputs stay float32 (casts were added above); outputs are cast back to float32
-    if not keep_io_types:
-        raise QuantkitError("keep_io_types=False is not supported: quantkit keeps float32 model inputs and outputs")
     for out in graph.output:
         if dtype_of.get(out.name) == TensorProto.FLOAT16:
             internal = f"{out.name}_fp16"
@@ -235,7 +227,6 @@ def convert_fp16(
                 node.input[:] = [internal if i == out.name else i for i in node.input]
             graph.node.append(helper.make_node("Cast", [internal], [out.name], name=f"{out.name}_Cast_fp32", to=TensorProto.FLOAT))
             report.casts_inserted += 1
-    del graph_inputs
     # value_info is stale after retyping: drop it and let shape inference recompute it
     del graph.value_info[:]
     try:

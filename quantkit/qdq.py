@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
@@ -256,7 +255,7 @@ def quantize_model(
     """Return a Q/DQ copy of ``model`` and the report of what was quantized and what was not."""
     if target not in TARGETS:
         raise QuantkitError(f"unknown --target '{target}'; choose tensorrt or onnxruntime")
-    method = ranges._method(method)
+    method = ranges.method_name(method)
     _check_not_quantized(model.proto if isinstance(model, ModelInfo) else model)
     if check_hash and isinstance(model, ModelInfo) and ranges.model.get("sha256") and ranges.model["sha256"] != model.sha256:
         raise QuantkitError(
@@ -429,15 +428,3 @@ def per_channel_scales(w: np.ndarray, axis: int) -> np.ndarray:
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w.astype(np.float64)).max(axis=reduce_axes) if reduce_axes else np.abs(w.astype(np.float64))
     return np.array([amax_to_scale(float(a)) for a in np.atleast_1d(amax)], dtype=np.float32)
-
-
-def quantized_summary(report: QuantizeReport) -> dict[str, Any]:
-    """JSON-friendly view of a report."""
-    return {
-        "target": report.target,
-        "method": report.method,
-        "int8_nodes": report.int8_nodes,
-        "kept_float": report.kept_float,
-        "missing_ranges": report.missing_ranges,
-        "float_op_counts": report.float_op_counts,
-    }

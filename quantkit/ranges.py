@@ -88,14 +88,15 @@ class RangeSet:
         return next(iter(self.methods))
 
     def amax(self, tensor: str, method: str | None = None) -> float:
-        return self.tensors[tensor].amax[self._method(method)]
+        return self.tensors[tensor].amax[self.method_name(method)]
 
     def scales(self, method: str | None = None) -> dict[str, float]:
         """tensor name -> scale for one method, in calibration (graph) order."""
-        method = self._method(method)
+        method = self.method_name(method)
         return {name: r.scale(method) for name, r in self.tensors.items()}
 
-    def _method(self, method: str | None) -> str:
+    def method_name(self, method: str | None) -> str:
+        """``method`` checked against the methods held, or the default one for None."""
         if method is None:
             return self.default_method
         if method not in self.methods:
