@@ -40,6 +40,7 @@ bench: install
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) bench/calibration.py --samples $(BENCH_SAMPLES)
 	$(PY) bench/quantize.py
+	$(PY) bench/optimize.py
 
 lint: install
 	$(VENV)/bin/ruff check quantkit tests bench scripts

@@ -1,87 +1,324 @@
-"""Graph passes that are numerically exact up to float rounding.
+"""Graph passes, each numerically exact up to float rounding (the seed article's layer and tensor fusion).
 
-``fold_batchnorm``: BatchNormalization, and per-channel constant bias Adds, folded into the
-preceding Conv's weights and bias. The folded Conv takes over the folded node's output tensor
-name, so calibrated ranges keyed by tensor name still apply. The onnxruntime Q/DQ placement needs this: with the weight behind a
-DequantizeLinear, onnxruntime can no longer fold BN itself, and a BN between Conv and
-QuantizeLinear blocks its integer Conv kernel.
+Every pass works on an onnx-graphsurgeon graph and returns the ``Fusion``s it made. A fused node
+takes over the output tensor names of what it replaced, so calibrated ranges keyed by tensor
+name stay valid. These are the tensors TensorRT keeps after its own fusions.
+
+- ``fold_scales``: BatchNormalization, and per-channel constant bias Adds, folded into the
+  preceding Conv's weights and bias (TensorRT's "scale fusion"). The onnxruntime Q/DQ placement
+  needs it: with the weight behind a DequantizeLinear, onnxruntime can no longer fold BN, and a
+  BN between Conv and QuantizeLinear blocks its integer Conv kernel.
+- ``fuse_vertical``: Conv + activation, and Conv + residual Add + activation, into one
+  ``com.microsoft.FusedConv`` ("CBR"). It runs on onnxruntime only; TensorRT makes this fusion
+  itself.
+- ``merge_horizontal``: sibling convolutions reading the same tensor with the same kernel,
+  strides, padding, dilation, group and activation, merged into one wider convolution followed
+  by a Split (the Inception block's 1x1 branches).
+- ``fold_concats``: Concat chains on one axis become one Concat, and a Concat that re-joins all
+  of a Split's outputs in order disappears. ``inplace_concats`` lists the Concats TensorRT
+  removes by letting each producer write into its slice of a preallocated buffer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+MS_DOMAIN = "com.microsoft"
+#: activations onnxruntime's FusedConv takes, with how to read their parameters
+_FUSABLE_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid")
+_CONVS = ("Conv", "FusedConv")
+
+
+@dataclass
+class Fusion:
+    """One rewrite: which nodes became which."""
+
+    kind: str  # scale, vertical, horizontal, concat
+    result: str  # the node that remains (or the tensor, for a cancelled Concat)
+    replaced: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{self.kind}: {' + '.join(self.replaced)} -> {self.result}"
 
 
 def _constant(tensor: gs.Tensor) -> np.ndarray | None:
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
 
-def _absorb(conv: gs.Node, node: gs.Node, bias: gs.Constant) -> None:
-    """Give ``conv`` the new bias and let it produce ``node``'s output tensor (ranges stay valid);
-    ``node`` is left without outputs and removed by the next cleanup."""
+def _single_use(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    return len(tensor.outputs) == 1 and tensor not in graph.outputs
+
+
+def _take_outputs(keeper: gs.Node, node: gs.Node) -> None:
+    """``keeper`` produces ``node``'s output tensor from now on; ``node`` goes at the next cleanup."""
+    y = node.outputs[0]
+    node.outputs.clear()
+    keeper.outputs[0] = y
+
+
+def _set_bias(conv: gs.Node, bias: gs.Constant) -> None:
     if len(conv.inputs) > 2:
         conv.inputs[2] = bias
     else:
         conv.inputs.append(bias)
-    y = node.outputs[0]
-    node.outputs.clear()
-    conv.outputs[0] = y
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
-    """Return the model with Conv -> BatchNormalization and Conv -> Add(per-channel constant bias)
-    pairs folded into the Conv, and the (conv, folded node) names."""
-    graph = gs.import_onnx(model)
+def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` with ``like``'s IR version and opsets (plus com.microsoft if used)."""
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = like.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    if any(n.domain == MS_DOMAIN for n in out.graph.node) and not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    return out
+
+
+# ---- scale fusion ------------------------------------------------------------------------------
+def fold_scales(graph: gs.Graph) -> list[Fusion]:
+    """Fold BatchNormalization and per-channel constant bias Adds into the preceding Conv."""
     graph.fold_constants(error_ok=True).cleanup()  # BN parameters may come from Constant nodes
-    folded: list[tuple[str, str]] = []
+    fusions: list[Fusion] = []
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         if bn.attrs.get("training_mode", 0) or len(bn.outputs) != 1:
             continue
         x = bn.inputs[0]
-        if len(x.inputs) != 1 or len(x.outputs) != 1 or x.inputs[0].op != "Conv" or x in graph.outputs:
+        if len(x.inputs) != 1 or x.inputs[0].op != "Conv" or not _single_use(x, graph):
             continue
         conv = x.inputs[0]
         params = [_constant(t) for t in bn.inputs[1:5]]
         w = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
-        if w is None or any(p is None for p in params) or len(conv.inputs[1].outputs) != 1:
+        b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else None
+        if w is None or any(p is None for p in params) or len(conv.inputs[1].outputs) != 1 or (len(conv.inputs) > 2 and b is None):
             continue
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        eps = float(bn.attrs.get("epsilon", 1e-5))
-        factor = gamma / np.sqrt(var + eps)
-        b = _constant(conv.inputs[2]).astype(np.float64) if len(conv.inputs) > 2 else np.zeros_like(mean)
-        if b is None:
-            continue
-        new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
-        new_b = ((b - mean) * factor + beta).astype(w.dtype)
-        conv.inputs[1] = gs.Constant(f"{conv.inputs[1].name}_bnfolded", new_w)
-        _absorb(conv, bn, gs.Constant(f"{conv.name}_bias_bnfolded", new_b))
-        folded.append((conv.name, bn.name))
+        factor = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        b = b.astype(np.float64) if b is not None else np.zeros_like(mean)
+        conv.inputs[1] = gs.Constant(f"{conv.inputs[1].name}_bnfolded", (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
+        _set_bias(conv, gs.Constant(f"{conv.name}_bias_bnfolded", ((b - mean) * factor + beta).astype(w.dtype)))
+        _take_outputs(conv, bn)
+        fusions.append(Fusion("scale", conv.name, [conv.name, bn.name]))
     for add in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
-        # Conv -> Add(per-channel constant): the bias exporters such as Paddle2ONNX emit separately
+        # Conv -> Add(per-channel constant): the bias that exporters such as Paddle2ONNX emit separately
         x, c = add.inputs if _constant(add.inputs[1]) is not None else add.inputs[::-1]
         bias_add = _constant(c)
-        if bias_add is None or len(x.inputs) != 1 or len(x.outputs) != 1 or x.inputs[0].op != "Conv" or x in graph.outputs:
+        if bias_add is None or len(x.inputs) != 1 or x.inputs[0].op != "Conv" or not _single_use(x, graph):
             continue
         conv = x.inputs[0]
         w = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
-        channels = w.shape[0] if w is not None else None
-        rank = len(x.shape) if x.shape is not None else (w.ndim if w is not None else 0)
-        if w is None or bias_add.size not in (1, channels) or bias_add.ndim > rank:
+        b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else (np.zeros(w.shape[0], w.dtype) if w is not None else None)
+        if w is None or b is None or not _per_channel(bias_add, w.shape[0], w.ndim):
             continue
-        shape = (1,) * (rank - bias_add.ndim) + bias_add.shape
-        if bias_add.size == channels and (len(shape) < 2 or shape[1] != channels):
-            continue  # not a per-output-channel bias
-        b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(channels, dtype=w.dtype)
-        if b is None:
+        _set_bias(conv, gs.Constant(f"{conv.name}_bias_addfolded", (b + np.broadcast_to(bias_add.reshape(-1), b.shape)).astype(w.dtype)))
+        _take_outputs(conv, add)
+        fusions.append(Fusion("scale", conv.name, [conv.name, add.name]))
+    graph.cleanup()
+    return fusions
+
+
+def _per_channel(bias: np.ndarray, channels: int, rank: int) -> bool:
+    """A scalar, or a constant shaped like [C], [C,1,1] or [1,C,1,1] against an NC... output."""
+    if bias.size == 1:
+        return True
+    if bias.size != channels or bias.ndim > rank:
+        return False
+    shape = (1,) * (rank - bias.ndim) + bias.shape
+    return shape[1] == channels and all(d == 1 for i, d in enumerate(shape) if i != 1)
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+    """``fold_scales`` on a model: the folded model and the (conv, folded node) name pairs."""
+    graph = gs.import_onnx(model)
+    fusions = fold_scales(graph)
+    return export_graph(graph, model), [(f.result, f.replaced[1]) for f in fusions]
+
+
+# ---- vertical fusion -----------------------------------------------------------------------------
+def _activation(node: gs.Node) -> tuple[str, list[float]] | None:
+    """FusedConv's (activation, activation_params) for ``node``, or None if it has no such form."""
+    if node.op in ("Relu", "Sigmoid", "Tanh"):
+        return node.op, []
+    if node.op == "LeakyRelu":
+        return "LeakyRelu", [float(node.attrs.get("alpha", 0.01))]
+    if node.op == "HardSigmoid":
+        return "HardSigmoid", [float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))]
+    if node.op == "Clip":
+        bounds = []
+        for i, default in ((1, -np.inf), (2, np.inf)):
+            if len(node.inputs) > i and node.inputs[i].name:
+                value = _constant(node.inputs[i])
+                if value is None:
+                    return None
+                bounds.append(float(value.reshape(())))
+            else:
+                bounds.append(float(node.attrs.get("min" if i == 1 else "max", default)))
+        return "Clip", bounds
+    return None
+
+
+def fuse_vertical(graph: gs.Graph) -> list[Fusion]:
+    """Conv (+ residual Add) + activation -> com.microsoft.FusedConv, named after the Conv."""
+    fusions: list[Fusion] = []
+    for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        y = conv.outputs[0]
+        if not _single_use(y, graph) or len(conv.inputs) < 2 or _constant(conv.inputs[1]) is None:
             continue
-        new_b = (b + np.broadcast_to(bias_add.reshape(-1), (channels,))).astype(w.dtype)
-        _absorb(conv, add, gs.Constant(f"{conv.name}_bias_addfolded", new_b))
-        folded.append((conv.name, add.name))
+        nxt, feed = y.outputs[0], y  # the activation candidate and the tensor it must read
+        replaced, z = [conv.name], None
+        if nxt.op == "Add" and len(nxt.inputs) == 2 and _single_use(nxt.outputs[0], graph):
+            other = nxt.inputs[1] if nxt.inputs[0] is y else nxt.inputs[0]
+            if _constant(other) is None and other.shape is not None and other.shape == y.shape:
+                after = nxt.outputs[0].outputs[0]
+                if _activation(after) is not None:
+                    replaced.append(nxt.name)
+                    z, feed, nxt = other, nxt.outputs[0], after
+        act = _activation(nxt)
+        if act is None or nxt.inputs[0] is not feed:
+            continue
+        attrs = dict(conv.attrs)
+        attrs["activation"] = act[0]
+        if act[1]:
+            attrs["activation_params"] = act[1]
+        inputs = list(conv.inputs)
+        if z is not None:
+            if len(inputs) == 2:  # FusedConv's Z comes after B: give it a zero bias
+                w = _constant(inputs[1])
+                inputs.append(gs.Constant(f"{conv.name}_zero_bias", np.zeros(w.shape[0], dtype=w.dtype)))
+            inputs.append(z)
+        fused = gs.Node("FusedConv", conv.name, attrs=attrs, inputs=inputs, outputs=[nxt.outputs[0]], domain=MS_DOMAIN)
+        conv.inputs.clear()
+        conv.outputs.clear()
+        nxt.outputs.clear()
+        graph.nodes.append(fused)
+        fusions.append(Fusion("vertical", fused.name, [*replaced, nxt.name]))
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    return out, folded
+    return fusions
+
+
+# ---- horizontal fusion ---------------------------------------------------------------------------
+def _signature(conv: gs.Node) -> tuple | None:
+    w = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    if w is None or (len(conv.inputs) > 2 and conv.inputs[2].name and _constant(conv.inputs[2]) is None) or len(conv.inputs) > 3:
+        return None  # a Z input or a computed bias: not mergeable
+    if int(conv.attrs.get("group", 1)) != 1 or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return None
+    spatial = w.ndim - 2
+    attrs = tuple(
+        (k, tuple(conv.attrs.get(k, default)))
+        for k, default in (("strides", [1] * spatial), ("pads", [0] * 2 * spatial), ("dilations", [1] * spatial))
+    )
+    act = (conv.attrs.get("activation"), tuple(conv.attrs.get("activation_params", ())))
+    return conv.op, w.shape[1:], w.dtype.str, attrs, act
+
+
+def merge_horizontal(graph: gs.Graph, opset: int) -> list[Fusion]:
+    """Merge sibling convolutions on one input into one wider convolution + Split."""
+    fusions: list[Fusion] = []
+    for tensor in list(graph.tensors().values()):
+        groups: dict[tuple, list[gs.Node]] = {}
+        for node in tensor.outputs:
+            if node.op in _CONVS and node.inputs and node.inputs[0] is tensor:
+                sig = _signature(node)
+                if sig is not None:
+                    groups.setdefault(sig, []).append(node)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            weights = [_constant(m.inputs[1]) for m in members]
+            biases = [
+                _constant(m.inputs[2]) if len(m.inputs) > 2 else np.zeros(w.shape[0], w.dtype)
+                for m, w in zip(members, weights, strict=True)
+            ]
+            first = members[0]
+            name = f"{first.name}_hmerged"
+            merged_out = gs.Variable(f"{name}_output", dtype=first.outputs[0].dtype)
+            merged = gs.Node(
+                first.op,
+                name,
+                attrs=dict(first.attrs),
+                inputs=[tensor, gs.Constant(f"{name}_W", np.concatenate(weights)), gs.Constant(f"{name}_B", np.concatenate(biases))],
+                outputs=[merged_out],
+                domain=first.domain,
+            )
+            sizes = [w.shape[0] for w in weights]
+            outputs = [m.outputs[0] for m in members]
+            for m in members:
+                m.inputs.clear()
+                m.outputs.clear()
+            if opset >= 13:
+                split = gs.Node(
+                    "Split",
+                    f"{name}_split",
+                    attrs={"axis": 1},
+                    inputs=[merged_out, gs.Constant(f"{name}_sizes", np.array(sizes, np.int64))],
+                    outputs=outputs,
+                )
+            else:
+                split = gs.Node("Split", f"{name}_split", attrs={"axis": 1, "split": sizes}, inputs=[merged_out], outputs=outputs)
+            graph.nodes += [merged, split]
+            fusions.append(Fusion("horizontal", name, [m.name for m in members]))
+    graph.cleanup().toposort()
+    return fusions
+
+
+# ---- concat elimination --------------------------------------------------------------------------
+def fold_concats(graph: gs.Graph) -> list[Fusion]:
+    """Flatten Concat chains on one axis; remove a Concat that re-joins a whole Split in order."""
+    fusions: list[Fusion] = []
+    changed = True
+    while changed:
+        changed = False
+        for concat in [n for n in graph.nodes if n.op == "Concat" and n.outputs]:
+            axis = concat.attrs.get("axis")
+            for i, inp in enumerate(concat.inputs):
+                inner = inp.inputs[0] if len(inp.inputs) == 1 else None
+                if inner is not None and inner.op == "Concat" and inner.attrs.get("axis") == axis and _single_use(inp, graph):
+                    new_inputs = list(concat.inputs[:i]) + list(inner.inputs) + list(concat.inputs[i + 1 :])
+                    concat.inputs.clear()
+                    concat.inputs.extend(new_inputs)
+                    inner.inputs.clear()
+                    inner.outputs.clear()
+                    fusions.append(Fusion("concat", concat.name, [inner.name, concat.name]))
+                    changed = True
+                    break
+            if changed:
+                break
+    for concat in [n for n in graph.nodes if n.op == "Concat" and n.outputs]:
+        producers = {id(t.inputs[0]) if len(t.inputs) == 1 else None for t in concat.inputs}
+        split = concat.inputs[0].inputs[0] if concat.inputs and len(concat.inputs[0].inputs) == 1 else None
+        out = concat.outputs[0]
+        if (
+            split is None
+            or split.op != "Split"
+            or producers != {id(split)}
+            or list(concat.inputs) != list(split.outputs)
+            or split.attrs.get("axis", 0) != concat.attrs.get("axis")
+            or not all(_single_use(t, graph) for t in split.outputs)
+            or out in graph.outputs
+        ):
+            continue
+        source = split.inputs[0]
+        for reader in list(out.outputs):
+            for slot, inp in enumerate(reader.inputs):
+                if inp is out:
+                    reader.inputs[slot] = source
+        concat.outputs.clear()
+        split.outputs.clear()
+        fusions.append(Fusion("concat", source.name, [split.name, concat.name]))
+    graph.cleanup().toposort()
+    return fusions
+
+
+def inplace_concats(graph: gs.Graph) -> list[str]:
+    """Concats whose every input is produced by a single-use node: TensorRT has each producer write
+    straight into its slice of the output buffer and drops the Concat ("concat removal")."""
+    found = []
+    for concat in graph.nodes:
+        if concat.op == "Concat" and concat.inputs and all(len(t.inputs) == 1 and len(t.outputs) == 1 for t in concat.inputs):
+            found.append(concat.name)
+    return found

@@ -20,7 +20,7 @@ from quantkit.model import ModelInfo, constant_tensors, effective_outputs
 #: and need no range. ``all_tensors`` still collects everything.
 QUANTIZABLE_OP_TYPES = frozenset(
     {
-        "Conv", "ConvTranspose", "Gemm", "MatMul",
+        "Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv",
         "Add", "Concat", "Resize",
         "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
     }

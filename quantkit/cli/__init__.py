@@ -10,17 +10,25 @@ from quantkit import __version__
 from quantkit.cli import cache as cache_cmd
 from quantkit.cli import calibrate as calibrate_cmd
 from quantkit.cli import fp16 as fp16_cmd
+from quantkit.cli import optimize as optimize_cmd
 from quantkit.cli import quantize as quantize_cmd
 from quantkit.errors import QuantkitError
 
-SUBCOMMANDS = {"calibrate": calibrate_cmd, "quantize": quantize_cmd, "fp16": fp16_cmd, "cache": cache_cmd}
+SUBCOMMANDS = {
+    "calibrate": calibrate_cmd,
+    "quantize": quantize_cmd,
+    "fp16": fp16_cmd,
+    "cache": cache_cmd,
+    "optimize": optimize_cmd,
+    "inspect": optimize_cmd,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantkit", description="Calibrate and quantize ONNX models for TensorRT and onnxruntime.")
     parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in SUBCOMMANDS.values():
+    for module in dict.fromkeys(SUBCOMMANDS.values()):  # a module may add several subcommands
         module.add_parser(sub)
     return parser
 
