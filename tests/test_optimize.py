@@ -166,3 +166,19 @@ def test_quantized_model_refused(demo_preprocess):
     q, _ = quantize_model(load_model(DEMO_MODEL), ranges)
     with pytest.raises(QuantkitError, match="already quantized"):
         optimize_model(q)
+
+
+def test_optimize_for_tensorrt_then_calibrate_and_quantize(tmp_path, demo_preprocess, demo_val):
+    """The TensorRT flow: fuse what TensorRT fuses (no FusedConv), calibrate the fused graph, place Q/DQ."""
+    from fakequant import top1
+
+    from quantkit.qdq import quantize_model
+
+    optimized, _ = optimize_model(load_model(DEMO_MODEL), ["fold-bn", "horizontal", "concat"])
+    path = save(optimized, tmp_path / "demo.trt.onnx")
+    ranges = quantkit.calibrate(path, DEMO_CALIB, methods="entropy", num_samples=256, preprocess=demo_preprocess).ranges
+    q, report = quantize_model(load_model(path), ranges)
+    assert len(report.int8_nodes) == 11  # 9 convs left after the merge + the Gemm + the residual Add
+    images, labels = demo_val
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert top1(sess, images, labels) >= 0.971
