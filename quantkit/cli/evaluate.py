@@ -1,0 +1,83 @@
+"""``quantkit eval``: accuracy, fidelity, latency and size of every variant; writes the report."""
+
+from __future__ import annotations
+
+import argparse
+
+from quantkit.cli.calibrate import add_preprocess_args, preprocess_from_args
+from quantkit.errors import QuantkitError
+from quantkit.evaluation import DEFAULT_VARIANTS, RUNTIMES, evaluate
+from quantkit.report import write_report
+
+
+def _slices(specs: list[str] | None) -> dict[str, list[tuple[int, int, int]]] | None:
+    """OUTPUT:AXIS:START-STOP[,START-STOP...] -> {output: [(axis, start, stop), ...]}."""
+    if not specs:
+        return None
+    out: dict[str, list[tuple[int, int, int]]] = {}
+    for spec in specs:
+        try:
+            name, axis, ranges = spec.rsplit(":", 2)
+            for r in ranges.split(","):
+                start, stop = r.split("-")
+                out.setdefault(name, []).append((int(axis), int(start), int(stop)))
+        except ValueError:
+            raise QuantkitError(f"--slice {spec!r}: use OUTPUT:AXIS:START-STOP[,START-STOP...], e.g. output0:1:0-4,4-84") from None
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate FP32/FP16/INT8 variants against FP32 and write report.json/.md/.html")
+    p.add_argument("model", help="FP32 ONNX model")
+    p.add_argument("--data", required=True, help="validation data (image folder, table or arrays), with labels where available")
+    p.add_argument("--calib", help="calibration data, to build int8 variants")
+    p.add_argument("--ranges", help="ranges.json to build int8 variants from, instead of calibrating")
+    p.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"comma list (default {DEFAULT_VARIANTS}); also fp16, modelopt, int8-tensorrt:M, NAME=file.onnx",
+    )
+    p.add_argument("--labels", default=None, help="label column of a table (default: label/labels/target/class, or image-folder names)")
+    p.add_argument("--no-labels", action="store_true", help="ignore labels: fidelity against FP32 only")
+    p.add_argument("--metric", default="top1", help="comma list of top1, top5 (any callable through the Python API)")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="ort-cpu")
+    p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
+    p.add_argument("--num-calib-samples", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-drop", type=float, help="flag variants losing more than this many points of the first metric")
+    p.add_argument("--slice", action="append", help="check fidelity per slice: OUTPUT:AXIS:START-STOP[,...] (repeatable)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p.add_argument("--report", required=True, help="output directory, e.g. reports/mymodel")
+    p.add_argument("--quiet", action="store_true")
+    add_preprocess_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate(
+        args.model,
+        args.data,
+        variants=args.variants,
+        calib=args.calib,
+        ranges_path=args.ranges,
+        preprocess=preprocess_from_args(args),
+        metrics=[m.strip() for m in args.metric.split(",") if m.strip()],
+        labels=not args.no_labels,
+        label_column=args.labels,
+        num_samples=args.num_samples,
+        num_calib_samples=args.num_calib_samples,
+        batch_size=args.batch_size,
+        runtime=args.runtime,
+        max_drop=args.max_drop,
+        slices=_slices(args.slice),
+        latency=not args.no_latency,
+        quiet=args.quiet,
+    )
+    files = write_report(result, args.report)
+    if not args.quiet:
+        from quantkit.report import to_markdown
+
+        print(to_markdown(result).split("## Per-output fidelity")[0].rstrip())
+        print()
+        for f in files:
+            print(f"wrote {f}")
+    return 0
