@@ -45,6 +45,8 @@ bench: install
 	$(PY) bench/calibration.py --samples $(BENCH_SAMPLES)
 	$(PY) bench/quantize.py
 	$(PY) bench/optimize.py
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) bench/tuning.py
 
 lint: install
 	$(VENV)/bin/ruff check quantkit tests bench scripts

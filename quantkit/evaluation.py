@@ -261,7 +261,7 @@ def evaluate(
     labels: bool = True,
     label_column: str | None = None,
     num_samples: int | None = None,
-    num_calib_samples: int = 512,
+    num_calib_samples: int | None = None,
     batch_size: int = 32,
     runtime: str = "ort-cpu",
     max_drop: float | None = None,

@@ -168,8 +168,8 @@ def to_markdown(result: EvalResult) -> str:
 
 
 # ---- HTML with inline SVG ---------------------------------------------------------------------
-def _svg_scatter(points: list[tuple[str, float, float, bool]], xlabel: str, ylabel: str) -> str:
-    """points: (label, x, y, is_baseline)."""
+def svg_scatter(points: list[tuple[str, float, float, str]], xlabel: str, ylabel: str) -> str:
+    """points: (label, x, y, highlight); a non-empty highlight (e.g. "FP32 baseline") marks the point in red."""
     w, h, m = 640, 360, 60
     if not points:
         return "<p>No variant has both a latency and an accuracy.</p>"
@@ -211,12 +211,12 @@ def _svg_scatter(points: list[tuple[str, float, float, bool]], xlabel: str, ylab
         parts.append(shape)
         if ly != py(y) - 8:  # moved to stay readable: a leader line back to its point
             parts.append(f'<line x1="{px(x):.1f}" y1="{py(y):.1f}" x2="{lx - 2:.1f}" y2="{ly - 4:.1f}" stroke="#bbb"/>')
-        parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11">{html.escape(label)}{" (FP32 baseline)" if baseline else ""}</text>')
+        parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11">{html.escape(label)}{f" ({baseline})" if baseline else ""}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _svg_bars(items: list[tuple[str, float]], unit: str, label: str) -> str:
+def svg_bars(items: list[tuple[str, float]], unit: str, label: str) -> str:
     w, row, m = 640, 26, 170
     h = row * len(items) + 30
     top = max((v for _, v in items), default=1.0) or 1.0
@@ -231,6 +231,47 @@ def _svg_bars(items: list[tuple[str, float]], unit: str, label: str) -> str:
     return "".join(parts)
 
 
+def html_page(title: str, body: str) -> str:
+    """A self-contained page with the report's style."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style></head><body>
+<h1>{html.escape(title)}</h1>
+{body}
+<p style="font-size:11px;color:#777">quantkit {__version__}</p>
+</body></html>
+"""
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead { background: #eee; }
+.flags li { color: #a00; }
+"""
+
+
+def markdown_table_to_html(markdown: str) -> str:
+    """The Markdown tables quantkit writes, as HTML (other lines become paragraphs)."""
+    out, rows = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                rows.append(cells)
+            continue
+        if rows:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            rows = []
+        if line.strip():
+            out.append(f"<p>{html.escape(line.lstrip('- '))}</p>")
+    return "\n".join(out)
+
+
 def to_html(result: EvalResult) -> str:
     rows = _rows(result)
     base = next((v for v in result.variants if v.name == "fp32"), None)
@@ -239,7 +280,7 @@ def to_html(result: EvalResult) -> str:
     for v in result.variants:
         acc = _accuracy(result, v)[1]
         if not v.error and v.latency and acc is not None:
-            points.append((v.name, v.latency.batch1_p50_ms, acc, v.name == "fp32"))
+            points.append((v.name, v.latency.batch1_p50_ms, acc, "FP32 baseline" if v.name == "fp32" else ""))
     sizes = [(v.name, v.size_bytes / 1e6) for v in result.variants if v.size_bytes and not v.error]
     table = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
     for r in rows[1:]:
@@ -256,21 +297,14 @@ def to_html(result: EvalResult) -> str:
                 continue
             bars = [(f"{f.output}{s.label()}", max(0.0, _finite(s.sqnr_db) or 99.0)) for s in f.slices[:64]]
             fidelity_blocks.append(
-                f"<h3>{html.escape(v.name)} / {html.escape(f.output)}: per-slice SQNR (dB)</h3>" + _svg_bars(bars, "dB", "per-slice SQNR")
+                f"<h3>{html.escape(v.name)} / {html.escape(f.output)}: per-slice SQNR (dB)</h3>" + svg_bars(bars, "dB", "per-slice SQNR")
             )
     flags = "".join(f"<li>{html.escape(f)}</li>" for f in result.flags) or "<li>none</li>"
     title = f"quantkit report: {Path(result.model['path']).name}"
     unlabelled = "" if result.labelled else " <b>(no labels: fidelity against FP32 only)</b>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
-table {{ border-collapse: collapse; font-size: 13px; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-thead {{ background: #eee; }}
-.flags li {{ color: #a00; }}
-</style></head><body>
+<style>{_STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Runtime <b>{html.escape(result.runtime)}</b> ({html.escape(", ".join(result.providers))}) on {html.escape(result.hardware)}.
 Validation: {result.data["samples"]} samples from {html.escape(str(result.data["path"]))}{unlabelled}.</p>
@@ -279,9 +313,9 @@ Validation: {result.data["samples"]} samples from {html.escape(str(result.data["
 <h2>Flags</h2>
 <ul class="flags">{flags}</ul>
 <h2>Accuracy vs latency</h2>
-{_svg_scatter(points, "batch-1 latency p50 (ms)", key)}
+{svg_scatter(points, "batch-1 latency p50 (ms)", key)}
 <h2>Model size</h2>
-{_svg_bars(sizes, "MB", "model size")}
+{svg_bars(sizes, "MB", "model size")}
 <h2>Per-output fidelity</h2>
 {"".join(fidelity_blocks) or "<p>No sliced outputs.</p>"}
 <p style="font-size:11px;color:#777">quantkit {__version__}, report schema {SCHEMA_VERSION}</p>

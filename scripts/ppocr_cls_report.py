@@ -58,24 +58,38 @@ def build(folder: Path, lines: list[str], seed: int) -> None:
         image.save(folder / label / f"{i:05d}.png")
 
 
-def main() -> None:
+def model_path() -> Path:
     spec = importlib.util.find_spec("rapidocr_onnxruntime")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(
             "rapidocr-onnxruntime is not installed: pip install --no-deps rapidocr-onnxruntime==1.4.4 (make third-party-report does)"
         )
-    model = Path(next(iter(spec.submodule_search_locations))) / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+
+
+def build_dataset(root: Path) -> tuple[Path, Path]:
+    """Disjoint calibration (400) and validation (1,000) image folders under ``root``."""
+    lines = zen_lines()
+    calib, val = root / "calib", root / "val"
+    build(calib, lines[:400], seed=1)
+    build(val, lines[400:], seed=2)
+    return calib, val
+
+
+#: PP-OCR's classifier preprocessing: BGR, (x/255 - 0.5) / 0.5, NCHW
+PREPROCESS = {"scale": 1 / 255, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "color": "BGR", "layout": "NCHW"}
+
+
+def main() -> None:
+    model = model_path()
 
     from quantkit.data import PreprocessSpec
     from quantkit.evaluation import evaluate
     from quantkit.report import to_markdown, write_report
 
-    lines = zen_lines()
     with tempfile.TemporaryDirectory() as tmp:
-        calib, val = Path(tmp) / "calib", Path(tmp) / "val"
-        build(calib, lines[:400], seed=1)
-        build(val, lines[400:], seed=2)
-        preprocess = PreprocessSpec(scale=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), color="BGR", layout="NCHW")
+        calib, val = build_dataset(Path(tmp))
+        preprocess = PreprocessSpec(**PREPROCESS)
         result = evaluate(
             model,
             val,

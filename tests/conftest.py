@@ -113,3 +113,43 @@ def encoder_model(seq: int = 6, dim: int = 8, vocab: int = 20) -> onnx.ModelProt
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def planted_model(outlier_after: tuple[int, ...] = (2, 4), depth: int = 6) -> onnx.ModelProto:
+    """x[N,4,8,8] -> conv1..conv{depth} (ReLU between) -> GlobalAveragePool -> Gemm -> logits[N,10].
+
+    The convs numbered in ``outlier_after`` emit one channel about 1000x larger than the others
+    (and the next conv reads it with a tiny weight), so quantizing the *next* conv's input with
+    one per-tensor scale crushes every normal channel. Those next convs are the planted
+    sensitive nodes, in the middle of the graph.
+    """
+    rng = np.random.default_rng(7)
+    c = 8
+    inits, nodes = [], []
+    prev = "x"
+    for i in range(1, depth + 1):
+        cin = 4 if i == 1 else c
+        w = rng.normal(0, 1.0 / np.sqrt(cin * 9), size=(c, cin, 3, 3)).astype(np.float32)
+        if i in outlier_after:
+            w[0] *= 1000.0  # channel 0 of this conv's output becomes huge
+        if i - 1 in outlier_after:
+            w[:, 0] *= 1e-3  # ... and the next conv reads it with a tiny weight
+        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, w.shape, w.ravel()))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        prev = f"r{i}"
+    wf = rng.normal(0, 0.5, size=(10, c)).astype(np.float32)
+    inits.append(helper.make_tensor("wf", TensorProto.FLOAT, wf.shape, wf.ravel()))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1, name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "planted",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

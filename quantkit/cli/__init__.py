@@ -13,6 +13,7 @@ from quantkit.cli import evaluate as evaluate_cmd
 from quantkit.cli import fp16 as fp16_cmd
 from quantkit.cli import optimize as optimize_cmd
 from quantkit.cli import quantize as quantize_cmd
+from quantkit.cli import tune as tune_cmd
 from quantkit.errors import QuantkitError
 
 SUBCOMMANDS = {
@@ -23,6 +24,8 @@ SUBCOMMANDS = {
     "optimize": optimize_cmd,
     "inspect": optimize_cmd,
     "eval": evaluate_cmd,
+    "sensitivity": tune_cmd,
+    "tune": tune_cmd,
 }
 
 

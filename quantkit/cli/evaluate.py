@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default="top1", help="comma list of top1, top5 (any callable through the Python API)")
     p.add_argument("--runtime", choices=list(RUNTIMES), default="ort-cpu")
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
-    p.add_argument("--num-calib-samples", type=int, default=512)
+    p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-drop", type=float, help="flag variants losing more than this many points of the first metric")
     p.add_argument("--slice", action="append", help="check fidelity per slice: OUTPUT:AXIS:START-STOP[,...] (repeatable)")

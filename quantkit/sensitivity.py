@@ -1,0 +1,273 @@
+"""Per-node sensitivity: which quantized nodes cost accuracy, keyed by ONNX node name.
+
+For every node the placement quantizes, three measures:
+- enable-one: the loss when only that node is INT8 (everything else FP32);
+- disable-one: the loss recovered when only that node stays in high precision (everything else INT8);
+- output SQNR: FP32 vs all-INT8 activation at the node's output, from a single pass.
+
+Accuracy is the task metric where labels exist and top-1 agreement with FP32 otherwise. SQNR of
+the model's first output is recorded always. Variants are built by toggling the Q/DQ of one node
+through a precision plan, and calibration is reused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from quantkit.data.batching import Batch
+from quantkit.errors import QuantkitError
+from quantkit.fp16 import convert_fp16, fp16_precisions
+from quantkit.metrics import Metric, sqnr_db, top1_agreement
+from quantkit.model import ModelInfo
+from quantkit.plan import PrecisionPlan
+from quantkit.qdq import quantize_model
+from quantkit.ranges import RangeSet
+
+
+@dataclass
+class Score:
+    accuracy: float  # the task metric, or top-1 agreement with FP32 without labels
+    agreement: float
+    sqnr_db: float
+    latency_ms: float | None = None
+
+
+class Evaluator:
+    """Runs candidate models on validation batches against the FP32 reference, counting evaluations."""
+
+    def __init__(
+        self,
+        model: ModelInfo,
+        data: Sequence[Batch],
+        metric: tuple[str, Metric] | None,
+        labels: Sequence | None,
+        *,
+        reference: list[np.ndarray] | None = None,
+        parent: Evaluator | None = None,
+    ) -> None:
+        self.model = model
+        self.data = list(data)
+        self.metric = metric if labels is not None else None
+        self.labels = list(labels) if labels is not None else None
+        self.parent = parent
+        self.evaluations = 0  # passes over this evaluator's samples
+        self.cost = 0.0  # in passes over the full validation set (subset passes count fractionally)
+        self.samples = sum(len(b) for b in self.data)
+        self.reference = reference if reference is not None else self._run(model.proto)
+        self.baseline = self.score_outputs(self.reference)
+
+    def subset(self, samples: int) -> Evaluator:
+        """An evaluator on the first batches holding at least ``samples`` samples, whose passes count
+        toward this one's cost as the fraction of the data they cover."""
+        taken, n = [], 0
+        for batch in self.data:
+            if n >= samples:
+                break
+            taken.append(batch)
+            n += len(batch)
+        if n >= self.samples:
+            return self
+        reference = [r[:n] for r in self.reference]
+        return Evaluator(self.model, taken, self.metric, self.labels[:n] if self.labels else None, reference=reference, parent=self)
+
+    @property
+    def accuracy_name(self) -> str:
+        return self.metric[0] if self.metric else "top-1 agreement"
+
+    def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def _run(self, proto: onnx.ModelProto, session: ort.InferenceSession | None = None) -> list[np.ndarray]:
+        session = session or self._session(proto)
+        outs = [session.run(None, b.feeds) for b in self.data]
+        return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+    def score_outputs(self, outputs: list[np.ndarray]) -> Score:
+        agreement = top1_agreement(self.reference[0], outputs[0])
+        accuracy = float(self.metric[1](outputs, self.labels)) if self.metric else agreement
+        return Score(accuracy, agreement, sqnr_db(self.reference[0], outputs[0]))
+
+    def evaluate(self, proto: onnx.ModelProto, latency: bool = False) -> Score:
+        self.evaluations += 1
+        root, share = self, 1.0
+        while root.parent is not None:
+            share *= root.samples / root.parent.samples
+            root = root.parent
+        root.cost += share
+        session = self._session(proto)
+        score = self.score_outputs(self._run(proto, session))
+        if latency:
+            one = {k: v[:1] for k, v in self.data[0].feeds.items()}
+            for _ in range(3):
+                session.run(None, one)
+            times = []
+            for _ in range(20):
+                start = time.perf_counter()
+                session.run(None, one)
+                times.append((time.perf_counter() - start) * 1000)
+            score.latency_ms = float(np.median(times))
+        return score
+
+    def standard_error(self, accuracy: float) -> float:
+        """Binomial standard error of an accuracy on this many samples, in points."""
+        return 100 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(self.samples, 1))
+
+
+def build_candidate(
+    model: ModelInfo, ranges: RangeSet, plan: PrecisionPlan, *, method: str | None, target: str, allow_missing: bool = True
+) -> onnx.ModelProto:
+    """The model with ``plan`` applied: Q/DQ on its int8 nodes, FP16 where it says fp16."""
+    q, report = quantize_model(model, ranges, method=method, plan=plan, target=target, allow_missing=allow_missing)
+    wanted = fp16_precisions(
+        plan, [n.name for n in q.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")], set(report.int8_nodes)
+    )
+    if any(p == "fp16" for p in wanted.values()):
+        q, _ = convert_fp16(q, precisions=wanted)
+    return q
+
+
+@dataclass
+class NodeSensitivity:
+    name: str
+    op_type: str
+    enable_one_loss: float  # accuracy points lost when only this node is INT8
+    disable_one_gain: float  # accuracy points recovered when only this node stays FP32
+    enable_one_sqnr_db: float
+    output_sqnr_db: float  # its output activation, FP32 vs all-INT8
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (v if not (isinstance(v, float) and math.isinf(v)) else None) for k, v in asdict(self).items()}
+
+
+@dataclass
+class SensitivityResult:
+    nodes: list[NodeSensitivity]  # ranked, most sensitive first
+    all_int8: Score
+    baseline: Score
+    evaluations: int
+    seconds: float
+    accuracy_name: str
+    notes: list[str] = field(default_factory=list)
+
+    def ranking(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def table(self, limit: int = 20) -> str:
+        lines = [
+            f"{len(self.nodes)} quantized nodes; FP32 {self.accuracy_name} {self.baseline.accuracy * 100:.2f}%, "
+            f"all-INT8 {self.all_int8.accuracy * 100:.2f}% ({self.evaluations} evaluations, {self.seconds:.1f} s)",
+            "",
+            "| rank | node | op | disable-one gain (points) | enable-one loss (points) | output SQNR dB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for i, n in enumerate(self.nodes[:limit], 1):
+            lines.append(
+                f"| {i} | {n.name} | {n.op_type} | {n.disable_one_gain:+.2f} | {n.enable_one_loss:+.2f} | {n.output_sqnr_db:.1f} |"
+            )
+        return "\n".join(lines + [f"- {n}" for n in self.notes])
+
+
+def quantized_nodes(
+    model: ModelInfo, ranges: RangeSet, *, method: str | None, target: str
+) -> tuple[list[str], dict[str, str], onnx.ModelProto]:
+    """Nodes the all-INT8 placement quantizes (in graph order), their op types, and the all-INT8 model."""
+    q, report = quantize_model(model, ranges, method=method, target=target, allow_missing=True)
+    ops = {n.name: n.op_type for n in q.graph.node}
+    return list(report.int8_nodes), ops, q
+
+
+def output_sqnr(model: ModelInfo, all_int8: onnx.ModelProto, nodes: Sequence[str], data: Sequence[Batch]) -> dict[str, float]:
+    """SQNR of each node's output activation, FP32 vs all-INT8, from one pass of each model."""
+    names = {}
+    for node in model.proto.graph.node:
+        if node.name in nodes and node.output:
+            names[node.name] = node.output[0]
+
+    def run(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+        aug = onnx.ModelProto()
+        aug.CopyFrom(proto)
+        have = {o.name for o in aug.graph.output}
+        for t in names.values():
+            if t not in have:
+                aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(aug.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        wanted = list(dict.fromkeys(names.values()))
+        values: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
+        for b in data:
+            for t, v in zip(wanted, session.run(wanted, b.feeds), strict=True):
+                values[t].append(v)
+        return {t: np.concatenate(v) for t, v in values.items()}
+
+    try:
+        ref, got = run(model.proto), run(all_int8)
+    except Exception:  # noqa: BLE001 - a tensor renamed by folding (onnxruntime target): SQNR unavailable
+        return {}
+    return {node: sqnr_db(ref[t], got[t]) for node, t in names.items() if t in got}
+
+
+def analyze(
+    model: ModelInfo,
+    ranges: RangeSet,
+    evaluator: Evaluator,
+    *,
+    method: str | None = None,
+    target: str = "tensorrt",
+    nodes: Sequence[str] | None = None,
+    subset: int | None = 256,
+) -> SensitivityResult:
+    """Enable-one / disable-one / output SQNR for every quantized node, ranked by disable-one gain.
+
+    The per-node evaluations run on the first ``subset`` validation samples (all with None): a
+    ranking needs less precision than the final check, which the tuner makes on the full set.
+    """
+    start = time.perf_counter()
+    evaluator = evaluator.subset(subset) if subset else evaluator
+    all_nodes, ops, all_int8_model = quantized_nodes(model, ranges, method=method, target=target)
+    chosen = [n for n in all_nodes if nodes is None or n in nodes]
+    if not chosen:
+        raise QuantkitError("the placement quantizes no node of this model: nothing to analyse")
+    base = evaluator.baseline
+    all_int8 = evaluator.evaluate(all_int8_model)
+    act = output_sqnr(model, all_int8_model, chosen, evaluator.data[: max(1, len(evaluator.data) // 4)])
+    result = []
+    for name in chosen:
+        only = evaluator.evaluate(
+            build_candidate(model, ranges, PrecisionPlan(default="fp32", nodes={name: "int8"}), method=method, target=target)
+        )
+        without = evaluator.evaluate(
+            build_candidate(model, ranges, PrecisionPlan(default="int8", nodes={name: "fp32"}), method=method, target=target)
+        )
+        result.append(
+            NodeSensitivity(
+                name=name,
+                op_type=ops.get(name, "?"),
+                enable_one_loss=100 * (base.accuracy - only.accuracy),
+                disable_one_gain=100 * (without.accuracy - all_int8.accuracy),
+                enable_one_sqnr_db=only.sqnr_db,
+                output_sqnr_db=act.get(name, math.nan),
+            )
+        )
+    # most sensitive first: what keeping it in FP32 recovers, then what quantizing it alone costs
+    result.sort(key=lambda n: (-round(n.disable_one_gain, 6), -round(n.enable_one_loss, 6), n.enable_one_sqnr_db))
+    notes = []
+    se = evaluator.standard_error(base.accuracy)
+    if se > 0.5:
+        notes.append(
+            f"{evaluator.samples} validation samples give a standard error of {se:.2f} points on "
+            f"{evaluator.accuracy_name}: differences below that are noise"
+        )
+    if evaluator.parent is not None:
+        notes.append(f"ranked on the first {evaluator.samples} of {evaluator.parent.samples} validation samples")
+    return SensitivityResult(result, all_int8, base, evaluator.evaluations, time.perf_counter() - start, evaluator.accuracy_name, notes)
