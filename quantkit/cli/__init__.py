@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from quantkit import __version__
+from quantkit.cli import build as build_cmd
 from quantkit.cli import cache as cache_cmd
 from quantkit.cli import calibrate as calibrate_cmd
 from quantkit.cli import evaluate as evaluate_cmd
@@ -26,6 +27,8 @@ SUBCOMMANDS = {
     "eval": evaluate_cmd,
     "sensitivity": tune_cmd,
     "tune": tune_cmd,
+    "build": build_cmd,
+    "doctor": build_cmd,
 }
 
 

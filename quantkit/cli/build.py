@@ -1,0 +1,131 @@
+"""``quantkit build`` (TensorRT engines or optimized onnxruntime models) and ``quantkit doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+from pathlib import Path
+
+import onnxruntime as ort
+
+from quantkit import __version__
+from quantkit.atomic import write_bytes_atomic
+from quantkit.engine_ort import ORT_RUNTIMES, build_ort
+from quantkit.engine_trt import INSTALL_HINT, build_engine, tensorrt_version
+from quantkit.errors import QuantkitError
+from quantkit.model import load_model
+from quantkit.plan import PrecisionPlan
+from quantkit.qdq import node_names
+from quantkit.trtexec import PRECISIONS, parse_shapes, shell, trtexec_command
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build a TensorRT engine (10.x/11.x) or an optimized onnxruntime model")
+    p.add_argument("model", help="ONNX model (FP32, or Q/DQ / FP16 from quantkit quantize / fp16)")
+    p.add_argument("--runtime", choices=["tensorrt", *ORT_RUNTIMES], default="tensorrt")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT 10 builder precision (ignored for Q/DQ models)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--cache", help="TensorRT calibration cache for implicit INT8 (TensorRT 10)")
+    src.add_argument("--qdq", action="store_true", help="the model carries Q/DQ: build strongly typed (explicit quantization)")
+    p.add_argument("--plan", help="precision plan for per-layer constraints (TensorRT 10)")
+    p.add_argument("--shapes", help="dynamic shapes: NAME:MIN/OPT/MAX, dims joined by x")
+    p.add_argument("--workspace", type=int, help="workspace memory pool in MiB")
+    p.add_argument("--timing-cache", help="timing cache file, read and updated")
+    p.add_argument("-o", "--output", required=True, help="engine file (TensorRT) or optimized .onnx (onnxruntime)")
+    p.add_argument("--quiet", action="store_true")
+    sub.add_parser("doctor", help="what is available here: onnxruntime providers, TensorRT, CUDA devices")
+
+
+def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers: list[str]) -> list[str]:
+    out = Path(args.output)
+    common = {
+        "shapes": parse_shapes(args.shapes),
+        "workspace_mib": args.workspace,
+        "timing_cache": args.timing_cache,
+        "layer_info": str(out.with_suffix(".layers.json")),
+    }
+    lines = ["# TensorRT 10.x"]
+    try:
+        cmd10 = trtexec_command(
+            args.model,
+            str(out),
+            trt_major=10,
+            precision=args.precision,
+            calib_cache=args.cache,
+            qdq=args.qdq,
+            plan=plan,
+            layer_names=layers,
+            **common,
+        )
+        lines.append(shell(cmd10))
+    except QuantkitError as exc:
+        lines.append(f"# not expressible: {exc}")
+    lines.append("# TensorRT 11.x (strongly typed; precision comes from the ONNX)")
+    try:
+        cmd11 = trtexec_command(
+            args.model, str(out), trt_major=11, precision=args.precision, calib_cache=args.cache, qdq=args.qdq, plan=plan, **common
+        )
+        lines.append(shell(cmd11))
+    except QuantkitError as exc:
+        lines.append(f"# not expressible: {exc}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        return doctor()
+    model = load_model(args.model)
+    out = Path(args.output)
+    if args.runtime != "tensorrt":
+        built = build_ort(model.path, out, args.runtime)
+        if not args.quiet:
+            print(f"wrote {built.model} and {built.settings} (providers: {', '.join(built.providers)})")
+        return 0
+    plan = PrecisionPlan.load(args.plan) if args.plan else None
+    layers = node_names(model) if plan else []
+    lines = _trtexec_lines(args, plan, layers)
+    script = out.with_suffix(".trtexec.sh")
+    write_bytes_atomic(script, ("#!/bin/sh\n" + "\n".join(lines) + "\n").encode())  # for a GPU machine, built here or not
+    version = tensorrt_version()
+    if version is None:
+        print("\n".join(lines))
+        raise QuantkitError(
+            f"TensorRT is not installed here, so no engine was built: {INSTALL_HINT}; "
+            f"the equivalent trtexec commands are above and in {script}"
+        )
+    result = build_engine(
+        model.path,
+        out,
+        precision=args.precision,
+        calib_cache=args.cache,
+        qdq=args.qdq,
+        plan=plan,
+        shapes=parse_shapes(args.shapes),
+        workspace_mib=args.workspace,
+        timing_cache=args.timing_cache,
+    )
+    if not args.quiet:
+        counts: dict[str, int] = {}
+        for p in result.layer_precisions.values():
+            counts[p] = counts.get(p, 0) + 1
+        print(f"built {result.engine} with TensorRT {version}; log {result.log}; layers {result.layers}; trtexec equivalent {script}")
+        print("ONNX nodes by precision: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def doctor() -> int:
+    print(f"quantkit {__version__}")
+    print(f"onnxruntime {ort.__version__}: providers {', '.join(ort.get_available_providers())}")
+    version = tensorrt_version()
+    print(f"TensorRT: {version}" if version else f"TensorRT: not installed ({INSTALL_HINT})")
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            gpus = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            gpus = ""
+        print("CUDA devices: " + (gpus.replace("\n", "; ") or "none reported by nvidia-smi"))
+    else:
+        print("CUDA devices: none (nvidia-smi not found)")
+    return 0

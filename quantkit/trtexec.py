@@ -1,0 +1,134 @@
+"""The ``trtexec`` command equivalent to a quantkit build, for TensorRT 10.x and 11.x syntax.
+
+Written beside every engine and into reports, so a user on a GPU machine can reproduce a build
+or run it by hand. TensorRT 11 removed ``--int8``, ``--fp16``, ``--best``, ``--calib`` and the
+precision-constraint flags (shared/reference/tensorrt-facts.md section 5). There, INT8 and FP16
+live in the ONNX itself (``quantkit quantize`` / ``quantkit fp16``), and a strongly typed build
+takes no precision flags.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from quantkit.errors import QuantkitError
+from quantkit.plan import PrecisionPlan
+
+PRECISIONS = ("fp32", "fp16", "int8", "best")
+_TRT_TYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """min/opt/max shapes of one input, for a dynamic-shape optimization profile."""
+
+    name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+def parse_shapes(text: str | None) -> list[ShapeProfile]:
+    """'input:1x3x224x224/8x3x224x224/32x3x224x224[,other:...]' -> profiles (one shape = fixed)."""
+    if not text:
+        return []
+    profiles = []
+    for item in text.split(","):
+        try:
+            name, spec = item.rsplit(":", 1)
+            shapes = [tuple(int(d) for d in s.split("x")) for s in spec.split("/")]
+        except ValueError:
+            raise QuantkitError(
+                f"--shapes {item!r}: use NAME:MIN/OPT/MAX with dims joined by x, e.g. input:1x3x224x224/8x3x224x224/32x3x224x224"
+            ) from None
+        if len(shapes) == 1:
+            shapes = shapes * 3
+        if len(shapes) != 3 or len({len(s) for s in shapes}) != 1:
+            raise QuantkitError(f"--shapes {item!r}: give one shape, or min/opt/max of the same rank")
+        lo, opt, hi = shapes
+        if any(a > b for a, b in zip(lo, opt, strict=True)) or any(a > b for a, b in zip(opt, hi, strict=True)):
+            raise QuantkitError(f"--shapes {item!r}: need min <= opt <= max in every dimension")
+        profiles.append(ShapeProfile(name, lo, opt, hi))
+    return profiles
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def layer_precisions(plan: PrecisionPlan, layer_names: Sequence[str]) -> str:
+    """trtexec's ``--layerPrecisions`` spec: the plan's default as ``*``, then each named layer
+    (TensorRT's ONNX parser names layers after the ONNX nodes)."""
+    resolved = plan.resolve(list(layer_names))
+    parts = [f"*:{_TRT_TYPES[plan.default]}"]
+    parts += [f"{name}:{_TRT_TYPES[p]}" for name, p in resolved.items() if p != plan.default]
+    return ",".join(parts)
+
+
+def trtexec_command(
+    onnx_path: str,
+    engine_path: str,
+    *,
+    trt_major: int = 10,
+    precision: str = "fp32",
+    calib_cache: str | None = None,
+    qdq: bool = False,
+    plan: PrecisionPlan | None = None,
+    layer_names: Sequence[str] = (),
+    shapes: Sequence[ShapeProfile] = (),
+    workspace_mib: int | None = None,
+    timing_cache: str | None = None,
+    layer_info: str | None = None,
+) -> list[str]:
+    """The argument list of the equivalent trtexec call (``shlex.join`` it for a shell)."""
+    if precision not in PRECISIONS:
+        raise QuantkitError(f"unknown --precision '{precision}'; choose from {', '.join(PRECISIONS)}")
+    cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    if trt_major >= 11:
+        if calib_cache:
+            raise QuantkitError(
+                "TensorRT 11 reads no calibration cache: turn the cache into a Q/DQ model with "
+                "'quantkit quantize MODEL --from-cache CACHE' and build that"
+            )
+        if plan is not None:
+            raise QuantkitError(
+                "TensorRT 11 has no per-layer precision flags: apply the plan in the ONNX (quantkit quantize/fp16 --plan) and build that"
+            )
+        if precision in ("fp16", "int8", "best") and not qdq:
+            raise QuantkitError(
+                f"TensorRT 11 removed --{precision}: precision comes from the ONNX types. "
+                "Build the model from 'quantkit quantize' (INT8) or 'quantkit fp16' (FP16), strongly typed"
+            )
+        # 11.x networks are always strongly typed; no precision flags
+    elif qdq:
+        cmd.append("--stronglyTyped")  # explicit quantization: types come from the Q/DQ graph
+    else:
+        if precision == "best":
+            cmd.append("--best")
+        elif precision == "int8":
+            cmd += ["--int8", "--fp16"]  # INT8 alone forces layers without INT8 kernels into FP32: a known slow trap
+        elif precision == "fp16":
+            cmd.append("--fp16")
+        if calib_cache:
+            if precision not in ("int8", "best"):
+                raise QuantkitError("--cache needs --precision int8 (or best)")
+            cmd.append(f"--calib={calib_cache}")
+        if plan is not None:
+            cmd += ["--precisionConstraints=obey", f"--layerPrecisions={layer_precisions(plan, layer_names)}"]
+    for flag, attr in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
+        if shapes:
+            cmd.append(f"{flag}=" + ",".join(f"{p.name}:{_dims(getattr(p, attr))}" for p in shapes))
+    if workspace_mib:
+        cmd.append(f"--memPoolSize=workspace:{workspace_mib}M")
+    if timing_cache:
+        cmd.append(f"--timingCacheFile={timing_cache}")
+    if layer_info:
+        cmd += ["--profilingVerbosity=detailed", f"--exportLayerInfo={layer_info}"]
+    cmd.append("--skipInference")
+    return cmd
+
+
+def shell(cmd: Sequence[str]) -> str:
+    return shlex.join(cmd)
