@@ -17,7 +17,7 @@ from __future__ import annotations
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,18 +185,52 @@ def _hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def build_variants(
-    model: ModelInfo,
-    specs: Sequence[VariantSpec],
-    workdir: Path,
-    calibrate_ranges: Callable[[], Any] | None,
-) -> dict[str, Path | str]:
+@dataclass
+class CalibrationInput:
+    """Where int8 variants get their ranges (a ranges file, or calibration data calibrated once)."""
+
+    model: ModelInfo
+    calib: str | Path | None = None
+    ranges_path: str | Path | None = None
+    preprocess: PreprocessSpec | None = None
+    num_samples: int | None = None
+    batch_size: int = 32
+    _ranges: Any = None
+
+    def ranges(self) -> Any:
+        if self._ranges is None:
+            from quantkit.calibration import calibrate
+            from quantkit.ranges import RangeSet
+
+            if self.ranges_path is not None:
+                self._ranges = RangeSet.load(self.ranges_path)
+            elif self.calib is not None:
+                self._ranges = calibrate(
+                    self.model,
+                    self.calib,
+                    methods="all",
+                    num_samples=self.num_samples,
+                    batch_size=self.batch_size,
+                    preprocess=self.preprocess,
+                ).ranges
+            else:
+                raise QuantkitError("int8 variants need calibration data (--calib) or --ranges")
+        return self._ranges
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The calibration samples as input name -> stacked array (ModelOpt's calibration_data)."""
+        if self.calib is None:
+            raise QuantkitError("the modelopt variant needs calibration data (--calib)")
+        got = list(batches(open_source(self.calib, self.model, self.preprocess), self.model, self.batch_size, self.num_samples))
+        return {k: np.concatenate([b.feeds[k] for b in got]) for k in got[0].feeds}
+
+
+def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path, calibration: CalibrationInput) -> dict[str, Path | str]:
     """Variant name -> model file, or the error that kept it from being built."""
     from quantkit.fp16 import convert_fp16
     from quantkit.qdq import quantize_model
 
     built: dict[str, Path | str] = {}
-    ranges = None
     for spec in specs:
         path = workdir / f"{model.path.stem}.{spec.name.replace(':', '.')}.onnx"
         try:
@@ -211,14 +245,11 @@ def build_variants(
                 onnx.save(fp16, str(path))
                 built[spec.name] = path
             elif spec.kind == "int8":
-                if calibrate_ranges is None:
-                    raise QuantkitError("int8 variants need calibration data (--calib) or --ranges")
-                ranges = ranges if ranges is not None else calibrate_ranges()
-                q, _ = quantize_model(model, ranges, method=spec.method, target=spec.target or "tensorrt")
+                q, _ = quantize_model(model, calibration.ranges(), method=spec.method, target=spec.target or "tensorrt")
                 onnx.save(q, str(path))
                 built[spec.name] = path
             elif spec.kind == "modelopt":
-                built[spec.name] = _modelopt_variant(model, path, calibrate_ranges)
+                built[spec.name] = _modelopt_variant(model, path, calibration)
         except QuantkitError as exc:
             built[spec.name] = str(exc)
         except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the others
@@ -226,14 +257,12 @@ def build_variants(
     return built
 
 
-def _modelopt_variant(model: ModelInfo, path: Path, calibrate_ranges: Callable[[], Any] | None) -> Path | str:
+def _modelopt_variant(model: ModelInfo, path: Path, calibration: CalibrationInput) -> Path | str:
     try:
         from modelopt.onnx.quantization import quantize as modelopt_quantize  # type: ignore[import-not-found]
     except ImportError:
         return MODELOPT_MISSING
-    if calibrate_ranges is None or not hasattr(calibrate_ranges, "calibration_arrays"):
-        return "the modelopt variant needs calibration data (--calib)"
-    arrays = calibrate_ranges.calibration_arrays()  # type: ignore[attr-defined]
+    arrays = calibration.arrays()
     modelopt_quantize(
         onnx_path=str(model.path), quantize_mode="int8", calibration_data=arrays, calibration_eps=["cpu"], output_path=str(path)
     )
@@ -295,25 +324,12 @@ def evaluate(
     if labels and not labelled:
         notes.append(f"{source.description} has no labels: the report shows fidelity against FP32 only")
 
-    def calibrate_ranges() -> Any:
-        from quantkit.calibration import calibrate
-        from quantkit.ranges import RangeSet
-
-        if ranges_path is not None:
-            return RangeSet.load(ranges_path)
-        return calibrate(info, calib, methods="all", num_samples=num_calib_samples, batch_size=batch_size, preprocess=spec).ranges
-
-    def calibration_arrays() -> dict[str, np.ndarray]:
-        src = open_source(calib, info, spec)
-        got = list(batches(src, info, batch_size, None))
-        return {k: np.concatenate([b.feeds[k] for b in got])[:num_calib_samples] for k in got[0].feeds}
-
-    calibrate_ranges.calibration_arrays = calibration_arrays  # type: ignore[attr-defined]
+    calibration = CalibrationInput(info, calib, ranges_path, spec, num_calib_samples, batch_size)
     with tempfile.TemporaryDirectory(prefix="quantkit-eval-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         with timer.step("build variants"):
-            built = build_variants(info, specs, work, calibrate_ranges if (calib or ranges_path) else None)
+            built = build_variants(info, specs, work, calibration)
         reference: list[np.ndarray] | None = None
         results: list[VariantResult] = []
         options = ort.SessionOptions()
