@@ -44,6 +44,20 @@ class CalibrationStats:
     batch_size: int = 0
     input_shapes: dict[str, list[list[int]]] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain form, to send a shard's statistics between processes."""
+        return {
+            "histograms": {n: h.to_dict() for n, h in self.histograms.items()},
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "input_shapes": self.input_shapes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CalibrationStats:
+        hists = {n: TensorHistogram.from_dict(h) for n, h in d["histograms"].items()}
+        return cls(hists, int(d["num_samples"]), int(d["batch_size"]), {k: [list(s) for s in v] for k, v in d["input_shapes"].items()})
+
     def merge(self, other: CalibrationStats) -> CalibrationStats:
         """Statistics of two shards together (exact: equal to collecting both in one run)."""
         names = list(self.histograms) + [n for n in other.histograms if n not in self.histograms]
@@ -68,18 +82,24 @@ def collect_statistics(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     on_batch: Callable[[Batch], None] | None = None,
+    runner: ActivationRunner | None = None,
 ) -> CalibrationStats:
     """Run ``model`` over ``data`` and fold every activation into its streaming histogram.
 
+    ``runner`` reuses an existing session (a distributed worker keeps one across its shards).
     Histogram updates run on a worker thread while onnxruntime computes the next batch (it
     releases the GIL), so statistics cost little beyond inference. At most three batches of
     activations exist at once (one folded, one queued, one computed), so memory does not depend
     on the number of samples.
     """
-    tensors = list(tensors) if tensors is not None else select_calibration_tensors(model.proto, all_tensors)
-    if not tensors:
-        raise QuantkitError(f"model {model.path} has no float activations to calibrate")
-    runner = ActivationRunner(model, tensors, providers=providers, threads=threads)
+    if runner is None:
+        tensors = list(tensors) if tensors is not None else select_calibration_tensors(model.proto, all_tensors)
+        if not tensors:
+            raise QuantkitError(f"model {model.path} has no float activations to calibrate")
+        runner = ActivationRunner(model, tensors, providers=providers, threads=threads)
+        own_runner = True
+    else:
+        tensors, own_runner = runner.tensors, False
     histograms = {name: TensorHistogram(bins=bins) for name in tensors}
     stats = CalibrationStats(histograms)
     pending: queue.Queue[dict[str, np.ndarray] | None] = queue.Queue(maxsize=1)
@@ -116,7 +136,8 @@ def collect_statistics(
     finally:
         pending.put(None)
         worker.join()
-        runner.close()
+        if own_runner:
+            runner.close()
     if failure:
         raise failure[0]
     # Tensors that never produced float values (integer-typed, or empty) have nothing to calibrate.
@@ -213,6 +234,9 @@ def calibrate(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     quiet: bool = True,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` with one or more methods; write outputs to ``out`` if given.
 
@@ -232,16 +256,21 @@ def calibrate(
     bar = sample_bar(total, "calibrating", quiet)
     try:
         with timer.step("collect statistics"):
-            stream = batches(source, info, batch_size, num_samples, source.description, warnings)
-            stats = collect_statistics(
-                info,
-                stream,
-                bins=bins,
-                all_tensors=all_tensors,
-                providers=providers,
-                threads=threads,
-                on_batch=lambda b: bar.update(len(b)),
-            )
+            if workers:
+                ray_args = {"address": ray_address, "gpus_per_worker": gpus_per_worker, "progress": bar.update}
+                options = {"input_name": input_name, "shuffle": shuffle, "seed": seed, "all_tensors": all_tensors}
+                stats = _collect_on_ray(info, data, source, spec, num_samples, batch_size, bins, workers, warnings, options, ray_args)
+            else:
+                stream = batches(source, info, batch_size, num_samples, source.description, warnings)
+                stats = collect_statistics(
+                    info,
+                    stream,
+                    bins=bins,
+                    all_tensors=all_tensors,
+                    providers=providers,
+                    threads=threads,
+                    on_batch=lambda b: bar.update(len(b)),
+                )
     finally:
         bar.close()
     with timer.step("compute ranges"):
@@ -254,6 +283,52 @@ def calibrate(
         with timer.step("write outputs"):
             files = write_outputs(ranges, out_dir, trt_version, cache_algorithm)
     return CalibrationResult(ranges, stats, files, dict(timer.times), source.description)
+
+
+def _collect_on_ray(
+    info: ModelInfo,
+    data: str | Path,
+    source: Any,
+    spec: PreprocessSpec,
+    num_samples: int | None,
+    batch_size: int,
+    bins: int,
+    workers: int,
+    warnings: list[str],
+    options: dict[str, Any],
+    ray_args: dict[str, Any],
+) -> CalibrationStats:
+    """The same statistics as a single-process run, collected in shards by Ray workers."""
+    from quantkit.distributed import collect_statistics_distributed
+
+    available = source.size if source.size is not None else sum(1 for _ in source)
+    if num_samples is not None and available < num_samples:
+        raise QuantkitError(
+            f"{source.description} has only {available} sample(s) but --num-samples {num_samples} was asked; "
+            "lower --num-samples or omit it to use all"
+        )
+    total = num_samples if num_samples is not None else available
+    if total == 0:
+        raise QuantkitError(f"{source.description} yielded no samples")
+    tensors = select_calibration_tensors(info.proto, options["all_tensors"])
+    if not tensors:
+        raise QuantkitError(f"model {info.path} has no float activations to calibrate")
+    source_args = {"preprocess": spec, "input_name": options["input_name"], "shuffle": options["shuffle"], "seed": options["seed"]}
+    stats, notes = collect_statistics_distributed(
+        info,
+        data,
+        total=total,
+        batch_size=batch_size,
+        bins=bins,
+        tensors=tensors,
+        source_args=source_args,
+        workers=workers,
+        address=ray_args["address"],
+        gpus_per_worker=ray_args["gpus_per_worker"],
+        on_shard=ray_args["progress"],
+    )
+    warnings += notes
+    return stats
 
 
 def summary_table(result: CalibrationResult) -> str:

@@ -52,12 +52,14 @@ class Evaluator:
         *,
         reference: list[np.ndarray] | None = None,
         parent: Evaluator | None = None,
+        threads: int | None = None,
     ) -> None:
         self.model = model
         self.data = list(data)
         self.metric = metric if labels is not None else None
         self.labels = list(labels) if labels is not None else None
         self.parent = parent
+        self.threads = threads
         self.evaluations = 0  # passes over this evaluator's samples
         self.cost = 0.0  # in passes over the full validation set (subset passes count fractionally)
         self.samples = sum(len(b) for b in self.data)
@@ -85,6 +87,8 @@ class Evaluator:
     def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def _run(self, proto: onnx.ModelProto, session: ort.InferenceSession | None = None) -> list[np.ndarray]:
@@ -97,13 +101,17 @@ class Evaluator:
         accuracy = float(self.metric[1](outputs, self.labels)) if self.metric else agreement
         return Score(accuracy, agreement, sqnr_db(self.reference[0], outputs[0]))
 
-    def evaluate(self, proto: onnx.ModelProto, latency: bool = False) -> Score:
+    def account(self) -> None:
+        """Count one pass over this evaluator's samples (also when a remote worker made it)."""
         self.evaluations += 1
         root, share = self, 1.0
         while root.parent is not None:
             share *= root.samples / root.parent.samples
             root = root.parent
         root.cost += share
+
+    def evaluate(self, proto: onnx.ModelProto, latency: bool = False) -> Score:
+        self.account()
         session = self._session(proto)
         score = self.score_outputs(self._run(proto, session))
         if latency:
@@ -134,6 +142,21 @@ def build_candidate(
     if any(p == "fp16" for p in wanted.values()):
         q, _ = convert_fp16(q, precisions=wanted)
     return q
+
+
+class LocalExecutor:
+    """Evaluates precision plans one after another in this process (``RayExecutor`` spreads them)."""
+
+    workers = 1
+
+    def __init__(self, model: ModelInfo, ranges: RangeSet, method: str | None, target: str) -> None:
+        self.model, self.ranges, self.method, self.target = model, ranges, method, target
+        self.notes: list[str] = []
+
+    def map(self, evaluator: Evaluator, plans: Sequence[PrecisionPlan], latency: bool = False) -> list[Score]:
+        return [
+            evaluator.evaluate(build_candidate(self.model, self.ranges, p, method=self.method, target=self.target), latency) for p in plans
+        ]
 
 
 @dataclass
@@ -226,6 +249,7 @@ def analyze(
     target: str = "tensorrt",
     nodes: Sequence[str] | None = None,
     subset: int | None = 256,
+    executor: Any = None,
 ) -> SensitivityResult:
     """Enable-one / disable-one / output SQNR for every quantized node, ranked by disable-one gain.
 
@@ -241,14 +265,13 @@ def analyze(
     base = evaluator.baseline
     all_int8 = evaluator.evaluate(all_int8_model)
     act = output_sqnr(model, all_int8_model, chosen, evaluator.data[: max(1, len(evaluator.data) // 4)])
+    executor = executor or LocalExecutor(model, ranges, method, target)
+    plans = [PrecisionPlan(default="fp32", nodes={name: "int8"}) for name in chosen]
+    plans += [PrecisionPlan(default="int8", nodes={name: "fp32"}) for name in chosen]
+    scores = executor.map(evaluator, plans)
     result = []
-    for name in chosen:
-        only = evaluator.evaluate(
-            build_candidate(model, ranges, PrecisionPlan(default="fp32", nodes={name: "int8"}), method=method, target=target)
-        )
-        without = evaluator.evaluate(
-            build_candidate(model, ranges, PrecisionPlan(default="int8", nodes={name: "fp32"}), method=method, target=target)
-        )
+    for k, name in enumerate(chosen):
+        only, without = scores[k], scores[len(chosen) + k]
         result.append(
             NodeSensitivity(
                 name=name,
@@ -270,4 +293,5 @@ def analyze(
         )
     if evaluator.parent is not None:
         notes.append(f"ranked on the first {evaluator.samples} of {evaluator.parent.samples} validation samples")
+    notes += executor.notes
     return SensitivityResult(result, all_int8, base, evaluator.evaluations, time.perf_counter() - start, evaluator.accuracy_name, notes)

@@ -29,7 +29,7 @@ from quantkit.errors import QuantkitError
 from quantkit.model import ModelInfo
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
-from quantkit.sensitivity import Evaluator, SensitivityResult, analyze, build_candidate
+from quantkit.sensitivity import Evaluator, LocalExecutor, SensitivityResult, analyze, build_candidate
 
 #: op types users expect in high precision (Softmax/LayerNorm of transformers); the first and
 #: last quantized nodes are added by position
@@ -98,8 +98,14 @@ def tune(
     timeout: float | None = None,
     start_from_known: bool = False,
     sensitivity: SensitivityResult | None = None,
+    executor: Any = None,
 ) -> TuneResult:
-    """Search the fewest fallback nodes meeting ``max_drop`` (points of the evaluator's accuracy)."""
+    """Search the fewest fallback nodes meeting ``max_drop`` (points of the evaluator's accuracy).
+
+    With an ``executor`` of several workers (``quantkit.distributed.RayExecutor``), each bisection
+    step evaluates as many split points at once as there are workers.
+    """
+    executor = executor or LocalExecutor(model, ranges, method, target)
     if fallback not in ("fp16", "fp32"):
         raise QuantkitError(f"--fallback must be fp16 or fp32, got {fallback}")
     out = ensure_writable_dir(out_dir)
@@ -131,29 +137,44 @@ def tune(
             "fallback_precision": fallback,
             "best_trial": best.index if best else None,
             "trials": [t.to_json() for t in trials],
+            "notes": list(executor.notes),
         }
         write_bytes_atomic(history_path, (json.dumps(doc, indent=1) + "\n").encode())
         if best is not None:
             plan_for(best.fallback).save(plan_path)
 
-    def trial(nodes: Sequence[str], phase: str) -> Trial:
-        if trials:  # the all-INT8 trial always runs, so a plan exists whatever the budget
-            if max_trials is not None and len(trials) >= max_trials:
-                raise _Stop("max-trials")
+    def cached(nodes: Sequence[str]) -> Trial | None:
+        return next((t for t in trials if sorted(t.fallback) == sorted(nodes)), None)
+
+    def run_trials(candidates: Sequence[Sequence[str]], phase: str) -> list[Trial]:
+        """Evaluate candidates (in parallel where the executor has workers); budget is checked first."""
+        candidates = [list(dict.fromkeys(c)) for c in candidates]
+        new = [c for c in candidates if cached(c) is None]
+        new = [c for i, c in enumerate(new) if c not in new[:i]]
+        if new and trials:  # the all-INT8 trial always runs, so a plan exists whatever the budget
             if timeout is not None and time.perf_counter() - start > timeout:
                 raise _Stop("timeout")
-        nodes = list(dict.fromkeys(nodes))
-        cached = next((t for t in trials if sorted(t.fallback) == sorted(nodes)), None)
-        if cached is not None:
-            return cached
-        score = evaluator.evaluate(build_candidate(model, ranges, plan_for(nodes), method=method, target=target), latency=True)
-        drop = 100 * (base - score.accuracy)
-        t = Trial(len(trials), nodes, score.accuracy, drop, drop <= max_drop, score.latency_ms, phase)
-        trials.append(t)
-        if better(t, state["best"]):
-            state["best"] = t
-        save()
-        return t
+            if max_trials is not None:
+                room = max_trials - len(trials)
+                if room <= 0:
+                    raise _Stop("max-trials")
+                new = new[:room]
+        scores = executor.map(evaluator, [plan_for(c) for c in new], latency=True) if new else []
+        for nodes, score in zip(new, scores, strict=True):
+            drop = 100 * (base - score.accuracy)
+            t = Trial(len(trials), nodes, score.accuracy, drop, drop <= max_drop, score.latency_ms, phase)
+            trials.append(t)
+            if better(t, state["best"]):
+                state["best"] = t
+        if new:
+            save()
+        missing = [c for c in candidates if cached(c) is None]
+        if missing:  # the trial budget ran out part-way through this step
+            raise _Stop("max-trials")
+        return [cached(c) for c in candidates]  # type: ignore[misc]
+
+    def trial(nodes: Sequence[str], phase: str) -> Trial:
+        return run_trials([nodes], phase)[0]
 
     messages: list[str] = []
     se = evaluator.standard_error(base) if evaluator.metric else 0.0
@@ -170,7 +191,7 @@ def tune(
             messages.append(f"all-INT8 already meets the target ({first.drop:.2f} points drop <= {max_drop}): the plan is all-INT8")
         else:
             if sensitivity is None:
-                sensitivity = analyze(model, ranges, evaluator, method=method, target=target)
+                sensitivity = analyze(model, ranges, evaluator, method=method, target=target, executor=executor)
             ranking = sensitivity.ranking()
             start_set: list[str] = []
             if start_from_known:
@@ -188,12 +209,16 @@ def tune(
                     )
                 else:
                     lo, hi = 0, len(ranking)  # top-lo fails, top-hi meets
+                    probes_per_step = max(1, executor.workers)
                     while hi - lo > 1:
-                        mid = (lo + hi) // 2
-                        if trial(ranking[:mid], "bisect").meets:
-                            hi = mid
-                        else:
-                            lo = mid
+                        # evenly spaced split points in (lo, hi): one with a single worker (plain bisection)
+                        points = sorted({lo + (hi - lo) * (j + 1) // (probes_per_step + 1) for j in range(probes_per_step)} - {lo, hi})
+                        points = points or [(lo + hi) // 2]
+                        results = run_trials([ranking[:k] for k in points], "bisect" if len(points) == 1 else "bisect (parallel)")
+                        meeting = [k for k, t in zip(points, results, strict=True) if t.meets]
+                        new_hi = min(meeting) if meeting else hi
+                        lo = max([k for k in points if k < new_hi] + [lo])
+                        hi = new_hi
                     start_set = ranking[:hi]
             if start_set:
                 current = list(start_set)

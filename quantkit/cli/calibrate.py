@@ -30,6 +30,13 @@ def preprocess_from_args(args: argparse.Namespace) -> PreprocessSpec:
     return base.merged({k: getattr(args, k) for k in PREPROCESS_FLAGS})
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scale-out on Ray (pip install quantkit[distributed])")
+    group.add_argument("--workers", type=int, help="run on N Ray workers (results identical to a single process)")
+    group.add_argument("--ray-address", help="join this Ray cluster (default: start a local instance)")
+    group.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker reserves")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate",
@@ -56,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-algorithm", default=DEFAULT_ALGORITHM, choices=ALGORITHMS, help="calibrator name in the cache header")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_distributed_args(p)
     add_preprocess_args(p)
 
 
@@ -78,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         cache_algorithm=args.cache_algorithm,
         threads=args.threads,
         quiet=args.quiet,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        gpus_per_worker=args.gpus_per_worker,
     )
     if not args.quiet:
         print(summary_table(result))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from quantkit.atomic import ensure_writable_dir, write_files_atomic
 from quantkit.calibration import calibrate
-from quantkit.cli.calibrate import add_preprocess_args, preprocess_from_args
+from quantkit.cli.calibrate import add_distributed_args, add_preprocess_args, preprocess_from_args
 from quantkit.data import batches, open_source
 from quantkit.errors import QuantkitError
 from quantkit.metrics import METRICS
@@ -51,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(
                 "--start-from-known", action="store_true", help="start with Softmax/LayerNorm and the first/last layers in high precision"
             )
+        add_distributed_args(p)
         add_preprocess_args(p)
 
 
@@ -120,11 +122,26 @@ def _tune_files(out: Path, result: TuneResult, evaluator: Evaluator) -> dict[Pat
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.workers:
+        return _run(args, None)
+    from quantkit.distributed import RayExecutor, ray_cluster
+
+    with ray_cluster(args.workers, args.ray_address) as ray:
+        return _run(
+            args,
+            lambda model, ranges, method: RayExecutor(
+                ray, model, ranges, method, args.target, args.workers, args.gpus_per_worker, args.quiet
+            ),
+        )
+
+
+def _run(args: argparse.Namespace, make_executor: Any) -> int:
     out = ensure_writable_dir(args.out)
     model, ranges, evaluator = _setup(args)
     method = args.method if args.method in ranges.methods else None
+    executor = make_executor(model, ranges, method) if make_executor else None
     if args.command == "sensitivity":
-        result = analyze(model, ranges, evaluator, method=method, target=args.target)
+        result = analyze(model, ranges, evaluator, method=method, target=args.target, executor=executor)
         files = write_files_atomic(_sensitivity_files(out, result))
         if not args.quiet:
             print(result.table())
@@ -142,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         max_trials=args.max_trials,
         timeout=args.timeout,
         start_from_known=args.start_from_known,
+        executor=executor,
     )
     files = dict(_tune_files(out, tuned, evaluator))
     if tuned.sensitivity is not None:
