@@ -14,6 +14,7 @@ say. Entropy also flattens other spikes before its search (see ``suppress_spikes
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ from quantkit.histogram import TensorHistogram
 INT8_LEVELS = 127  # positive levels of symmetric int8
 
 
-class Calibrator:
+class Calibrator(ABC):
     """Base of the range methods: ``compute_amax(hist)`` returns the clipping threshold (>= 0)."""
 
     name: ClassVar[str]
@@ -35,8 +36,9 @@ class Calibrator:
             return 0.0
         return min(float(self._amax(hist)), hist.absmax)
 
-    def _amax(self, hist: TensorHistogram) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _amax(self, hist: TensorHistogram) -> float:
+        """The method's threshold for a histogram with data (``compute_amax`` handles the rest)."""
 
     def params(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]

@@ -153,3 +153,18 @@ def planted_model(outlier_after: tuple[int, ...] = (2, 4), depth: int = 6) -> on
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def planted_case(tmp, val_samples: int = 384):
+    """The planted model saved under ``tmp`` with calib/val .npy files; returns (info, ranges, val batches)."""
+    import quantkit
+    from quantkit.data import batches, open_source
+    from quantkit.model import load_model
+
+    path = save(planted_model(), tmp / "planted.onnx")
+    rng = np.random.default_rng(0)
+    np.save(tmp / "calib.npy", rng.normal(size=(128, 4, 8, 8)).astype(np.float32))
+    np.save(tmp / "val.npy", rng.normal(size=(val_samples, 4, 8, 8)).astype(np.float32))
+    info = load_model(path)
+    ranges = quantkit.calibrate(path, tmp / "calib.npy", methods="minmax").ranges
+    return info, ranges, list(batches(open_source(tmp / "val.npy", info), info, 64))

@@ -5,14 +5,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import DEMO_CALIB, DEMO_MODEL, conv_model, planted_model, save
+from conftest import DEMO_CALIB, DEMO_MODEL, conv_model, planted_case, save
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install quantkit[distributed]")
 
 import quantkit  # noqa: E402
-from quantkit.data import batches, open_source  # noqa: E402
 from quantkit.distributed import KILL_ONCE_ENV, RayExecutor, ray_cluster, shard_bounds  # noqa: E402
-from quantkit.model import load_model  # noqa: E402
 from quantkit.sensitivity import Evaluator, analyze  # noqa: E402
 from quantkit.tune import tune  # noqa: E402
 
@@ -52,14 +50,7 @@ def test_sharded_image_folder_matches_too(cluster, tmp_path, demo_preprocess):
 
 
 def _planted(tmp_path):
-    path = save(planted_model(), tmp_path / "planted.onnx")
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.normal(size=(128, 4, 8, 8)).astype(np.float32))
-    np.save(tmp_path / "val.npy", rng.normal(size=(256, 4, 8, 8)).astype(np.float32))
-    info = load_model(path)
-    ranges = quantkit.calibrate(path, tmp_path / "calib.npy", methods="minmax").ranges
-    data = list(batches(open_source(tmp_path / "val.npy", info), info, 64))
-    return info, ranges, data
+    return planted_case(tmp_path, val_samples=256)
 
 
 def test_distributed_sensitivity_equals_single_process(cluster, tmp_path):

@@ -2,12 +2,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import planted_model, save
+from conftest import planted_case
 
 import quantkit
 from quantkit.cli import main
-from quantkit.data import batches, open_source
-from quantkit.model import load_model
 from quantkit.plan import PrecisionPlan
 from quantkit.qdq import quantize_model
 from quantkit.sensitivity import Evaluator, analyze
@@ -17,14 +15,7 @@ from quantkit.tune import tune
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("planted")
-    path = save(planted_model(), tmp / "planted.onnx")
-    rng = np.random.default_rng(0)
-    np.save(tmp / "calib.npy", rng.normal(size=(128, 4, 8, 8)).astype(np.float32))
-    np.save(tmp / "val.npy", rng.normal(size=(384, 4, 8, 8)).astype(np.float32))
-    info = load_model(path)
-    ranges = quantkit.calibrate(path, tmp / "calib.npy", methods="minmax").ranges
-    data = list(batches(open_source(tmp / "val.npy", info), info, 64))
-    return tmp, info, ranges, data
+    return (tmp, *planted_case(tmp))
 
 
 def test_sensitivity_ranks_the_planted_nodes_first(planted):
