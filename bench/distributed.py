@@ -19,7 +19,6 @@ import json
 import math
 import pickle
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -108,20 +107,10 @@ def render(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    import ppocr_cls_report as ppocr
+    from cases import benchmark_cases
 
-    rows = [
-        case(
-            "demo_cnn",
-            ROOT / "calib_data" / "demo_cnn.onnx",
-            ROOT / "calib_data" / "mnist" / "calib",
-            ROOT / "calib_data" / "mnist" / "val.parquet",
-            PreprocessSpec.load(ROOT / "calib_data" / "mnist" / "preprocess.json"),
-        )
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        calib, val = ppocr.build_dataset(Path(tmp))
-        rows.append(case("ppocr_cls", ppocr.model_path(), calib, val, PreprocessSpec(**ppocr.PREPROCESS)))
+    with benchmark_cases() as cases:
+        rows = [case(*c) for c in cases]
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     (REPORT_DIR / "distributed.json").write_text(json.dumps({"command": "python bench/distributed.py", "rows": rows}, indent=1) + "\n")
     (REPORT_DIR / "distributed.md").write_text(render(rows))

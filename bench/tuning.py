@@ -141,21 +141,11 @@ def render(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    import ppocr_cls_report as ppocr
+    from cases import benchmark_cases
 
-    rows = [
-        run_case(
-            "demo_cnn",
-            ROOT / "calib_data" / "demo_cnn.onnx",
-            ROOT / "calib_data" / "mnist" / "calib",
-            ROOT / "calib_data" / "mnist" / "val.parquet",
-            PreprocessSpec.load(ROOT / "calib_data" / "mnist" / "preprocess.json"),
-            0.5,
-        )
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        calib, val = ppocr.build_dataset(Path(tmp))
-        rows.append(run_case("ppocr_cls", ppocr.model_path(), calib, val, PreprocessSpec(**ppocr.PREPROCESS), 1.0))
+    targets = {"demo_cnn": 0.5, "ppocr_cls": 1.0}
+    with benchmark_cases() as cases:
+        rows = [run_case(*c, targets[c[0]]) for c in cases]
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     (REPORT_DIR / "tuning.json").write_text(json.dumps({"command": "python bench/tuning.py", "rows": rows}, indent=1) + "\n")
     (REPORT_DIR / "tuning.md").write_text(render(rows))

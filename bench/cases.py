@@ -1,0 +1,33 @@
+"""The two models the tuning and distributed benchmarks run on, with their data."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from quantkit.data import PreprocessSpec  # noqa: E402
+
+
+@contextmanager
+def benchmark_cases() -> Iterator[list[tuple[str, Path, Path, Path, PreprocessSpec]]]:
+    """(name, model, calibration data, validation data, preprocessing) for the demo CNN and the
+    PP-OCR classifier, whose rendered text-line data lives in a temporary folder for the duration."""
+    import ppocr_cls_report as ppocr
+
+    demo = (
+        "demo_cnn",
+        ROOT / "calib_data" / "demo_cnn.onnx",
+        ROOT / "calib_data" / "mnist" / "calib",
+        ROOT / "calib_data" / "mnist" / "val.parquet",
+        PreprocessSpec.load(ROOT / "calib_data" / "mnist" / "preprocess.json"),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        calib, val = ppocr.build_dataset(Path(tmp))
+        yield [demo, ("ppocr_cls", ppocr.model_path(), calib, val, PreprocessSpec(**ppocr.PREPROCESS))]
