@@ -92,11 +92,12 @@ def run_worker(model_key: str, contender: str, n: int) -> dict:
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    from quantkit.calibration import collect_statistics, compute_ranges
+    from quantkit.calibration.collect import collect_statistics
+    from quantkit.calibration.methods import make_calibrators
+    from quantkit.calibration.pipeline import compute_ranges
     from quantkit.data.batching import Batch
-    from quantkit.methods import make_calibrators
     from quantkit.model import load_model
-    from quantkit.runner import QUANTIZABLE_OP_TYPES
+    from quantkit.optypes import QUANTIZABLE_OP_TYPES
 
     model_fn, batch_fn, input_name = MODELS[model_key]
     model_path = model_fn()

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from calibration import demo_batches, ocr_batches, ocr_cls_model  # noqa: E402
 from quantize import ROUNDS, THREADS, median_ms  # noqa: E402
 
+from quantkit.graph.optimize import optimize_model  # noqa: E402
 from quantkit.model import load_model  # noqa: E402
-from quantkit.optimize import optimize_model  # noqa: E402
 
 REPORT_DIR = ROOT / "reports" / "bench"
 LEVELS = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "on": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}

@@ -37,13 +37,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from calibration import demo_batches, ocr_batches, ocr_cls_model  # noqa: E402
 
-from quantkit.calibration import collect_statistics, compute_ranges  # noqa: E402
+from quantkit.calibration.collect import collect_statistics  # noqa: E402
+from quantkit.calibration.methods import make_calibrators  # noqa: E402
+from quantkit.calibration.pipeline import compute_ranges  # noqa: E402
 from quantkit.data import PreprocessSpec, batches, open_source  # noqa: E402
 from quantkit.data.batching import Batch  # noqa: E402
-from quantkit.fp16 import convert_fp16  # noqa: E402
-from quantkit.methods import make_calibrators  # noqa: E402
+from quantkit.export.fp16 import convert_fp16  # noqa: E402
+from quantkit.export.qdq import quantize_model  # noqa: E402
 from quantkit.model import load_model  # noqa: E402
-from quantkit.qdq import quantize_model  # noqa: E402
 
 REPORT_DIR = ROOT / "reports" / "bench"
 CALIB_SAMPLES = 512

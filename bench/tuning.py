@@ -24,13 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from quantkit.calibration import calibrate  # noqa: E402
+from quantkit.calibration.pipeline import calibrate  # noqa: E402
 from quantkit.data import PreprocessSpec, batches, open_source  # noqa: E402
-from quantkit.metrics import METRICS  # noqa: E402
+from quantkit.evaluation.metrics import METRICS  # noqa: E402
 from quantkit.model import load_model  # noqa: E402
 from quantkit.plan import PrecisionPlan  # noqa: E402
-from quantkit.sensitivity import Evaluator, build_candidate, quantized_nodes  # noqa: E402
-from quantkit.tune import tune  # noqa: E402
+from quantkit.tuning.search import tune  # noqa: E402
+from quantkit.tuning.sensitivity import Evaluator, build_candidate, quantized_nodes  # noqa: E402
 
 REPORT_DIR = ROOT / "reports" / "bench"
 

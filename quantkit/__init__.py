@@ -1,48 +1,49 @@
-"""quantkit: calibrate FP32 ONNX models and produce what TensorRT and onnxruntime deploy in INT8/FP16."""
+"""quantkit: calibrate FP32 ONNX models and produce what TensorRT and onnxruntime deploy in INT8/FP16.
+
+The façade is lazy: ``import quantkit`` loads neither onnxruntime nor onnx-graphsurgeon; each
+name imports its module on first use. The flow, one subpackage a stage:
+
+    data -> backends -> calibration -> export -> evaluation -> tuning -> report,  scaleout beside
+"""
 
 __version__ = "0.1.0"
 
-from quantkit.calibration import (
-    CalibrationResult,
-    CalibrationStats,
-    calibrate,
-    collect_statistics,
-    compute_ranges,
-    write_outputs,
-)
-from quantkit.data import PreprocessSpec
-from quantkit.errors import QuantkitError
-from quantkit.histogram import TensorHistogram
-from quantkit.methods import (
-    EntropyCalibrator,
-    MinMaxCalibrator,
-    MseCalibrator,
-    PercentileCalibrator,
-    make_calibrators,
-)
-from quantkit.model import load_model
-from quantkit.ranges import RangeSet, TensorRange
-from quantkit.trt_cache import read_trt_cache, write_trt_cache
+from quantkit import _compat
+from quantkit._deps import lazy_exports
 
-__all__ = [
-    "CalibrationResult",
-    "CalibrationStats",
-    "EntropyCalibrator",
-    "MinMaxCalibrator",
-    "MseCalibrator",
-    "PercentileCalibrator",
-    "PreprocessSpec",
-    "QuantkitError",
-    "RangeSet",
-    "TensorHistogram",
-    "TensorRange",
-    "__version__",
-    "calibrate",
-    "collect_statistics",
-    "compute_ranges",
-    "load_model",
-    "make_calibrators",
-    "read_trt_cache",
-    "write_outputs",
-    "write_trt_cache",
-]
+_compat.install()
+
+_EXPORTS = {
+    # composed entry points (scale-out aware)
+    **dict.fromkeys(["calibrate", "tune", "analyze"], "quantkit.api"),
+    # calibration
+    **dict.fromkeys(["CalibrationResult", "compute_ranges", "write_outputs"], "quantkit.calibration.pipeline"),
+    **dict.fromkeys(["CalibrationStats", "collect_statistics"], "quantkit.calibration.collect"),
+    "TensorHistogram": "quantkit.calibration.histogram",
+    **dict.fromkeys(
+        ["EntropyCalibrator", "MinMaxCalibrator", "MseCalibrator", "PercentileCalibrator", "make_calibrators"],
+        "quantkit.calibration.methods",
+    ),
+    # plain data objects and their files
+    "PreprocessSpec": "quantkit.data.preprocess",
+    "QuantkitError": "quantkit.errors",
+    "load_model": "quantkit.model",
+    **dict.fromkeys(["RangeSet", "TensorRange"], "quantkit.ranges"),
+    "PrecisionPlan": "quantkit.plan",
+    **dict.fromkeys(["read_trt_cache", "write_trt_cache"], "quantkit.trt_cache"),
+    # options, one per stage
+    **dict.fromkeys(
+        ["DataOptions", "RuntimeOptions", "CalibrationOptions", "ExportOptions", "EvalOptions", "TuneOptions", "ScaleOut"],
+        "quantkit.options",
+    ),
+    # export, evaluation, tuning
+    "quantize_model": "quantkit.export.qdq",
+    "convert_fp16": "quantkit.export.fp16",
+    "apply_plan": "quantkit.export.apply",
+    "optimize_model": "quantkit.graph.optimize",
+    "evaluate": "quantkit.evaluation.run",
+    "Evaluator": "quantkit.tuning.sensitivity",
+    "write_report": "quantkit.report.eval",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["__version__", *sorted(_EXPORTS)]

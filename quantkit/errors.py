@@ -7,7 +7,13 @@ class QuantkitError(Exception):
     """Bad input or an environment problem the user can fix.
 
     The message is one line: what is wrong (naming the file, tensor or sample) and what to do.
-    The CLI prints it without a traceback and exits with ``exit_code``.
+    Messages name API parameters (``bins``), not command-line flags; ``option`` says which
+    parameter is at fault, and the CLI prints the matching flag (``--num-bins``) beside it.
+    The CLI prints the message without a traceback and exits with ``exit_code``.
     """
 
     exit_code = 2
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option

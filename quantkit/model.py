@@ -11,6 +11,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from quantkit.errors import QuantkitError
+from quantkit.optypes import ABSORBED_OPS, CONSTANT_OPERAND_OPS, WEIGHTED_OPS
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
 
@@ -85,13 +86,6 @@ def constant_tensors(graph: onnx.GraphProto) -> set[str]:
     return const
 
 
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-#: ops that an int8 kernel absorbs after a weighted op (BN and a constant bias Add fold into it;
-#: ReLU and Clip are removed by onnxruntime in front of a QuantizeLinear)
-_ABSORBED_OPS = frozenset({"BatchNormalization", "Relu", "Clip"})
-_CONSTANT_OPERAND_OPS = frozenset({"Add"})
-
-
 def effective_outputs(graph: onnx.GraphProto, op_types: frozenset[str] | set[str] = WEIGHTED_OPS) -> dict[str, str]:
     """Output tensor of each ``op_types`` node -> its effective output, the tensor after the ops fused into it.
 
@@ -111,10 +105,10 @@ def effective_outputs(graph: onnx.GraphProto, op_types: frozenset[str] | set[str
         tensor = node.output[0]
         while tensor not in outputs and len(users := consumers.get(tensor, [])) == 1:
             nxt = users[0]
-            absorbed = nxt.op_type in _ABSORBED_OPS or (
-                nxt.op_type in _CONSTANT_OPERAND_OPS and all(i == tensor or i in const for i in nxt.input)
+            absorbed = nxt.op_type in ABSORBED_OPS or (
+                nxt.op_type in CONSTANT_OPERAND_OPS and all(i == tensor or i in const for i in nxt.input)
             )
-            if not absorbed or (nxt.input[0] != tensor and nxt.op_type not in _CONSTANT_OPERAND_OPS):
+            if not absorbed or (nxt.input[0] != tensor and nxt.op_type not in CONSTANT_OPERAND_OPS):
                 break
             tensor = nxt.output[0]
         result[node.output[0]] = tensor

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.atomic import write_bytes_atomic
-from quantkit.config import read_mapping_file
+from quantkit._io import read_mapping_file, write_bytes_atomic
 from quantkit.errors import QuantkitError
 
 PRECISIONS = ("int8", "fp16", "fp32")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.atomic import write_bytes_atomic
+from quantkit._io import write_bytes_atomic
 from quantkit.errors import QuantkitError
 
 FORMAT = "quantkit.ranges"
@@ -37,6 +37,10 @@ def amax_to_scale(amax: float) -> float:
     if not (math.isfinite(scale) and scale >= float(np.finfo(np.float32).tiny)):
         return CONSTANT_TENSOR_SCALE
     return scale
+
+
+#: the observed statistics a tensor's range records (and its histogram carries)
+STAT_FIELDS = ("min", "max", "count", "zeros", "nonfinite", "sentinels")
 
 
 @dataclass
@@ -61,12 +65,7 @@ class TensorRange:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "min": self.min,
-            "max": self.max,
-            "count": self.count,
-            "zeros": self.zeros,
-            "nonfinite": self.nonfinite,
-            "sentinels": self.sentinels,
+            **{k: getattr(self, k) for k in STAT_FIELDS},
             "amax": dict(self.amax),
             "scale": {m: self.scale(m) for m in self.amax},
         }

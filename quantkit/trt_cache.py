@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantkit.atomic import write_bytes_atomic
+from quantkit._io import write_bytes_atomic
 from quantkit.errors import QuantkitError
 from quantkit.ranges import RangeSet, ranges_from_scales
 

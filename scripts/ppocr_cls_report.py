@@ -84,8 +84,8 @@ def main() -> None:
     model = model_path()
 
     from quantkit.data import PreprocessSpec
-    from quantkit.evaluation import evaluate
-    from quantkit.report import to_markdown, write_report
+    from quantkit.evaluation.run import evaluate
+    from quantkit.report.eval import to_markdown, write_report
 
     with tempfile.TemporaryDirectory() as tmp:
         calib, val = build_dataset(Path(tmp))

@@ -1,57 +1,60 @@
-"""``quantkit`` command line: a thin layer over the Python API (one module per subcommand)."""
+"""``quantkit`` command line: a thin layer over the Python API, one module per subcommand.
+
+Only the chosen subcommand's module is imported, so ``quantkit --version`` and ``--help`` stay
+fast. Every command parses its flags into the API's options objects (``cli.args``), makes one
+API call and prints the result. Errors pass through one boundary (``main``): exit 2 with one line
+for bad input, 130 for Ctrl-C, and a short bug-report line (the traceback with ``--debug``)
+for anything else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from quantkit import __version__
-from quantkit.cli import build as build_cmd
-from quantkit.cli import cache as cache_cmd
-from quantkit.cli import calibrate as calibrate_cmd
-from quantkit.cli import evaluate as evaluate_cmd
-from quantkit.cli import fp16 as fp16_cmd
-from quantkit.cli import optimize as optimize_cmd
-from quantkit.cli import quantize as quantize_cmd
-from quantkit.cli import tune as tune_cmd
-from quantkit.errors import QuantkitError
 
-SUBCOMMANDS = {
-    "calibrate": calibrate_cmd,
-    "quantize": quantize_cmd,
-    "fp16": fp16_cmd,
-    "cache": cache_cmd,
-    "optimize": optimize_cmd,
-    "inspect": optimize_cmd,
-    "eval": evaluate_cmd,
-    "sensitivity": tune_cmd,
-    "tune": tune_cmd,
-    "build": build_cmd,
-    "doctor": build_cmd,
+#: subcommand -> (module, one-line help)
+COMMANDS = {
+    "calibrate": ("calibrate", "collect activation ranges (entropy, minmax, percentile, mse) and write ranges.json + TensorRT caches"),
+    "quantize": ("quantize", "write an explicitly quantized (Q/DQ) ONNX model from ranges or a TensorRT cache"),
+    "fp16": ("fp16", "convert a model to float16 (strongly typed, float32 I/O)"),
+    "cache": ("cache", "write a TensorRT (<= 10) calibration cache from ranges.json or a Q/DQ model"),
+    "optimize": ("optimize", "fold BN, fuse Conv+activation (CBR), merge sibling convs, fold Concats; write the optimized model"),
+    "inspect": ("inspect", "layer counts before and after each optimization step, and the fusions found (writes nothing)"),
+    "eval": ("evaluate", "evaluate FP32/FP16/INT8 variants against FP32 and write report.json/.md/.html"),
+    "sensitivity": ("sensitivity", "rank quantized nodes by the accuracy they cost (enable-one, disable-one, output SQNR)"),
+    "tune": ("tune", "find the fewest nodes to keep in FP16/FP32 so that INT8 meets an accuracy target; writes a precision plan"),
+    "build": ("build", "build a TensorRT engine (10.x/11.x) or an optimized onnxruntime model"),
+    "doctor": ("doctor", "what is available here: onnxruntime providers, TensorRT, CUDA devices"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` gets its arguments (``quantkit --help`` lists the table)."""
     parser = argparse.ArgumentParser(prog="quantkit", description="Calibrate and quantize ONNX models for TensorRT and onnxruntime.")
     parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in dict.fromkeys(SUBCOMMANDS.values()):  # a module may add several subcommands
-        module.add_parser(sub)
+    chosen = _command_in(argv)
+    for name, (module, helptext) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        if chosen == name:
+            importlib.import_module(f"quantkit.cli.{module}").add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(SUBCOMMANDS[args.command].run(args) or 0)
-    except QuantkitError as exc:
-        print(f"quantkit {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"quantkit {args.command}: interrupted; no output was written", file=sys.stderr)
-        return 130
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from quantkit.cli.errors import run_guarded
+
+    return run_guarded(argv)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,21 @@
-"""``quantkit build`` (TensorRT engines or optimized onnxruntime models) and ``quantkit doctor``."""
+"""``quantkit build``: a TensorRT engine (10.x/11.x), or an optimized onnxruntime model."""
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 from pathlib import Path
 
-import onnxruntime as ort
-
-from quantkit import __version__
-from quantkit.atomic import write_bytes_atomic
-from quantkit.engine_ort import ORT_RUNTIMES, build_ort
-from quantkit.engine_trt import INSTALL_HINT, build_engine, tensorrt_version
+from quantkit._io import write_bytes_atomic
+from quantkit.backends.ort import ORT_RUNTIMES, build_ort
+from quantkit.backends.trt import INSTALL_HINT, build_engine, tensorrt_version
+from quantkit.backends.trtexec import PRECISIONS, parse_shapes, shell, trtexec_command
 from quantkit.errors import QuantkitError
+from quantkit.export.qdq import node_names
 from quantkit.model import load_model
 from quantkit.plan import PrecisionPlan
-from quantkit.qdq import node_names
-from quantkit.trtexec import PRECISIONS, parse_shapes, shell, trtexec_command
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build", help="build a TensorRT engine (10.x/11.x) or an optimized onnxruntime model")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model (FP32, or Q/DQ / FP16 from quantkit quantize / fp16)")
     p.add_argument("--runtime", choices=["tensorrt", *ORT_RUNTIMES], default="tensorrt")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT 10 builder precision (ignored for Q/DQ models)")
@@ -34,7 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timing-cache", help="timing cache file, read and updated")
     p.add_argument("-o", "--output", required=True, help="engine file (TensorRT) or optimized .onnx (onnxruntime)")
     p.add_argument("--quiet", action="store_true")
-    sub.add_parser("doctor", help="what is available here: onnxruntime providers, TensorRT, CUDA devices")
 
 
 def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers: list[str]) -> list[str]:
@@ -73,8 +66,6 @@ def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.command == "doctor":
-        return doctor()
     model = load_model(args.model)
     out = Path(args.output)
     if args.runtime != "tensorrt":
@@ -111,21 +102,4 @@ def run(args: argparse.Namespace) -> int:
             counts[p] = counts.get(p, 0) + 1
         print(f"built {result.engine} with TensorRT {version}; log {result.log}; layers {result.layers}; trtexec equivalent {script}")
         print("ONNX nodes by precision: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    return 0
-
-
-def doctor() -> int:
-    print(f"quantkit {__version__}")
-    print(f"onnxruntime {ort.__version__}: providers {', '.join(ort.get_available_providers())}")
-    version = tensorrt_version()
-    print(f"TensorRT: {version}" if version else f"TensorRT: not installed ({INSTALL_HINT})")
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            gpus = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            gpus = ""
-        print("CUDA devices: " + (gpus.replace("\n", "; ") or "none reported by nvidia-smi"))
-    else:
-        print("CUDA devices: none (nvidia-smi not found)")
     return 0

@@ -7,13 +7,12 @@ import argparse
 import onnx
 
 from quantkit.errors import QuantkitError
-from quantkit.qdq import ranges_from_qdq
+from quantkit.export.qdq import ranges_from_qdq
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION, write_trt_cache
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="write a TensorRT (<= 10) calibration cache from ranges.json or a Q/DQ model")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-ranges", help="ranges.json from quantkit calibrate")
     src.add_argument("--from-qdq", help="a TensorRT-style Q/DQ ONNX model (int8 per-tensor activation scales)")

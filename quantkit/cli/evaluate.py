@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from quantkit.cli.calibrate import add_preprocess_args, preprocess_from_args
+from quantkit.backends.ort import RUNTIMES
+from quantkit.cli.args import add_preprocess_args, data_options_from_args, options_from_args
 from quantkit.errors import QuantkitError
-from quantkit.evaluation import DEFAULT_VARIANTS, RUNTIMES, evaluate
-from quantkit.report import write_report
+from quantkit.evaluation.run import evaluate
+from quantkit.options import DEFAULT_VARIANTS, EvalOptions, RuntimeOptions
+from quantkit.report.eval import to_markdown, write_report
 
 
 def _slices(specs: list[str] | None) -> dict[str, list[tuple[int, int, int]]] | None:
@@ -26,8 +28,7 @@ def _slices(specs: list[str] | None) -> dict[str, list[tuple[int, int, int]]] | 
     return out
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate FP32/FP16/INT8 variants against FP32 and write report.json/.md/.html")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="FP32 ONNX model")
     p.add_argument("--data", required=True, help="validation data (image folder, table or arrays), with labels where available")
     p.add_argument("--calib", help="calibration data, to build int8 variants")
@@ -53,29 +54,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = options_from_args(
+        EvalOptions,
+        args,
+        metrics=[m.strip() for m in args.metric.split(",") if m.strip()],
+        labels=not args.no_labels,
+        slices=_slices(args.slice),
+        latency=not args.no_latency,
+    )
     result = evaluate(
         args.model,
         args.data,
-        variants=args.variants,
+        options,
+        data_options=data_options_from_args(args, shuffle=False, label_column=args.labels),
+        runtime=RuntimeOptions(args.runtime),
         calib=args.calib,
         ranges_path=args.ranges,
-        preprocess=preprocess_from_args(args),
-        metrics=[m.strip() for m in args.metric.split(",") if m.strip()],
-        labels=not args.no_labels,
-        label_column=args.labels,
-        num_samples=args.num_samples,
-        num_calib_samples=args.num_calib_samples,
-        batch_size=args.batch_size,
-        runtime=args.runtime,
-        max_drop=args.max_drop,
-        slices=_slices(args.slice),
-        latency=not args.no_latency,
         quiet=args.quiet,
     )
     files = write_report(result, args.report)
     if not args.quiet:
-        from quantkit.report import to_markdown
-
         print(to_markdown(result).split("## Per-output fidelity")[0].rstrip())
         print()
         for f in files:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.atomic import write_bytes_atomic
-from quantkit.fp16 import convert_fp16, fp16_precisions
+from quantkit._io import write_bytes_atomic
+from quantkit.export.fp16 import convert_fp16, fp16_precisions
+from quantkit.export.qdq import node_names
 from quantkit.model import load_model
 from quantkit.plan import PrecisionPlan
-from quantkit.qdq import node_names
 from quantkit.ranges import RangeSet
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fp16", help="convert a model to float16 (strongly typed, float32 I/O)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model (FP32, or a Q/DQ model whose float parts should become FP16)")
     p.add_argument("--plan", help="precision plan: nodes marked fp32 stay in float32")
     p.add_argument("--ranges", help="ranges.json: nodes whose tensors exceed float16's range stay in float32")

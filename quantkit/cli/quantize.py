@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.atomic import write_bytes_atomic
+from quantkit._io import write_bytes_atomic
 from quantkit.errors import QuantkitError
-from quantkit.fp16 import convert_fp16, fp16_precisions
+from quantkit.export.apply import apply_plan
 from quantkit.model import load_model
+from quantkit.options import TARGETS, ExportOptions
 from quantkit.plan import PrecisionPlan
-from quantkit.qdq import TARGETS, quantize_model
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_cache
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="write an explicitly quantized (Q/DQ) ONNX model from ranges or a TensorRT cache")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="FP32 ONNX model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ranges", help="ranges.json from quantkit calibrate")
@@ -48,17 +47,13 @@ def run(args: argparse.Namespace) -> int:
         ranges = RangeSet.load(args.ranges)
         allow_missing = args.allow_missing
     plan = PrecisionPlan.load(args.plan) if args.plan else None
-    quantized, report = quantize_model(model, ranges, method=args.method, plan=plan, target=args.target, allow_missing=allow_missing)
+    applied = apply_plan(model, ranges, plan, ExportOptions(args.method, args.target, allow_missing), range_aware_fp16=bool(args.ranges))
+    quantized, report = applied.model, applied.quantize
     if args.from_cache and report.missing_ranges:
         shown = ", ".join(report.missing_ranges[:5])
         warnings.append(f"{len(report.missing_ranges)} tensor(s) have no entry in the cache; their ops stay in float: {shown}")
-    if plan is not None:
-        names = [n.name for n in quantized.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
-        wanted = fp16_precisions(plan, names, set(report.int8_nodes))
-        if any(p == "fp16" for p in wanted.values()):
-            quantized, fp16_report = convert_fp16(quantized, precisions=wanted, ranges=ranges if args.ranges else None)
-            if not args.quiet:
-                print(fp16_report.summary())
+    if applied.fp16 is not None and not args.quiet:
+        print(applied.fp16.summary())
     out = Path(args.output)
     if out.parent and not out.parent.exists():
         raise QuantkitError(f"output directory {out.parent} does not exist")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from quantkit.config import read_mapping_file
+from quantkit._io import read_mapping_file
 from quantkit.errors import QuantkitError
 from quantkit.model import InputSpec
 

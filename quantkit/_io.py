@@ -1,0 +1,141 @@
+"""File and console I/O shared by every stage: atomic writes, user-written config files, progress.
+
+Atomic output: a run that fails or is interrupted leaves no half-written file behind. Every
+artifact is first written to a temporary file in the destination directory (same file system,
+so the final ``os.replace`` is atomic), and only renamed into place once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove it is writable, before any long work starts."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".quantkit-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise QuantkitError(f"output directory {out} is not writable ({exc.strerror or exc}); choose another --out") from None
+    return out
+
+
+def _public_mode(path: str | os.PathLike) -> None:
+    """mkstemp creates 0600 files; give the result the permissions a plain open() would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+@contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; rename it onto ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _public_mode(tmp_path)
+        os.replace(tmp_path, dest)
+    finally:  # also on KeyboardInterrupt: never leave the temporary file behind
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
+
+
+def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
+    """Write a set of files so that either all of them appear or none is touched.
+
+    All contents are staged as temporary files first; the renames happen only after every file
+    was written, so an interruption during staging leaves the destination unchanged.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for dest, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            _public_mode(tmp)
+            staged.append((Path(tmp), dest))
+        for tmp, dest in staged:
+            os.replace(tmp, dest)
+    finally:
+        for tmp, _ in staged:
+            if tmp.exists():
+                tmp.unlink()
+    return list(files)
+
+
+# ---- user-written config files (preprocessing configs, precision plans): JSON or YAML ----
+
+
+def read_mapping_file(path: str | Path, what: str) -> dict[str, Any]:
+    """Parse ``path`` as YAML (.yaml/.yml) or JSON; anything but a mapping is a clear error naming ``what``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise QuantkitError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(text) or {}
+        else:
+            doc = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
+        raise QuantkitError(f"cannot parse {what} {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise QuantkitError(f"{what} {path} must hold a mapping of options")
+    return doc
+
+
+# ---- progress: a bar over samples on a terminal, silent otherwise or when asked to be quiet ----
+
+
+def interactive(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def sample_bar(total: int | None, desc: str, quiet: bool) -> Any:
+    """A tqdm bar over samples (tqdm is imported here, on first use, to keep ``import quantkit`` light)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", disable=not interactive(quiet), leave=False, dynamic_ncols=True)
+
+
+class StepTimer:
+    """Per-step wall times, reported in the summary (and to stderr as each step ends, on a TTY)."""
+
+    def __init__(self, quiet: bool = True) -> None:
+        self.quiet = quiet
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = time.perf_counter() - start
+            if interactive(self.quiet):
+                print(f"  {name}: {self.times[name]:.2f} s", file=sys.stderr)

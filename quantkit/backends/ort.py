@@ -1,0 +1,220 @@
+"""onnxruntime, the runtime everything but the TensorRT engine build runs on.
+
+The one place that creates onnxruntime sessions (``make_session``) and maps quantkit's runtime
+names to execution providers (``runtime_providers``). Also:
+- ``ActivationRunner``: the model with chosen intermediate tensors exposed as outputs
+  (``with_outputs``), as calibration and per-layer error need it;
+- ``build_ort``: the model with onnxruntime's graph optimizations applied and saved, plus the
+  session settings that ``eval`` and users' deployments load it with.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from quantkit._deps import install_hint
+from quantkit._io import write_bytes_atomic
+from quantkit.errors import QuantkitError
+from quantkit.model import ModelInfo
+
+RUNTIMES = {
+    "ort-cpu": ["CPUExecutionProvider"],
+    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def runtime_providers(runtime: str) -> list[str]:
+    """onnxruntime providers for a runtime, or a clear error naming what to install."""
+    if runtime not in RUNTIMES:
+        raise QuantkitError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}", option="runtime")
+    wanted = RUNTIMES[runtime]
+    available = ort.get_available_providers()
+    if wanted[0] not in available:
+        extra = install_hint("onnxruntime_gpu") + (" (with tensorrt)" if runtime == "tensorrt" else "")
+        raise QuantkitError(
+            f"runtime {runtime} needs onnxruntime's {wanted[0]}, which is not available here (have: {', '.join(available)}); {extra}",
+            option="runtime",
+        )
+    return [p for p in wanted if p in available]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's run to many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def has_signed_activation_qdq(model: onnx.ModelProto) -> bool:
+    """Whether an activation QuantizeLinear quantizes to int8 (TensorRT's symmetric format)."""
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    consts = {o: n for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+            continue
+        if len(node.input) < 3 or not node.input[2]:
+            return False if node.attribute and any(a.name == "output_dtype" for a in node.attribute) else True  # default uint8
+        zp = node.input[2]
+        dtype = inits.get(zp)
+        if dtype is None and zp in consts:
+            dtype = next((a.t.data_type for a in consts[zp].attribute if a.name == "value"), None)
+        if dtype == onnx.TensorProto.INT8:
+            return True
+    return False
+
+
+def make_session(
+    model: onnx.ModelProto | bytes | str | Path,
+    providers: Sequence[str] | None = None,
+    *,
+    threads: int | None = None,
+    arena: bool = True,
+    spinning: bool = True,
+    optimization: str | None = None,
+    optimized_model_path: str | Path | None = None,
+    source: str | Path | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime session; every failure is a one-line QuantkitError naming ``source``.
+
+    ``arena=False`` gives activation memory back after every run (calibration returns many
+    large short-lived arrays, which the arena would keep growing to hold). ``spinning=False``
+    keeps idle sessions off the cores (sessions timed in interleaved rounds).
+
+    A model in TensorRT's Q/DQ format (int8 activations) runs as exact fake quantization: only
+    basic graph optimizations, so no DequantizeLinear is fused into an integer kernel. Its
+    accuracy is then what TensorRT computes (int8 products, exact int32 accumulation), not what
+    onnxruntime's CPU integer kernels give: on CPUs without VNNI they sum u8 x s8 products in
+    pairs into int16, which saturates for 8-bit weights (errors of 100x the quantization step
+    on this machine's QGemm; tests/backends/test_ort.py).
+    """
+    if optimization is None and optimized_model_path is None:
+        proto = model if isinstance(model, onnx.ModelProto) else None
+        if proto is None:
+            try:
+                proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+            except Exception:  # noqa: BLE001 - unreadable files are reported by onnxruntime below
+                proto = None
+        if proto is not None and has_signed_activation_qdq(proto):
+            optimization = "ORT_ENABLE_BASIC"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not arena:
+        options.enable_cpu_mem_arena = False
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimization is not None:
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, Path):
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types; one line for the user
+        where = source if source is not None else (model if isinstance(model, str) else "the model")
+        raise QuantkitError(f"onnxruntime cannot load {where}: {first_line(exc)}") from None
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``tensors`` added as graph outputs (types left to onnxruntime)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in dict.fromkeys(tensors):
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return proto
+
+
+class ActivationRunner:
+    """An onnxruntime session over the model with ``tensors`` added as graph outputs.
+
+    ``run(feeds)`` returns tensor name -> array for the requested tensors that came back as
+    floats (integer or boolean tensors of unknown type are dropped).
+    """
+
+    def __init__(
+        self, model: ModelInfo, tensors: Sequence[str], providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> None:
+        self.model = model
+        self.tensors = list(tensors)
+        proto = with_outputs(model.proto, self.tensors)
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        # peak RSS stays flat in the sample count only without the arena (see make_session)
+        self.session = make_session(self._serialize(proto), providers, threads=threads, arena=False, source=model.path)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _serialize(self, proto: onnx.ModelProto) -> bytes | str:
+        if proto.ByteSize() < 1_900_000_000:
+            return proto.SerializeToString()
+        # Over protobuf's 2 GB limit: write weights as external data into a temporary folder.
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="quantkit-")
+        path = Path(self._tmpdir.name) / "augmented.onnx"
+        onnx.save_model(proto, str(path), save_as_external_data=True, location="weights.bin")
+        return str(path)
+
+    def run(self, feeds: dict[str, np.ndarray], sample_ids: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # noqa: BLE001
+            where = f" on samples {sample_ids[0]} .. {sample_ids[-1]}" if sample_ids else ""
+            raise QuantkitError(f"running {self.model.path} failed{where}: {first_line(exc)}") from None
+        wanted = set(self.tensors)
+        return {
+            n: v
+            for n, v in zip(self.output_names, values, strict=True)
+            if n in wanted and isinstance(v, np.ndarray) and v.dtype.kind == "f"
+        }
+
+    def close(self) -> None:
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+
+
+ORT_RUNTIMES = {"ort-cpu": "ort-cpu", "ort-cuda": "ort-cuda", "ort-tensorrt": "tensorrt"}
+
+
+@dataclass
+class OrtBuild:
+    model: Path
+    settings: Path
+    providers: list[str]
+
+
+def build_ort(onnx_path: str | Path, output: str | Path, runtime: str = "ort-cpu", threads: int | None = None) -> OrtBuild:
+    """Write ``output`` (the optimized model) and ``<output>.session.json`` (providers, options).
+
+    Optimizations stop at EXTENDED: the ALL level adds CPU-specific layouts (NCHWc) that
+    onnxruntime says should not leave the machine they were made on.
+    """
+    if runtime not in ORT_RUNTIMES:
+        raise QuantkitError(f"unknown onnxruntime runtime '{runtime}'; choose from {', '.join(ORT_RUNTIMES)}")
+    providers = runtime_providers(ORT_RUNTIMES[runtime])
+    output = Path(output)
+    with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        make_session(str(onnx_path), providers, optimization="ORT_ENABLE_EXTENDED", optimized_model_path=optimized)
+        write_bytes_atomic(output, optimized.read_bytes())
+    settings = {
+        "format": "quantkit.ort_session",
+        "model": output.name,
+        "providers": providers,
+        "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+        "intra_op_num_threads": threads or 0,
+        "note": "load with these providers; the saved model is already optimized (you may set ORT_DISABLE_ALL)",
+    }
+    settings_path = output.with_suffix(".session.json")
+    write_bytes_atomic(settings_path, (json.dumps(settings, indent=1) + "\n").encode())
+    return OrtBuild(output, settings_path, providers)

@@ -1,0 +1,215 @@
+"""TensorRT engine builds (10.x implicit + explicit, 11.x explicit/strongly typed).
+
+The only module that imports ``tensorrt``, and it does so lazily (``import_tensorrt``), so
+quantkit installs and runs without it. Capabilities are detected by feature, never by parsing
+the version:
+- ``BuilderFlag.INT8`` and calibrators exist in 10.x and are gone in 11.x;
+- ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` exists from 10.x.
+
+The INT8 calibrator here never calibrates on the GPU: it serves quantkit's calibration cache to
+TensorRT and reports that it has no batches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from quantkit._deps import install_hint, optional
+from quantkit._io import write_bytes_atomic
+from quantkit.backends.trtexec import ShapeProfile
+from quantkit.errors import QuantkitError
+from quantkit.plan import PrecisionPlan
+
+INSTALL_HINT = install_hint("tensorrt")
+
+
+def import_tensorrt() -> ModuleType:
+    """``tensorrt``, or a QuantkitError that says what is missing and how to install it."""
+    trt = optional("tensorrt")
+    if trt is None:
+        raise QuantkitError(f"TensorRT is not installed: {INSTALL_HINT}")
+    return trt
+
+
+def tensorrt_version() -> str | None:
+    trt = optional("tensorrt")
+    return None if trt is None else str(trt.__version__)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    implicit_int8: bool  # BuilderFlag.INT8 + calibrators (TensorRT <= 10)
+    fp16_flag: bool  # BuilderFlag.FP16 (TensorRT <= 10)
+    strongly_typed: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED (TensorRT >= 10)
+    precision_constraints: bool  # BuilderFlag.OBEY_PRECISION_CONSTRAINTS (TensorRT <= 10)
+
+
+def capabilities(trt: ModuleType) -> Capabilities:
+    flags = trt.BuilderFlag
+    return Capabilities(
+        implicit_int8=hasattr(flags, "INT8") and hasattr(trt, "IInt8EntropyCalibrator2"),
+        fp16_flag=hasattr(flags, "FP16"),
+        strongly_typed=hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
+        precision_constraints=hasattr(flags, "OBEY_PRECISION_CONSTRAINTS"),
+    )
+
+
+def _logger(trt: ModuleType, lines: list[str]) -> Any:
+    class CollectingLogger(trt.ILogger):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # the base __init__ must run, or TensorRT crashes
+
+        def log(self, severity: Any, msg: str) -> None:
+            lines.append(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
+
+    return CollectingLogger()
+
+
+def cache_calibrator(trt: ModuleType, cache: bytes) -> Any:
+    """An IInt8EntropyCalibrator2 that hands TensorRT quantkit's cache and has no batches."""
+
+    class CacheCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)  # required: a missing base __init__ segfaults
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: list[str]) -> None:
+            return None  # no data: TensorRT must use the cache
+
+        def read_calibration_cache(self) -> bytes:
+            return cache
+
+        def write_calibration_cache(self, data: Any) -> None:
+            return None
+
+    return CacheCalibrator()
+
+
+@dataclass
+class BuildResult:
+    engine: Path
+    log: Path
+    layers: Path | None
+    layer_precisions: dict[str, str] = field(default_factory=dict)  # ONNX node -> precision TensorRT chose
+    capabilities: Capabilities | None = None
+
+
+def build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    *,
+    precision: str = "fp16",
+    calib_cache: str | Path | None = None,
+    qdq: bool = False,
+    plan: PrecisionPlan | None = None,
+    shapes: list[ShapeProfile] | None = None,
+    workspace_mib: int | None = None,
+    timing_cache: str | Path | None = None,
+) -> BuildResult:
+    """Build a TensorRT engine; write it, its build log and the inspector's per-layer report."""
+    trt = import_tensorrt()
+    caps = capabilities(trt)
+    log_lines: list[str] = []
+    logger = _logger(trt, log_lines)
+    builder = trt.Builder(logger)
+    strongly_typed = qdq or not caps.implicit_int8
+    flags = 0
+    if strongly_typed and caps.strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise QuantkitError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+
+    if not strongly_typed:
+        if precision in ("fp16", "int8", "best") and caps.fp16_flag:
+            config.set_flag(trt.BuilderFlag.FP16)  # with INT8 too: INT8 alone forces fallback layers to FP32
+        if precision in ("int8", "best"):
+            config.set_flag(trt.BuilderFlag.INT8)
+            if calib_cache is not None:
+                config.int8_calibrator = cache_calibrator(trt, Path(calib_cache).read_bytes())
+        if plan is not None:
+            if not caps.precision_constraints:
+                raise QuantkitError(
+                    "this TensorRT has no precision constraints: apply the plan in the ONNX (quantkit quantize/fp16 --plan)"
+                )
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            types = {"fp32": trt.float32, "fp16": trt.float16, "int8": trt.int8}
+            names = [network.get_layer(i).name for i in range(network.num_layers)]
+            wanted = {n: plan.precision_of(n) for n in names}
+            for i in range(network.num_layers):
+                layer = network.get_layer(i)
+                p = wanted[layer.name]
+                if p != "int8":  # int8 layers stay TensorRT's choice; OBEY on an impossible int8 layer fails the build
+                    layer.precision = types[p]
+                    for j in range(layer.num_outputs):
+                        layer.set_output_type(j, types[p])
+    elif precision in ("fp16", "int8", "best") and not qdq:
+        raise QuantkitError(
+            f"this TensorRT is strongly typed only: --precision {precision} has no flag. Build the Q/DQ model "
+            "from 'quantkit quantize' or the FP16 model from 'quantkit fp16'"
+        )
+
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for p in shapes:
+            profile.set_shape(p.name, p.min, p.opt, p.max)
+        config.add_optimization_profile(profile)
+        if not strongly_typed and precision in ("int8", "best") and hasattr(config, "set_calibration_profile"):
+            config.set_calibration_profile(profile)
+    cache_obj = None
+    if timing_cache is not None:
+        existing = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        cache_obj = config.create_timing_cache(existing)
+        config.set_timing_cache(cache_obj, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    engine_path = Path(engine_path)
+    log_path = engine_path.with_suffix(".build.log")
+    write_bytes_atomic(log_path, ("\n".join(log_lines) + "\n").encode())
+    if serialized is None:
+        raise QuantkitError(f"TensorRT could not build {onnx_path}; see {log_path}")
+    write_bytes_atomic(engine_path, bytes(serialized))
+    if cache_obj is not None:
+        write_bytes_atomic(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
+
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(bytes(serialized))
+    layers_path, precisions = None, {}
+    if engine is not None:
+        info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        layers_path = engine_path.with_suffix(".layers.json")
+        write_bytes_atomic(layers_path, info.encode())
+        precisions = layer_precisions_from_inspector(json.loads(info))
+    return BuildResult(engine_path, log_path, layers_path, precisions, caps)
+
+
+def layer_precisions_from_inspector(info: dict[str, Any]) -> dict[str, str]:
+    """ONNX node name -> the precision TensorRT ran it in, from the inspector's detailed JSON.
+
+    A fused TensorRT layer is named after its ONNX nodes joined with " + ", and its output
+    formats say int8/fp16/fp32, so each original node gets the precision of the layer it ended in.
+    """
+    out: dict[str, str] = {}
+    for layer in info.get("Layers", []):
+        if not isinstance(layer, dict):
+            continue
+        outputs = layer.get("Outputs") or []
+        fmt = " ".join(str(o.get("Format/Datatype", "")) for o in outputs if isinstance(o, dict)).lower()
+        precision = "int8" if "int8" in fmt else "fp16" if ("half" in fmt or "fp16" in fmt) else "fp32" if fmt else "unknown"
+        for name in str(layer.get("Name", "")).split(" + "):
+            name = name.strip()
+            if name:
+                out[name] = precision
+    return out

@@ -1,0 +1,239 @@
+"""Collecting statistics: the model runs over the data and every activation streams into a histogram.
+
+- ``select_calibration_tensors`` chooses the tensors (what TensorRT and onnxruntime's integer
+  kernels read and requantize);
+- ``collect_statistics`` runs one pass, with memory independent of the number of samples;
+- ``CalibrationStats`` is the mergeable result: two shards merged equal one run over both;
+- a ``Collector`` is anything that turns the batches of a source into ``CalibrationStats``:
+  ``LocalCollector`` here, ``quantkit.scaleout.ray.RayCollector`` on a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from quantkit.backends.ort import ActivationRunner
+from quantkit.calibration.histogram import Scratch, TensorHistogram
+from quantkit.data.batching import Batch, batches
+from quantkit.data.preprocess import PreprocessSpec
+from quantkit.data.sources import open_source
+from quantkit.errors import QuantkitError
+from quantkit.model import ModelInfo, constant_tensors, effective_outputs
+from quantkit.optypes import QUANTIZABLE_OP_TYPES, RESIDUAL_ONLY_OPS
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor whose type shape inference can tell (0 where unknown)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is best effort; unknown types are checked at run time
+        inferred = model
+    graph = inferred.graph
+    types = {}
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def select_calibration_tensors(model: onnx.ModelProto, all_tensors: bool = False) -> list[str]:
+    """Names of the activations to calibrate, in graph order.
+
+    Default: float graph inputs and outputs, and for every quantizable op
+    (``QUANTIZABLE_OP_TYPES``; Add only when both operands are activations) its float inputs and
+    its effective output (after BN/bias/ReLU, see ``effective_outputs``), where an int8 kernel
+    requantizes. Weights are excluded. ``all_tensors``: every float activation.
+    Tensors of unknown type are included and filtered by dtype at run time.
+    """
+    graph = model.graph
+    types = _elem_types(model)
+    const = constant_tensors(graph)
+    chosen: dict[str, None] = {}
+    effective = effective_outputs(graph, QUANTIZABLE_OP_TYPES)
+
+    def consider(name: str) -> None:
+        if name and name not in const and types.get(name, 0) in _FLOAT_TYPES | {0}:
+            chosen.setdefault(name, None)
+
+    for vi in graph.input:
+        consider(vi.name)
+    for node in graph.node:
+        if all_tensors:
+            for name in list(node.input) + list(node.output):
+                consider(name)
+        elif node.op_type in QUANTIZABLE_OP_TYPES:
+            if node.op_type in RESIDUAL_ONLY_OPS and any(i in const for i in node.input):
+                continue
+            for name in node.input:
+                consider(name)
+            if node.output:
+                consider(effective[node.output[0]])
+    for vi in graph.output:
+        consider(vi.name)
+    return list(chosen)
+
+
+@dataclass
+class CalibrationStats:
+    """What one collection pass produced: per-tensor statistics plus the provenance of the data."""
+
+    histograms: dict[str, TensorHistogram]
+    num_samples: int = 0
+    batch_size: int = 0
+    input_shapes: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain form, to send a shard's statistics between processes."""
+        return {
+            "histograms": {n: h.to_dict() for n, h in self.histograms.items()},
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "input_shapes": self.input_shapes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CalibrationStats:
+        hists = {n: TensorHistogram.from_dict(h) for n, h in d["histograms"].items()}
+        return cls(hists, int(d["num_samples"]), int(d["batch_size"]), {k: [list(s) for s in v] for k, v in d["input_shapes"].items()})
+
+    def merge(self, other: CalibrationStats) -> CalibrationStats:
+        """Statistics of two shards together (exact: equal to collecting both in one run)."""
+        names = list(self.histograms) + [n for n in other.histograms if n not in self.histograms]
+        merged = {}
+        for name in names:
+            mine, theirs = self.histograms.get(name), other.histograms.get(name)
+            merged[name] = mine.merge(theirs) if mine is not None and theirs is not None else (mine or theirs).copy()  # type: ignore[union-attr]
+        shapes = {k: list(v) for k, v in self.input_shapes.items()}
+        for k, v in other.input_shapes.items():
+            shapes.setdefault(k, [])
+            shapes[k] += [s for s in v if s not in shapes[k]]
+        return CalibrationStats(merged, self.num_samples + other.num_samples, max(self.batch_size, other.batch_size), shapes)
+
+
+def collect_statistics(
+    model: ModelInfo,
+    data: Iterable[Batch],
+    tensors: Sequence[str] | None = None,
+    *,
+    bins: int = 2048,
+    all_tensors: bool = False,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    on_batch: Callable[[Batch], None] | None = None,
+    runner: ActivationRunner | None = None,
+) -> CalibrationStats:
+    """Run ``model`` over ``data`` and fold every activation into its streaming histogram.
+
+    ``runner`` reuses an existing session (a distributed worker keeps one across its shards).
+    Histogram updates run on a worker thread while onnxruntime computes the next batch (it
+    releases the GIL), so statistics cost little beyond inference. At most three batches of
+    activations exist at once (one folded, one queued, one computed), so memory does not depend
+    on the number of samples.
+    """
+    if runner is None:
+        tensors = list(tensors) if tensors is not None else select_calibration_tensors(model.proto, all_tensors)
+        if not tensors:
+            raise QuantkitError(f"model {model.path} has no float activations to calibrate")
+        runner = ActivationRunner(model, tensors, providers=providers, threads=threads)
+        own_runner = True
+    else:
+        tensors, own_runner = runner.tensors, False
+    histograms = {name: TensorHistogram(bins=bins) for name in tensors}
+    stats = CalibrationStats(histograms)
+    pending: queue.Queue[dict[str, np.ndarray] | None] = queue.Queue(maxsize=1)
+    failure: list[BaseException] = []
+
+    def fold() -> None:
+        scratch = Scratch()
+        while (item := pending.get()) is not None:
+            if failure:
+                continue  # drain so the producer never blocks
+            try:
+                for name, values in item.items():
+                    histograms[name].update(values, scratch)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+                failure.append(exc)
+
+    worker = threading.Thread(target=fold, name="quantkit-histograms", daemon=True)
+    worker.start()
+    try:
+        for batch in data:
+            outputs = runner.run(batch.feeds, batch.ids)
+            if failure:
+                break
+            pending.put(outputs)
+            stats.num_samples += len(batch)
+            stats.batch_size = max(stats.batch_size, len(batch))
+            for name, arr in batch.feeds.items():
+                shape = list(arr.shape)
+                known = stats.input_shapes.setdefault(name, [])
+                if shape not in known:
+                    known.append(shape)
+            if on_batch is not None:
+                on_batch(batch)
+    finally:
+        pending.put(None)
+        worker.join()
+        if own_runner:
+            runner.close()
+    if failure:
+        raise failure[0]
+    # Tensors that never produced float values (integer-typed, or empty) have nothing to calibrate.
+    stats.histograms = {n: h for n, h in histograms.items() if h.count or h.nonfinite or h.sentinels}
+    return stats
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """How to open the calibration data again: a worker process opens its own copy."""
+
+    data: str
+    preprocess: PreprocessSpec | None = None
+    input_name: str | None = None
+    shuffle: bool = True
+    seed: int = 0
+
+    def open(self, model: ModelInfo) -> Any:
+        return open_source(self.data, model, self.preprocess, input_name=self.input_name, shuffle=self.shuffle, seed=self.seed)
+
+
+@dataclass
+class CollectRequest:
+    """What a collector is asked for: which tensors, over which samples, in what batches."""
+
+    spec: SourceSpec
+    tensors: Sequence[str]
+    batch_size: int
+    num_samples: int | None
+    bins: int
+    warnings: list[str] = field(default_factory=list)  # notes for the summary, appended by the collector
+    on_samples: Callable[[int], None] = lambda n: None  # progress
+
+
+class Collector(Protocol):
+    """Turns a data source into statistics; the pipeline does not care where the model runs."""
+
+    def collect(self, model: ModelInfo, source: Any, request: CollectRequest) -> CalibrationStats: ...
+
+
+@dataclass(frozen=True)
+class LocalCollector:
+    """Collects in this process (one onnxruntime session, histograms folded on a worker thread)."""
+
+    providers: Sequence[str] | None = None
+    threads: int | None = None
+
+    def collect(self, model: ModelInfo, source: Any, request: CollectRequest) -> CalibrationStats:
+        r = request
+        stream = batches(source, model, r.batch_size, r.num_samples, source.description, r.warnings)
+        return collect_statistics(
+            model, stream, r.tensors, bins=r.bins, providers=self.providers, threads=self.threads, on_batch=lambda b: r.on_samples(len(b))
+        )

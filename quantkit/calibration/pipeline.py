@@ -1,0 +1,185 @@
+"""Calibration pipeline: data -> model runner -> statistics -> ranges -> artifacts.
+
+Each step is a plain function usable on its own:
+
+- ``collect_statistics(model, batches)`` (in ``collect``) runs the model and streams every batch
+  into one ``TensorHistogram`` per tensor (memory is independent of the number of samples);
+- ``compute_ranges(stats, calibrators)`` turns the statistics into a ``RangeSet``;
+- ``write_outputs(ranges, out_dir)`` writes ``ranges.json`` and one TensorRT cache per method;
+- ``calibrate(model, data, options)`` composes them, as ``quantkit calibrate`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit import __version__
+from quantkit._io import StepTimer, ensure_writable_dir, sample_bar, write_files_atomic
+from quantkit.calibration.collect import CalibrationStats, Collector, CollectRequest, LocalCollector, SourceSpec, select_calibration_tensors
+from quantkit.calibration.methods import Calibrator, make_calibrators
+from quantkit.data.preprocess import PreprocessSpec
+from quantkit.errors import QuantkitError
+from quantkit.model import ModelInfo, load_model
+from quantkit.options import CalibrationOptions, DataOptions, RuntimeOptions, split_options
+from quantkit.ranges import RangeSet, TensorRange
+from quantkit.trt_cache import DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION, format_trt_cache
+
+
+def compute_ranges(
+    stats: CalibrationStats,
+    calibrators: Sequence[Calibrator],
+    model: ModelInfo,
+    calibration_info: dict[str, Any] | None = None,
+    warnings: list[str] | None = None,
+) -> RangeSet:
+    """Apply every calibrator to every tensor's statistics (the first calibrator is the default)."""
+    tensors: dict[str, TensorRange] = {}
+    warnings = list(warnings or [])
+    constant, unclean, empty = [], [], []
+    for name, hist in stats.histograms.items():
+        if hist.count == 0:
+            empty.append(name)
+            continue
+        amax = {cal.name: float(np.float32(cal.compute_amax(hist))) for cal in calibrators}
+        tensors[name] = TensorRange(name, hist.min, hist.max, hist.count, hist.zeros, hist.nonfinite, hist.sentinels, amax)
+        if hist.absmax == 0.0 or hist.min == hist.max:
+            constant.append(name)
+        if hist.nonfinite or hist.sentinels:
+            unclean.append(f"{name} ({hist.nonfinite} NaN/inf, {hist.sentinels} |x|>1e30)")
+    if constant:
+        warnings.append(
+            f"{len(constant)} constant tensor(s), given a valid non-zero scale: {', '.join(constant[:5])}"
+            + (" ..." if len(constant) > 5 else "")
+        )
+    if unclean:
+        warnings.append(
+            f"values left out of the ranges (NaN/inf or mask sentinels) in: {'; '.join(unclean[:5])}" + (" ..." if len(unclean) > 5 else "")
+        )
+    if empty:
+        warnings.append(f"{len(empty)} tensor(s) held only NaN/inf/sentinel values and got no range: {', '.join(empty[:5])}")
+    info = {"num_samples": stats.num_samples, "batch_size": stats.batch_size, "input_shapes": stats.input_shapes}
+    info.update(calibration_info or {})
+    return RangeSet(
+        tensors=tensors,
+        methods={cal.name: cal.params() for cal in calibrators},
+        model={"path": str(model.path), "sha256": model.sha256},
+        calibration=info,
+        quantkit_version=__version__,
+        warnings=warnings,
+    )
+
+
+def cache_path(out_dir: Path, model_path: Path, method: str) -> Path:
+    return out_dir / f"{model_path.stem}.{method}.cache"
+
+
+def write_outputs(
+    ranges: RangeSet, out_dir: str | Path, trt_version: str = DEFAULT_TRT_VERSION, algorithm: str = DEFAULT_ALGORITHM
+) -> list[Path]:
+    """Write ``ranges.json`` and ``<model>.<method>.cache`` for every method, all or nothing."""
+    out = Path(out_dir)
+    model_path = Path(ranges.model["path"])
+    files = {out / "ranges.json": ranges.dumps().encode()}
+    for method in ranges.methods:
+        files[cache_path(out, model_path, method)] = format_trt_cache(ranges.scales(method), trt_version, algorithm)
+    return write_files_atomic(files)
+
+
+@dataclass
+class CalibrationResult:
+    ranges: RangeSet
+    stats: CalibrationStats
+    files: list[Path]
+    timings: dict[str, float]
+    data_description: str
+
+
+def calibrate(
+    model: str | Path | ModelInfo,
+    data: str | Path,
+    options: CalibrationOptions | None = None,
+    *,
+    data_options: DataOptions | None = None,
+    runtime: RuntimeOptions | None = None,
+    out: str | Path | None = None,
+    quiet: bool = True,
+    collector: Collector | None = None,
+    **legacy: Any,
+) -> CalibrationResult:
+    """Calibrate ``model`` on ``data``; write ranges.json and the caches to ``out`` if given.
+
+    ``collector`` chooses where the model runs (default: this process). The keyword arguments of
+    earlier versions (``methods=``, ``num_samples=``, ``batch_size=``, ``preprocess=``, ...) are
+    mapped onto the options objects. Every failure the user can fix raises ``QuantkitError``
+    before anything is written.
+    """
+    options, data_options, runtime = split_options(
+        legacy, "calibrate", options or CalibrationOptions(), data_options or DataOptions(), runtime or RuntimeOptions()
+    )
+    timer = StepTimer(quiet)
+    calibrators = make_calibrators(options.methods, options.percentile)  # fail fast on unknown methods
+    out_dir = ensure_writable_dir(out) if out is not None else None
+    with timer.step("load model"):
+        info = model if isinstance(model, ModelInfo) else load_model(model)
+    spec = data_options.preprocess or PreprocessSpec()
+    source_spec = SourceSpec(str(data), spec, data_options.input_name, data_options.shuffle, data_options.seed)
+    source = source_spec.open(info)
+    tensors = select_calibration_tensors(info.proto, options.all_tensors)
+    if not tensors:
+        raise QuantkitError(f"model {info.path} has no float activations to calibrate")
+    collector = collector or LocalCollector(runtime.providers, runtime.threads)
+    warnings: list[str] = []
+    total = data_options.num_samples if data_options.num_samples is not None else source.size
+    bar = sample_bar(total, "calibrating", quiet)
+    try:
+        with timer.step("collect statistics"):
+            request = CollectRequest(
+                source_spec, tensors, data_options.batch_size, data_options.num_samples, options.bins, warnings, bar.update
+            )
+            stats = collector.collect(info, source, request)
+    finally:
+        bar.close()
+    with timer.step("compute ranges"):
+        calibration_info: dict[str, Any] = {
+            "data": str(data),
+            "bins": options.bins,
+            "shuffle": data_options.shuffle,
+            "seed": data_options.seed,
+        }
+        if hasattr(source, "preprocess"):
+            calibration_info["preprocess"] = source.preprocess.to_json()
+        ranges = compute_ranges(stats, calibrators, info, calibration_info, warnings)
+    files: list[Path] = []
+    if out_dir is not None:
+        with timer.step("write outputs"):
+            files = write_outputs(ranges, out_dir, options.trt_version, options.cache_algorithm)
+    return CalibrationResult(ranges, stats, files, dict(timer.times), source.description)
+
+
+def summary_table(result: CalibrationResult) -> str:
+    """Human summary: counts, timings, and per-method amax spread (relative to minmax where present)."""
+    r = result.ranges
+    lines = [
+        f"calibrated {len(r.tensors)} tensors on {r.calibration['num_samples']} samples "
+        f"(batch {r.calibration['batch_size']}) from {result.data_description}",
+        "time: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
+        "",
+        f"{'method':<11}{'min amax':>12}{'median amax':>14}{'max amax':>12}{'median amax/minmax':>20}",
+    ]
+    names = list(r.tensors)
+    minmax = np.array([max(abs(r.tensors[n].min), abs(r.tensors[n].max)) for n in names])
+    for method in r.methods:
+        a = np.array([r.tensors[n].amax[method] for n in names])
+        ratio = np.median(np.where(minmax > 0, a / np.where(minmax > 0, minmax, 1), 1.0))
+        lines.append(f"{method:<11}{a.min():>12.4g}{np.median(a):>14.4g}{a.max():>12.4g}{ratio:>20.3f}")
+    for w in r.warnings:
+        lines.append(f"warning: {w}")
+    if result.files:
+        lines.append("")
+        lines += [f"wrote {p}" for p in result.files]
+    return "\n".join(lines)

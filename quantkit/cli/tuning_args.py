@@ -1,0 +1,56 @@
+"""Flags shared by ``quantkit sensitivity`` and ``quantkit tune``, and the inputs both start from."""
+
+from __future__ import annotations
+
+import argparse
+
+from quantkit.cli.args import add_preprocess_args, add_scale_out_args, data_options_from_args
+from quantkit.evaluation.metrics import METRICS
+from quantkit.model import ModelInfo
+from quantkit.options import TARGETS, ExportOptions
+from quantkit.ranges import RangeSet
+from quantkit.tuning.sensitivity import Evaluator, prepare
+
+
+def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
+    p.add_argument("model", help="FP32 ONNX model")
+    p.add_argument("--calib", help="calibration data (or --ranges)")
+    p.add_argument("--ranges", help="ranges.json from quantkit calibrate")
+    p.add_argument("--val", required=True, help="validation data; labels (a label column, npz key or folder names) give the task metric")
+    p.add_argument("--method", default="entropy", help="calibration method whose ranges are used (default entropy)")
+    p.add_argument("--target", choices=TARGETS, default="tensorrt", help="Q/DQ placement (default tensorrt)")
+    p.add_argument(
+        "--metric", default="top1", choices=sorted(METRICS), help="task metric where labels exist (else top-1 agreement with FP32)"
+    )
+    p.add_argument("--no-labels", action="store_true", help="use top-1 agreement with FP32 even where labels exist")
+    p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
+    p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true")
+    if tune:
+        p.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the tuned model may lose (default 0.5)")
+        p.add_argument("--fallback", choices=["fp16", "fp32"], default="fp32", help="precision of the nodes taken out of INT8")
+        p.add_argument("--max-trials", type=int, help="stop after N trials (the best plan so far is saved)")
+        p.add_argument("--timeout", type=float, help="stop after S seconds (the best plan so far is saved)")
+        p.add_argument(
+            "--start-from-known", action="store_true", help="start with Softmax/LayerNorm and the first/last layers in high precision"
+        )
+    add_scale_out_args(p)
+    add_preprocess_args(p)
+
+
+def tuning_inputs(args: argparse.Namespace) -> tuple[ModelInfo, RangeSet, Evaluator, ExportOptions]:
+    model, ranges, evaluator = prepare(
+        args.model,
+        args.val,
+        calib=args.calib,
+        ranges_path=args.ranges,
+        method=args.method,
+        data_options=data_options_from_args(args, shuffle=False),
+        num_calib_samples=args.num_calib_samples,
+        metric=args.metric,
+        use_labels=not args.no_labels,
+    )
+    method = args.method if args.method in ranges.methods else None
+    return model, ranges, evaluator, ExportOptions(method, args.target, allow_missing=True)

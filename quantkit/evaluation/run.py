@@ -1,0 +1,222 @@
+"""Evaluation: every variant of a model against the FP32 baseline, for accuracy, fidelity, speed and size.
+
+A variant is built on the fly from the model and the calibration data, or taken from a file:
+- ``fp32`` is the model itself;
+- ``fp16`` is ``quantkit.fp16.convert_fp16``;
+- ``int8:<method>`` is ``quantkit.qdq.quantize_model`` with that method's ranges. Its placement
+  follows the runtime: onnxruntime's on ``ort-*``, TensorRT's on ``tensorrt``.
+  ``int8-tensorrt:<method>`` / ``int8-onnxruntime:<method>`` choose the placement explicitly;
+- ``modelopt`` is NVIDIA ModelOpt's ONNX INT8 quantization, where ``nvidia-modelopt`` is installed;
+- ``NAME=path.onnx`` is a model file of the user's.
+
+A variant that fails to build or run is recorded with its error, and the others still run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit._io import StepTimer
+from quantkit.backends.ort import make_session, runtime_providers
+from quantkit.data.batching import Batch, batches
+from quantkit.data.preprocess import PreprocessSpec
+from quantkit.data.sources import open_source
+from quantkit.errors import QuantkitError
+from quantkit.evaluation.latency import Latency, hardware, measure_all
+from quantkit.evaluation.metrics import METRICS, Metric, OutputFidelity, fidelity
+from quantkit.evaluation.variants import CalibrationInput, build_variants, parse_variants
+from quantkit.model import ModelInfo, load_model
+from quantkit.options import DataOptions, EvalOptions, RuntimeOptions, split_options
+
+
+@dataclass
+class VariantResult:
+    name: str
+    size_bytes: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    fidelity: list[OutputFidelity] = field(default_factory=list)
+    latency: Latency | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    model: dict[str, Any]
+    runtime: str
+    providers: list[str]
+    hardware: str
+    data: dict[str, Any]
+    metric_names: list[str]
+    labelled: bool
+    variants: list[VariantResult]
+    max_drop: float | None = None
+    flags: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def variant(self, name: str) -> VariantResult:
+        return next(v for v in self.variants if v.name == name)
+
+
+def _collect(data: Sequence[Batch], session: Any) -> list[np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    per_output: list[list[np.ndarray]] = [[] for _ in names]
+    for batch in data:
+        for i, value in enumerate(session.run(names, batch.feeds)):
+            per_output[i].append(np.asarray(value))
+    return [np.concatenate(v) if v and v[0].ndim else np.stack(v) for v in per_output]
+
+
+def evaluate(
+    model: str | Path | ModelInfo,
+    data: str | Path,
+    options: EvalOptions | None = None,
+    *,
+    data_options: DataOptions | None = None,
+    runtime: RuntimeOptions | str | None = None,
+    calib: str | Path | None = None,
+    ranges_path: str | Path | None = None,
+    workdir: str | Path | None = None,
+    quiet: bool = True,
+    **legacy: Any,
+) -> EvalResult:
+    """Evaluate every variant on ``data`` against FP32 (see the module docstring).
+
+    ``calib`` or ``ranges_path`` give int8 variants their ranges. The old keywords
+    (``variants=``, ``metrics=``, ``num_samples=``, ``runtime="ort-cpu"``, ...) still work.
+    """
+    runtime = RuntimeOptions(runtime) if isinstance(runtime, str) else runtime
+    options, data_options, runtime = split_options(
+        legacy, "evaluate", options or EvalOptions(), data_options or DataOptions(shuffle=False), runtime or RuntimeOptions()
+    )
+    timer = StepTimer(quiet)
+    providers = list(runtime.providers or runtime_providers(runtime.runtime))
+    info = model if isinstance(model, ModelInfo) else load_model(model)
+    specs = parse_variants(options.variants, runtime.runtime)
+    spec = data_options.preprocess or PreprocessSpec()
+    metric_fns: list[tuple[str, Metric]] = []
+    for m in options.metrics:
+        if callable(m):
+            metric_fns.append((getattr(m, "__name__", "metric"), m))
+        elif m in METRICS:
+            metric_fns.append((m, METRICS[m]))
+        else:
+            raise QuantkitError(f"unknown metric '{m}'; built in: {', '.join(METRICS)}, or pass a callable from Python", option="metrics")
+
+    with timer.step("load validation data"):
+        source = open_source(
+            data,
+            info,
+            spec,
+            input_name=data_options.input_name,
+            shuffle=data_options.shuffle,
+            seed=data_options.seed,
+            label_column=data_options.label_column,
+        )
+        val = list(batches(source, info, data_options.batch_size, data_options.num_samples, source.description))
+    sample_labels = [label for b in val for label in b.labels]
+    labelled = options.labels and bool(sample_labels) and all(label is not None for label in sample_labels)
+    notes: list[str] = []
+    if options.labels and not labelled:
+        notes.append(f"{source.description} has no labels: the report shows fidelity against FP32 only")
+
+    calibration = CalibrationInput(info, calib, ranges_path, spec, options.num_calib_samples, data_options.batch_size)
+    with tempfile.TemporaryDirectory(prefix="quantkit-eval-") as tmp:
+        work = Path(workdir) if workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        with timer.step("build variants"):
+            built = build_variants(info, specs, work, calibration)
+        reference: list[np.ndarray] | None = None
+        results: list[VariantResult] = []
+        timed: list[tuple[VariantResult, Any]] = []
+        with timer.step("run variants"):
+            for spec_ in specs:
+                result = VariantResult(spec_.name)
+                results.append(result)
+                target = built[spec_.name]
+                if isinstance(target, str):
+                    result.error = target
+                    continue
+                result.size_bytes = Path(target).stat().st_size
+                if spec_.kind == "int8" and spec_.target == "tensorrt" and runtime.runtime != "tensorrt":
+                    result.notes.append(
+                        "TensorRT-format Q/DQ (symmetric int8): accuracy is what TensorRT computes; its CPU latency is not TensorRT's"
+                    )
+                try:
+                    # sessions stay alive to be timed in interleaved rounds: idle ones must not spin on the cores
+                    session = make_session(str(target), providers, spinning=False)
+                    outputs = _collect(val, session)
+                except Exception as exc:  # noqa: BLE001 - recorded; the other variants still run
+                    result.error = f"does not run on {runtime.runtime}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
+                    continue
+                names = [o.name for o in session.get_outputs()]
+                if spec_.kind == "fp32":
+                    reference = outputs
+                if labelled:
+                    for name, fn in metric_fns:
+                        try:
+                            result.metrics[name] = float(fn(outputs, sample_labels))
+                        except Exception as exc:  # noqa: BLE001 - a metric that does not fit the outputs is a user error
+                            raise QuantkitError(
+                                f"metric {name} failed on the outputs of {spec_.name} (first output shape {outputs[0].shape}, "
+                                f"{len(sample_labels)} labels): {exc}; check --labels and --metric"
+                            ) from None
+                if reference is not None:
+                    result.fidelity = [
+                        fidelity(n, r, o, (options.slices or {}).get(n)) for n, r, o in zip(names, reference, outputs, strict=True)
+                    ]
+                timed.append((result, session))
+        if options.latency and timed:
+            with timer.step("measure latency"):
+                measure_all(timed, val[0].feeds, options.throughput_batch)
+    evaluation = EvalResult(
+        model={"path": str(info.path), "sha256": info.sha256},
+        runtime=runtime.runtime,
+        providers=providers,
+        hardware=hardware(),
+        data={"path": str(data), "samples": sum(len(b) for b in val), "calibration": str(calib or ranges_path or "")},
+        metric_names=[n for n, _ in metric_fns] if labelled else [],
+        labelled=labelled,
+        variants=results,
+        max_drop=options.max_drop,
+        flags=notes,
+        timings=dict(timer.times),
+    )
+    evaluation.flags += flags_for(evaluation)
+    return evaluation
+
+
+def flags_for(result: EvalResult) -> list[str]:
+    """What a user deciding what to deploy must not miss."""
+    flags = []
+    base = result.variant("fp32") if any(v.name == "fp32" for v in result.variants) else None
+    fp16 = next((v for v in result.variants if v.name == "fp16" and v.latency), None)
+    for v in result.variants:
+        if v.error:
+            flags.append(f"{v.name} failed: {v.error}")
+            continue
+        if v.name.startswith("int8") and fp16 and v.latency and v.latency.batch1_p50_ms >= fp16.latency.batch1_p50_ms:
+            where = " (TensorRT-format Q/DQ on a CPU runtime)" if v.notes else ""
+            flags.append(
+                f"{v.name} is not faster than fp16 at batch 1 ({v.latency.batch1_p50_ms:.3f} vs {fp16.latency.batch1_p50_ms:.3f} ms){where}"
+            )
+        if result.max_drop is not None and base is not None and v is not base:
+            if result.metric_names:
+                key = result.metric_names[0]
+                drop = 100 * (base.metrics.get(key, 0) - v.metrics.get(key, 0))
+            else:
+                key, drop = "top-1 agreement", 100 * (1 - (v.fidelity[0].top1_agreement if v.fidelity else 0))
+            if drop > result.max_drop:
+                flags.append(f"{v.name} loses {drop:.2f} points of {key}, over the {result.max_drop} budget")
+        for f in v.fidelity:
+            collapsed = f.collapsed_slices
+            if collapsed:
+                shown = ", ".join(f"{s.label()} {s.sqnr_db:.1f} dB" for s in collapsed[:6])
+                flags.append(f"{v.name}: output {f.output} has {len(collapsed)} collapsed slice(s) along axis {collapsed[0].axis}: {shown}")
+    return flags

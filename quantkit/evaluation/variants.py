@@ -1,0 +1,145 @@
+"""The variants ``evaluate`` compares, built on the fly from the model and the calibration data.
+
+- ``fp32`` is the model itself; ``fp16`` is ``quantkit.export.fp16.convert_fp16``;
+- ``int8:<method>`` is ``quantkit.export.qdq.quantize_model`` with that method's ranges, its
+  placement following the runtime (``int8-tensorrt:`` / ``int8-onnxruntime:`` choose it);
+- ``modelopt`` is NVIDIA ModelOpt's ONNX INT8 quantization, where ``nvidia-modelopt`` is installed;
+- ``NAME=path.onnx`` is a model file of the user's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from quantkit._deps import install_hint, optional
+from quantkit.calibration.methods import METHOD_NAMES
+from quantkit.calibration.pipeline import calibrate
+from quantkit.data.batching import batches
+from quantkit.data.preprocess import PreprocessSpec
+from quantkit.data.sources import open_source
+from quantkit.errors import QuantkitError
+from quantkit.export.fp16 import convert_fp16
+from quantkit.export.qdq import quantize_model
+from quantkit.model import ModelInfo
+from quantkit.ranges import RangeSet
+
+MODELOPT_MISSING = f"nvidia-modelopt is not installed: {install_hint('modelopt')} to compare with ModelOpt"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    kind: str  # fp32, fp16, int8, modelopt, file
+    method: str | None = None
+    target: str | None = None
+    path: Path | None = None
+
+
+def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
+    default_target = "tensorrt" if runtime == "tensorrt" else "onnxruntime"
+    specs: list[VariantSpec] = []
+    for item in [v.strip() for v in text.split(",") if v.strip()]:
+        if "=" in item:
+            name, path = item.split("=", 1)
+            specs.append(VariantSpec(name, "file", path=Path(path)))
+        elif item in ("fp32", "fp16", "modelopt"):
+            specs.append(VariantSpec(item, item))
+        elif item.startswith("int8"):
+            head, _, method = item.partition(":")
+            target = head.partition("-")[2] or default_target
+            method = method or "entropy"
+            if target not in ("tensorrt", "onnxruntime") or method not in METHOD_NAMES:
+                raise QuantkitError(f"variant '{item}': use int8[-tensorrt|-onnxruntime]:<{'|'.join(METHOD_NAMES)}>")
+            specs.append(VariantSpec(item, "int8", method=method, target=target))
+        else:
+            raise QuantkitError(
+                f"unknown variant '{item}'; use fp32, fp16, int8:<method>, int8-tensorrt:<method>, modelopt, or NAME=model.onnx"
+            )
+    if not any(s.kind == "fp32" for s in specs):
+        specs.insert(0, VariantSpec("fp32", "fp32"))  # the baseline every other variant is compared with
+    return specs
+
+
+@dataclass
+class CalibrationInput:
+    """Where int8 variants get their ranges (a ranges file, or calibration data calibrated once)."""
+
+    model: ModelInfo
+    calib: str | Path | None = None
+    ranges_path: str | Path | None = None
+    preprocess: PreprocessSpec | None = None
+    num_samples: int | None = None
+    batch_size: int = 32
+    methods: str = "all"
+    _ranges: Any = None
+
+    def ranges(self) -> Any:
+        if self._ranges is None:
+            if self.ranges_path is not None:
+                self._ranges = RangeSet.load(self.ranges_path)
+            elif self.calib is not None:
+                self._ranges = calibrate(
+                    self.model,
+                    self.calib,
+                    methods=self.methods,
+                    num_samples=self.num_samples,
+                    batch_size=self.batch_size,
+                    preprocess=self.preprocess,
+                ).ranges
+            else:
+                raise QuantkitError("int8 variants need calibration data (--calib) or --ranges")
+        return self._ranges
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The calibration samples as input name -> stacked array (ModelOpt's calibration_data)."""
+        if self.calib is None:
+            raise QuantkitError("the modelopt variant needs calibration data (--calib)")
+        got = list(batches(open_source(self.calib, self.model, self.preprocess), self.model, self.batch_size, self.num_samples))
+        return {k: np.concatenate([b.feeds[k] for b in got]) for k in got[0].feeds}
+
+
+def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path, calibration: CalibrationInput) -> dict[str, Path | str]:
+    """Variant name -> model file, or the error that kept it from being built."""
+    built: dict[str, Path | str] = {}
+    for spec in specs:
+        path = workdir / f"{model.path.stem}.{spec.name.replace(':', '.')}.onnx"
+        try:
+            if spec.kind == "fp32":
+                built[spec.name] = model.path
+            elif spec.kind == "file":
+                if not spec.path or not spec.path.is_file():
+                    raise QuantkitError(f"model file not found: {spec.path}")
+                built[spec.name] = spec.path
+            elif spec.kind == "fp16":
+                fp16, _ = convert_fp16(model.proto)
+                onnx.save(fp16, str(path))
+                built[spec.name] = path
+            elif spec.kind == "int8":
+                q, _ = quantize_model(model, calibration.ranges(), method=spec.method, target=spec.target or "tensorrt")
+                onnx.save(q, str(path))
+                built[spec.name] = path
+            elif spec.kind == "modelopt":
+                built[spec.name] = _modelopt_variant(model, path, calibration)
+        except QuantkitError as exc:
+            built[spec.name] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the others
+            built[spec.name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+    return built
+
+
+def _modelopt_variant(model: ModelInfo, path: Path, calibration: CalibrationInput) -> Path | str:
+    modelopt = optional("modelopt.onnx.quantization")
+    if modelopt is None:
+        return MODELOPT_MISSING
+    modelopt_quantize = modelopt.quantize
+    arrays = calibration.arrays()
+    modelopt_quantize(
+        onnx_path=str(model.path), quantize_mode="int8", calibration_data=arrays, calibration_eps=["cpu"], output_path=str(path)
+    )
+    return path

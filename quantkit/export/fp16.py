@@ -1,0 +1,224 @@
+"""FP16 conversion: weights and compute in float16, graph inputs/outputs kept float32 by casts.
+
+The result is strongly typed in TensorRT 11's sense: every op's float inputs agree in type, and
+precision changes only at explicit Cast nodes. Nodes stay in FP32, with the reason recorded,
+when any of these holds:
+- ``precisions`` (from a plan, see ``fp16_precisions``) says fp32;
+- the op type is in ``DEFAULT_KEEP_FP32`` (reductions that overflow float16, index and random
+  ops, Q/DQ) or in ``keep_op_types`` (e.g. Softmax, LayerNormalization on request);
+- calibrated ranges show an input or output beyond float16's +/-65504;
+- an initializer it reads does not fit in float16.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit.errors import QuantkitError
+from quantkit.optypes import FLOAT32_ONLY_INPUTS, FP16_KEEP_FP32_OPS
+from quantkit.plan import PrecisionPlan
+from quantkit.ranges import RangeSet
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+DEFAULT_KEEP_FP32 = FP16_KEEP_FP32_OPS
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16}
+
+
+@dataclass
+class Fp16Report:
+    fp16_nodes: list[str] = field(default_factory=list)
+    kept_fp32: dict[str, str] = field(default_factory=dict)  # node -> reason
+    casts_inserted: int = 0
+    initializers_converted: int = 0
+
+    def summary(self) -> str:
+        lines = [
+            f"{len(self.fp16_nodes)} node(s) in float16, {len(self.kept_fp32)} kept in float32, {self.casts_inserted} Cast(s) inserted"
+        ]
+        if self.kept_fp32:
+            reasons = Counter(self.kept_fp32.values())
+            lines.append("kept in float32: " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
+        return "\n".join(lines)
+
+
+def _exceeds_fp16(ranges: RangeSet, name: str) -> bool:
+    t = ranges.tensors.get(name)
+    # mask sentinels (-3.4e38) were kept out of min/max but still flow through the tensor
+    return t is not None and (max(abs(t.min), abs(t.max)) > FP16_MAX or t.sentinels > 0)
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    g = inferred.graph
+    types = {init.name: init.data_type for init in g.initializer}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    return types
+
+
+def fp16_precisions(plan: PrecisionPlan | None, names: list[str], quantized: set[str] | None = None) -> dict[str, str]:
+    """Node -> fp16/fp32 for the FP16 pass, from a precision plan.
+
+    ``fp32`` stays fp32 and ``fp16`` converts. For ``int8`` nodes there are two cases:
+    - after quantization (``quantized`` given): a quantized node keeps float32 around its Q/DQ;
+      one that could not be quantized goes to the plan's fallback;
+    - in a plain FP16 conversion (``quantized`` None): they become fp16, the lowest precision
+      available without Q/DQ.
+    """
+    if plan is None:
+        resolved = dict.fromkeys(names, "int8")
+    elif quantized is None:
+        resolved = plan.resolve(names)
+    else:  # after quantize_model, which validated the plan against the original model
+        resolved = {n: plan.precision_of(n) for n in names}
+    out = {}
+    for name in names:
+        p = resolved[name]
+        if p == "int8":
+            if quantized is None:
+                p = "fp16"
+            elif name in quantized:
+                p = "fp32"
+            else:
+                p = plan.fallback if plan is not None else "fp32"
+        out[name] = p
+    return out
+
+
+def convert_fp16(
+    model: onnx.ModelProto,
+    *,
+    precisions: dict[str, str] | None = None,
+    ranges: RangeSet | None = None,
+    keep_op_types: set[str] | frozenset[str] = frozenset(),
+) -> tuple[onnx.ModelProto, Fp16Report]:
+    """Return a float16 copy of ``model`` (FP32 where needed, see the module doc) and its report."""
+    src = onnx.ModelProto()
+    src.CopyFrom(model)
+    graph = src.graph
+    for i, node in enumerate(graph.node):  # plans and reports key on node names
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    if any(init.data_type == TensorProto.FLOAT16 for init in graph.initializer):
+        raise QuantkitError("the model already holds float16 weights; convert its FP32 original instead")
+    types = _tensor_types(src)
+    report = Fp16Report()
+    precisions = precisions or {}
+    initializers = {init.name: init for init in graph.initializer}
+    keep = DEFAULT_KEEP_FP32 | set(keep_op_types)
+
+    # ---- decide each node's precision ------------------------------------------------------
+    fp16: set[str] = set()
+    for node in graph.node:
+        reason = ""
+        if precisions.get(node.name) == "fp32":
+            reason = "plan: fp32"
+        elif node.op_type in keep:
+            reason = f"{node.op_type} kept in float32" + (
+                " (may overflow float16)" if node.op_type.startswith("Reduce") or node.op_type == "CumSum" else ""
+            )
+        elif node.domain not in ("", "ai.onnx"):
+            reason = f"custom-domain op {node.domain}.{node.op_type}"
+        elif ranges is not None and any(_exceeds_fp16(ranges, t) for t in [*node.input, *node.output]):
+            reason = "range exceeds float16 (65504)"
+        else:
+            for name in node.input:
+                init = initializers.get(name)
+                if init is not None and init.data_type == TensorProto.FLOAT:
+                    values = numpy_helper.to_array(init)
+                    if values.size and np.abs(values).max() > FP16_MAX:
+                        reason = "weights exceed float16 (65504)"
+                        break
+        if reason:
+            report.kept_fp32[node.name] = reason
+        elif any(types.get(t, 0) in _FLOAT_TYPES for t in [*node.input, *node.output]) or node.op_type == "Constant":
+            fp16.add(node.name)
+
+    # ---- rewrite: initializers, Constant values, Cast targets, and Casts at boundaries -------
+    dtype_of: dict[str, int] = {}  # tensor -> its new float type (only float tensors)
+    for name, t in types.items():
+        if t == TensorProto.FLOAT:
+            dtype_of[name] = TensorProto.FLOAT
+    # initializers read only by fp16 nodes become float16; shared ones are cast where needed
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, slot))
+    for name, init in initializers.items():
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        users = readers.get(name, [])
+        if users and all(n.name in fp16 and slot not in FLOAT32_ONLY_INPUTS.get(n.op_type, ()) for n, slot in users):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), name))
+            dtype_of[name] = TensorProto.FLOAT16
+            report.initializers_converted += 1
+    # outputs of fp16 nodes become float16
+    for node in graph.node:
+        if node.name not in fp16:
+            continue
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+                    attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+        if node.op_type == "ConstantOfShape":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+                    attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = TensorProto.FLOAT16
+        for out in node.output:
+            if dtype_of.get(out) == TensorProto.FLOAT or (node.op_type in ("Constant", "Cast", "ConstantOfShape") and out in dtype_of):
+                dtype_of[out] = TensorProto.FLOAT16
+        report.fp16_nodes.append(node.name)
+
+    casts: dict[tuple[str, int], str] = {}  # one Cast per (tensor, type), reused by later readers
+    body: list[onnx.NodeProto] = []
+
+    def cast(name: str, to: int) -> str:
+        key = (name, to)
+        if key not in casts:
+            suffix = "fp16" if to == TensorProto.FLOAT16 else "fp32"
+            out = f"{name}_cast_{suffix}"
+            body.append(helper.make_node("Cast", [name], [out], name=f"{name}_Cast_{suffix}", to=to))  # before its first reader
+            casts[key] = out
+            report.casts_inserted += 1
+        return casts[key]
+
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            have = dtype_of.get(name)
+            if have is None:
+                continue  # not a float tensor
+            want = TensorProto.FLOAT16 if node.name in fp16 and slot not in FLOAT32_ONLY_INPUTS.get(node.op_type, ()) else TensorProto.FLOAT
+            if node.op_type in ("Cast",) and node.name in fp16:
+                continue  # a Cast accepts any input type
+            if have != want:
+                node.input[slot] = cast(name, want)
+        body.append(node)
+    del graph.node[:]
+    graph.node.extend(body)
+
+    # graph inputs stay float32 (casts were added above); outputs are cast back to float32
+    for out in graph.output:
+        if dtype_of.get(out.name) == TensorProto.FLOAT16:
+            internal = f"{out.name}_fp16"
+            for node in graph.node:
+                node.output[:] = [internal if o == out.name else o for o in node.output]
+                node.input[:] = [internal if i == out.name else i for i in node.input]
+            graph.node.append(helper.make_node("Cast", [internal], [out.name], name=f"{out.name}_Cast_fp32", to=TensorProto.FLOAT))
+            report.casts_inserted += 1
+    # value_info is stale after retyping: drop it and let shape inference recompute it
+    del graph.value_info[:]
+    try:
+        out_model = onnx.shape_inference.infer_shapes(src, strict_mode=True)
+        onnx.checker.check_model(out_model)
+    except Exception as exc:  # noqa: BLE001 - inference and checker raise several types
+        raise QuantkitError(f"internal error: the float16 model is not type-consistent: {str(exc).splitlines()[0]}") from None
+    return out_model, report

@@ -1,0 +1,414 @@
+"""Explicit quantization: QuantizeLinear/DequantizeLinear pairs placed from calibrated ranges.
+
+Two placements (``target``):
+
+- ``tensorrt`` (TensorRT's Q/DQ guide, shared/reference/tensorrt-facts.md section 4):
+  - Q/DQ on the inputs of Conv, ConvTranspose, Gemm and MatMul only. Activations are int8,
+    per-tensor, symmetric (zero point 0, scale = amax/127 from the ranges).
+  - Weights are int8 per-channel: axis 0, axis 1 for ConvTranspose and for ``[K, N]`` Gemm/MatMul
+    weights.
+  - In a skip-connection Add, the residual input is quantized, so TensorRT can fuse Conv+Add.
+  - No Q/DQ on the outputs of weighted ops. GEMV-shaped MatMuls (M or N = 1) stay in float.
+  - Everything else (BN, activations, Softmax, LayerNorm, mask arithmetic, pooling, Concat) stays
+    in float. TensorRT propagates Q/DQ through the ops that commute with them, and a Concat
+    behind one Q/DQ gets one shared scale that way.
+- ``onnxruntime``: the pattern onnxruntime's CPU provider fuses into integer kernels.
+  - uint8 asymmetric activations, on the inputs of every int8-capable op (weighted ops, Add,
+    Concat, pooling). So each op's output is quantized where the next op reads it.
+  - int8 per-channel weights.
+
+Graph edits go through onnx-graphsurgeon's IR. Every decision is recorded in a
+``QuantizeReport``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from quantkit.errors import QuantkitError
+from quantkit.graph.passes import fold_batchnorm
+from quantkit.model import ModelInfo, effective_outputs
+from quantkit.optypes import ALREADY_QUANTIZED_OPS, EPILOGUE_OPS, ORT_INT8_OPS, WEIGHTED_OPS
+from quantkit.plan import PrecisionPlan
+from quantkit.ranges import RangeSet, amax_to_scale, ranges_from_scales
+
+TARGETS = ("tensorrt", "onnxruntime")
+MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis)
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize_model`` did, node by node (the CLI prints its summary)."""
+
+    target: str
+    method: str
+    int8_nodes: list[str] = field(default_factory=list)
+    activation_params: dict[str, tuple[float, int]] = field(default_factory=dict)  # tensor -> (scale, zero point)
+    weight_scales: dict[str, np.ndarray] = field(default_factory=dict)  # initializer -> per-channel scales
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it was left in float
+    missing_ranges: list[str] = field(default_factory=list)
+    float_op_counts: dict[str, int] = field(default_factory=dict)  # op types with no int8 placement
+    opset_converted_from: int | None = None
+    folded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn), onnxruntime target
+
+    def summary(self) -> str:
+        lines = [
+            f"{len(self.int8_nodes)} node(s) quantized for {self.target} ({self.method} ranges): "
+            f"{len(self.activation_params)} activation Q/DQ, {len(self.weight_scales)} int8 weight tensor(s)"
+        ]
+        if self.folded_batchnorms:
+            n = len(self.folded_batchnorms)
+            lines.append(f"folded {n} BatchNormalization/bias node(s) into their Conv (onnxruntime fuses Conv+Q/DQ only then)")
+        if self.opset_converted_from is not None:
+            lines.append(f"converted the model from opset {self.opset_converted_from} to {MIN_OPSET} (per-channel Q/DQ needs it)")
+        if self.kept_float:
+            reasons = Counter(self.kept_float.values())
+            lines.append("left in float: " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
+        if self.float_op_counts:
+            lines.append("no int8 placement (float): " + ", ".join(f"{op} x{n}" for op, n in sorted(self.float_op_counts.items())))
+        if self.missing_ranges:
+            lines.append(
+                f"no range for {len(self.missing_ranges)} tensor(s), their ops left in float: {', '.join(self.missing_ranges[:5])}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class _NodePlan:
+    activations: list[int] = field(default_factory=list)  # input slots that get activation Q/DQ
+    weights: list[tuple[int, int]] = field(default_factory=list)  # (input slot, per-channel axis)
+
+
+def _const_values(tensor: gs.Tensor) -> np.ndarray | None:
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+    return None
+
+
+def _static_dim(tensor: gs.Tensor, index: int) -> int | None:
+    shape = tensor.shape
+    if shape is None or len(shape) < abs(index):
+        return None
+    d = shape[index]
+    return d if isinstance(d, int) else None
+
+
+def _weighted_branch(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` comes straight from a weighted op (through BN / a constant bias add),
+    i.e. TensorRT can fuse the consuming Add into that op's epilogue."""
+    while len(tensor.inputs) == 1 and len(tensor.outputs) == 1:
+        producer = tensor.inputs[0]
+        if producer.op in WEIGHTED_OPS:
+            return True
+        if producer.op in EPILOGUE_OPS or (producer.op == "Add" and any(_const_values(t) is not None for t in producer.inputs)):
+            tensor = next(t for t in producer.inputs if _const_values(t) is None)
+            continue
+        return False
+    return False
+
+
+def _plan_weighted(node: gs.Node) -> tuple[_NodePlan | None, str]:
+    """Slots of a Conv/ConvTranspose/Gemm/MatMul: activations per tensor, constants per channel."""
+    p = _NodePlan()
+    inputs = node.inputs
+    if node.op in ("Conv", "ConvTranspose"):
+        if _const_values(inputs[0]) is not None:
+            return None, "constant input"
+        if len(inputs) < 2 or _const_values(inputs[1]) is None:
+            return None, "weight is not a constant"
+        p.activations.append(0)
+        p.weights.append((1, 1 if node.op == "ConvTranspose" else 0))
+        return p, ""
+    if node.op == "Gemm":
+        if _const_values(inputs[0]) is not None:
+            return None, "constant input"
+        p.activations.append(0)
+        if _const_values(inputs[1]) is not None:
+            p.weights.append((1, 0 if node.attrs.get("transB", 0) else 1))
+        else:
+            p.activations.append(1)
+        return p, ""
+    # MatMul
+    a_const, b_const = _const_values(inputs[0]), _const_values(inputs[1])
+    if a_const is not None:
+        return None, "constant first input"
+    m, n = _static_dim(inputs[0], -2), (b_const.shape[-1] if b_const is not None and b_const.ndim >= 1 else _static_dim(inputs[1], -1))
+    if m == 1 or n == 1:
+        return None, "GEMV-shaped MatMul (M or N = 1)"
+    p.activations.append(0)
+    if b_const is not None:
+        if b_const.ndim < 2:
+            return None, "1-d weight"
+        p.weights.append((1, b_const.ndim - 1))
+    else:
+        p.activations.append(1)
+    return p, ""
+
+
+def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
+    if node.op in WEIGHTED_OPS:
+        return _plan_weighted(node)
+    if target == "tensorrt":
+        if node.op == "Add" and len(node.inputs) == 2 and all(_const_values(t) is None for t in node.inputs):
+            a, b = (_weighted_branch(t) for t in node.inputs)
+            if a and b:
+                return _NodePlan(activations=[1]), ""
+            if a or b:
+                return _NodePlan(activations=[1 if a else 0]), ""
+            return None, "Add without a weighted-op branch"
+        return None, ""
+    if node.op in ORT_INT8_OPS:
+        slots = [i for i, t in enumerate(node.inputs) if _const_values(t) is None and t.name]
+        if node.op == "Add" and len(slots) != 2:
+            return None, "Add with a constant operand"
+        return _NodePlan(activations=slots), ""
+    return None, ""
+
+
+def _check_not_quantized(proto: onnx.ModelProto) -> None:
+    found = sorted({n.op_type for n in proto.graph.node if n.op_type in ALREADY_QUANTIZED_OPS})
+    if found:
+        raise QuantkitError(f"the model is already quantized (it has {', '.join(found)} nodes); quantize its FP32 original instead")
+
+
+def prepare_model(model: ModelInfo | onnx.ModelProto) -> tuple[onnx.ModelProto, int | None]:
+    """A copy of the model with every node named (plans and reports key on names) at opset >= 13."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto if isinstance(model, ModelInfo) else model)
+    _check_not_quantized(proto)
+    used = {n.name for n in proto.graph.node if n.name}
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    converted = None
+    if opset < MIN_OPSET:
+        try:
+            proto = onnx.version_converter.convert_version(proto, MIN_OPSET)
+        except Exception as exc:  # noqa: BLE001 - the converter raises many types
+            raise QuantkitError(
+                f"cannot convert the model from opset {opset} to {MIN_OPSET} ({exc}); re-export it with opset >= 13"
+            ) from None
+        converted = opset
+    return proto, converted
+
+
+def node_names(model: ModelInfo | onnx.ModelProto) -> list[str]:
+    """Node names as quantkit sees them (unnamed nodes get ``<op>_<index>``), for plans."""
+    proto, _ = prepare_model(model)
+    return [n.name for n in proto.graph.node]
+
+
+def _activation_params(ranges: RangeSet, name: str, method: str, target: str) -> tuple[float, int]:
+    t = ranges.tensors[name]
+    amax = t.amax[method]
+    if target == "tensorrt":
+        return amax_to_scale(amax), 0
+    # uint8 asymmetric: the method's clipping range, intersected with what was observed, containing 0
+    rmin = min(0.0, max(t.min, -amax))
+    rmax = max(0.0, min(t.max, amax))
+    scale = float(np.float32((rmax - rmin) / 255.0))
+    if not scale > 0 or not np.isfinite(scale):
+        return 1.0, 0
+    zero_point = int(np.clip(np.round(-rmin / scale), 0, 255))
+    return scale, zero_point
+
+
+def quantize_model(
+    model: ModelInfo | onnx.ModelProto,
+    ranges: RangeSet,
+    *,
+    method: str | None = None,
+    plan: PrecisionPlan | None = None,
+    target: str = "tensorrt",
+    allow_missing: bool = False,
+    check_hash: bool = True,
+) -> tuple[onnx.ModelProto, QuantizeReport]:
+    """Return a Q/DQ copy of ``model`` and the report of what was quantized and what was not."""
+    if target not in TARGETS:
+        raise QuantkitError(f"unknown --target '{target}'; choose tensorrt or onnxruntime")
+    method = ranges.method_name(method)
+    _check_not_quantized(model.proto if isinstance(model, ModelInfo) else model)
+    if check_hash and isinstance(model, ModelInfo) and ranges.model.get("sha256") and ranges.model["sha256"] != model.sha256:
+        raise QuantkitError(
+            f"the ranges were calibrated on another model ({ranges.model.get('path')}, sha256 {ranges.model['sha256'][:12]}...) "
+            f"than {model.path} (sha256 {model.sha256[:12]}...); recalibrate this model"
+        )
+    proto, converted = prepare_model(model)
+    report = QuantizeReport(target=target, method=method, opset_converted_from=converted)
+    if plan is not None:  # validate against the model's own node names, before any folding
+        plan.resolve([n.name for n in proto.graph.node])
+    # where each op's int8 kernel would requantize (computed before BN folding; the folded Conv
+    # takes over the BN output's name, so the tensor names stay valid)
+    effective = effective_outputs(proto.graph, ORT_INT8_OPS)
+    effective_output = {n.name: effective[n.output[0]] for n in proto.graph.node if n.output and n.output[0] in effective}
+    if target == "onnxruntime":
+        proto, report.folded_batchnorms = fold_batchnorm(proto)
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    graph = gs.import_onnx(inferred)
+    # weights computed from constants (a reshaped bias, a transposed MatMul weight) become
+    # plain constants, so they are quantized per channel and never mistaken for activations
+    graph.fold_constants(error_ok=True).cleanup()
+    precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
+
+    # ---- pass 1: decide, per node, which inputs get Q/DQ -----------------------------------
+    plans: dict[str, _NodePlan] = {}
+    float_ops: Counter[str] = Counter()
+    for node in graph.nodes:
+        node_plan, reason = _plan_node(node, target)
+        if node_plan is None:
+            if reason:
+                report.kept_float[node.name] = reason
+            elif node.op not in ("Constant",):
+                float_ops[node.op] += 1
+            continue
+        if precisions[node.name] != "int8":
+            report.kept_float[node.name] = f"plan: {precisions[node.name]}"
+            continue
+        if any(node.inputs[i].dtype not in (None, np.float32) for i in node_plan.activations):
+            report.kept_float[node.name] = "activation is not float32"
+            continue
+        missing = [node.inputs[i].name for i in node_plan.activations if node.inputs[i].name not in ranges.tensors]
+        if missing:
+            report.missing_ranges += [m for m in missing if m not in report.missing_ranges]
+            report.kept_float[node.name] = "no range for an input"
+            continue
+        plans[node.name] = node_plan
+    report.float_op_counts = dict(float_ops)
+    if report.missing_ranges and not allow_missing:
+        shown = ", ".join(report.missing_ranges[:8]) + (" ..." if len(report.missing_ranges) > 8 else "")
+        raise QuantkitError(
+            f"the ranges have no entry for {len(report.missing_ranges)} tensor(s) that the placement needs: {shown}; "
+            "recalibrate (with --all-tensors if needed) or pass --allow-missing to leave those ops in float"
+        )
+
+    # TensorRT: the inputs of a Concat whose output is quantized share the output's scale, also
+    # where an input is quantized for another reader, so TensorRT never requantizes at the Concat
+    range_of: dict[str, str] = {}
+    if target == "tensorrt":
+        quantized_tensors = {n.inputs[slot].name for n in graph.nodes if n.name in plans for slot in plans[n.name].activations}
+        for node in graph.nodes:
+            if node.op == "Concat" and node.outputs and node.outputs[0].name in quantized_tensors:
+                for inp in node.inputs:
+                    if inp.name in quantized_tensors and inp.name != node.outputs[0].name:
+                        range_of[inp.name] = node.outputs[0].name
+
+    # ---- pass 2: insert Q/DQ pairs and int8 weights ----------------------------------------
+    act_dq: dict[str, gs.Variable] = {}
+    weight_dq: dict[tuple[str, int], gs.Variable] = {}
+    qtype = np.int8 if target == "tensorrt" else np.uint8
+
+    def activation(tensor: gs.Variable) -> gs.Variable:
+        if tensor.name not in act_dq:
+            scale, zp = _activation_params(ranges, range_of.get(tensor.name, tensor.name), method, target)
+            report.activation_params[tensor.name] = (scale, zp)
+            s = gs.Constant(f"{tensor.name}_scale", np.array(scale, dtype=np.float32))
+            z = gs.Constant(f"{tensor.name}_zero_point", np.array(zp, dtype=qtype))
+            q = gs.Variable(f"{tensor.name}_quantized", dtype=qtype, shape=tensor.shape)
+            dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=tensor.shape)
+            graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", inputs=[tensor, s, z], outputs=[q]))
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[q, s, z], outputs=[dq]))
+            act_dq[tensor.name] = dq
+        return act_dq[tensor.name]
+
+    def weight(tensor: gs.Tensor, axis: int) -> gs.Variable:
+        key = (tensor.name, axis)
+        if key not in weight_dq:
+            w = np.asarray(_const_values(tensor), dtype=np.float32)
+            scales = per_channel_scales(w, axis)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            q = np.clip(np.round(w / scales.reshape(shape)), -127, 127).astype(np.int8)
+            report.weight_scales[tensor.name] = scales
+            qc = gs.Constant(f"{tensor.name}_quantized", q)
+            s = gs.Constant(f"{tensor.name}_scale", scales)
+            z = gs.Constant(f"{tensor.name}_zero_point", np.zeros(scales.shape, dtype=np.int8))
+            dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=list(w.shape))
+            graph.nodes.append(
+                gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq], attrs={"axis": axis})
+            )
+            weight_dq[key] = dq
+        return weight_dq[key]
+
+    for node in list(graph.nodes):
+        node_plan = plans.get(node.name)
+        if node_plan is None:
+            continue
+        for slot in node_plan.activations:
+            node.inputs[slot] = activation(node.inputs[slot])
+        for slot, axis in node_plan.weights:
+            node.inputs[slot] = weight(node.inputs[slot], axis)
+        report.int8_nodes.append(node.name)
+
+    if target == "onnxruntime":
+        # onnxruntime runs an op as an integer kernel only when a QuantizeLinear reads its output:
+        # quantize each int8 op's effective output, for every consumer (except plan-excluded ones).
+        # Graph outputs stay float (users read them; a detector's concatenated boxes and scores
+        # would share one scale), and so does a Concat read by any float op, for the same reason.
+        tensors = graph.tensors()
+        int8 = set(report.int8_nodes)
+        for node in [n for n in graph.nodes if n.name in int8]:
+            name = effective_output.get(node.name)
+            if name is None or name not in tensors or tensors[name] in graph.outputs:
+                continue
+            if name not in ranges.tensors:
+                report.kept_float.setdefault(f"{node.name} (output)", "no range for the output")
+                continue
+            tensor = tensors[name]
+            readers = [c for c in tensor.outputs if c.op != "QuantizeLinear" and precisions.get(c.name, "int8") == "int8"]
+            if not readers or (node.op == "Concat" and any(c.name not in int8 for c in readers)):
+                continue
+            dq = activation(tensor)
+            for reader in readers:
+                for slot, inp in enumerate(reader.inputs):
+                    if inp is tensor:
+                        reader.inputs[slot] = dq
+
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = proto.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(proto.opset_import)
+    try:
+        onnx.checker.check_model(out)
+    except onnx.checker.ValidationError as exc:  # pragma: no cover - would be a quantkit bug
+        raise QuantkitError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    return out, report
+
+
+def ranges_from_qdq(model: onnx.ModelProto) -> RangeSet:
+    """Activation scales of a TensorRT-style Q/DQ model (per-tensor int8, zero point 0), as a RangeSet.
+
+    Keyed by the tensor each QuantizeLinear reads, so a TensorRT 10 cache can be written back
+    from an explicitly quantized model.
+    """
+    consts = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    scales: dict[str, float | None] = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 2:
+            continue
+        scale = consts.get(node.input[1])
+        zero = consts.get(node.input[2]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        if scale is None or scale.size != 1 or zero is None or zero.size != 1 or int(zero.reshape(())) != 0 or zero.dtype != np.int8:
+            continue  # per-channel, asymmetric or non-constant: not expressible in a TensorRT cache
+        scales[node.input[0]] = float(scale.reshape(()))
+    return ranges_from_scales(scales, "qdq", {}, {"path": "", "sha256": ""})
+
+
+def per_channel_scales(w: np.ndarray, axis: int) -> np.ndarray:
+    """Symmetric int8 scale per channel along ``axis``: max|w| / 127 (1.0 for an all-zero channel)."""
+    reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w.astype(np.float64)).max(axis=reduce_axes) if reduce_axes else np.abs(w.astype(np.float64))
+    return np.array([amax_to_scale(float(a)) for a in np.atleast_1d(amax)], dtype=np.float32)

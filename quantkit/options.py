@@ -1,0 +1,213 @@
+"""One typed, frozen options object per stage, validated when it is created.
+
+The stages' functions take these instead of long keyword lists (``calibrate(model, data,
+CalibrationOptions(methods="all"), data=DataOptions(num_samples=512))``); their old keyword
+arguments still work and are mapped onto these objects by ``split_options``. Errors name the
+field (``option=``), which the CLI shows as its flag.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
+
+from quantkit.data.preprocess import PreprocessSpec
+from quantkit.errors import QuantkitError
+from quantkit.trt_cache import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION, encode_version
+
+RUNTIME_NAMES = ("ort-cpu", "ort-cuda", "tensorrt")
+TARGETS = ("tensorrt", "onnxruntime")
+FALLBACKS = ("fp16", "fp32")
+DEFAULT_VARIANTS = "fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse"
+#: the largest histogram a tensor may get (2 x bins float64 counts); far above any useful resolution
+MAX_BINS = 1 << 16
+
+
+def _positive_int(value: Any, name: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise QuantkitError(f"{name} must be a positive integer, got {value!r}", option=name)
+
+
+def _non_negative(value: Any, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise QuantkitError(f"{name} must be a non-negative number, got {value!r}", option=name)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which samples are read and how they are batched and preprocessed."""
+
+    preprocess: PreprocessSpec | None = None
+    input_name: str | None = None  # the model input that images feed (models with several float inputs)
+    shuffle: bool = True  # image folders in a seeded shuffled order
+    seed: int = 0
+    num_samples: int | None = None  # None: all
+    batch_size: int = 32
+    label_column: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int(self.num_samples, "num_samples")
+        _positive_int(self.batch_size, "batch_size", allow_none=False)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise QuantkitError(f"seed must be an integer in [0, 2**32), got {self.seed!r}", option="seed")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where models run: the runtime name, or explicit onnxruntime providers, and threads."""
+
+    runtime: str = "ort-cpu"
+    providers: tuple[str, ...] | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIME_NAMES:
+            raise QuantkitError(f"unknown runtime '{self.runtime}'; choose from {', '.join(RUNTIME_NAMES)}", option="runtime")
+        _positive_int(self.threads, "threads")
+        if self.providers is not None:
+            object.__setattr__(self, "providers", tuple(self.providers))
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What statistics are collected and which ranges and caches come out of them."""
+
+    methods: str | tuple[str, ...] = "entropy"  # a name, a comma list, or "all"
+    percentile: float = 99.99
+    bins: int = 2048
+    all_tensors: bool = False
+    trt_version: str = DEFAULT_TRT_VERSION
+    cache_algorithm: str = DEFAULT_ALGORITHM
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.methods, str):
+            object.__setattr__(self, "methods", tuple(self.methods))
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 256 or self.bins & (self.bins - 1):
+            raise QuantkitError(f"bins must be a power of two of at least 256, got {self.bins!r}", option="bins")
+        if self.bins > MAX_BINS:
+            raise QuantkitError(f"bins must be at most {MAX_BINS}, got {self.bins}", option="bins")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 0.0 < self.percentile <= 100.0:
+            raise QuantkitError(f"percentile must be in (0, 100], got {self.percentile!r}", option="percentile")
+        if self.cache_algorithm not in ALGORITHMS:
+            raise QuantkitError(
+                f"cache_algorithm must be one of {', '.join(ALGORITHMS)}, got {self.cache_algorithm!r}", option="cache_algorithm"
+            )
+        encode_version(self.trt_version)  # a clear error for a version the cache header cannot hold
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How a model is quantized: which method's ranges, which placement, which plan."""
+
+    method: str | None = None  # None: the ranges' default method
+    target: str = "tensorrt"
+    allow_missing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise QuantkitError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}", option="target")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Which variants ``evaluate`` builds and what it measures."""
+
+    variants: str = DEFAULT_VARIANTS
+    metrics: tuple[Any, ...] = ("top1",)  # names or callables (outputs, labels) -> float
+    labels: bool = True  # use labels where the data has them
+    max_drop: float | None = None
+    slices: dict[str, list[tuple[int, int, int]]] | None = None
+    latency: bool = True
+    throughput_batch: int = 32
+    num_calib_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "metrics", tuple([self.metrics] if isinstance(self.metrics, str) or callable(self.metrics) else self.metrics)
+        )
+        _non_negative(self.max_drop, "max_drop")
+        _positive_int(self.throughput_batch, "throughput_batch", allow_none=False)
+        _positive_int(self.num_calib_samples, "num_calib_samples")
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """The accuracy target and the budget of the per-layer precision search."""
+
+    max_drop: float = 0.5
+    fallback: str = "fp32"
+    max_trials: int | None = None
+    timeout: float | None = None
+    start_from_known: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise QuantkitError(f"fallback must be fp16 or fp32, got {self.fallback!r}", option="fallback")
+        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or not math.isfinite(self.max_drop):
+            raise QuantkitError(f"max_drop must be a number of accuracy points, got {self.max_drop!r}", option="max_drop")
+        _positive_int(self.max_trials, "max_trials")
+        _non_negative(self.timeout, "timeout")
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    """Ray workers for calibration shards and tuning trials (results identical to one process)."""
+
+    workers: int | None = None  # None: one process, Ray is never imported
+    address: str | None = None  # join this cluster; None starts a local instance
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive_int(self.workers, "workers")
+        _non_negative(self.gpus_per_worker, "gpus_per_worker")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.workers)
+
+
+#: keyword names of the old functions that differ from the options' field names
+_RENAMED = {"ray_address": "address"}
+
+T = TypeVar("T")
+
+
+def split_options(kwargs: dict[str, Any], function: str, *defaults: Any) -> list[Any]:
+    """Map a function's old keyword arguments onto its options objects.
+
+    ``defaults`` are the options objects given (or default instances); each keyword goes to the
+    first one that has a field of that name. An unknown keyword is a TypeError, as Python's own.
+    """
+    out = list(defaults)
+    taken: set[str] = set()
+    for i, obj in enumerate(out):
+        names = {f.name for f in fields(obj)}
+        mine = {}
+        for key, value in kwargs.items():
+            name = _RENAMED.get(key, key)
+            if name in names and key not in taken:
+                mine[name] = value
+                taken.add(key)
+        if mine:
+            out[i] = replace(obj, **mine)
+    unknown = [k for k in kwargs if k not in taken]
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword argument(s): {', '.join(unknown)}")
+    return out
+
+
+__all__ = [
+    "CalibrationOptions",
+    "DataOptions",
+    "EvalOptions",
+    "ExportOptions",
+    "RuntimeOptions",
+    "ScaleOut",
+    "TuneOptions",
+    "split_options",
+]

@@ -1,0 +1,65 @@
+"""Every op-type table quantkit's stages agree on, in one place.
+
+Calibration, Q/DQ placement, FP16 conversion, fusion and tuning each read these; a stage that
+needs a new rule adds it here, so two stages never disagree about what an op is.
+"""
+
+from __future__ import annotations
+
+#: ops with a weight operand: int8 kernels in TensorRT and onnxruntime
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+#: Ops whose float inputs TensorRT (implicit INT8 or Q/DQ placement) may read in int8: the
+#: weighted ops, and the pooling, concat, resize and residual-add ops around them. BatchNorm
+#: and activations (ReLU, Clip, and the Add/Mul/Div inside SiLU or hard-swish) are not listed:
+#: TensorRT fuses them into the preceding convolution, so the tensors between them disappear
+#: and need no range.
+QUANTIZABLE_OP_TYPES = frozenset(
+    {
+        "Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv",
+        "Add", "Concat", "Resize",
+        "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
+    }
+)  # fmt: skip
+#: Of these, Add counts only as a skip connection: both operands computed from the inputs
+#: (``x + 3`` inside hard-swish, or a bias add, is part of a fused pointwise epilogue).
+RESIDUAL_ONLY_OPS = frozenset({"Add"})
+
+#: ops that an int8 kernel absorbs after a weighted op (BN and a constant bias Add fold into it;
+#: ReLU and Clip are removed by onnxruntime in front of a QuantizeLinear)
+ABSORBED_OPS = frozenset({"BatchNormalization", "Relu", "Clip"})
+#: absorbed only when the other operand is a constant (a bias)
+CONSTANT_OPERAND_OPS = frozenset({"Add"})
+
+#: ops onnxruntime's CPU provider runs in int8 when Q/DQ surrounds them
+ORT_INT8_OPS = WEIGHTED_OPS | {"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"}
+
+#: a model holding any of these is already quantized
+ALREADY_QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+        "ConvInteger", "MatMulInteger", "QLinearAdd", "QGemm",
+    }
+)  # fmt: skip
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+#: ops TensorRT fuses into a preceding weighted op's epilogue (walked when finding the Conv branch of an Add)
+EPILOGUE_OPS = frozenset({"BatchNormalization"})
+
+#: ops kept in FP32 by the FP16 conversion whatever the ranges say
+FP16_KEEP_FP32_OPS = frozenset(
+    {
+        # sums of many terms overflow float16 long before their inputs do
+        "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceProd", "ReduceLogSum", "ReduceLogSumExp", "CumSum",
+        # index / shape / random ops whose float inputs are parameters, not activations
+        "Range", "NonMaxSuppression", "TopK", "RoiAlign", "RandomNormal", "RandomUniform", "RandomNormalLike",
+        "RandomUniformLike", "Multinomial", "EyeLike",
+        # quantization nodes keep their float32 scales
+        "QuantizeLinear", "DequantizeLinear",
+    }
+)  # fmt: skip
+#: inputs that the ONNX spec fixes to float32 whatever the op's data type
+FLOAT32_ONLY_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}
+
+#: ops whose INT8 error is known to be large: the tuner's optional starting set
+KNOWN_SENSITIVE_OPS = frozenset({"Softmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization"})

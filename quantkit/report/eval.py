@@ -1,0 +1,233 @@
+"""Reports: ``report.json`` (versioned schema), ``report.md`` and a self-contained ``report.html``.
+
+The HTML embeds its charts as inline SVG: an accuracy-vs-latency scatter with one point per
+variant and the FP32 baseline marked, size bars (FP32/FP16/INT8 storage), and per-output
+fidelity with per-slice SQNR. So it needs no network, no JavaScript and no plotting library.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from quantkit import __version__
+from quantkit._io import write_files_atomic
+from quantkit.evaluation.run import EvalResult, VariantResult
+from quantkit.report.html import STYLE, svg_bars, svg_scatter
+
+SCHEMA = "quantkit.report"
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
+
+
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def to_json(result: EvalResult) -> dict[str, Any]:
+    variants = []
+    for v in result.variants:
+        variants.append(
+            {
+                "name": v.name,
+                "size_bytes": v.size_bytes,
+                "metrics": v.metrics,
+                "latency": asdict(v.latency) if v.latency else None,
+                "fidelity": [
+                    {
+                        "output": f.output,
+                        "top1_agreement": f.top1_agreement,
+                        "cosine": f.cosine,
+                        "sqnr_db": _finite(f.sqnr_db),
+                        "max_abs_error": f.max_abs_error,
+                        "mean_abs_error": f.mean_abs_error,
+                        "slices": [
+                            {"axis": s.axis, "start": s.start, "stop": s.stop, "sqnr_db": _finite(s.sqnr_db), "collapsed": s.collapsed}
+                            for s in f.slices
+                        ],
+                    }
+                    for f in v.fidelity
+                ],
+                "error": v.error,
+                "notes": v.notes,
+            }
+        )
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "quantkit_version": __version__,
+        "model": result.model,
+        "runtime": {"name": result.runtime, "providers": result.providers, "hardware": result.hardware},
+        "data": result.data,
+        "labelled": result.labelled,
+        "metrics": result.metric_names,
+        "max_drop": result.max_drop,
+        "variants": variants,
+        "flags": result.flags,
+        "timings_s": result.timings,
+    }
+
+
+# ---- shared row values ------------------------------------------------------------------------
+def _accuracy(result: EvalResult, v: VariantResult) -> tuple[str, float | None]:
+    """The accuracy figure a variant is ranked by: the first task metric, else top-1 agreement."""
+    if result.metric_names:
+        key = result.metric_names[0]
+        return key, v.metrics.get(key)
+    return "top-1 agreement", v.fidelity[0].top1_agreement if v.fidelity else None
+
+
+def _fmt(x: float | None, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    return f"{x * scale:{spec}}{suffix}"
+
+
+def _rows(result: EvalResult) -> list[list[str]]:
+    base = next((v for v in result.variants if v.name == "fp32"), None)
+    key = _accuracy(result, base)[0] if base else "accuracy"
+    rows = [
+        [
+            "variant",
+            "size MB",
+            key,
+            "Δ vs FP32 (points)",
+            "top-1 agreement",
+            "SQNR dB",
+            "cosine",
+            "batch-1 p50 ms",
+            "p99 ms",
+            "throughput /s",
+        ]
+    ]
+    base_acc = _accuracy(result, base)[1] if base else None
+    for v in result.variants:
+        if v.error:
+            rows.append([v.name, "failed", v.error, "", "", "", "", "", "", ""])
+            continue
+        acc = _accuracy(result, v)[1]
+        f = v.fidelity[0] if v.fidelity else None
+        delta = None if acc is None or base_acc is None else 100 * (acc - base_acc)
+        rows.append(
+            [
+                v.name,
+                _fmt(v.size_bytes, ".3f", 1e-6) if v.size_bytes else "–",
+                _fmt(acc, ".2f", 100, "%"),
+                _fmt(delta, "+.2f") if v is not base else "baseline",
+                _fmt(f.top1_agreement if f else None, ".1f", 100, "%"),
+                _fmt(f.sqnr_db if f else None, ".1f"),
+                _fmt(f.cosine if f else None, ".5f"),
+                _fmt(v.latency.batch1_p50_ms if v.latency else None),
+                _fmt(v.latency.batch1_p99_ms if v.latency else None),
+                _fmt(v.latency.throughput_samples_per_s if v.latency else None, ".0f"),
+            ]
+        )
+    return rows
+
+
+# ---- Markdown ---------------------------------------------------------------------------------
+def to_markdown(result: EvalResult) -> str:
+    rows = _rows(result)
+    lines = [
+        f"# quantkit report: {Path(result.model['path']).name}",
+        "",
+        f"Runtime {result.runtime} ({', '.join(result.providers)}) on {result.hardware}. "
+        f"Validation: {result.data['samples']} samples from {result.data['path']}"
+        + ("" if result.labelled else " (no labels: fidelity against FP32 only)")
+        + f". Throughput at batch {next((v.latency.throughput_batch for v in result.variants if v.latency), '-')}.",
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "---|" * len(rows[0]),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    if result.flags:
+        lines += ["", "## Flags", ""] + [f"- {f}" for f in result.flags]
+    lines += ["", "## Per-output fidelity", ""]
+    for v in result.variants:
+        for f in v.fidelity:
+            collapsed = f.collapsed_slices
+            lines.append(
+                f"- {v.name} / {f.output}: SQNR {_fmt(f.sqnr_db, '.1f')} dB, cosine {_fmt(f.cosine, '.5f')}, "
+                f"max |err| {f.max_abs_error:.4g}, mean |err| {f.mean_abs_error:.4g}"
+                + (
+                    f", worst slice {min(f.slices, key=lambda s: s.sqnr_db).label()} {_fmt(min(s.sqnr_db for s in f.slices), '.1f')} dB"
+                    if f.slices
+                    else ""
+                )
+                + (f", **{len(collapsed)} collapsed slice(s)**" if collapsed else "")
+            )
+    notes = [(v.name, n) for v in result.variants for n in v.notes]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {name}: {n}" for name, n in notes]
+    return "\n".join(lines) + "\n"
+
+
+# ---- HTML with inline SVG ---------------------------------------------------------------------
+def to_html(result: EvalResult) -> str:
+    rows = _rows(result)
+    base = next((v for v in result.variants if v.name == "fp32"), None)
+    key = _accuracy(result, base)[0] if base else "accuracy"
+    points = []
+    for v in result.variants:
+        acc = _accuracy(result, v)[1]
+        if not v.error and v.latency and acc is not None:
+            points.append((v.name, v.latency.batch1_p50_ms, acc, "FP32 baseline" if v.name == "fp32" else ""))
+    sizes = [(v.name, v.size_bytes / 1e6) for v in result.variants if v.size_bytes and not v.error]
+    table = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
+    for r in rows[1:]:
+        if r[1] == "failed":  # the error spans the row
+            error = f'<td colspan="{len(r) - 2}" style="text-align:left">{html.escape(r[2])}</td>'
+            table += f"<tr><td>{html.escape(r[0])}</td><td>failed</td>{error}</tr>"
+            continue
+        table += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+    table += "</tbody></table>"
+    fidelity_blocks = []
+    for v in result.variants:
+        for f in v.fidelity:
+            if v.name == "fp32" or not f.slices:
+                continue
+            bars = [(f"{f.output}{s.label()}", max(0.0, _finite(s.sqnr_db) or 99.0)) for s in f.slices[:64]]
+            fidelity_blocks.append(
+                f"<h3>{html.escape(v.name)} / {html.escape(f.output)}: per-slice SQNR (dB)</h3>" + svg_bars(bars, "dB", "per-slice SQNR")
+            )
+    flags = "".join(f"<li>{html.escape(f)}</li>" for f in result.flags) or "<li>none</li>"
+    title = f"quantkit report: {Path(result.model['path']).name}"
+    unlabelled = "" if result.labelled else " <b>(no labels: fidelity against FP32 only)</b>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Runtime <b>{html.escape(result.runtime)}</b> ({html.escape(", ".join(result.providers))}) on {html.escape(result.hardware)}.
+Validation: {result.data["samples"]} samples from {html.escape(str(result.data["path"]))}{unlabelled}.</p>
+<h2>Variants</h2>
+{table}
+<h2>Flags</h2>
+<ul class="flags">{flags}</ul>
+<h2>Accuracy vs latency</h2>
+{svg_scatter(points, "batch-1 latency p50 (ms)", key)}
+<h2>Model size</h2>
+{svg_bars(sizes, "MB", "model size")}
+<h2>Per-output fidelity</h2>
+{"".join(fidelity_blocks) or "<p>No sliced outputs.</p>"}
+<p style="font-size:11px;color:#777">quantkit {__version__}, report schema {SCHEMA_VERSION}</p>
+</body></html>
+"""
+
+
+def write_report(result: EvalResult, out_dir: str | Path) -> list[Path]:
+    """Write report.json, report.md and report.html into ``out_dir``, all or nothing."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_files_atomic(
+        {
+            out / "report.json": (json.dumps(to_json(result), indent=1, allow_nan=False) + "\n").encode(),
+            out / "report.md": to_markdown(result).encode(),
+            out / "report.html": to_html(result).encode(),
+        }
+    )

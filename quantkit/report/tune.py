@@ -1,0 +1,57 @@
+"""Reports of per-layer precision work: ``sensitivity.{json,md,html}`` and ``tune_report.{md,html}``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quantkit.report.html import html_page, markdown_table_to_html, svg_bars, svg_scatter
+from quantkit.tuning.search import TuneResult, summary
+from quantkit.tuning.sensitivity import Evaluator, SensitivityResult
+
+
+def sensitivity_files(out: Path, result: SensitivityResult) -> dict[Path, bytes]:
+    doc = {
+        "format": "quantkit.sensitivity",
+        "accuracy": result.accuracy_name,
+        "baseline_accuracy": result.baseline.accuracy,
+        "all_int8_accuracy": result.all_int8.accuracy,
+        "evaluations": result.evaluations,
+        "seconds": result.seconds,
+        "nodes": [n.to_json() for n in result.nodes],
+        "notes": result.notes,
+    }
+    table = result.table(limit=len(result.nodes))
+    bars = [(n.name[-40:], max(n.disable_one_gain, n.enable_one_loss, 0.0)) for n in result.nodes[:40]]
+    body = (
+        markdown_table_to_html(table)
+        + "<h2>Sensitivity (points, max of disable-one gain and enable-one loss)</h2>"
+        + svg_bars(bars, "pts", "sensitivity")
+    )
+    return {
+        out / "sensitivity.json": (json.dumps(doc, indent=1) + "\n").encode(),
+        out / "sensitivity.md": ("# Per-node sensitivity\n\n" + table + "\n").encode(),
+        out / "sensitivity.html": html_page("quantkit per-node sensitivity", body).encode(),
+    }
+
+
+def tune_files(out: Path, result: TuneResult, evaluator: Evaluator) -> dict[Path, bytes]:
+    text = summary(result, evaluator)
+    rows = ["| trial | phase | fallback nodes | accuracy | drop (points) | meets | latency ms |", "|---|---|---|---|---|---|---|"]
+    for t in result.trials:
+        lat = f"{t.latency_ms:.3f}" if t.latency_ms is not None else "-"
+        rows.append(
+            f"| {t.index} | {t.phase} | {len(t.fallback)} | {t.accuracy * 100:.2f}% | {t.drop:+.2f} | "
+            f"{'yes' if t.meets else 'no'} | {lat} |"
+        )
+    best = result.best.index if result.best else None
+    points = [(f"#{t.index}", float(len(t.fallback)), t.accuracy, "chosen" if t.index == best else "") for t in result.trials]
+    md = "# Precision tuning\n\n" + text + "\n\n## Trials\n\n" + "\n".join(rows) + "\n"
+    body = (
+        markdown_table_to_html(text)
+        + "<h2>Trade-off: accuracy vs nodes in high precision</h2>"
+        + svg_scatter(points, "nodes kept in high precision", evaluator.accuracy_name)
+        + "<h2>Trials</h2>"
+        + markdown_table_to_html("\n".join(rows))
+    )
+    return {out / "tune_report.md": md.encode(), out / "tune_report.html": html_page("quantkit precision tuning", body).encode()}

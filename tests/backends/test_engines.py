@@ -1,0 +1,145 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import DEMO_MODEL
+
+from quantkit.backends.ort import build_ort
+from quantkit.backends.trt import layer_precisions_from_inspector
+from quantkit.backends.trtexec import parse_shapes, shell, trtexec_command
+from quantkit.cli import main
+from quantkit.errors import QuantkitError
+from quantkit.plan import PrecisionPlan
+
+
+def test_onnxruntime_build_is_numerically_the_source(tmp_path, demo_val):
+    built = build_ort(DEMO_MODEL, tmp_path / "demo.ort.onnx", "ort-cpu")
+    settings = json.loads(built.settings.read_text())
+    assert settings["providers"] == ["CPUExecutionProvider"] and settings["graph_optimization_level"] == "ORT_ENABLE_EXTENDED"
+    optimized = onnx.load(str(built.model))
+    assert len(optimized.graph.node) < len(onnx.load(str(DEMO_MODEL)).graph.node)  # BN folded, Conv+ReLU fused
+    x = {"image": demo_val[0][:64]}
+    a = ort.InferenceSession(str(DEMO_MODEL), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    b = ort.InferenceSession(str(built.model), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_trtexec_10x_implicit_int8_from_a_cache():
+    cmd = trtexec_command(
+        "m.onnx", "m.engine", trt_major=10, precision="int8", calib_cache="m.cache", workspace_mib=2048, timing_cache="t.cache"
+    )
+    assert cmd == [
+        "trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--int8", "--fp16", "--calib=m.cache",
+        "--memPoolSize=workspace:2048M", "--timingCacheFile=t.cache", "--skipInference",
+    ]  # fmt: skip
+
+
+def test_trtexec_10x_plan_and_dynamic_shapes():
+    plan = PrecisionPlan(default="int8", nodes={"/head/Conv": "fp16", "re:.*/stem/.*": "fp32"})
+    shapes = parse_shapes("images:1x3x640x640/8x3x640x640/16x3x640x640")
+    cmd = trtexec_command(
+        "m.onnx",
+        "m.engine",
+        trt_major=10,
+        precision="int8",
+        calib_cache="c",
+        plan=plan,
+        layer_names=["/stem/Conv", "/body/Conv", "/head/Conv"],
+        shapes=shapes,
+    )
+    assert "--precisionConstraints=obey" in cmd
+    assert "--layerPrecisions=*:int8,/stem/Conv:fp32,/head/Conv:fp16" in cmd
+    assert "--minShapes=images:1x3x640x640" in cmd and "--optShapes=images:8x3x640x640" in cmd and "--maxShapes=images:16x3x640x640" in cmd
+
+
+def test_trtexec_qdq_for_10x_and_11x():
+    assert trtexec_command("q.onnx", "q.engine", trt_major=10, qdq=True) == [
+        "trtexec",
+        "--onnx=q.onnx",
+        "--saveEngine=q.engine",
+        "--stronglyTyped",
+        "--skipInference",
+    ]
+    # 11.x is always strongly typed and has no precision flags at all
+    assert trtexec_command("q.onnx", "q.engine", trt_major=11, qdq=True, precision="int8") == [
+        "trtexec",
+        "--onnx=q.onnx",
+        "--saveEngine=q.engine",
+        "--skipInference",
+    ]
+    assert shell(["trtexec", "--onnx=my model.onnx"]) == "trtexec '--onnx=my model.onnx'"
+
+
+def test_trtexec_11x_refuses_what_it_removed():
+    with pytest.raises(QuantkitError, match="reads no calibration cache.*--from-cache"):
+        trtexec_command("m.onnx", "m.engine", trt_major=11, precision="int8", calib_cache="m.cache")
+    with pytest.raises(QuantkitError, match="removed --fp16"):
+        trtexec_command("m.onnx", "m.engine", trt_major=11, precision="fp16")
+    with pytest.raises(QuantkitError, match="no per-layer precision flags"):
+        trtexec_command("m.onnx", "m.engine", trt_major=11, qdq=True, plan=PrecisionPlan())
+    with pytest.raises(QuantkitError, match="min <= opt <= max"):
+        parse_shapes("x:8x3/1x3/16x3")
+
+
+def test_inspector_report_maps_fused_layers_back_to_onnx_nodes():
+    info = {
+        "Layers": [
+            {"Name": "/conv1/Conv + /relu1/Relu", "Outputs": [{"Format/Datatype": "Int8 NC/32HW32"}]},
+            {"Name": "/head/Gemm", "Outputs": [{"Format/Datatype": "Half format"}]},
+            {"Name": "/out/Softmax", "Outputs": [{"Format/Datatype": "Row major linear FP32"}]},
+        ]
+    }
+    assert layer_precisions_from_inspector(info) == {
+        "/conv1/Conv": "int8",
+        "/relu1/Relu": "int8",
+        "/head/Gemm": "fp16",
+        "/out/Softmax": "fp32",
+    }
+
+
+def test_build_without_tensorrt_says_what_is_missing(tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here: the engine would be built")
+    except ImportError:
+        pass
+    code = main(["build", str(DEMO_MODEL), "--precision", "int8", "--cache", "m.cache", "-o", str(tmp_path / "demo.engine")])
+    captured = capsys.readouterr()
+    assert (
+        code == 2 and "TensorRT is not installed" in captured.err and "pip install tensorrt (the quantkit-onnx[gpu] extra" in captured.err
+    )
+    assert "trtexec --onnx=" in captured.out and "--calib=m.cache" in captured.out
+    assert (tmp_path / "demo.trtexec.sh").read_text().startswith("#!/bin/sh")
+    assert not (tmp_path / "demo.engine").exists()
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "CPUExecutionProvider" in out and "TensorRT: not installed" in out
+
+
+# ---- the TensorRT path itself: runs where TensorRT and a GPU exist ------------------------------
+@pytest.mark.tensorrt
+def test_tensorrt_builds_fp16_int8_from_cache_and_qdq(tmp_path, demo_preprocess):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install tensorrt on a GPU machine")
+    import quantkit
+    from quantkit.backends.trt import build_engine, capabilities
+    from quantkit.export.qdq import quantize_model
+
+    caps = capabilities(trt)
+    shapes = parse_shapes("image:1x1x28x28/8x1x28x28/32x1x28x28")
+    result = quantkit.calibrate(
+        DEMO_MODEL, DEMO_MODEL.parent / "mnist" / "calib", methods="entropy", num_samples=64, preprocess=demo_preprocess, out=tmp_path
+    )
+    q, _ = quantize_model(quantkit.load_model(DEMO_MODEL), result.ranges)
+    onnx.save(q, str(tmp_path / "q.onnx"))
+    built = build_engine(tmp_path / "q.onnx", tmp_path / "q.engine", qdq=True, shapes=shapes)
+    assert built.engine.stat().st_size > 0 and "int8" in built.layer_precisions.values()
+    if caps.implicit_int8:
+        cached = build_engine(
+            DEMO_MODEL, tmp_path / "c.engine", precision="int8", calib_cache=tmp_path / "demo_cnn.entropy.cache", shapes=shapes
+        )
+        assert cached.engine.stat().st_size > 0
+        fp16 = build_engine(DEMO_MODEL, tmp_path / "f.engine", precision="fp16", shapes=shapes, timing_cache=tmp_path / "timing.cache")
+        assert fp16.engine.stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0

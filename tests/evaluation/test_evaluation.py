@@ -1,0 +1,184 @@
+import json
+import math
+import shutil
+import subprocess
+
+import jsonschema
+import numpy as np
+import pytest
+from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_PREPROCESS, DEMO_VAL
+
+from quantkit.backends.ort import runtime_providers
+from quantkit.cli import main
+from quantkit.errors import QuantkitError
+from quantkit.evaluation.metrics import cosine, fidelity, sqnr_db, top1_agreement, top_k
+from quantkit.evaluation.run import evaluate
+from quantkit.evaluation.variants import parse_variants
+from quantkit.report.eval import SCHEMA_PATH, to_json, write_report
+
+# ---- metrics against hand-computed values -------------------------------------------------------
+
+
+def test_sqnr_of_a_known_perturbation():
+    ref = np.ones(1000)
+    assert sqnr_db(ref, ref + 0.1) == pytest.approx(20.0)  # signal 1, noise 0.01 per element
+    assert sqnr_db(ref, ref * 1.01) == pytest.approx(40.0)
+    assert sqnr_db(ref, ref) == math.inf and sqnr_db(np.zeros(3), np.ones(3)) == -math.inf
+
+
+def test_cosine_and_agreement_and_top_k():
+    assert cosine(np.array([1.0, 0.0]), np.array([1.0, 1.0])) == pytest.approx(1 / math.sqrt(2))
+    assert cosine(np.array([1.0, 2.0]), np.array([-1.0, -2.0])) == pytest.approx(-1.0)
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.35, 0.25]])
+    labels = [1, 1, 2, 1]
+    assert top_k(1)([scores], labels) == 0.5  # rows 0 and 2
+    assert top_k(2)([scores], labels) == 1.0
+    other = scores.copy()
+    other[3] = [0.1, 0.8, 0.1]
+    assert top1_agreement(scores, other) == 0.75
+
+
+def test_a_collapsed_slice_is_caught_where_the_whole_output_looks_fine():
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 640, size=(8, 4, 100))  # large box coordinates
+    scores = rng.uniform(0, 1, size=(8, 80, 100))
+    ref = np.concatenate([boxes, scores], axis=1)
+    out = ref.copy()
+    out[:, 4:] = 0.0  # every class score zeroed, as a shared int8 scale does
+    f = fidelity("output0", ref, out)
+    assert f.sqnr_db > 20  # the whole tensor still looks good
+    assert len(f.collapsed_slices) == 80 and all(s.start >= 4 for s in f.collapsed_slices)
+    named = fidelity("output0", ref, out, slices=[(1, 0, 4), (1, 4, 84)])
+    assert [s.collapsed for s in named.slices] == [False, True]
+
+
+def test_variant_parsing():
+    names = [(s.name, s.kind, s.method, s.target) for s in parse_variants("fp16,int8:mse,int8-tensorrt:entropy", "ort-cpu")]
+    assert names == [
+        ("fp32", "fp32", None, None),
+        ("fp16", "fp16", None, None),
+        ("int8:mse", "int8", "mse", "onnxruntime"),
+        ("int8-tensorrt:entropy", "int8", "entropy", "tensorrt"),
+    ]
+    with pytest.raises(QuantkitError, match="unknown variant"):
+        parse_variants("int4", "ort-cpu")
+    with pytest.raises(QuantkitError, match="int8"):
+        parse_variants("int8:kl", "ort-cpu")
+
+
+# ---- the demo end to end --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory, demo_preprocess):
+    out = tmp_path_factory.mktemp("report")
+    result = evaluate(
+        DEMO_MODEL,
+        DEMO_VAL,
+        variants="fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse,int8-tensorrt:entropy,modelopt",
+        calib=DEMO_CALIB,
+        preprocess=demo_preprocess,
+        num_calib_samples=256,
+        max_drop=1.0,
+    )
+    write_report(result, out)
+    return result, out
+
+
+def test_report_covers_every_variant_and_validates(demo_report):
+    result, out = demo_report
+    doc = json.loads((out / "report.json").read_text())
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()))
+    assert doc == json.loads(json.dumps(to_json(result)))
+    by_name = {v["name"]: v for v in doc["variants"]}
+    assert list(by_name) == [
+        "fp32",
+        "fp16",
+        "int8:entropy",
+        "int8:minmax",
+        "int8:percentile",
+        "int8:mse",
+        "int8-tensorrt:entropy",
+        "modelopt",
+    ]
+    fp32 = by_name["fp32"]["metrics"]["top1"]
+    assert fp32 == pytest.approx(0.981)
+    for name in ["fp16", "int8:entropy", "int8:minmax", "int8:percentile", "int8:mse", "int8-tensorrt:entropy"]:
+        v = by_name[name]
+        assert v["error"] is None and v["metrics"]["top1"] >= fp32 - 0.01
+        assert v["latency"]["batch1_p50_ms"] > 0 and v["size_bytes"] < by_name["fp32"]["size_bytes"]
+    assert by_name["modelopt"]["error"].startswith('nvidia-modelopt is not installed: pip install "nvidia-modelopt[onnx]"')
+    assert any("int8-tensorrt:entropy is not faster than fp16" in f for f in doc["flags"])
+    md = (out / "report.md").read_text()
+    assert "| int8:mse |" in md and "modelopt" in md
+
+
+def test_html_report_opens_in_a_real_browser(demo_report, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
+    _, out = demo_report
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    url = (out / "report.html").resolve().as_uri()
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,1400", url], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, timeout=120, check=True, text=True).stdout
+    from PIL import Image
+
+    image = np.asarray(Image.open(shot).convert("L"))
+    assert shot.stat().st_size > 20_000 and image.std() > 10  # rendered content, not a blank page
+    for text in ("Accuracy vs latency", "FP32 baseline", "int8:entropy", "Model size", "<svg", "<table"):
+        assert text in dom, text
+
+
+def test_unlabelled_data_gives_a_fidelity_only_report(tmp_path, demo_preprocess):
+    np.save(tmp_path / "val.npy", np.random.default_rng(0).normal(size=(40, 1, 28, 28)).astype(np.float32))
+    result = evaluate(DEMO_MODEL, tmp_path / "val.npy", variants="fp32,fp16", preprocess=demo_preprocess, latency=False)
+    assert not result.labelled and result.metric_names == []
+    assert any("no labels" in f for f in result.flags)
+    assert result.variant("fp16").fidelity[0].top1_agreement >= 0.95
+
+
+def test_bad_inputs(tmp_path, capsys):
+    with pytest.raises(QuantkitError, match="not available here.*pip install onnxruntime-gpu"):
+        runtime_providers("ort-cuda")
+    args = [
+        "eval",
+        str(DEMO_MODEL),
+        "--data",
+        str(DEMO_VAL),
+        "--preprocess-config",
+        str(DEMO_PREPROCESS),
+        "--no-latency",
+        "--num-samples",
+        "64",
+    ]
+    # labels that do not fit the output: a metric needing more classes than the model has
+    code = main([*args, "--metric", "top5", "--variants", "fp32", "--report", str(tmp_path / "a"), "--quiet"])
+    assert code == 0  # top5 over 10 classes is fine
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    code = main([*args, "--variants", f"fp16,mine={broken},int8:entropy", "--report", str(tmp_path / "b"), "--quiet"])
+    assert code == 0  # the other variants still run
+    doc = json.loads((tmp_path / "b" / "report.json").read_text())
+    by_name = {v["name"]: v for v in doc["variants"]}
+    assert by_name["mine"]["error"].startswith("does not run on ort-cpu")
+    assert "calibration data" in by_name["int8:entropy"]["error"]  # no --calib given
+    assert by_name["fp16"]["error"] is None
+    code = main([*args, "--runtime", "tensorrt", "--report", str(tmp_path / "c"), "--quiet"])
+    assert code == 2 and "TensorrtExecutionProvider" in capsys.readouterr().err
+
+
+def test_labels_that_do_not_match_the_outputs(tmp_path, demo_preprocess):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"image": [np.zeros(784, np.float32).tolist()] * 8, "label": [[1, 2]] * 8}
+    pq.write_table(pa.table(rows), tmp_path / "val.parquet")
+    with pytest.raises(QuantkitError, match="metric top1 failed on the outputs of fp32.*one integer class index per sample"):
+        evaluate(DEMO_MODEL, tmp_path / "val.parquet", variants="fp32", preprocess=demo_preprocess, latency=False)
+    rows["label"] = [12] * 8  # class 12 of a 10-class model
+    pq.write_table(pa.table(rows), tmp_path / "val.parquet")
+    with pytest.raises(QuantkitError, match="output scores 10 classes"):
+        evaluate(DEMO_MODEL, tmp_path / "val.parquet", variants="fp32", preprocess=demo_preprocess, latency=False)

@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import planted_case
+
+from quantkit.cli import main
+from quantkit.evaluation.metrics import METRICS
+from quantkit.export.qdq import quantize_model
+from quantkit.plan import PrecisionPlan
+from quantkit.tuning.search import tune
+from quantkit.tuning.sensitivity import Evaluator, analyze
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("planted")
+    return (tmp, *planted_case(tmp))
+
+
+def test_sensitivity_ranks_the_planted_nodes_first(planted):
+    _, info, ranges, data = planted
+    result = analyze(info, ranges, Evaluator(info, data, None, None), method="minmax")
+    assert set(result.ranking()[:2]) == {"conv3", "conv5"}
+    assert result.all_int8.accuracy < 0.5 and result.baseline.accuracy == 1.0
+    by_name = {n.name: n for n in result.nodes}
+    assert by_name["conv3"].enable_one_loss > 50 and by_name["conv1"].enable_one_loss < 5
+
+
+def test_tune_falls_back_exactly_the_planted_nodes_not_a_prefix(planted, tmp_path):
+    _, info, ranges, data = planted
+    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, method="minmax")
+    assert result.target_met and sorted(result.best.fallback) == ["conv3", "conv5"]
+    history = json.loads((tmp_path / "tune_history.json").read_text())
+    assert len(history["trials"]) == len(result.trials) and history["best_trial"] == result.best.index
+    # the plan round-trips through quantize: exactly those nodes stay unquantized
+    plan = PrecisionPlan.load(tmp_path / "precision_plan.json")
+    _, report = quantize_model(info, ranges, method="minmax", plan=plan)
+    assert set(report.int8_nodes) == {"conv1", "conv2", "conv4", "conv6", "head"}
+    assert report.kept_float["conv3"] == "plan: fp32" and report.kept_float["conv5"] == "plan: fp32"
+    assert (tmp_path / "planted.tuned.onnx").exists()
+
+
+def test_forced_stop_keeps_the_full_history_and_the_best_plan(planted, tmp_path):
+    _, info, ranges, data = planted
+    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, method="minmax", max_trials=3)
+    assert result.stopped == "max-trials" and len(result.trials) == 3
+    history = json.loads((tmp_path / "tune_history.json").read_text())
+    assert [t["trial"] for t in history["trials"]] == [0, 1, 2]
+    assert all({"fallback", "accuracy", "drop_points", "meets_target", "latency_ms"} <= set(t) for t in history["trials"])
+    best = PrecisionPlan.load(tmp_path / "precision_plan.json")  # the best so far: the all-fallback trial, which meets
+    assert result.best.meets and set(best.nodes) == set(result.best.fallback)
+    timed = tune(info, ranges, Evaluator(info, data, None, None), tmp_path / "t", max_drop=1.0, method="minmax", timeout=0.0)
+    assert timed.stopped == "timeout" and (tmp_path / "t" / "tune_history.json").exists()
+
+
+def test_target_already_met_and_unreachable(planted, tmp_path):
+    _, info, ranges, data = planted
+    easy = tune(info, ranges, Evaluator(info, data, None, None), tmp_path / "a", max_drop=100.0, method="minmax")
+    assert easy.best.fallback == [] and "already meets" in easy.messages[0]
+    hard = tune(info, ranges, Evaluator(info, data, None, None), tmp_path / "b", max_drop=-1.0, method="minmax")
+    assert not hard.target_met and any("cannot be met" in m for m in hard.messages)
+    assert (tmp_path / "b" / "precision_plan.json").exists()  # the best found is still saved
+
+
+def test_cli_tune_and_sensitivity(planted, tmp_path, capsys):
+    tmp, _, _, _ = planted
+    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--val", str(tmp / "val.npy"), "--method", "minmax"]
+    assert main(["sensitivity", *args, "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    doc = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert {n["name"] for n in doc["nodes"][:2]} == {"conv3", "conv5"}
+    assert (tmp_path / "s" / "sensitivity.html").read_text().count("<svg") == 1
+    assert main(["tune", *args, "--max-drop", "1", "--fallback", "fp16", "--start-from-known", "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "known-sensitive start" in out
+    plan = json.loads((tmp_path / "t" / "precision_plan.json").read_text())
+    assert {"conv3", "conv5"} <= set(plan["nodes"]) and set(plan["nodes"].values()) == {"fp16"}
+    assert "chosen" in (tmp_path / "t" / "tune_report.html").read_text()
+
+
+def test_small_validation_set_warns_with_the_standard_error(planted):
+    _, info, ranges, data = planted
+    result = analyze(info, ranges, Evaluator(info, data[:1], None, None), method="minmax", subset=None)
+    assert result.notes == []  # agreement 100% has no binomial spread
+    labels = [int(i % 10) for i in range(64)]
+    ev = Evaluator(info, data[:1], ("top1", METRICS["top1"]), labels)
+    assert ev.standard_error(0.5) == pytest.approx(100 * np.sqrt(0.25 / 64))
+
+
+def test_target_finer_than_the_standard_error_warns(planted, tmp_path):
+    _, info, ranges, data = planted
+    labels = [int(i % 10) for i in range(64)]
+    ev = Evaluator(info, data[:1], ("top1", METRICS["top1"]), labels)
+    result = tune(info, ranges, ev, tmp_path, max_drop=0.5, method="minmax", max_trials=1)
+    assert any("standard error" in m and "use more validation samples" in m for m in result.messages)
