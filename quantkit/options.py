@@ -107,10 +107,13 @@ class ExportOptions:
     method: str | None = None  # None: the ranges' default method
     target: str = "tensorrt"
     allow_missing: bool = False
+    weight_bits: int | None = None  # None: the target's default (7 for onnxruntime, 8 for TensorRT)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise QuantkitError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}", option="target")
+        if self.weight_bits not in (None, 7, 8):
+            raise QuantkitError(f"weight_bits must be 7 or 8, got {self.weight_bits!r}", option="weight_bits")
 
 
 @dataclass(frozen=True)

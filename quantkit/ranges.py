@@ -94,6 +94,24 @@ class RangeSet:
         method = self.method_name(method)
         return {name: r.scale(method) for name, r in self.tensors.items()}
 
+    def check_model(self, path: str | Path, sha256: str) -> None:
+        """Refuse ranges calibrated on another model than the one at ``path`` (by content hash)."""
+        theirs = self.model.get("sha256")
+        if theirs and theirs != sha256:
+            raise QuantkitError(
+                f"the ranges were calibrated on another model ({self.model.get('path')}, sha256 {theirs[:12]}...) "
+                f"than {path} (sha256 {sha256[:12]}...); recalibrate this model"
+            )
+
+    def with_missing_from(self, other: RangeSet) -> RangeSet:
+        """These ranges plus the tensors only ``other`` has (its methods' amax kept under their names)."""
+        tensors = dict(self.tensors)
+        for name, r in other.tensors.items():
+            tensors.setdefault(name, r)
+        return RangeSet(
+            tensors, {**other.methods, **self.methods}, self.model, self.calibration, self.quantkit_version, list(self.warnings)
+        )
+
     def method_name(self, method: str | None) -> str:
         """``method`` checked against the methods held, or the default one for None."""
         if method is None:

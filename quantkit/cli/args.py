@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from typing import Any, TypeVar
 
+import onnx
+
 from quantkit.data.preprocess import PreprocessSpec
+from quantkit.evaluation.check import CHECK_SAMPLES, MIN_SQNR_DB, FidelityError, check_fidelity, check_samples
+from quantkit.model import ModelInfo
 from quantkit.options import DataOptions, ScaleOut
+from quantkit.ranges import RangeSet
 
 T = TypeVar("T")
 
@@ -71,3 +77,29 @@ def options_from_args(cls: type[T], args: argparse.Namespace, flags: dict[str, s
         elif hasattr(args, dest):
             taken[f.name] = getattr(args, dest)
     return cls(**taken)
+
+
+def add_check_args(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    """The fidelity check's flags (and --data with preprocessing, for commands that have none)."""
+    group = parser.add_argument_group("fidelity check (the new model against FP32 before it is written)")
+    if data:
+        group.add_argument("--data", help="samples for the check (default: the calibration data recorded in ranges.json)")
+        add_preprocess_args(parser)
+    group.add_argument("--force", action="store_true", help="write the model even when an output is non-finite or collapsed")
+    group.add_argument(
+        "--min-sqnr", type=float, default=MIN_SQNR_DB, help=f"an output below this SQNR has collapsed (default {MIN_SQNR_DB:g} dB)"
+    )
+    group.add_argument("--check-samples", type=int, default=CHECK_SAMPLES, help=f"samples the check runs (default {CHECK_SAMPLES})")
+
+
+def verify(args: argparse.Namespace, model: ModelInfo, candidate: onnx.ModelProto, ranges: RangeSet | None = None) -> None:
+    """Run the fidelity check; print it, and refuse (exit 3) a broken model unless --force."""
+    preprocess = preprocess_from_args(args) if getattr(args, "data", None) else None
+    feeds, source = check_samples(model, getattr(args, "data", None), preprocess, ranges, args.check_samples)
+    result = check_fidelity(model.proto, candidate, feeds, source=source, min_sqnr_db=args.min_sqnr)
+    if not args.quiet:
+        print(result.summary())
+    if not result.ok:
+        if not args.force:
+            raise FidelityError(f"the new model is broken: {result.failure()}; nothing was written (--force writes it anyway)")
+        print(f"warning: writing a broken model (--force): {result.failure()}", file=sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from quantkit._io import write_bytes_atomic
+from quantkit.cli.args import add_check_args, verify
 from quantkit.graph.optimize import PASSES, optimize_model
 from quantkit.model import load_model
 
@@ -25,12 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
     p.add_argument("--quiet", action="store_true")
+    add_check_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     passes = passes_from_args(args)
     optimized, report = optimize_model(model, passes)
+    verify(args, model, optimized)
     out = write_bytes_atomic(Path(args.output), optimized.SerializeToString())
     if not args.quiet:
         print(report.table())

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from quantkit._io import write_bytes_atomic
+from quantkit.cli.args import add_check_args, verify
 from quantkit.errors import QuantkitError
 from quantkit.export.apply import apply_plan
 from quantkit.model import load_model
@@ -29,9 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="placement: tensorrt (int8 symmetric, default) or onnxruntime (uint8, fast on CPU)",
     )
     p.add_argument("--allow-missing", action="store_true", help="leave ops whose input has no range in float instead of failing")
+    p.add_argument(
+        "--weight-bits",
+        type=int,
+        choices=[7, 8],
+        help="weight precision (default: 7 for onnxruntime, safe on CPUs without VNNI; 8 for tensorrt)",
+    )
     p.add_argument("--trt-version", help="with --from-cache: warn when the cache was written for another TensorRT version")
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
     p.add_argument("--quiet", action="store_true")
+    add_check_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         ranges = RangeSet.load(args.ranges)
         allow_missing = args.allow_missing
     plan = PrecisionPlan.load(args.plan) if args.plan else None
-    applied = apply_plan(model, ranges, plan, ExportOptions(args.method, args.target, allow_missing), range_aware_fp16=bool(args.ranges))
+    applied = apply_plan(
+        model, ranges, plan, ExportOptions(args.method, args.target, allow_missing, args.weight_bits), range_aware_fp16=bool(args.ranges)
+    )
     quantized, report = applied.model, applied.quantize
     if args.from_cache and report.missing_ranges:
         shown = ", ".join(report.missing_ranges[:5])
@@ -57,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.parent and not out.parent.exists():
         raise QuantkitError(f"output directory {out.parent} does not exist")
+    verify(args, model, quantized, None if args.from_cache else ranges)
     write_bytes_atomic(out, quantized.SerializeToString())
     if not args.quiet:
         print(report.summary())

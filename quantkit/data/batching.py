@@ -76,7 +76,8 @@ def check_sample(sample: Sample, inputs: tuple[InputSpec, ...]) -> dict[str, np.
     return out
 
 
-def _fixed_batch(model: ModelInfo) -> int | None:
+def fixed_batch(model: ModelInfo) -> int | None:
+    """The batch size every input fixes, if they all fix the same one."""
     sizes = {i.shape[0] for i in model.inputs if i.shape and isinstance(i.shape[0], int)}
     return sizes.pop() if len(sizes) == 1 else None
 
@@ -101,7 +102,7 @@ def batches(
     for spec in model.inputs:
         if not spec.shape:
             raise QuantkitError(f"model input {spec.describe()} is a scalar; quantkit needs a batch axis on every input")
-    fixed = _fixed_batch(model)
+    fixed = fixed_batch(model)
     if fixed is not None and fixed != batch_size:
         raise QuantkitError(f"model {model.path} has a fixed batch size of {fixed}; use --batch-size {fixed}")
 

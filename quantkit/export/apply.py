@@ -39,7 +39,15 @@ def apply_plan(
     migrated from a TensorRT cache, which hold only the tensors TensorRT calibrated).
     """
     options = options or ExportOptions()
-    q, report = quantize_model(model, ranges, method=options.method, plan=plan, target=options.target, allow_missing=options.allow_missing)
+    q, report = quantize_model(
+        model,
+        ranges,
+        method=options.method,
+        plan=plan,
+        target=options.target,
+        allow_missing=options.allow_missing,
+        weight_bits=options.weight_bits,
+    )
     if plan is None:
         return AppliedPlan(q, report)
     names = [n.name for n in q.graph.node if n.op_type not in QDQ_OPS]

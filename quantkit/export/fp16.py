@@ -6,8 +6,15 @@ when any of these holds:
 - ``precisions`` (from a plan, see ``fp16_precisions``) says fp32;
 - the op type is in ``DEFAULT_KEEP_FP32`` (reductions that overflow float16, index and random
   ops, Q/DQ) or in ``keep_op_types`` (e.g. Softmax, LayerNormalization on request);
-- calibrated ranges show an input or output beyond float16's +/-65504;
-- an initializer it reads does not fit in float16.
+- calibrated ranges show an input or output beyond ``FP16_SAFE_MAX`` (8192, 1/8 of float16's
+  65504: room for the sums and products the node computes itself), or mask sentinels;
+- a constant it reads (an initializer, or a ``Constant`` node's value: a BatchNormalization
+  variance of 9.8e7 in a real detector became inf and zeroed its output) exceeds
+  ``FP16_SAFE_MAX``, or its non-zero values would flush to zero in float16 (any of a small
+  constant such as an epsilon or a scale; more than 1% of a large one).
+
+A float tensor without a range is recorded in ``Fp16Report.unranged``: the CLI refuses such a
+conversion unless the missing ranges are collected (``--data``) or the user opts out.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+#: activations and constants beyond this stay float32 (ModelOpt's AutoCast uses 512 for activations)
+FP16_SAFE_MAX = 8192.0
+FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)  # 2**-24: smaller non-zero values flush to zero
+#: constants with at most this many elements are parameters (an epsilon, a scale): no value of them may flush
+SMALL_CONSTANT = 16
 DEFAULT_KEEP_FP32 = FP16_KEEP_FP32_OPS
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16}
 
@@ -35,6 +47,7 @@ class Fp16Report:
     kept_fp32: dict[str, str] = field(default_factory=dict)  # node -> reason
     casts_inserted: int = 0
     initializers_converted: int = 0
+    unranged: list[str] = field(default_factory=list)  # float activations of fp16 nodes without a range (ranges given)
 
     def summary(self) -> str:
         lines = [
@@ -49,7 +62,35 @@ class Fp16Report:
 def _exceeds_fp16(ranges: RangeSet, name: str) -> bool:
     t = ranges.tensors.get(name)
     # mask sentinels (-3.4e38) were kept out of min/max but still flow through the tensor
-    return t is not None and (max(abs(t.min), abs(t.max)) > FP16_MAX or t.sentinels > 0)
+    return t is not None and (max(abs(t.min), abs(t.max)) > FP16_SAFE_MAX or t.sentinels > 0 or t.nonfinite > 0)
+
+
+def constant_problem(values: np.ndarray) -> str:
+    """Why a float constant cannot become float16 ("" when it can)."""
+    if values.size == 0 or values.dtype.kind != "f":
+        return ""
+    a = np.abs(values.astype(np.float64))
+    finite = a[np.isfinite(a)]
+    if finite.size and finite.max() > FP16_SAFE_MAX:
+        return f"constant exceeds float16's safe range ({finite.max():.3g} > {FP16_SAFE_MAX:g})"
+    nonzero = finite[finite > 0]
+    flushed = int(np.count_nonzero(nonzero < FP16_TINY / 2))
+    if flushed and (values.size <= SMALL_CONSTANT or flushed > 0.01 * nonzero.size):
+        return f"constant values flush to zero in float16 ({flushed} below {FP16_TINY:.2g})"
+    return ""
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Float initializers and Constant-node values, by tensor name."""
+    out = {init.name: numpy_helper.to_array(init) for init in graph.initializer if init.data_type == TensorProto.FLOAT}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+                    out[node.output[0]] = numpy_helper.to_array(attr.t)
+                elif attr.name in ("value_float", "value_floats"):
+                    out[node.output[0]] = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+    return out
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -110,7 +151,10 @@ def convert_fp16(
     report = Fp16Report()
     precisions = precisions or {}
     initializers = {init.name: init for init in graph.initializer}
+    constants = constant_values(graph)
+    bad_constants = {name: why for name, values in constants.items() if (why := constant_problem(values))}
     keep = DEFAULT_KEEP_FP32 | set(keep_op_types)
+    constant_outputs = set(constants)
 
     # ---- decide each node's precision ------------------------------------------------------
     fp16: set[str] = set()
@@ -125,15 +169,16 @@ def convert_fp16(
         elif node.domain not in ("", "ai.onnx"):
             reason = f"custom-domain op {node.domain}.{node.op_type}"
         elif ranges is not None and any(_exceeds_fp16(ranges, t) for t in [*node.input, *node.output]):
-            reason = "range exceeds float16 (65504)"
+            reason = f"range exceeds float16's safe range ({FP16_SAFE_MAX:g})"
+        elif node.op_type == "Constant" and node.output and node.output[0] in bad_constants:
+            reason = bad_constants[node.output[0]]
         else:
-            for name in node.input:
-                init = initializers.get(name)
-                if init is not None and init.data_type == TensorProto.FLOAT:
-                    values = numpy_helper.to_array(init)
-                    if values.size and np.abs(values).max() > FP16_MAX:
-                        reason = "weights exceed float16 (65504)"
-                        break
+            reason = next((bad_constants[name] for name in node.input if name in bad_constants), "")
+        if not reason and ranges is not None and node.op_type != "Constant":
+            for name in [*node.input, *node.output]:
+                if name and name not in constant_outputs and types.get(name, 0) == TensorProto.FLOAT and name not in ranges.tensors:
+                    if name not in report.unranged:
+                        report.unranged.append(name)
         if reason:
             report.kept_fp32[node.name] = reason
         elif any(types.get(t, 0) in _FLOAT_TYPES for t in [*node.input, *node.output]) or node.op_type == "Constant":

@@ -50,6 +50,7 @@ class QuantizeReport:
     int8_nodes: list[str] = field(default_factory=list)
     activation_params: dict[str, tuple[float, int]] = field(default_factory=dict)  # tensor -> (scale, zero point)
     weight_scales: dict[str, np.ndarray] = field(default_factory=dict)  # initializer -> per-channel scales
+    weight_bits: int = 8
     kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it was left in float
     missing_ranges: list[str] = field(default_factory=list)
     float_op_counts: dict[str, int] = field(default_factory=dict)  # op types with no int8 placement
@@ -60,6 +61,7 @@ class QuantizeReport:
         lines = [
             f"{len(self.int8_nodes)} node(s) quantized for {self.target} ({self.method} ranges): "
             f"{len(self.activation_params)} activation Q/DQ, {len(self.weight_scales)} int8 weight tensor(s)"
+            + (" (7-bit values)" if self.weight_bits == 7 else "")
         ]
         if self.folded_batchnorms:
             n = len(self.folded_batchnorms)
@@ -235,19 +237,27 @@ def quantize_model(
     target: str = "tensorrt",
     allow_missing: bool = False,
     check_hash: bool = True,
+    weight_bits: int | None = None,
 ) -> tuple[onnx.ModelProto, QuantizeReport]:
-    """Return a Q/DQ copy of ``model`` and the report of what was quantized and what was not."""
+    """Return a Q/DQ copy of ``model`` and the report of what was quantized and what was not.
+
+    ``weight_bits``: 8, or 7 (weights in [-63, 63]). The default is the target's
+    (``default_weight_bits``): 7 for onnxruntime, whose u8 x s8 CPU kernels sum pairs of products
+    into int16 on CPUs without VNNI (AVX2), which saturates for 8-bit weights (255 * 127 * 2 >
+    32767; on an AVX2 EPYC the demo's INT8 fell from 32 to 13 dB SQNR). 8 for TensorRT.
+    """
+    weight_bits = default_weight_bits(target) if weight_bits is None else weight_bits
+    if weight_bits not in (7, 8):
+        raise QuantkitError(f"weight_bits must be 7 or 8, got {weight_bits!r}", option="weight_bits")
+    levels = (1 << (weight_bits - 1)) - 1
     if target not in TARGETS:
         raise QuantkitError(f"unknown --target '{target}'; choose tensorrt or onnxruntime")
     method = ranges.method_name(method)
     _check_not_quantized(model.proto if isinstance(model, ModelInfo) else model)
-    if check_hash and isinstance(model, ModelInfo) and ranges.model.get("sha256") and ranges.model["sha256"] != model.sha256:
-        raise QuantkitError(
-            f"the ranges were calibrated on another model ({ranges.model.get('path')}, sha256 {ranges.model['sha256'][:12]}...) "
-            f"than {model.path} (sha256 {model.sha256[:12]}...); recalibrate this model"
-        )
+    if check_hash and isinstance(model, ModelInfo):
+        ranges.check_model(model.path, model.sha256)
     proto, converted = prepare_model(model)
-    report = QuantizeReport(target=target, method=method, opset_converted_from=converted)
+    report = QuantizeReport(target=target, method=method, opset_converted_from=converted, weight_bits=weight_bits)
     if plan is not None:  # validate against the model's own node names, before any folding
         plan.resolve([n.name for n in proto.graph.node])
     # where each op's int8 kernel would requantize (computed before BN folding; the folded Conv
@@ -327,10 +337,10 @@ def quantize_model(
         key = (tensor.name, axis)
         if key not in weight_dq:
             w = np.asarray(_const_values(tensor), dtype=np.float32)
-            scales = per_channel_scales(w, axis)
+            scales = per_channel_scales(w, axis, levels)
             shape = [1] * w.ndim
             shape[axis] = -1
-            q = np.clip(np.round(w / scales.reshape(shape)), -127, 127).astype(np.int8)
+            q = np.clip(np.round(w / scales.reshape(shape)), -levels, levels).astype(np.int8)
             report.weight_scales[tensor.name] = scales
             qc = gs.Constant(f"{tensor.name}_quantized", q)
             s = gs.Constant(f"{tensor.name}_scale", scales)
@@ -407,8 +417,13 @@ def ranges_from_qdq(model: onnx.ModelProto) -> RangeSet:
     return ranges_from_scales(scales, "qdq", {}, {"path": "", "sha256": ""})
 
 
-def per_channel_scales(w: np.ndarray, axis: int) -> np.ndarray:
-    """Symmetric int8 scale per channel along ``axis``: max|w| / 127 (1.0 for an all-zero channel)."""
+def default_weight_bits(target: str) -> int:
+    """7 for onnxruntime (no int16 saturation on CPUs without VNNI), 8 for TensorRT."""
+    return 7 if target == "onnxruntime" else 8
+
+
+def per_channel_scales(w: np.ndarray, axis: int, levels: int = 127) -> np.ndarray:
+    """Symmetric scale per channel along ``axis``: max|w| / levels (1.0 for an all-zero channel)."""
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w.astype(np.float64)).max(axis=reduce_axes) if reduce_axes else np.abs(w.astype(np.float64))
-    return np.array([amax_to_scale(float(a)) for a in np.atleast_1d(amax)], dtype=np.float32)
+    return np.array([amax_to_scale(float(a) * 127 / levels) for a in np.atleast_1d(amax)], dtype=np.float32)

@@ -13,6 +13,7 @@ import quantkit
 from quantkit.backends.ort import make_session
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
+from quantkit.evaluation.metrics import sqnr_db
 from quantkit.export.qdq import quantize_model, ranges_from_qdq
 from quantkit.model import load_model
 from quantkit.plan import PrecisionPlan
@@ -349,3 +350,23 @@ def test_concat_input_also_read_by_a_conv_shares_the_concat_scale(tmp_path):
     assert report.activation_params["cat"][0] == ranges.tensors["cat"].scale("minmax")
     _, ort_report = quantize_model(info, ranges, target="onnxruntime")
     assert ort_report.activation_params["scores"] != ort_report.activation_params["cat"]  # onnxruntime requantizes itself
+
+
+def test_onnxruntime_target_runs_on_integer_kernels_as_it_does_in_fake_quantization(demo_preprocess, demo_val):
+    """7-bit weights: onnxruntime's u8 x s8 kernels give the fake-quantized result on any x86 CPU
+    (8-bit weights saturate int16 sums on CPUs without VNNI)."""
+    import onnxruntime as ort
+
+    ranges = quantkit.calibrate(
+        DEMO_MODEL, DEMO_MODEL.parent / "mnist" / "calib", methods="minmax", num_samples=128, preprocess=demo_preprocess
+    ).ranges
+    q, report = quantize_model(load_model(DEMO_MODEL), ranges, target="onnxruntime")
+    assert report.weight_bits == 7
+    assert all(np.abs(onnx.numpy_helper.to_array(i)).max() <= 63 for i in q.graph.initializer if i.name.endswith("_quantized"))
+    images, _ = demo_val
+    x = {"image": images[:64]}
+    fake = ort.SessionOptions()
+    fake.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    simulated = ort.InferenceSession(q.SerializeToString(), fake, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    kernels = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert sqnr_db(simulated, kernels) > 30  # the same model, whatever the CPU: only requantization rounding differs
