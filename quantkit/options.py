@@ -20,8 +20,26 @@ RUNTIME_NAMES = ("ort-cpu", "ort-cuda", "tensorrt")
 TARGETS = ("tensorrt", "onnxruntime")
 FALLBACKS = ("fp16", "fp32")
 DEFAULT_VARIANTS = "fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse"
+#: activation memory calibration may hold at once (it picks the batch size from it)
+DEFAULT_MAX_MEMORY = 1 << 30
 #: the largest histogram a tensor may get (2 x bins float64 counts); far above any useful resolution
 MAX_BINS = 1 << 16
+
+
+def parse_size(text: str | int) -> int:
+    """'1G', '512M', '300k' or a byte count -> bytes (binary units)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (s[:-1], s[-1]) if s and s[-1] in units else (s, "")
+    try:
+        value = float(number)
+    except ValueError:
+        raise QuantkitError(f"max_memory must be a size like 1G, 512M or a byte count, got {text!r}", option="max_memory") from None
+    if not math.isfinite(value) or value <= 0:
+        raise QuantkitError(f"max_memory must be positive, got {text!r}", option="max_memory")
+    return int(value * units[unit])
 
 
 def _positive_int(value: Any, name: str, allow_none: bool = True) -> None:
@@ -47,12 +65,12 @@ class DataOptions:
     shuffle: bool = True  # image folders in a seeded shuffled order
     seed: int = 0
     num_samples: int | None = None  # None: all
-    batch_size: int = 32
+    batch_size: int | None = None  # None: calibration picks it from its memory budget, evaluation uses 32
     label_column: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self.num_samples, "num_samples")
-        _positive_int(self.batch_size, "batch_size", allow_none=False)
+        _positive_int(self.batch_size, "batch_size")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise QuantkitError(f"seed must be an integer in [0, 2**32), got {self.seed!r}", option="seed")
 
@@ -83,8 +101,10 @@ class CalibrationOptions:
     all_tensors: bool = False
     trt_version: str = DEFAULT_TRT_VERSION
     cache_algorithm: str = DEFAULT_ALGORITHM
+    max_memory: int = DEFAULT_MAX_MEMORY  # bytes of activations in flight, which choose the batch size when none is given
 
     def __post_init__(self) -> None:
+        _positive_int(self.max_memory, "max_memory", allow_none=False)
         if not isinstance(self.methods, str):
             object.__setattr__(self, "methods", tuple(self.methods))
         if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 256 or self.bins & (self.bins - 1):

@@ -21,7 +21,7 @@ import onnx
 
 from quantkit.backends.ort import ActivationRunner
 from quantkit.calibration.histogram import Scratch, TensorHistogram
-from quantkit.data.batching import Batch, batches
+from quantkit.data.batching import Batch, batches, fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
@@ -237,3 +237,61 @@ class LocalCollector:
         return collect_statistics(
             model, stream, r.tensors, bins=r.bins, providers=self.providers, threads=self.threads, on_batch=lambda b: r.on_samples(len(b))
         )
+
+
+#: batches in flight during collection besides the one onnxruntime computes: one queued, one folded
+_QUEUED_BATCHES = 2
+MAX_AUTO_BATCH = 256
+
+
+def activation_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: Sequence[str]) -> tuple[int, int]:
+    """Bytes of (every intermediate tensor, the calibrated tensors) for one run on ``feeds``.
+
+    From ONNX shape inference with the inputs' concrete shapes; tensors whose shape stays
+    unknown are left out. An upper bound of onnxruntime's activations (it reuses buffers).
+    """
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    for vi in proto.graph.input:
+        if vi.name in feeds:
+            shape = vi.type.tensor_type.shape
+            del shape.dim[:]
+            for d in feeds[vi.name].shape:
+                shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort: no estimate
+        return 0, 0
+    wanted = set(tensors)
+    total = chosen = 0
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if not tt.HasField("shape") or any(d < 0 for d in dims):
+            continue
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        except (KeyError, TypeError):
+            continue
+        size = int(np.prod(dims, dtype=np.int64)) * itemsize
+        total += size
+        if vi.name in wanted:
+            chosen += size
+    return total, chosen
+
+
+def batch_size_for(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Sequence[str], max_memory: int) -> tuple[int, int]:
+    """The largest batch whose activations fit ``max_memory``, and the bytes one sample needs.
+
+    A sample costs its intermediate tensors (onnxruntime's run) plus the calibrated tensors of
+    the batches queued for the histograms. A model with a fixed batch dimension keeps it.
+    """
+    fixed = fixed_batch(model)
+    one = {k: v[None] if fixed is None else v[None].repeat(fixed, axis=0) for k, v in sample.items()}
+    total, chosen = activation_bytes(model.proto, one, tensors)
+    per_sample = (total + _QUEUED_BATCHES * chosen) // (fixed or 1)
+    if fixed is not None:
+        return fixed, per_sample
+    if per_sample <= 0:
+        return 32, 0  # no estimate: the former default
+    return max(1, min(MAX_AUTO_BATCH, max_memory // per_sample)), per_sample

@@ -20,8 +20,17 @@ import numpy as np
 
 from quantkit import __version__
 from quantkit._io import StepTimer, ensure_writable_dir, sample_bar, write_files_atomic
-from quantkit.calibration.collect import CalibrationStats, Collector, CollectRequest, LocalCollector, SourceSpec, select_calibration_tensors
+from quantkit.calibration.collect import (
+    CalibrationStats,
+    Collector,
+    CollectRequest,
+    LocalCollector,
+    SourceSpec,
+    batch_size_for,
+    select_calibration_tensors,
+)
 from quantkit.calibration.methods import Calibrator, make_calibrators
+from quantkit.data.batching import check_sample
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
 from quantkit.model import ModelInfo, load_model
@@ -134,13 +143,17 @@ def calibrate(
         raise QuantkitError(f"model {info.path} has no float activations to calibrate")
     collector = collector or LocalCollector(runtime.providers, runtime.threads)
     warnings: list[str] = []
+    batch_size, per_sample = data_options.batch_size, 0
+    if batch_size is None:  # the largest batch whose activations fit the memory budget
+        first = next(iter(source), None)
+        if first is None:
+            raise QuantkitError(f"{source.description} yielded no samples", option="data")
+        batch_size, per_sample = batch_size_for(info, check_sample(first, info.inputs), tensors, options.max_memory)
     total = data_options.num_samples if data_options.num_samples is not None else source.size
     bar = sample_bar(total, "calibrating", quiet)
     try:
         with timer.step("collect statistics"):
-            request = CollectRequest(
-                source_spec, tensors, data_options.batch_size, data_options.num_samples, options.bins, warnings, bar.update
-            )
+            request = CollectRequest(source_spec, tensors, batch_size, data_options.num_samples, options.bins, warnings, bar.update)
             stats = collector.collect(info, source, request)
     finally:
         bar.close()
@@ -151,6 +164,8 @@ def calibrate(
             "shuffle": data_options.shuffle,
             "seed": data_options.seed,
         }
+        if per_sample:
+            calibration_info["batch_from_memory"] = {"max_memory": options.max_memory, "bytes_per_sample": per_sample}
         if hasattr(source, "preprocess"):
             calibration_info["preprocess"] = source.preprocess.to_json()
         ranges = compute_ranges(stats, calibrators, info, calibration_info, warnings)
@@ -166,7 +181,7 @@ def summary_table(result: CalibrationResult) -> str:
     r = result.ranges
     lines = [
         f"calibrated {len(r.tensors)} tensors on {r.calibration['num_samples']} samples "
-        f"(batch {r.calibration['batch_size']}) from {result.data_description}",
+        f"(batch {r.calibration['batch_size']}{_batch_note(r)}) from {result.data_description}",
         "time: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
         "",
         f"{'method':<11}{'min amax':>12}{'median amax':>14}{'max amax':>12}{'median amax/minmax':>20}",
@@ -183,3 +198,10 @@ def summary_table(result: CalibrationResult) -> str:
         lines.append("")
         lines += [f"wrote {p}" for p in result.files]
     return "\n".join(lines)
+
+
+def _batch_note(r: RangeSet) -> str:
+    auto = r.calibration.get("batch_from_memory")
+    if not auto:
+        return ""
+    return f", chosen for {auto['max_memory'] / 2**20:.0f} MiB of activations at {auto['bytes_per_sample'] / 2**20:.1f} MiB a sample"

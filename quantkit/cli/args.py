@@ -57,7 +57,7 @@ def data_options_from_args(args: argparse.Namespace, **overrides: object) -> Dat
         "shuffle": getattr(args, "shuffle", True),
         "seed": getattr(args, "seed", 0),
         "num_samples": getattr(args, "num_samples", None),
-        "batch_size": getattr(args, "batch_size", 32),
+        "batch_size": getattr(args, "batch_size", None),
     }
     values.update(overrides)
     return DataOptions(**values)  # type: ignore[arg-type]

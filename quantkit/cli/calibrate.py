@@ -8,7 +8,7 @@ from quantkit.api import calibrate
 from quantkit.calibration.methods import METHOD_NAMES
 from quantkit.calibration.pipeline import summary_table
 from quantkit.cli.args import add_preprocess_args, add_scale_out_args, data_options_from_args, options_from_args, scale_out_from_args
-from quantkit.options import CalibrationOptions, RuntimeOptions
+from quantkit.options import DEFAULT_MAX_MEMORY, CalibrationOptions, RuntimeOptions, parse_size
 from quantkit.trt_cache import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION
 
 
@@ -19,7 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", default="entropy", help=f"{', '.join(METHOD_NAMES)}, a comma list, or all (default: entropy)")
     p.add_argument("--num-samples", type=int, help="stop after N samples (default: all)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="samples per batch (default: the largest that fits --max-memory)")
+    p.add_argument(
+        "--max-memory",
+        type=parse_size,
+        default=DEFAULT_MAX_MEMORY,
+        help="activation memory calibration may hold, which picks the batch size (default 1G; e.g. 512M)",
+    )
     p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
     p.add_argument("--num-bins", type=int, default=2048, help="histogram bins that at least cover [0, max|x|] (power of two, default 2048)")
     p.add_argument("--all-tensors", action="store_true", help="calibrate every float tensor, not only those feeding quantizable ops")

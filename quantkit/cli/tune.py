@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from quantkit import api
 from quantkit._io import ensure_writable_dir, write_files_atomic
 from quantkit.cli.args import options_from_args, scale_out_from_args
 from quantkit.cli.tuning_args import add_tuning_arguments, tuning_inputs
+from quantkit.evaluation.check import FidelityError
 from quantkit.options import TuneOptions
 from quantkit.report.tune import sensitivity_files, tune_files
 from quantkit.tuning.search import summary
+
+#: exit code of a tuning run whose best plan misses the accuracy target
+TARGET_MISSED = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,4 +34,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(summary(tuned, evaluator))
         print("\n".join(f"wrote {f}" for f in [*tuned.files, *written]))
+    if tuned.broken:
+        raise FidelityError("the best model found is broken, so no tuned model was written: " + "; ".join(tuned.broken[:3]))
+    if not tuned.target_met:
+        print(f"quantkit tune: the target ({options.max_drop} points) was not met; the best plan is written as such", file=sys.stderr)
+        return TARGET_MISSED
     return 0

@@ -25,7 +25,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("--no-labels", action="store_true", help="use top-1 agreement with FP32 even where labels exist")
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
     p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="validation batch (default 32; calibration picks its own from memory)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true")
     if tune:

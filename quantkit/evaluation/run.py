@@ -28,6 +28,7 @@ from quantkit.data.batching import Batch, batches
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
+from quantkit.evaluation.check import judge_outputs
 from quantkit.evaluation.latency import Latency, hardware, measure_all
 from quantkit.evaluation.metrics import METRICS, Metric, OutputFidelity, fidelity
 from quantkit.evaluation.variants import CalibrationInput, build_variants, parse_variants
@@ -44,6 +45,7 @@ class VariantResult:
     latency: Latency | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    collapsed: list[str] = field(default_factory=list)  # outputs the fidelity check finds broken
 
 
 @dataclass
@@ -119,7 +121,7 @@ def evaluate(
             seed=data_options.seed,
             label_column=data_options.label_column,
         )
-        val = list(batches(source, info, data_options.batch_size, data_options.num_samples, source.description))
+        val = list(batches(source, info, data_options.batch_size or 32, data_options.num_samples, source.description))
     sample_labels = [label for b in val for label in b.labels]
     labelled = options.labels and bool(sample_labels) and all(label is not None for label in sample_labels)
     notes: list[str] = []
@@ -142,6 +144,8 @@ def evaluate(
                 target = built[spec_.name]
                 if isinstance(target, str):
                     result.error = target
+                    if spec_.kind == "fp32":
+                        raise QuantkitError(f"the FP32 baseline cannot be loaded: {target}")
                     continue
                 result.size_bytes = Path(target).stat().st_size
                 if spec_.kind == "int8" and spec_.target == "tensorrt" and runtime.runtime != "tensorrt":
@@ -154,6 +158,11 @@ def evaluate(
                     outputs = _collect(val, session)
                 except Exception as exc:  # noqa: BLE001 - recorded; the other variants still run
                     result.error = f"does not run on {runtime.runtime}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
+                    if spec_.kind == "fp32":
+                        raise QuantkitError(
+                            f"the FP32 baseline does not run on the data: {result.error}; check the data and its preprocessing "
+                            "(nothing was written)"
+                        ) from None
                     continue
                 names = [o.name for o in session.get_outputs()]
                 if spec_.kind == "fp32":
@@ -167,10 +176,15 @@ def evaluate(
                                 f"metric {name} failed on the outputs of {spec_.name} (first output shape {outputs[0].shape}, "
                                 f"{len(sample_labels)} labels): {exc}; check --labels and --metric"
                             ) from None
-                if reference is not None:
-                    result.fidelity = [
-                        fidelity(n, r, o, (options.slices or {}).get(n)) for n, r, o in zip(names, reference, outputs, strict=True)
-                    ]
+                if reference is None:
+                    raise QuantkitError(
+                        f"the FP32 baseline does not run: {results[0].error if results and results[0].error else 'no fp32 variant'}; "
+                        "check the model, the data and its preprocessing (nothing was written)"
+                    )
+                result.fidelity = [
+                    fidelity(n, r, o, (options.slices or {}).get(n)) for n, r, o in zip(names, reference, outputs, strict=True)
+                ]
+                result.collapsed = [c.line() for c in judge_outputs(names, reference, outputs) if c.problem]
                 timed.append((result, session))
         if options.latency and timed:
             with timer.step("measure latency"):
@@ -214,6 +228,8 @@ def flags_for(result: EvalResult) -> list[str]:
                 key, drop = "top-1 agreement", 100 * (1 - (v.fidelity[0].top1_agreement if v.fidelity else 0))
             if drop > result.max_drop:
                 flags.append(f"{v.name} loses {drop:.2f} points of {key}, over the {result.max_drop} budget")
+        if v.collapsed:
+            flags.append(f"{v.name} is broken (the fidelity check refuses it): " + "; ".join(v.collapsed))
         for f in v.fidelity:
             collapsed = f.collapsed_slices
             if collapsed:

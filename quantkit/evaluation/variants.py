@@ -63,6 +63,7 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
             )
     if not any(s.kind == "fp32" for s in specs):
         specs.insert(0, VariantSpec("fp32", "fp32"))  # the baseline every other variant is compared with
+    specs.sort(key=lambda s: s.kind != "fp32")  # the baseline runs first
     return specs
 
 
@@ -75,7 +76,7 @@ class CalibrationInput:
     ranges_path: str | Path | None = None
     preprocess: PreprocessSpec | None = None
     num_samples: int | None = None
-    batch_size: int = 32
+    batch_size: int | None = None  # None: calibration picks it from its memory budget
     methods: str = "all"
     _ranges: Any = None
 
@@ -100,7 +101,7 @@ class CalibrationInput:
         """The calibration samples as input name -> stacked array (ModelOpt's calibration_data)."""
         if self.calib is None:
             raise QuantkitError("the modelopt variant needs calibration data (--calib)")
-        got = list(batches(open_source(self.calib, self.model, self.preprocess), self.model, self.batch_size, self.num_samples))
+        got = list(batches(open_source(self.calib, self.model, self.preprocess), self.model, self.batch_size or 32, self.num_samples))
         return {k: np.concatenate([b.feeds[k] for b in got]) for k in got[0].feeds}
 
 

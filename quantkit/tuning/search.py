@@ -25,6 +25,7 @@ from typing import Any
 import onnx
 
 from quantkit._io import ensure_writable_dir, write_bytes_atomic
+from quantkit.evaluation.check import judge_outputs
 from quantkit.model import ModelInfo
 from quantkit.options import ExportOptions, TuneOptions, split_options
 from quantkit.optypes import KNOWN_SENSITIVE_OPS
@@ -70,6 +71,7 @@ class TuneResult:
     known_start: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)  # outputs of the best model that the fidelity check refuses
 
 
 def known_sensitive(model: ModelInfo, quantized: Sequence[str]) -> list[str]:
@@ -257,7 +259,15 @@ class PrecisionSearch:
         result.files = [self.history_path] + ([self.plan_path] if best else [])
         if best is not None:
             tuned: onnx.ModelProto = build_candidate(self.model, self.ranges, plan, method=self.export.method, target=self.export.target)
-            tuned_path = self.out / f"{self.model.path.stem}.tuned.onnx"
+            names = [o.name for o in self.model.proto.graph.output]
+            broken = [c for c in judge_outputs(names, self.evaluator.reference, self.evaluator._run(tuned)) if c.problem]
+            if broken:  # never written: the history and the plan say what was tried
+                result.broken = [c.line() for c in broken]
+                result.messages.append("the best model so far is broken, so no tuned model was written: " + "; ".join(result.broken[:3]))
+                return result
+            # a model that misses the target says so in its name: nobody ships it by mistake
+            suffix = ".tuned.onnx" if result.target_met else ".tuned.misses-target.onnx"
+            tuned_path = self.out / f"{self.model.path.stem}{suffix}"
             write_bytes_atomic(tuned_path, tuned.SerializeToString())
             result.files.append(tuned_path)
         return result

@@ -316,7 +316,7 @@ def prepare(
     if metric not in METRICS:
         raise QuantkitError(f"unknown metric '{metric}'; built in: {', '.join(METRICS)}", option="metric")
     source = open_source(val, info, data_options.preprocess, shuffle=False)
-    batches_ = list(batches(source, info, data_options.batch_size, data_options.num_samples, source.description))
+    batches_ = list(batches(source, info, data_options.batch_size or 32, data_options.num_samples, source.description))
     labels = [label for b in batches_ for label in b.labels]
     labelled = use_labels and bool(labels) and all(label is not None for label in labels)
     return info, ranges, Evaluator(info, batches_, (metric, METRICS[metric]) if labelled else None, labels if labelled else None)

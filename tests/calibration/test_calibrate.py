@@ -18,7 +18,7 @@ from quantkit.model import load_model
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import read_trt_cache
 
-DEMO_ARGS = [str(DEMO_MODEL), "--data", str(DEMO_CALIB), "--preprocess-config", str(DEMO_PREPROCESS), "--quiet"]
+DEMO_ARGS = [str(DEMO_MODEL), "--data", str(DEMO_CALIB), "--preprocess-config", str(DEMO_PREPROCESS), "--quiet", "--batch-size", "32"]
 
 
 def files_in(path):
@@ -147,7 +147,7 @@ def test_constant_tensor_gets_a_valid_scale_and_is_reported(tmp_path):
 
 
 def test_api_and_cli_agree(demo_run, demo_preprocess):
-    result = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="all", num_samples=256, preprocess=demo_preprocess)
+    result = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="all", num_samples=256, batch_size=32, preprocess=demo_preprocess)
     assert result.ranges.dumps() == (demo_run / "ranges.json").read_text()
 
 
@@ -256,3 +256,27 @@ def test_stats_merge_keeps_input_shapes():
     b = CalibrationStats({}, 3, 3, {"x": [[3, 3]]})
     merged = a.merge(b)
     assert merged.num_samples == 5 and merged.input_shapes == {"x": [[2, 3], [3, 3]]}
+
+
+def test_batch_size_comes_from_the_memory_budget_and_ranges_do_not_depend_on_it(tmp_path):
+    """Without --batch-size, the batch is the largest whose activations fit --max-memory; the
+    histograms are exact for any batching, so the caches are byte-identical."""
+    from quantkit.calibration.collect import activation_bytes, select_calibration_tensors
+
+    model = load_model(DEMO_MODEL)
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    total, chosen = activation_bytes(model.proto, {"image": x}, select_calibration_tensors(model.proto))
+    assert 0 < chosen < total
+    per_sample = total + 2 * chosen
+    budget = 40 * per_sample + 1
+    args = [*DEMO_ARGS[:-2], "--num-samples", "96", "--method", "all"]
+    assert main(["calibrate", *args, "--max-memory", str(budget), "--out", str(tmp_path / "auto")]) == 0
+    auto = RangeSet.load(tmp_path / "auto" / "ranges.json")
+    assert auto.calibration["batch_size"] == 40
+    assert auto.calibration["batch_from_memory"] == {"max_memory": budget, "bytes_per_sample": per_sample}
+    assert main(["calibrate", *args, "--batch-size", "7", "--out", str(tmp_path / "seven")]) == 0
+    for cache in (tmp_path / "auto").glob("*.cache"):
+        assert cache.read_bytes() == (tmp_path / "seven" / cache.name).read_bytes()
+    assert {n: t.amax for n, t in auto.tensors.items()} == {
+        n: t.amax for n, t in RangeSet.load(tmp_path / "seven" / "ranges.json").tensors.items()
+    }

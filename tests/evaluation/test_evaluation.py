@@ -182,3 +182,12 @@ def test_labels_that_do_not_match_the_outputs(tmp_path, demo_preprocess):
     pq.write_table(pa.table(rows), tmp_path / "val.parquet")
     with pytest.raises(QuantkitError, match="output scores 10 classes"):
         evaluate(DEMO_MODEL, tmp_path / "val.parquet", variants="fp32", preprocess=demo_preprocess, latency=False)
+
+
+def test_eval_exits_non_zero_when_the_fp32_baseline_cannot_run(tmp_path, capsys):
+    """Without the preprocessing the model needs, every variant fails: that is an error, not a report."""
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((4, 3, 28, 28), np.float32))  # 3 channels for a 1-channel model
+    code = main(["eval", str(DEMO_MODEL), "--data", str(bad), "--variants", "fp32,fp16", "--no-latency", "--report", str(tmp_path / "r")])
+    assert code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "r" / "report.json").exists()

@@ -93,3 +93,22 @@ def test_target_finer_than_the_standard_error_warns(planted, tmp_path):
     ev = Evaluator(info, data[:1], ("top1", METRICS["top1"]), labels)
     result = tune(info, ranges, ev, tmp_path, max_drop=0.5, method="minmax", max_trials=1)
     assert any("standard error" in m and "use more validation samples" in m for m in result.messages)
+
+
+def test_a_missed_target_is_named_so_and_exits_non_zero(planted, tmp_path, capsys):
+    tmp, _, _, _ = planted
+    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--val", str(tmp / "val.npy"), "--method", "minmax"]
+    code = main(["tune", *args, "--max-drop", "-1", "--out", str(tmp_path / "t"), "--quiet"])
+    assert code == 4 and "was not met" in capsys.readouterr().err
+    assert (tmp_path / "t" / "planted.tuned.misses-target.onnx").exists()
+    assert not (tmp_path / "t" / "planted.tuned.onnx").exists()
+
+
+def test_a_broken_best_model_is_never_written(planted, tmp_path, capsys):
+    """Stopped after the all-INT8 trial, whose output is all zeros: history and plan, no model."""
+    tmp, _, _, _ = planted
+    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--val", str(tmp / "val.npy"), "--method", "minmax"]
+    code = main(["tune", *args, "--max-trials", "1", "--out", str(tmp_path / "t"), "--quiet"])
+    assert code == 3 and "broken" in capsys.readouterr().err
+    assert (tmp_path / "t" / "tune_history.json").exists()
+    assert not list((tmp_path / "t").glob("*.onnx"))
