@@ -48,6 +48,7 @@ bench: install
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) bench/tuning.py
 	$(PY) bench/distributed.py
+	$(PY) bench/trust.py
 
 lint: install
 	$(VENV)/bin/ruff check quantkit tests bench scripts

@@ -23,6 +23,8 @@ from quantkit.errors import QuantkitError
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and prove it is writable, before any long work starts."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise QuantkitError(f"output directory {out} is an existing file; choose a directory", option="out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".quantkit-probe-")
@@ -30,6 +32,29 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         os.unlink(probe)
     except OSError as exc:
         raise QuantkitError(f"output directory {out} is not writable ({exc.strerror or exc}); choose another --out") from None
+    return out
+
+
+def check_output_file(dest: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Refuse an output file that is one of the inputs (by identity, not by name), a directory,
+    or in a folder that does not exist or cannot be written; before any work starts."""
+    out = Path(dest)
+    if out.is_dir():
+        raise QuantkitError(f"output {out} is a directory; give a file name", option="output")
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given)
+        same = out.exists() and src.exists() and os.path.samefile(out, src)
+        if same or (not out.exists() and out.resolve() == src.resolve()):
+            raise QuantkitError(
+                f"output {out} is the input {src}: quantkit never overwrites an input; choose another name", option="output"
+            )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise QuantkitError(f"output folder {parent} does not exist; create it first", option="output")
+    if not os.access(parent, os.W_OK):
+        raise QuantkitError(f"output folder {parent} is not writable; choose another", option="output")
     return out
 
 
@@ -62,6 +87,23 @@ def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> Path:
     return Path(dest)
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (main thread only; elsewhere a no-op)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
     """Write a set of files so that either all of them appear or none is touched.
 
@@ -76,8 +118,9 @@ def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
                 fh.write(data)
             _public_mode(tmp)
             staged.append((Path(tmp), dest))
-        for tmp, dest in staged:
-            os.replace(tmp, dest)
+        with _signals_deferred():  # the renames take microseconds: Ctrl-C or SIGTERM waits for all of them
+            for tmp, dest in staged:
+                os.replace(tmp, dest)
     finally:
         for tmp, _ in staged:
             if tmp.exists():

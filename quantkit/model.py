@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 from google.protobuf.message import DecodeError
 
 from quantkit.errors import QuantkitError
@@ -123,15 +124,55 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in onnx.external_data_helper._get_all_tensors(proto) if onnx.external_data_helper.uses_external_data(t)]
+
+
+def check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Every external-data reference must be a regular file inside the model's own folder, and
+    the bytes it names must exist: no absolute paths, no ``..``, no symbolic links."""
+    folder = path.parent.resolve()
+    sizes: dict[Path, int] = {}
+    for tensor in _external_tensors(proto):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path}: tensor {tensor.name!r}"
+        rel = Path(location)
+        if not location or rel.is_absolute() or ".." in rel.parts:
+            raise QuantkitError(
+                f"{where} keeps its data at {location!r}, outside the model's folder; only relative paths inside it are read"
+            )
+        target = folder / rel
+        if target.is_symlink() or not target.resolve().is_relative_to(folder):
+            raise QuantkitError(
+                f"{where}: {location!r} is a symbolic link or leaves the model's folder; copy the data file next to the model"
+            )
+        if not target.is_file():
+            raise QuantkitError(f"{where} keeps its data in {location!r}, which is missing; copy it next to {path.name}")
+        size = sizes.setdefault(target, target.stat().st_size)
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            raise QuantkitError(f"{where}: its external-data offset or length is not a number") from None
+        if offset < 0 or offset > size or (length >= 0 and offset + length > size):
+            raise QuantkitError(f"{where}: its external data runs past the end of {location!r} ({size} bytes); the file is truncated")
+
+
 def load_model(path: str | Path) -> ModelInfo:
     """Load and check an ONNX model; every failure is a one-line QuantkitError."""
     path = Path(path)
     if not path.is_file():
         raise QuantkitError(f"model file not found: {path}")
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError, RuntimeError) as exc:
         raise QuantkitError(f"cannot read {path} as an ONNX model ({type(exc).__name__}); is the file complete?") from None
+    if _external_tensors(proto):
+        check_external_data(proto, path)
+        try:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+            raise QuantkitError(f"cannot read the external data of {path}: {str(exc).splitlines()[0][:200]}") from None
     if not proto.graph.node:
         raise QuantkitError(f"{path} holds no ONNX graph nodes; is it an ONNX model file?")
     try:

@@ -22,6 +22,8 @@ from quantkit.errors import QuantkitError
 
 FORMAT = "quantkit.ranges"
 FORMAT_VERSION = 1
+#: a ranges file larger than this is not one (a million tensors is ~300 MB of JSON; real models have thousands)
+MAX_RANGES_BYTES = 256 << 20
 INT8_MAX = 127
 #: scale written for a tensor whose amax is 0 (it was constant zero): any positive scale
 #: represents 0 exactly; 1.0 follows onnxruntime's convention for degenerate ranges.
@@ -142,44 +144,85 @@ class RangeSet:
 
     @classmethod
     def load(cls, path: str | Path) -> RangeSet:
+        """Read and validate a ranges file: every key, type and amax is checked here, once."""
         path = Path(path)
+        if path.is_dir():
+            raise QuantkitError(f"{path} is a directory; pass the ranges.json inside it")
         try:
+            if path.stat().st_size > MAX_RANGES_BYTES:
+                raise QuantkitError(f"{path} is {path.stat().st_size >> 20} MB: too large for a ranges file")
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise QuantkitError(f"ranges file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise QuantkitError(f"{path} is not valid JSON ({exc}); was it written by quantkit calibrate?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise QuantkitError(f"{path} is not valid JSON ({str(exc)[:80]}); was it written by quantkit calibrate?") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise QuantkitError(f'{path} is not a quantkit ranges file (missing "format": "{FORMAT}")')
-        if doc.get("format_version", 0) > FORMAT_VERSION:
-            raise QuantkitError(
-                f"{path} has ranges format {doc['format_version']}; this quantkit reads up to {FORMAT_VERSION}: upgrade quantkit"
-            )
-        tensors = {
-            name: TensorRange(
-                name=name,
-                min=t["min"],
-                max=t["max"],
-                count=t["count"],
-                zeros=t.get("zeros", 0),
-                nonfinite=t.get("nonfinite", 0),
-                sentinels=t.get("sentinels", 0),
-                amax=dict(t["amax"]),
-            )
-            for name, t in doc["tensors"].items()
-        }
-        methods = dict(doc["methods"])
+        return cls.from_json(doc, str(path))
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], source: str = "ranges") -> RangeSet:
+        def fail(what: str) -> QuantkitError:
+            return QuantkitError(f"{source}: {what}; rewrite it with quantkit calibrate")
+
+        version = doc.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise fail(f"format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise QuantkitError(f"{source} has ranges format {version}; this quantkit reads up to {FORMAT_VERSION}: upgrade quantkit")
+        for key, kind in (("tensors", dict), ("methods", dict), ("model", dict), ("calibration", dict)):
+            if not isinstance(doc.get(key), kind):
+                raise fail(f'"{key}" must be an object, got {type(doc.get(key)).__name__}')
+        methods = doc["methods"]
+        if not methods or not all(isinstance(k, str) and isinstance(v, dict) for k, v in methods.items()):
+            raise fail('"methods" must map each method name to its parameters')
+        tensors = {}
+        for name, t in doc["tensors"].items():
+            if not isinstance(t, dict):
+                raise fail(f"tensor {name[:80]!r} must be an object")
+            stats = {}
+            for key in ("min", "max"):
+                v = t.get(key)
+                if not _is_number(v) or not math.isfinite(v):
+                    raise fail(f"tensor {name[:80]!r}: {key} must be a finite number, got {v!r}")
+                stats[key] = float(v)
+            for key in ("count", "zeros", "nonfinite", "sentinels"):
+                v = t.get(key, 0)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise fail(f"tensor {name[:80]!r}: {key} must be a non-negative integer, got {v!r}")
+                stats[key] = v
+            amax = t.get("amax")
+            if not isinstance(amax, dict) or set(amax) - set(methods) or not amax:
+                raise fail(f"tensor {name[:80]!r}: amax must give a value for the file's methods ({', '.join(methods)})")
+            constant_zero = stats["min"] == stats["max"] == 0.0
+            for method, v in amax.items():
+                ok = _is_number(v) and math.isfinite(v) and float(np.float32(v)) < float(np.finfo(np.float32).max)
+                if not ok or v < 0 or (v == 0 and not constant_zero):
+                    raise fail(
+                        f"tensor {name[:80]!r}: {method} amax is {v!r}; an amax must be positive and finite "
+                        "(0 only for a tensor that is constantly zero)"
+                    )
+            tensors[name] = TensorRange(name=name, amax={m: float(v) for m, v in amax.items()}, **stats)
+        methods = dict(methods)
         default = doc.get("default_method")
         if default in methods:  # keep the default first
             methods = {default: methods[default], **{k: v for k, v in methods.items() if k != default}}
+        warnings = doc.get("warnings", [])
+        if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+            raise fail('"warnings" must be a list of strings')
+        version_text = doc.get("quantkit_version", "")
         return cls(
             tensors=tensors,
             methods=methods,
             model=doc["model"],
             calibration=doc["calibration"],
-            quantkit_version=doc.get("quantkit_version", ""),
-            warnings=list(doc.get("warnings", [])),
+            quantkit_version=version_text if isinstance(version_text, str) else "",
+            warnings=list(warnings),
         )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def ranges_from_scales(

@@ -14,10 +14,13 @@ is configurable and checked when read.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from quantkit._io import write_bytes_atomic
 from quantkit.errors import QuantkitError
@@ -32,7 +35,12 @@ DEFAULT_ALGORITHM = "EntropyCalibration2"
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
 
 _HEADER = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")
-_LINE = re.compile(r"^(.*): ([0-9a-fA-F]{1,8})$")
+#: a scale is the 8-digit hex of a float32; "0" alone marks a tensor without a range
+_LINE = re.compile(r"^(.*): ([0-9a-fA-F]{8}|0)$")
+#: a cache larger than this is not a calibration cache (a million tensors is ~60 MB)
+MAX_CACHE_BYTES = 64 << 20
+#: characters that end a line for str.splitlines: a tensor name holding one could not be read back
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
 
 def encode_version(version: str) -> int:
@@ -85,8 +93,8 @@ def format_trt_cache(scales: dict[str, float], trt_version: str = DEFAULT_TRT_VE
         raise QuantkitError(f"unknown TensorRT calibration algorithm '{algorithm}'; choose from {', '.join(ALGORITHMS)}")
     lines = [f"TRT-{encode_version(trt_version)}-{algorithm}"]
     for name, scale in scales.items():
-        if "\n" in name:
-            raise QuantkitError(f"tensor name {name!r} contains a newline and cannot be written to a TensorRT cache")
+        if any(c in _LINE_BREAKS for c in name) or not name:
+            raise QuantkitError(f"tensor name {name!r} contains a line break (or is empty) and cannot be written to a TensorRT cache")
         if not (scale > 0 and scale < float("inf")):
             raise QuantkitError(f"tensor '{name}' has scale {scale}; a TensorRT cache needs a positive finite scale")
         lines.append(f"{name}: {scale_to_hex(scale)}")
@@ -101,10 +109,18 @@ def write_trt_cache(
 
 
 def parse_trt_cache(text: str, source: str = "<cache>", expect_version: str | None = None) -> TrtCache:
-    lines = text.splitlines()
+    """Parse a cache; every malformed line, duplicate tensor or unusable scale is a clear error.
+
+    Lines end at "\n" only (a trailing "\r" is dropped), as TensorRT reads them.
+    """
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines or not (m := _HEADER.match(lines[0].strip())):
         first = lines[0][:60] if lines else ""
         raise QuantkitError(f"{source} is not a TensorRT calibration cache: first line {first!r} is not TRT-<version>-<Algorithm>")
+    if len(m.group(1)) > 9:
+        raise QuantkitError(f"{source}: the header's TensorRT version {m.group(1)[:12]}... is not a version number")
     version, algorithm = int(m.group(1)), m.group(2)
     if expect_version is not None and version != encode_version(expect_version):
         raise QuantkitError(
@@ -115,17 +131,35 @@ def parse_trt_cache(text: str, source: str = "<cache>", expect_version: str | No
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        lm = _LINE.match(line.rstrip("\r"))
+        lm = _LINE.match(line)
         if not lm:
-            raise QuantkitError(f"{source}, line {lineno}: expected '<tensor>: <hex scale>', got {line[:80]!r}")
-        value = hex_to_scale(lm.group(2))
-        scales[lm.group(1)] = value if value > 0 else None  # "name: 0" means no range
+            raise QuantkitError(f"{source}, line {lineno}: expected '<tensor>: <8 hex digits, or 0>', got {line[:80]!r}")
+        name, value = lm.group(1), hex_to_scale(lm.group(2))
+        if name in scales:
+            raise QuantkitError(f"{source}, line {lineno}: tensor {name[:80]!r} appears twice; which scale is meant?")
+        if value == 0:
+            scales[name] = None  # "name: 00000000" means no range
+            continue
+        if (
+            not math.isfinite(value)
+            or value < 0
+            or value < float(np.finfo(np.float32).tiny)
+            or value * 127 > float(np.finfo(np.float32).max)
+        ):
+            raise QuantkitError(
+                f"{source}, line {lineno}: tensor {name[:80]!r} has scale {value!r}; a scale must be a positive, normal, finite float32"
+            )
+        scales[name] = value
     return TrtCache(version=version, algorithm=algorithm, scales=scales)
 
 
 def read_trt_cache(path: str | Path, expect_version: str | None = None) -> TrtCache:
     path = Path(path)
+    if path.is_dir():
+        raise QuantkitError(f"{path} is a directory, not a TensorRT calibration cache")
     try:
+        if path.stat().st_size > MAX_CACHE_BYTES:
+            raise QuantkitError(f"{path} is {path.stat().st_size >> 20} MB: too large for a calibration cache")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise QuantkitError(f"calibration cache not found: {path}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit._io import write_bytes_atomic
+from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.backends.ort import ORT_RUNTIMES, build_ort
 from quantkit.backends.trt import INSTALL_HINT, build_engine, tensorrt_version
 from quantkit.backends.trtexec import PRECISIONS, parse_shapes, shell, trtexec_command
@@ -66,6 +66,7 @@ def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.output, args.model, args.cache, args.plan)
     model = load_model(args.model)
     out = Path(args.output)
     if args.runtime != "tensorrt":

@@ -6,6 +6,7 @@ import argparse
 
 import onnx
 
+from quantkit._io import check_output_file
 from quantkit.errors import QuantkitError
 from quantkit.export.qdq import ranges_from_qdq
 from quantkit.ranges import RangeSet
@@ -24,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.output, args.from_ranges, args.from_qdq)
     if args.from_ranges:
         ranges = RangeSet.load(args.from_ranges)
         scales = ranges.scales(args.method)

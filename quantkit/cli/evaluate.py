@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from quantkit._io import ensure_writable_dir
 from quantkit.backends.ort import RUNTIMES
 from quantkit.cli.args import add_preprocess_args, data_options_from_args, options_from_args
 from quantkit.errors import QuantkitError
@@ -54,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    ensure_writable_dir(args.report)  # before the long work: an existing file or a read-only folder fails now
     options = options_from_args(
         EvalOptions,
         args,

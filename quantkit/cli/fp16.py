@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from quantkit._io import write_bytes_atomic
+from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.api import calibrate
 from quantkit.cli.args import add_check_args, preprocess_from_args, verify
 from quantkit.data.batching import fixed_batch
@@ -44,6 +44,7 @@ def _data_for_ranges(args: argparse.Namespace, ranges: RangeSet | None) -> tuple
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.output, args.model, args.ranges, args.plan, args.data)
     model = load_model(args.model)
     plan = PrecisionPlan.load(args.plan) if args.plan else None
     names = node_names(model) if plan else []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit._io import write_bytes_atomic
+from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.cli.args import add_check_args, verify
 from quantkit.graph.optimize import PASSES, optimize_model
 from quantkit.model import load_model
@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.output, args.model, args.data)
     model = load_model(args.model)
     passes = passes_from_args(args)
     optimized, report = optimize_model(model, passes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit._io import write_bytes_atomic
+from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.cli.args import add_check_args, verify
 from quantkit.errors import QuantkitError
 from quantkit.export.apply import apply_plan
@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.output, args.model, args.ranges, args.from_cache, args.plan)
     model = load_model(args.model)
     warnings: list[str] = []
     if args.from_cache:
@@ -50,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
         if args.trt_version and cache.version != encode_version(args.trt_version):
             warnings.append(f"{args.from_cache} was written for TensorRT {cache.version_string}, not {args.trt_version}")
         ranges = ranges_from_trt_cache(cache, args.from_cache)
+        known = {name for node in model.proto.graph.node for name in [*node.input, *node.output]}
+        if ranges.tensors and not set(ranges.tensors) & known:
+            raise QuantkitError(
+                f"none of the {len(ranges.tensors)} tensors in {args.from_cache} is a tensor of {model.path} "
+                f"(first: {next(iter(ranges.tensors))!r}): is it the cache of another model?"
+            )
         allow_missing = True  # a cache from TensorRT covers what TensorRT calibrated; the rest stays float, with a warning
     else:
         ranges = RangeSet.load(args.ranges)

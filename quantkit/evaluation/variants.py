@@ -44,7 +44,13 @@ class VariantSpec:
 def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
     default_target = "tensorrt" if runtime == "tensorrt" else "onnxruntime"
     specs: list[VariantSpec] = []
-    for item in [v.strip() for v in text.split(",") if v.strip()]:
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise QuantkitError(f"no variant given in {text!r}; e.g. fp32,fp16,int8:entropy", option="variants")
+    names = [i.split("=", 1)[0] for i in items]
+    if len(set(names)) != len(names):
+        raise QuantkitError(f"variant names repeat in {text!r}", option="variants")
+    for item in items:
         if "=" in item:
             name, path = item.split("=", 1)
             specs.append(VariantSpec(name, "file", path=Path(path)))
