@@ -89,19 +89,32 @@ def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> Path:
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (main thread only; elsewhere a no-op)."""
+    """Hold SIGINT and SIGTERM until the block ends, then act on them (main thread only).
+
+    Python runs signal handlers in the main thread whichever thread the signal reached, so the
+    handlers are swapped for ones that only take note; a per-thread signal mask would not do.
+    """
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in caught[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                signal.raise_signal(signum)
 
 
 def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
@@ -114,10 +127,15 @@ def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
     try:
         for dest, data in files.items():
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
+            staged.append((Path(tmp), dest))  # before writing: an interrupted write still gets cleaned up
+            try:
+                fh = os.fdopen(fd, "wb")
+            except BaseException:
+                os.close(fd)
+                raise
+            with fh:
                 fh.write(data)
             _public_mode(tmp)
-            staged.append((Path(tmp), dest))
         with _signals_deferred():  # the renames take microseconds: Ctrl-C or SIGTERM waits for all of them
             for tmp, dest in staged:
                 os.replace(tmp, dest)

@@ -116,6 +116,12 @@ class PrecisionPlan:
         nodes = doc.get("nodes") or {}
         if not isinstance(nodes, dict):
             raise QuantkitError(f"{source}: 'nodes' must map node names or patterns to precisions")
+        bad = [k for k in nodes if not isinstance(k, str)]
+        if bad:
+            raise QuantkitError(f'{source}: node names must be strings, got {bad[0]!r}; quote it ("{bad[0]}")')
+        for key in ("default", "fallback"):
+            if key in doc and not isinstance(doc[key], str):
+                raise QuantkitError(f"{source}: {key} must be int8, fp16 or fp32, got {doc[key]!r}")
         return cls(default=doc.get("default", "int8"), fallback=doc.get("fallback", "fp32"), nodes=dict(nodes))
 
     @classmethod

@@ -196,7 +196,7 @@ class RangeSet:
                 raise fail(f"tensor {name[:80]!r}: amax must give a value for the file's methods ({', '.join(methods)})")
             constant_zero = stats["min"] == stats["max"] == 0.0
             for method, v in amax.items():
-                ok = _is_number(v) and math.isfinite(v) and float(np.float32(v)) < float(np.finfo(np.float32).max)
+                ok = _is_number(v) and math.isfinite(v) and abs(v) < float(np.finfo(np.float32).max)
                 if not ok or v < 0 or (v == 0 and not constant_zero):
                     raise fail(
                         f"tensor {name[:80]!r}: {method} amax is {v!r}; an amax must be positive and finite "

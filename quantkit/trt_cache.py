@@ -46,7 +46,7 @@ _LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 def encode_version(version: str) -> int:
     """'10.14.1' -> 101401, '8.6.1' -> 8601 (decimal, never hex)."""
     parts = version.strip().split(".")
-    if not 1 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
+    if not 1 <= len(parts) <= 4 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):
         raise QuantkitError(f"TensorRT version '{version}' is not of the form MAJOR.MINOR.PATCH (e.g. 10.14.1)")
     major, minor, patch = (int(p) for p in [*parts, "0", "0"][:3])
     if minor > 99 or patch > 99:

@@ -6,6 +6,7 @@ convert colour -> resize -> center-crop -> to float -> * scale -> (x - mean) / s
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -24,16 +25,22 @@ LAYOUTS = ("NCHW", "NHWC")
 def _size(value: Any, flag: str) -> tuple[int, int] | int | None:
     if value is None or value == "":
         return None
+    if isinstance(value, bool) or isinstance(value, float):
+        raise QuantkitError(f"{flag} must be N or HxW with whole positive numbers, got {value!r}")
     if isinstance(value, int):
-        return value
-    if isinstance(value, str):
+        parts = [value]
+    elif isinstance(value, str):
         parts = value.lower().replace(",", "x").split("x")
-    else:
+    elif isinstance(value, (list, tuple)):
         parts = list(value)
+    else:
+        raise QuantkitError(f"{flag} must be N or HxW, got {value!r}")
     try:
-        ints = [int(p) for p in parts]
+        ints = [int(p) if not isinstance(p, (bool, float)) else int("x") for p in parts]
     except (TypeError, ValueError):
-        raise QuantkitError(f"{flag} must be N or HxW, got {value!r}") from None
+        raise QuantkitError(f"{flag} must be N or HxW with whole positive numbers, got {value!r}") from None
+    if any(i <= 0 or i > 65536 for i in ints):
+        raise QuantkitError(f"{flag} must be positive (at most 65536), got {value!r}")
     if len(ints) == 1:
         return ints[0]
     if len(ints) == 2:
@@ -46,9 +53,14 @@ def _floats(value: Any, flag: str) -> tuple[float, ...] | None:
         return None
     if isinstance(value, (int, float)):
         return (float(value),)
+    if isinstance(value, bool) or not isinstance(value, (str, list, tuple)):
+        raise QuantkitError(f"{flag} must be a number or a comma list of numbers, got {value!r}")
     parts = value.split(",") if isinstance(value, str) else list(value)
     try:
-        return tuple(float(p) for p in parts)
+        out = tuple(float(p) for p in parts if not isinstance(p, bool))
+        if len(out) != len(parts) or not all(math.isfinite(x) for x in out):
+            raise ValueError
+        return out
     except (TypeError, ValueError):
         raise QuantkitError(f"{flag} must be a number or a comma list of numbers, got {value!r}") from None
 
@@ -73,12 +85,25 @@ class PreprocessSpec:
         if unknown:
             raise QuantkitError(f"{source}: unknown preprocessing key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         v = {k: values[k] for k in values if values[k] is not None}
+        for key in ("color", "layout", "dtype"):
+            if key in v and not isinstance(v[key], str):
+                raise QuantkitError(f"{source}: {key} must be a string, got {v[key]!r} ({type(v[key]).__name__}); quote it in YAML")
+        scale = v.get("scale", 1.0 / 255.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise QuantkitError(f"{source}: scale must be a positive number, got {scale!r}")
+        if "dtype" in v:
+            try:
+                dtype = np.dtype(v["dtype"])
+            except TypeError:
+                raise QuantkitError(f"{source}: dtype {v['dtype']!r} is not a numpy dtype (e.g. float32, float16, uint8)") from None
+            if dtype.kind not in "fiu":
+                raise QuantkitError(f"{source}: dtype must be a numeric type, got {v['dtype']!r}")
         spec = cls(
-            resize=_size(v.get("resize"), "resize"),
-            center_crop=_size(v.get("center_crop"), "center_crop"),
-            scale=float(v.get("scale", 1.0 / 255.0)),
-            mean=_floats(v.get("mean"), "mean"),
-            std=_floats(v.get("std"), "std"),
+            resize=_size(v.get("resize"), f"{source}: resize"),
+            center_crop=_size(v.get("center_crop"), f"{source}: center_crop"),
+            scale=float(scale),
+            mean=_floats(v.get("mean"), f"{source}: mean"),
+            std=_floats(v.get("std"), f"{source}: std"),
             color=(v["color"].upper() if "color" in v else None),
             layout=(v["layout"].upper() if "layout" in v else None),
             dtype=v.get("dtype"),

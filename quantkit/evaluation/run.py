@@ -125,6 +125,11 @@ def evaluate(
     sample_labels = [label for b in val for label in b.labels]
     labelled = options.labels and bool(sample_labels) and all(label is not None for label in sample_labels)
     notes: list[str] = []
+    if data_options.label_column and not labelled:
+        raise QuantkitError(
+            f"{source.description} has no labels in {data_options.label_column!r}: name an existing label column, or leave it out",
+            option="label_column",
+        )
     if options.labels and not labelled:
         notes.append(f"{source.description} has no labels: the report shows fidelity against FP32 only")
 
@@ -167,6 +172,7 @@ def evaluate(
                 names = [o.name for o in session.get_outputs()]
                 if spec_.kind == "fp32":
                     reference = outputs
+                    check_slices(options.slices, names, outputs)
                 if labelled:
                     for name, fn in metric_fns:
                         try:
@@ -204,6 +210,17 @@ def evaluate(
     )
     evaluation.flags += flags_for(evaluation)
     return evaluation
+
+
+def check_slices(slices: dict[str, list[tuple[int, int, int]]] | None, names: list[str], outputs: list[np.ndarray]) -> None:
+    """Every asked-for slice names an output, an axis it has, and indices inside that axis."""
+    for name, ranges in (slices or {}).items():
+        if name not in names:
+            raise QuantkitError(f"slice of output {name!r}: the model's outputs are {', '.join(names)}", option="slice")
+        shape = outputs[names.index(name)].shape
+        for axis, start, stop in ranges:
+            if not 0 <= axis < len(shape) or not 0 <= start < stop <= shape[axis]:
+                raise QuantkitError(f"slice {name}:{axis}:{start}-{stop} is outside the output's shape {list(shape)}", option="slice")
 
 
 def flags_for(result: EvalResult) -> list[str]:

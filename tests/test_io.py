@@ -1,0 +1,69 @@
+"""Atomic outputs: a writer interrupted at any step leaves either every new file or none."""
+
+import os
+import signal
+
+import pytest
+
+from quantkit import _io
+from quantkit.errors import QuantkitError
+
+
+def setup_old(tmp_path):
+    files = {tmp_path / f"f{i}": b"old" for i in range(4)}
+    for path, data in files.items():
+        path.write_bytes(data)
+    return {p: b"new" + bytes([i]) for i, p in enumerate(files)}
+
+
+@pytest.mark.parametrize("after", [1, 2, 3])
+def test_sigint_between_renames_waits_for_all_of_them(tmp_path, monkeypatch, after):
+    new = setup_old(tmp_path)
+    real_replace, done = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        done.append(dst)
+        if len(done) == after:
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C in the middle of the renames
+
+    monkeypatch.setattr(_io.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _io.write_files_atomic(new)
+    assert {p: p.read_bytes() for p in new} == new  # every file is new: the interrupt waited
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in new)  # no temporary left
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 3])
+def test_failure_while_staging_leaves_every_old_file(tmp_path, monkeypatch, fail_at):
+    new = setup_old(tmp_path)
+    real_fdopen, calls = os.fdopen, []
+
+    def fdopen(fd, *args, **kwargs):
+        calls.append(fd)
+        if len(calls) == fail_at + 1:
+            raise KeyboardInterrupt
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(_io.os, "fdopen", fdopen)
+    with pytest.raises(KeyboardInterrupt):
+        _io.write_files_atomic(new)
+    assert all(p.read_bytes() == b"old" for p in new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in new)
+
+
+def test_output_checks(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    (tmp_path / "link.onnx").symlink_to(model)
+    for bad in (model, tmp_path / "link.onnx", tmp_path, tmp_path / "missing" / "o.onnx"):
+        with pytest.raises(QuantkitError):
+            _io.check_output_file(bad, model)
+    assert _io.check_output_file(tmp_path / "o.onnx", model) == tmp_path / "o.onnx"
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    path = _io.write_bytes_atomic(tmp_path / "a", b"1")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
