@@ -149,13 +149,23 @@ def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
 # ---- user-written config files (preprocessing configs, precision plans): JSON or YAML ----
 
 
+#: plans and preprocessing configs larger than this are not ones (a plan for 100k nodes is ~5 MB)
+MAX_CONFIG_BYTES = 32 << 20
+
+
 def read_mapping_file(path: str | Path, what: str) -> dict[str, Any]:
     """Parse ``path`` as YAML (.yaml/.yml) or JSON; anything but a mapping is a clear error naming ``what``."""
     path = Path(path)
     try:
+        if path.is_dir():
+            raise QuantkitError(f"{what} {path} is a directory; pass the file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise QuantkitError(f"{what} {path} is {path.stat().st_size >> 20} MB: too large for a {what}")
         text = path.read_text()
     except OSError as exc:
         raise QuantkitError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise QuantkitError(f"{what} {path} is not a text file") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

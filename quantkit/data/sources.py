@@ -46,26 +46,50 @@ class Sample:
 
 
 def _offline() -> None:
-    # quantkit never downloads: keep datasets/huggingface_hub from trying the network.
+    # quantkit never downloads: keep datasets/huggingface_hub from trying the network, and quiet:
+    # its log lines and progress bars would surround quantkit's own messages.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
 
 
-def _decode_image(ref: Any, sample_id: str) -> Any:
+def _confined(path_text: str, root: Path, sample_id: str) -> Path:
+    """An image path from a table, resolved inside the table's own folder (never outside it)."""
+    rel = Path(path_text)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise QuantkitError(f"{sample_id}: image path {path_text!r} leaves the table's folder {root}; use paths relative to it")
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise QuantkitError(f"{sample_id}: image path {path_text!r} resolves outside {root} (a symbolic link?)")
+    return target
+
+
+def _decode_image(ref: Any, sample_id: str, root: Path | None = None) -> Any:
     from PIL import Image
 
     try:
-        if isinstance(ref, dict):
-            data = ref.get("bytes")
-            image = Image.open(io.BytesIO(data)) if data else Image.open(ref["path"])
+        if isinstance(ref, dict) and ref.get("bytes"):
+            image = Image.open(io.BytesIO(ref["bytes"]))
+        elif isinstance(ref, (dict, str)) and root is not None:
+            path = ref.get("path") if isinstance(ref, dict) else ref
+            if not path:
+                raise QuantkitError(f"{sample_id}: the image cell is empty")
+            image = Image.open(_confined(path, root, sample_id))
+        elif isinstance(ref, dict):
+            image = Image.open(ref["path"])
         elif isinstance(ref, Image.Image):
             image = ref
         else:
             raise TypeError(f"unsupported image value of type {type(ref).__name__}")
         image.load()
         return image
+    except QuantkitError:
+        raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types; the user needs the file name
-        raise QuantkitError(f"cannot read image {sample_id} ({type(exc).__name__}: {exc}); remove or replace the file") from None
+        raise QuantkitError(f"cannot read image {sample_id} ({type(exc).__name__}: {str(exc)[:120]}); remove or replace the file") from None
 
 
 def _single_image_input(model: ModelInfo, input_name: str | None, what: str) -> InputSpec:
@@ -141,6 +165,9 @@ class TableSource:
         except Exception as exc:  # noqa: BLE001
             raise QuantkitError(f"cannot read {self.description}: {exc}") from None
         columns = list(features) if features else None
+        if columns is None:  # streaming CSV/JSON readers know their columns only from a row
+            first = next(iter(ds), None)
+            columns = list(first) if first is not None else None
         image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
         if image_column is None and columns:
             image_column = next((c for c in IMAGE_COLUMN_NAMES if c in columns and c not in {i.name for i in self.model.inputs}), None)
@@ -164,7 +191,7 @@ class TableSource:
             sample_id = f"{base} row {row_no}"
             feeds: dict[str, np.ndarray] = {}
             if image_input is not None and preprocess is not None:
-                feeds[image_input.name] = preprocess.apply(_decode_image(row[image_column], sample_id))
+                feeds[image_input.name] = preprocess.apply(_decode_image(row[image_column], sample_id, self.files[0].parent))
             for spec in wanted:
                 if spec.name not in row:
                     raise QuantkitError(f"{sample_id} has no value for model input '{spec.name}'")

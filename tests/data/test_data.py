@@ -158,3 +158,23 @@ def test_negative_dim_values_are_dynamic(tmp_path):
     assert model.inputs[0].shape[0] is None
     np.savez(tmp_path / "c.npz", x=np.zeros((5, 3, 8, 8), np.float32))
     assert [len(b) for b in take(open_source(tmp_path / "c.npz", model), model, None, batch_size=4)] == [4, 1]
+
+
+def test_table_image_paths_stay_inside_the_tables_folder(tmp_path):
+    from PIL import Image
+
+    from quantkit.data import batches, open_source
+    from quantkit.errors import QuantkitError
+    from quantkit.model import load_model
+
+    model = load_model(DEMO_MODEL)
+    (tmp_path / "t" / "img").mkdir(parents=True)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "t" / "img" / "a.png")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "outside.png")
+    (tmp_path / "t" / "ok.csv").write_text("img,label\nimg/a.png,3\n")
+    got = list(batches(open_source(tmp_path / "t" / "ok.csv", model), model, 4))
+    assert got[0].feeds["image"].shape == (1, 1, 28, 28) and got[0].labels == [3]
+    for bad in ("../outside.png", str(tmp_path / "outside.png")):
+        (tmp_path / "t" / "bad.csv").write_text(f"img,label\n{bad},3\n")
+        with pytest.raises(QuantkitError, match="leaves the table's folder"):
+            list(batches(open_source(tmp_path / "t" / "bad.csv", model), model, 4))
