@@ -67,6 +67,26 @@ def layer_precisions(plan: PrecisionPlan, layer_names: Sequence[str]) -> str:
     return ",".join(parts)
 
 
+def check_build_request(
+    *, precision: str, calib_cache: str | None, qdq: bool, plan: PrecisionPlan | None, placeholder_ranges: bool = False
+) -> None:
+    """Refuse the builds whose result would silently be something else than asked (both the Python
+    build and the printed trtexec commands go through this)."""
+    if qdq and plan is not None:
+        raise QuantkitError(
+            "a precision plan with a Q/DQ model: the Q/DQ nodes already fix each layer's precision, and TensorRT 10 would "
+            "drop the plan silently; apply it when quantizing (quantkit quantize --plan) and build that",
+            option="plan",
+        )
+    if precision in ("int8", "best") and not calib_cache and not qdq and not placeholder_ranges:
+        raise QuantkitError(
+            f"--precision {precision} without a calibration cache or a Q/DQ model has no INT8 ranges: TensorRT would use "
+            "placeholder scales and the engine's accuracy would be meaningless; pass --cache, build a Q/DQ model (--qdq), "
+            "or --placeholder-ranges for a performance-only engine",
+            option="precision",
+        )
+
+
 def trtexec_command(
     onnx_path: str,
     engine_path: str,

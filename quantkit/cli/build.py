@@ -8,11 +8,12 @@ from pathlib import Path
 from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.backends.ort import ORT_RUNTIMES, build_ort
 from quantkit.backends.trt import INSTALL_HINT, build_engine, tensorrt_version
-from quantkit.backends.trtexec import PRECISIONS, parse_shapes, shell, trtexec_command
+from quantkit.backends.trtexec import PRECISIONS, check_build_request, parse_shapes, shell, trtexec_command
 from quantkit.errors import QuantkitError
 from quantkit.export.qdq import node_names
 from quantkit.model import load_model
 from quantkit.plan import PrecisionPlan
+from quantkit.trt_cache import encode_version, read_trt_cache
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--cache", help="TensorRT calibration cache for implicit INT8 (TensorRT 10)")
     src.add_argument("--qdq", action="store_true", help="the model carries Q/DQ: build strongly typed (explicit quantization)")
     p.add_argument("--plan", help="precision plan for per-layer constraints (TensorRT 10)")
+    p.add_argument(
+        "--restamp",
+        action="store_true",
+        help="the cache is stamped for another TensorRT version: write a copy stamped for the installed one and build with it",
+    )
+    p.add_argument(
+        "--placeholder-ranges",
+        action="store_true",
+        help="allow --precision int8 without ranges: placeholder scales, for a performance-only engine (accuracy meaningless)",
+    )
     p.add_argument("--shapes", help="dynamic shapes: NAME:MIN/OPT/MAX, dims joined by x")
     p.add_argument("--workspace", type=int, help="workspace memory pool in MiB")
     p.add_argument("--timing-cache", help="timing cache file, read and updated")
@@ -65,6 +76,29 @@ def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers:
     return lines
 
 
+def _cache_for(args: argparse.Namespace, installed: str | None, out: Path) -> tuple[str, list[str]]:
+    """The cache to build with, checked against the installed TensorRT: TensorRT silently skips a
+    cache stamped for another version (NVIDIA/TensorRT#1378) and builds without its INT8 scales."""
+    cache = read_trt_cache(args.cache)
+    note = [f"# {args.cache} is stamped for TensorRT {cache.version_string} (TRT-{cache.version}-{cache.algorithm}); "
+            "TensorRT ignores it on any other version"]  # fmt: skip
+    if installed is None:
+        return args.cache, note
+    wanted = encode_version(".".join(installed.split(".")[:3]))
+    if wanted == cache.version:
+        return args.cache, note
+    if not args.restamp:
+        raise QuantkitError(
+            f"{args.cache} is stamped for TensorRT {cache.version_string} but TensorRT {installed} is installed: TensorRT would ignore "
+            f"it and build without INT8 scales; recalibrate with --trt-version {installed}, or pass --restamp",
+            option="cache",
+        )
+    restamped = out.with_suffix(".calib.cache")
+    text = Path(args.cache).read_text(encoding="utf-8").split("\n", 1)
+    write_bytes_atomic(restamped, (f"TRT-{wanted}-{cache.algorithm}\n" + (text[1] if len(text) > 1 else "")).encode())
+    return str(restamped), [f"# {restamped}: {args.cache} restamped from TensorRT {cache.version_string} to {installed} (--restamp)"]
+
+
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, args.model, args.cache, args.plan)
     model = load_model(args.model)
@@ -75,11 +109,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {built.model} and {built.settings} (providers: {', '.join(built.providers)})")
         return 0
     plan = PrecisionPlan.load(args.plan) if args.plan else None
+    check_build_request(
+        precision=args.precision, calib_cache=args.cache, qdq=args.qdq, plan=plan, placeholder_ranges=args.placeholder_ranges
+    )
+    version = tensorrt_version()
+    stamp_note = []
+    if args.cache:
+        args.cache, stamp_note = _cache_for(args, version, out)
     layers = node_names(model) if plan else []
-    lines = _trtexec_lines(args, plan, layers)
+    lines = stamp_note + _trtexec_lines(args, plan, layers)
     script = out.with_suffix(".trtexec.sh")
     write_bytes_atomic(script, ("#!/bin/sh\n" + "\n".join(lines) + "\n").encode())  # for a GPU machine, built here or not
-    version = tensorrt_version()
     if version is None:
         print("\n".join(lines))
         raise QuantkitError(

@@ -142,11 +142,12 @@ def _calibration_actor(ray: ModuleType) -> Any:
         def __init__(self, model_bytes: bytes, tensors: list[str], bins: int) -> None:
             from quantkit.backends.ort import ActivationRunner
 
-            self.dir = tempfile.mkdtemp(prefix="quantkit-worker-")
-            path = Path(self.dir) / "model.onnx"
-            path.write_bytes(model_bytes)
-            self.model = load_model(path)
-            self.runner = ActivationRunner(self.model, tensors)
+            # the session holds the model in memory: the file is needed only while loading
+            with tempfile.TemporaryDirectory(prefix="quantkit-worker-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                path.write_bytes(model_bytes)
+                self.model = load_model(path)
+                self.runner = ActivationRunner(self.model, tensors)
             self.bins = bins
 
         def collect(self, data: str, source_args: dict[str, Any], start: int, stop: int, batch_size: int) -> dict[str, Any]:

@@ -106,13 +106,16 @@ def test_build_without_tensorrt_says_what_is_missing(tmp_path, capsys):
         pytest.skip("TensorRT is installed here: the engine would be built")
     except ImportError:
         pass
-    code = main(["build", str(DEMO_MODEL), "--precision", "int8", "--cache", "m.cache", "-o", str(tmp_path / "demo.engine")])
+    cache = tmp_path / "m.cache"
+    cache.write_text("TRT-100801-EntropyCalibration2\nimage: 3c010204\n")
+    code = main(["build", str(DEMO_MODEL), "--precision", "int8", "--cache", str(cache), "-o", str(tmp_path / "demo.engine")])
     captured = capsys.readouterr()
     assert (
         code == 2 and "TensorRT is not installed" in captured.err and "pip install tensorrt (the quantkit-onnx[gpu] extra" in captured.err
     )
-    assert "trtexec --onnx=" in captured.out and "--calib=m.cache" in captured.out
-    assert (tmp_path / "demo.trtexec.sh").read_text().startswith("#!/bin/sh")
+    assert "trtexec --onnx=" in captured.out and f"--calib={cache}" in captured.out
+    script = (tmp_path / "demo.trtexec.sh").read_text()
+    assert script.startswith("#!/bin/sh") and "is stamped for TensorRT 10.8.1 (TRT-100801-EntropyCalibration2)" in script
     assert not (tmp_path / "demo.engine").exists()
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
@@ -143,3 +146,34 @@ def test_tensorrt_builds_fp16_int8_from_cache_and_qdq(tmp_path, demo_preprocess)
         assert cached.engine.stat().st_size > 0
         fp16 = build_engine(DEMO_MODEL, tmp_path / "f.engine", precision="fp16", shapes=shapes, timing_cache=tmp_path / "timing.cache")
         assert fp16.engine.stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0
+
+
+def test_builds_that_would_silently_differ_are_refused(tmp_path, capsys):
+    out = str(tmp_path / "demo.engine")
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"default": "int8"}')
+    assert main(["build", str(DEMO_MODEL), "--qdq", "--plan", str(plan), "-o", out]) == 2
+    assert "a precision plan with a Q/DQ model" in capsys.readouterr().err
+    assert main(["build", str(DEMO_MODEL), "--precision", "int8", "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "placeholder scales" in err and "--placeholder-ranges" in err
+    main(["build", str(DEMO_MODEL), "--precision", "int8", "--placeholder-ranges", "-o", out])  # opted in: gets as far as TensorRT
+    assert "--int8" in (tmp_path / "demo.trtexec.sh").read_text()
+
+
+def test_a_cache_for_another_tensorrt_is_refused_or_restamped(tmp_path):
+    import argparse
+
+    from quantkit.cli.build import _cache_for
+    from quantkit.trt_cache import read_trt_cache
+
+    cache = tmp_path / "m.cache"
+    cache.write_text("TRT-100801-EntropyCalibration2\nimage: 3c010204\n")
+    args = argparse.Namespace(cache=str(cache), restamp=False)
+    assert _cache_for(args, "10.8.1.5", tmp_path / "e.engine")[0] == str(cache)  # same version: used as is
+    with pytest.raises(QuantkitError, match="TensorRT would ignore it"):
+        _cache_for(args, "10.14.1", tmp_path / "e.engine")
+    args.restamp = True
+    used, note = _cache_for(args, "10.14.1", tmp_path / "e.engine")
+    restamped = read_trt_cache(used)
+    assert restamped.version == 101401 and restamped.scales == read_trt_cache(cache).scales and "restamped" in note[0]
