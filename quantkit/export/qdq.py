@@ -117,6 +117,36 @@ def _weighted_branch(tensor: gs.Tensor) -> bool:
     return False
 
 
+def _distances_back(tensor: gs.Tensor, limit: int = 256) -> dict[int, int]:
+    """Activations above ``tensor`` (by id, itself included) -> the fewest nodes between them and it."""
+    dist = {id(tensor): 0}
+    frontier, step = [tensor], 0
+    while frontier and step < limit:
+        step += 1
+        nxt = []
+        for t in frontier:
+            for producer in t.inputs:
+                for i in producer.inputs:
+                    if _const_values(i) is None and id(i) not in dist:
+                        dist[id(i)] = step
+                        nxt.append(i)
+        frontier = nxt
+    return dist
+
+
+def _shortcut_slot(add: gs.Node) -> int:
+    """Of an Add whose two inputs both come from convs, the shortcut's slot: the branch with fewer
+    nodes back to where the two branches fork (a projection conv, against the main path's stack)."""
+    a, b = (_distances_back(t) for t in add.inputs[:2])
+    common = set(a) & set(b)
+    if not common:
+        return 1
+    fork = min(common, key=lambda n: (a[n] + b[n], a[n]))
+    if a[fork] == b[fork]:
+        return 1
+    return 0 if a[fork] < b[fork] else 1
+
+
 def _plan_weighted(node: gs.Node) -> tuple[_NodePlan | None, str]:
     """Slots of a Conv/ConvTranspose/Gemm/MatMul: activations per tensor, constants per channel."""
     p = _NodePlan()
@@ -161,8 +191,8 @@ def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
     if target == "tensorrt":
         if node.op == "Add" and len(node.inputs) == 2 and all(_const_values(t) is None for t in node.inputs):
             a, b = (_weighted_branch(t) for t in node.inputs)
-            if a and b:
-                return _NodePlan(activations=[1]), ""
+            if a and b:  # both from convs: the main path's conv fuses, the shortcut's input is quantized
+                return _NodePlan(activations=[_shortcut_slot(node)]), ""
             if a or b:
                 return _NodePlan(activations=[1 if a else 0]), ""
             return None, "Add without a weighted-op branch"

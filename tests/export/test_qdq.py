@@ -370,3 +370,34 @@ def test_onnxruntime_target_runs_on_integer_kernels_as_it_does_in_fake_quantizat
     simulated = ort.InferenceSession(q.SerializeToString(), fake, providers=["CPUExecutionProvider"]).run(None, x)[0]
     kernels = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert sqnr_db(simulated, kernels) > 30  # the same model, whatever the CPU: only requantization rounding differs
+
+
+def projection_block(swap: bool) -> onnx.ModelProto:
+    """ResNet downsample block: main path conv-relu-conv, shortcut one projection conv; Add of both."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 4, 1, 1)).astype(np.float32), n) for n in ("w1", "w2", "wp")]
+    add_inputs = ["proj", "main"] if swap else ["main", "proj"]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["main"], name="conv2"),
+        helper.make_node("Conv", ["x", "wp"], ["proj"], name="downsample"),
+        helper.make_node("Add", add_inputs, ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_residual_with_two_conv_branches_quantizes_the_shortcut(tmp_path, swap):
+    x = {"x": np.random.default_rng(0).normal(size=(2, 4, 8, 8)).astype(np.float32)}
+    ranges, info = synthetic_ranges(projection_block(swap), x, tmp_path)
+    q, _ = quantize_model(info, ranges)
+    # the projection conv's output is quantized; the main path's conv2 is left to fuse with the Add
+    assert quantized_inputs(q, "add") == ([True, False] if swap else [False, True])
