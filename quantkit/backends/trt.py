@@ -20,7 +20,7 @@ from typing import Any
 
 from quantkit._deps import install_hint, optional
 from quantkit._io import write_bytes_atomic
-from quantkit.backends.trtexec import ShapeProfile
+from quantkit.backends.trtexec import LayerFacts, ShapeProfile, constraint_for, plan_constraints
 from quantkit.errors import QuantkitError
 from quantkit.plan import PrecisionPlan
 
@@ -144,17 +144,18 @@ def build_engine(
                 raise QuantkitError(
                     "this TensorRT has no precision constraints: apply the plan in the ONNX (quantkit quantize/fp16 --plan)"
                 )
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            types = {"fp32": trt.float32, "fp16": trt.float16, "int8": trt.int8}
-            names = [network.get_layer(i).name for i in range(network.num_layers)]
-            wanted = {n: plan.precision_of(n) for n in names}
-            for i in range(network.num_layers):
+            constraints = plan_constraints(plan, [network.get_layer(i).name for i in range(network.num_layers)])
+            if constraints:
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            types = {"fp32": trt.float32, "fp16": trt.float16}
+            for i in range(network.num_layers):  # what trtexec's --layerPrecisions/--layerOutputTypes do, filters included
                 layer = network.get_layer(i)
-                p = wanted[layer.name]
-                if p != "int8":  # int8 layers stay TensorRT's choice; OBEY on an impossible int8 layer fails the build
+                p = constraint_for(constraints, layer_facts(layer))
+                if p is not None:
                     layer.precision = types[p]
                     for j in range(layer.num_outputs):
-                        layer.set_output_type(j, types[p])
+                        if not layer.get_output(j).is_shape_tensor:
+                            layer.set_output_type(j, types[p])
     elif precision in ("fp16", "int8", "best") and not qdq:
         raise QuantkitError(
             f"this TensorRT is strongly typed only: --precision {precision} has no flag. Build the Q/DQ model "
@@ -193,6 +194,30 @@ def build_engine(
         write_bytes_atomic(layers_path, info.encode())
         precisions = layer_precisions_from_inspector(json.loads(info))
     return BuildResult(engine_path, log_path, layers_path, precisions, caps)
+
+
+def _type_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1].lower()
+
+
+def layer_facts(layer: Any) -> LayerFacts:
+    """What trtexec's precision filters read of a TensorRT layer."""
+    weights = None
+    if "CONSTANT" in str(layer.type):
+        try:
+            weights = _type_name(layer.weights.dtype)
+        except AttributeError:
+            weights = None
+    first_in = layer.get_input(0) if layer.num_inputs else None
+    first_out = layer.get_output(0) if layer.num_outputs else None
+    return LayerFacts(
+        name=layer.name,
+        precision=_type_name(layer.precision),
+        constant_weights=weights,
+        input_is_shape=bool(first_in is not None and first_in.is_shape_tensor),
+        input_type=_type_name(first_in.dtype) if first_in is not None else None,
+        output_type=_type_name(first_out.dtype) if first_out is not None else None,
+    )
 
 
 def layer_precisions_from_inspector(info: dict[str, Any]) -> dict[str, str]:

@@ -58,13 +58,69 @@ def _dims(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def layer_precisions(plan: PrecisionPlan, layer_names: Sequence[str]) -> str:
-    """trtexec's ``--layerPrecisions`` spec: the plan's default as ``*``, then each named layer
-    (TensorRT's ONNX parser names layers after the ONNX nodes)."""
+#: TensorRT types that are not activations: trtexec never constrains a layer of these
+NON_ACTIVATION_TYPES = frozenset({"int32", "int64", "bool", "uint8"})
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What trtexec's precision filters look at in one network layer (types as lower-case names)."""
+
+    name: str
+    precision: str = "float"  # the layer's default precision
+    constant_weights: str | None = None  # a constant layer's weight type
+    input_is_shape: bool = False
+    input_type: str | None = None
+    output_type: str | None = None
+
+
+def plan_constraints(plan: PrecisionPlan, layer_names: Sequence[str]) -> dict[str, str]:
+    """The one description of a plan's per-layer constraints, for trtexec and the Python build alike.
+
+    ``"*"`` carries the default and each named layer its own precision, where they differ. INT8
+    entries are left unconstrained: TensorRT picks INT8 where it has a kernel and a scale, and
+    OBEY on a layer without an INT8 kernel would fail the build. So INT8 nodes can only sit
+    under an INT8 default; under an FP16/FP32 default, ``"*"`` would force them too.
+    """
     resolved = plan.resolve(list(layer_names))
-    parts = [f"*:{_TRT_TYPES[plan.default]}"]
-    parts += [f"{name}:{_TRT_TYPES[p]}" for name, p in resolved.items() if p != plan.default]
-    return ",".join(parts)
+    if plan.default != "int8" and any(p == "int8" for p in resolved.values()):
+        raise QuantkitError(
+            f"the plan puts nodes in int8 under a {plan.default} default: TensorRT's per-layer constraints cannot leave "
+            "them to INT8 there; make int8 the default and list the fp16/fp32 nodes, or apply the plan in a Q/DQ model "
+            "(quantkit quantize --plan)",
+            option="plan",
+        )
+    constraints = {} if plan.default == "int8" else {"*": plan.default}
+    for name, p in resolved.items():
+        if p != plan.default and p != "int8":
+            constraints[name] = p
+    return constraints
+
+
+def constraint_for(constraints: dict[str, str], layer: LayerFacts) -> str | None:
+    """The precision trtexec's setLayerPrecisions gives ``layer`` (None: unconstrained).
+
+    An exact name always applies. The ``"*"`` default skips what trtexec skips (samples/common/
+    sampleEngines.cpp): layers whose default precision, constant weights, or input and output
+    are of a non-activation type, and layers that operate on a shape tensor.
+    """
+    if layer.name in constraints:
+        return constraints[layer.name]
+    if "*" not in constraints:
+        return None
+    if layer.precision in NON_ACTIVATION_TYPES or (layer.constant_weights or "float") in NON_ACTIVATION_TYPES:
+        return None
+    if layer.input_is_shape:
+        return None
+    if (layer.input_type or "float") in NON_ACTIVATION_TYPES and (layer.output_type or "float") in NON_ACTIVATION_TYPES:
+        return None
+    return constraints["*"]
+
+
+def layer_precisions(plan: PrecisionPlan, layer_names: Sequence[str]) -> str:
+    """trtexec's ``--layerPrecisions`` (and ``--layerOutputTypes``) spec of ``plan_constraints``
+    (TensorRT's ONNX parser names layers after the ONNX nodes)."""
+    return ",".join(f"{name}:{_TRT_TYPES[p]}" for name, p in plan_constraints(plan, layer_names).items())
 
 
 def check_build_request(
@@ -77,6 +133,12 @@ def check_build_request(
             "a precision plan with a Q/DQ model: the Q/DQ nodes already fix each layer's precision, and TensorRT 10 would "
             "drop the plan silently; apply it when quantizing (quantkit quantize --plan) and build that",
             option="plan",
+        )
+    if plan is not None and not qdq and precision not in ("int8", "best") and (plan.default == "int8" or "int8" in plan.nodes.values()):
+        raise QuantkitError(
+            f"the plan asks for int8 nodes but --precision is {precision}: INT8 is not enabled, so OBEY would fail; "
+            "pass --precision int8 with a cache",
+            option="precision",
         )
     if precision in ("int8", "best") and not calib_cache and not qdq and not placeholder_ranges:
         raise QuantkitError(
@@ -136,7 +198,9 @@ def trtexec_command(
                 raise QuantkitError("--cache needs --precision int8 (or best)")
             cmd.append(f"--calib={calib_cache}")
         if plan is not None:
-            cmd += ["--precisionConstraints=obey", f"--layerPrecisions={layer_precisions(plan, layer_names)}"]
+            spec = layer_precisions(plan, layer_names)
+            if spec:  # the Python build sets output types too: the command says the same
+                cmd += ["--precisionConstraints=obey", f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"]
     for flag, attr in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
         if shapes:
             cmd.append(f"{flag}=" + ",".join(f"{p.name}:{_dims(getattr(p, attr))}" for p in shapes))

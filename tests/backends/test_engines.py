@@ -50,7 +50,9 @@ def test_trtexec_10x_plan_and_dynamic_shapes():
         shapes=shapes,
     )
     assert "--precisionConstraints=obey" in cmd
-    assert "--layerPrecisions=*:int8,/stem/Conv:fp32,/head/Conv:fp16" in cmd
+    # int8 entries stay unconstrained (OBEY on a layer without an INT8 kernel fails); output types say the same
+    assert "--layerPrecisions=/stem/Conv:fp32,/head/Conv:fp16" in cmd
+    assert "--layerOutputTypes=/stem/Conv:fp32,/head/Conv:fp16" in cmd
     assert "--minShapes=images:1x3x640x640" in cmd and "--optShapes=images:8x3x640x640" in cmd and "--maxShapes=images:16x3x640x640" in cmd
 
 
@@ -177,3 +179,36 @@ def test_a_cache_for_another_tensorrt_is_refused_or_restamped(tmp_path):
     used, note = _cache_for(args, "10.14.1", tmp_path / "e.engine")
     restamped = read_trt_cache(used)
     assert restamped.version == 101401 and restamped.scales == read_trt_cache(cache).scales and "restamped" in note[0]
+
+
+def test_the_python_build_and_trtexec_apply_the_same_constraints():
+    """One description of the plan; the Python build's per-layer decisions are trtexec's (sampleEngines.cpp)."""
+    from quantkit.backends.trtexec import LayerFacts, constraint_for, plan_constraints
+
+    plan = PrecisionPlan(default="fp16", nodes={"/head/Conv": "fp32"})
+    layers = [
+        LayerFacts("/stem/Conv"),  # float: takes the default
+        LayerFacts("/head/Conv"),  # named: always
+        LayerFacts("/Shape", precision="int32"),  # INT32 default precision: skipped
+        LayerFacts("/mask/Not", precision="bool"),  # Bool: skipped
+        LayerFacts("/Constant_3", constant_weights="int64"),  # constant of non-activation weights: skipped
+        LayerFacts("/Reshape", input_is_shape=True),  # operates on a shape tensor: skipped
+        LayerFacts("/Cast", input_type="int32", output_type="int64"),  # non-activation in and out: skipped
+    ]
+    constraints = plan_constraints(plan, [layer.name for layer in layers])
+    cmd = trtexec_command("m.onnx", "m.engine", trt_major=10, precision="fp16", plan=plan, layer_names=[layer.name for layer in layers])
+    printed = dict(item.rsplit(":", 1) for item in next(c for c in cmd if c.startswith("--layerPrecisions=")).split("=", 1)[1].split(","))
+    assert printed == constraints == {"*": "fp16", "/head/Conv": "fp32"}
+    decided = {layer.name: constraint_for(constraints, layer) for layer in layers}
+    assert decided == {
+        "/stem/Conv": "fp16", "/head/Conv": "fp32", "/Shape": None, "/mask/Not": None, "/Constant_3": None, "/Reshape": None, "/Cast": None,
+    }  # fmt: skip
+
+
+def test_int8_nodes_under_another_default_and_int8_plans_without_int8_are_refused():
+    from quantkit.backends.trtexec import check_build_request, plan_constraints
+
+    with pytest.raises(QuantkitError, match="cannot leave them to INT8"):
+        plan_constraints(PrecisionPlan(default="fp16", nodes={"a": "int8"}), ["a", "b"])
+    with pytest.raises(QuantkitError, match="INT8 is not enabled"):
+        check_build_request(precision="fp16", calib_cache=None, qdq=False, plan=PrecisionPlan(default="int8"))
