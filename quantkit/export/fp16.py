@@ -48,6 +48,8 @@ class Fp16Report:
     casts_inserted: int = 0
     initializers_converted: int = 0
     unranged: list[str] = field(default_factory=list)  # float activations of fp16 nodes without a range (ranges given)
+    qdq_fp16: int = 0  # Q/DQ nodes given float16 scales (their DequantizeLinear feeds float16 ops directly)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -56,6 +58,9 @@ class Fp16Report:
         if self.kept_fp32:
             reasons = Counter(self.kept_fp32.values())
             lines.append("kept in float32: " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
+        if self.qdq_fp16:
+            lines.append(f"{self.qdq_fp16} Q/DQ node(s) with float16 scales: no Cast between a DequantizeLinear and its op")
+        lines += self.notes
         return "\n".join(lines)
 
 
@@ -131,6 +136,39 @@ def fp16_precisions(plan: PrecisionPlan | None, names: list[str], quantized: set
     return out
 
 
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _qdq_follow_consumers(graph: onnx.GraphProto, fp16: set[str], report: Fp16Report) -> int:
+    """Q/DQ pairs whose DequantizeLinear feeds only float16 nodes take float16 scales (opset 19), so
+    no Cast sits between a DequantizeLinear and its op: TensorRT's Q/DQ fusion sees the pattern, as
+    ModelOpt writes it. Returns how many Q/DQ nodes went to float16."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    by_output = {o: n for n in graph.node for o in n.output}
+    moved = 0
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        users = readers.get(dq.output[0], [])
+        if not users or not all(u.name in fp16 for u in users):
+            continue
+        q = by_output.get(dq.input[0])
+        pair = [dq] + ([q] if q is not None and q.op_type == "QuantizeLinear" else [])
+        scale_users = readers.get(dq.input[1], [])
+        if any(u.name not in {n.name for n in pair} and u.op_type in ("QuantizeLinear", "DequantizeLinear") for u in scale_users):
+            shared = [u for u in scale_users if u.op_type in ("QuantizeLinear", "DequantizeLinear")]
+            if not all(u.name in fp16 or u in pair for u in shared):
+                continue  # the scale is shared with a pair that stays float32
+        for node in pair:
+            if node.name not in fp16:
+                fp16.add(node.name)
+                report.kept_fp32.pop(node.name, None)
+                moved += 1
+    return moved
+
+
 def convert_fp16(
     model: onnx.ModelProto,
     *,
@@ -141,6 +179,14 @@ def convert_fp16(
     """Return a float16 copy of ``model`` (FP32 where needed, see the module doc) and its report."""
     src = onnx.ModelProto()
     src.CopyFrom(model)
+    notes: list[str] = []
+    if _opset(src) < 19 and any(n.op_type == "DequantizeLinear" for n in src.graph.node):
+        try:  # float16 Q/DQ scales need opset 19
+            converted = onnx.version_converter.convert_version(src, 19)
+            onnx.checker.check_model(converted)
+            src, notes = converted, [f"converted from opset {_opset(model)} to 19 for float16 Q/DQ scales"]
+        except Exception as exc:  # noqa: BLE001 - the converter raises many types; Casts after DQ then stay
+            notes = [f"kept opset {_opset(model)} ({str(exc).splitlines()[0][:80]}): DequantizeLinear outputs are Cast to float16"]
     graph = src.graph
     for i, node in enumerate(graph.node):  # plans and reports key on node names
         if not node.name:
@@ -148,7 +194,7 @@ def convert_fp16(
     if any(init.data_type == TensorProto.FLOAT16 for init in graph.initializer):
         raise QuantkitError("the model already holds float16 weights; convert its FP32 original instead")
     types = _tensor_types(src)
-    report = Fp16Report()
+    report = Fp16Report(notes=notes)
     precisions = precisions or {}
     initializers = {init.name: init for init in graph.initializer}
     constants = constant_values(graph)
@@ -183,6 +229,9 @@ def convert_fp16(
             report.kept_fp32[node.name] = reason
         elif any(types.get(t, 0) in _FLOAT_TYPES for t in [*node.input, *node.output]) or node.op_type == "Constant":
             fp16.add(node.name)
+
+    if _opset(src) >= 19:
+        report.qdq_fp16 = _qdq_follow_consumers(graph, fp16, report)
 
     # ---- rewrite: initializers, Constant values, Cast targets, and Casts at boundaries -------
     dtype_of: dict[str, int] = {}  # tensor -> its new float type (only float tensors)

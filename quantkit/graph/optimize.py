@@ -27,10 +27,40 @@ PASSES = {
     "concat": "After concat removal",
 }
 _IGNORED_OPS = ("Constant",)  # not layers: TensorRT turns them into weights
+#: pointwise activations TensorRT fuses into a preceding convolution (its documented fusions)
+_FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "Elu", "Selu", "Softplus", "HardSwish"})
+_CONVS = frozenset({"Conv", "ConvTranspose", "FusedConv"})
 
 
 def layer_counts(graph: gs.Graph) -> Counter[str]:
     return Counter(n.op for n in graph.nodes if n.op not in _IGNORED_OPS)
+
+
+def tensorrt_layer_estimate(graph: gs.Graph, inplace: int = 0) -> int:
+    """An estimate of TensorRT's layer count: the ONNX nodes less what its documented fusions
+    absorb. BatchNorm, a constant bias Add, a residual Add and a pointwise activation following
+    a convolution fuse into it (Conv+BN+ReLU, Conv+Add+ReLU); Q/DQ fold into their neighbours;
+    Concats written in place disappear. Other fusions (Myelin's, for transformers) are not modelled."""
+    absorbed = 0
+    for node in graph.nodes:
+        if node.op in ("QuantizeLinear", "DequantizeLinear"):
+            absorbed += 1
+            continue
+        if node.op not in _CONVS:
+            continue
+        tensor = node.outputs[0] if node.outputs else None
+        steps = {"BatchNormalization": 1, "Add": 1, "activation": 1}
+        while tensor is not None and len(tensor.outputs) == 1 and not tensor.is_empty():
+            nxt = tensor.outputs[0]
+            kind = "activation" if nxt.op in _FUSED_ACTIVATIONS else nxt.op
+            if kind not in steps or steps[kind] == 0 or (kind == "Add" and len(nxt.inputs) != 2):
+                break
+            steps[kind] -= 1
+            absorbed += 1
+            tensor = nxt.outputs[0] if nxt.outputs else None
+            if kind == "activation":
+                break
+    return sum(layer_counts(graph).values()) - absorbed - inplace
 
 
 @dataclass
@@ -38,13 +68,16 @@ class OptimizeReport:
     steps: list[tuple[str, Counter[str]]] = field(default_factory=list)  # (label, op counts)
     fusions: list[Fusion] = field(default_factory=list)
     inplace_concats: list[str] = field(default_factory=list)
+    tensorrt_estimate: int | None = None
 
     def table(self) -> str:
-        """Layer counts after each step, then per op type (the seed article's before/after table)."""
-        lines = [f"{label}: {sum(c.values())} layers" for label, c in self.steps]
-        if self.inplace_concats:
-            n = sum(self.steps[-1][1].values()) - len(self.inplace_concats)
-            lines.append(f"(TensorRT: {n} layers, writing {len(self.inplace_concats)} Concat(s) in place)")
+        """ONNX node counts after each step, then per op type (the seed article's before/after table)."""
+        lines = [f"{label}: {sum(c.values())} ONNX nodes" for label, c in self.steps]
+        if self.tensorrt_estimate is not None:
+            lines.append(
+                f"TensorRT estimate: about {self.tensorrt_estimate} layers (its documented Conv+BN+activation, Conv+Add, Q/DQ "
+                f"and in-place Concat fusions applied to these nodes; {len(self.inplace_concats)} Concat(s) written in place)"
+            )
         ops = sorted({op for _, c in self.steps for op in c})
         header = "| op type | " + " | ".join(label for label, _ in self.steps) + " |"
         lines += ["", header, "|---|" + "---|" * len(self.steps)]
@@ -67,6 +100,7 @@ class OptimizeReport:
             "steps": [{"step": label, "layers": sum(c.values()), "by_op": dict(sorted(c.items()))} for label, c in self.steps],
             "fusions": [{"kind": f.kind, "result": f.result, "replaced": f.replaced} for f in self.fusions],
             "inplace_concats": self.inplace_concats,
+            "tensorrt_layer_estimate": self.tensorrt_estimate,
         }
 
 
@@ -98,6 +132,7 @@ def optimize_model(
             report.fusions += fold_concats(graph)
         report.steps.append((label, layer_counts(graph)))
     report.inplace_concats = inplace_concats(graph)
+    report.tensorrt_estimate = tensorrt_layer_estimate(graph, len(report.inplace_concats))
     out = export_graph(graph, proto)
     try:
         onnx.checker.check_model(out)

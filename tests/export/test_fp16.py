@@ -214,3 +214,24 @@ def test_constant_bn_model_through_the_cli_passes_the_check(tmp_path, capsys):
     assert main(["fp16", str(path), "--data", str(tmp_path / "x.npy"), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "fidelity vs FP32" in printed and "constant exceeds float16's safe range" in printed
+
+
+def test_fp16_of_a_qdq_model_keeps_dequantize_to_op_edges_free_of_casts(demo_preprocess):
+    """As ModelOpt writes it: float16 scales (opset 19), so TensorRT's Q/DQ fusion sees DQ -> Conv."""
+    import quantkit
+    from quantkit.backends.ort import make_session
+    from quantkit.export.qdq import quantize_model
+    from quantkit.model import load_model
+
+    model = load_model(DEMO_MODEL)
+    ranges = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="entropy", num_samples=64, preprocess=demo_preprocess).ranges
+    q, _ = quantize_model(model, ranges)
+    fp16, report = convert_fp16(q)
+    assert report.qdq_fp16 > 0 and fp16.opset_import[0].version >= 19
+    producer = {o: n for n in fp16.graph.node for o in n.output}
+    for node in fp16.graph.node:
+        if node.op_type == "Cast":
+            assert producer.get(node.input[0]) is None or producer[node.input[0]].op_type != "DequantizeLinear", node.name
+    x = np.random.default_rng(0).normal(size=(4, 1, 28, 28)).astype(np.float32)
+    a, b = make_session(q).run(None, {"image": x})[0], make_session(fp16).run(None, {"image": x})[0]
+    assert np.abs(a - b).max() < 0.02 * np.abs(a).max()

@@ -182,3 +182,37 @@ def test_optimize_for_tensorrt_then_calibrate_and_quantize(tmp_path, demo_prepro
     images, labels = demo_val
     sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
     assert top1(sess, images, labels) >= 0.971
+
+
+def test_tensorrt_layer_estimate_applies_its_documented_fusions():
+    """Conv+BN+ReLU is one TensorRT layer, Conv+residual Add+ReLU another, Q/DQ fold away:
+    a 9-node graph is an estimated 3 layers (two fused convs and the pooling)."""
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.graph.optimize import tensorrt_layer_estimate
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 4, 1, 1)).astype(np.float32), "w")
+    bn = [numpy_helper.from_array(np.ones(4, np.float32), n) for n in ("g", "b", "m", "v")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"], name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c2", "x"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("QuantizeLinear", ["r2", "sc", "zp"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "sc", "zp"], ["dq"], name="dq"),
+        helper.make_node("GlobalAveragePool", ["dq"], ["y"], name="gap"),
+    ]
+    inits = [w, *bn, numpy_helper.from_array(np.array(0.1, np.float32), "sc"), numpy_helper.from_array(np.array(0, np.int8), "zp")]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert tensorrt_layer_estimate(gs.import_onnx(model)) == 3
