@@ -13,6 +13,7 @@ TensorRT and reports that it has no batches.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -220,21 +221,56 @@ def layer_facts(layer: Any) -> LayerFacts:
     )
 
 
-def layer_precisions_from_inspector(info: dict[str, Any]) -> dict[str, str]:
-    """ONNX node name -> the precision TensorRT ran it in, from the inspector's detailed JSON.
+#: words of the inspector's type strings, most specific first ("Thirty-two wide channel vectorized row major Int8 format")
+_TYPE_WORDS = (
+    ("int8", "int8"), ("fp8", "fp8"), ("int4", "int4"), ("bf16", "bf16"), ("half", "fp16"), ("fp16", "fp16"),
+    ("float", "fp32"), ("fp32", "fp32"), ("int32", "int32"), ("int64", "int64"), ("bool", "bool"),
+)  # fmt: skip
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 
-    A fused TensorRT layer is named after its ONNX nodes joined with " + ", and its output
-    formats say int8/fp16/fp32, so each original node gets the precision of the layer it ended in.
+
+def _tensor_type(tensor: Any) -> str | None:
+    """A tensor's data type from the inspector: 11.x's "DataType" field, or 10.x's "Format/Datatype" text."""
+    if not isinstance(tensor, dict):
+        return None
+    text = str(tensor.get("DataType") or tensor.get("Format/Datatype") or "").lower()
+    return next((name for word, name in _TYPE_WORDS if word in text), None)
+
+
+def _onnx_names(layer: dict[str, Any]) -> list[str]:
+    """The ONNX nodes a TensorRT layer came from: its "Metadata" ("[ONNX Layer: X]" entries, one per
+    fused node, Myelin's ForeignNode included) where present, else the fused name split on " + "."""
+    meta = layer.get("Metadata")
+    if isinstance(meta, str) and (found := _ONNX_LAYER.findall(meta)):
+        return list(dict.fromkeys(n.strip() for n in found))
+    name = str(layer.get("Name", ""))
+    if name.startswith("{ForeignNode[") or "Reformatting CopyNode" in name:
+        return []  # a Myelin region without metadata, or a format conversion: no ONNX node to name
+    return [n.strip() for n in name.split(" + ") if n.strip()]
+
+
+def layer_precisions_from_inspector(info: dict[str, Any]) -> dict[str, str]:
+    """ONNX node name -> the precision TensorRT computes it in, from the inspector's detailed JSON.
+
+    Reads both schemas: 10.x describes each tensor by one "Format/Datatype" string, 11.x by a
+    "DataType" field (with "Format" beside it). The compute precision of a layer is its weights'
+    type where it has weights (a convolution's), else its first input's: the output type alone
+    would call an INT8 convolution with a float output FP32. Layers without detail (built with
+    less than DETAILED profiling verbosity) are "unknown".
     """
     out: dict[str, str] = {}
     for layer in info.get("Layers", []):
-        if not isinstance(layer, dict):
+        if isinstance(layer, str):  # LAYER_NAMES_ONLY verbosity
+            for name in layer.split(" + "):
+                out.setdefault(name.strip(), "unknown")
             continue
-        outputs = layer.get("Outputs") or []
-        fmt = " ".join(str(o.get("Format/Datatype", "")) for o in outputs if isinstance(o, dict)).lower()
-        precision = "int8" if "int8" in fmt else "fp16" if ("half" in fmt or "fp16" in fmt) else "fp32" if fmt else "unknown"
-        for name in str(layer.get("Name", "")).split(" + "):
-            name = name.strip()
-            if name:
-                out[name] = precision
+        if not isinstance(layer, dict) or layer.get("LayerType") == "Reformat":
+            continue
+        weights = layer.get("Weights")
+        precision = _tensor_type({"DataType": weights.get("Type")}) if isinstance(weights, dict) and weights.get("Type") else None
+        inputs = [i for i in layer.get("Inputs") or [] if _tensor_type(i)]
+        outputs = [o for o in layer.get("Outputs") or [] if _tensor_type(o)]
+        precision = precision or (_tensor_type(inputs[0]) if inputs else None) or (_tensor_type(outputs[0]) if outputs else None)
+        for name in _onnx_names(layer):
+            out[name] = precision or "unknown"
     return out

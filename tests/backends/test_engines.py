@@ -212,3 +212,43 @@ def test_int8_nodes_under_another_default_and_int8_plans_without_int8_are_refuse
         plan_constraints(PrecisionPlan(default="fp16", nodes={"a": "int8"}), ["a", "b"])
     with pytest.raises(QuantkitError, match="INT8 is not enabled"):
         check_build_request(precision="fp16", calib_cache=None, qdq=False, plan=PrecisionPlan(default="int8"))
+
+
+def test_inspector_reads_the_10x_and_11x_schemas_and_compute_precision():
+    """10.x: one "Format/Datatype" string per tensor (the Developer Guide's example); 11.x: a
+    "DataType" field beside "Format" (the IEngineInspector migration page's I/O tensors)."""
+    v10 = {
+        "Layers": [
+            {
+                "Name": "node_of_gpu_0/res4_0_branch2a_1 + node_of_gpu_0/res4_0_branch2a_bn_1 + node_of_gpu_0/res4_0_branch2a_bn_2",
+                "LayerType": "CaskConvolution",
+                "Inputs": [{"Name": "a", "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}],
+                "Outputs": [{"Name": "b", "Format/Datatype": "Row major linear FP32 format"}],  # INT8 compute, float output
+                "Weights": {"Type": "Int8", "Count": 131072},
+            },
+            {"Name": "Reformatting CopyNode for Input Tensor 0 to x", "LayerType": "Reformat", "Inputs": [], "Outputs": []},
+        ]
+    }
+    assert layer_precisions_from_inspector(v10) == dict.fromkeys(
+        ["node_of_gpu_0/res4_0_branch2a_1", "node_of_gpu_0/res4_0_branch2a_bn_1", "node_of_gpu_0/res4_0_branch2a_bn_2"], "int8"
+    )
+    v11 = {
+        "Layers": [
+            {
+                "Name": "{ForeignNode[/attn/MatMul.../attn/Softmax]}",
+                "LayerType": "Myelin",
+                "Inputs": [{"Name": "q", "DataType": "Half", "Format": "Row major linear FP16 format (kLINEAR)"}],
+                "Outputs": [{"Name": "o", "DataType": "Half", "Format": "Row major linear FP16 format (kLINEAR)"}],
+                "Metadata": "[ONNX Layer: /attn/MatMul]\x1f[ONNX Layer: /attn/Div]\x1f[ONNX Layer: /attn/Softmax]",
+            },
+            {"Name": "/head/Gemm", "Inputs": [{"DataType": "Float"}], "Outputs": [{"DataType": "Float"}]},
+            {"Name": "{ForeignNode[/x/A.../x/B]}", "Inputs": [{"DataType": "Int8"}], "Outputs": []},  # no metadata: no names
+        ]
+    }
+    assert layer_precisions_from_inspector(v11) == {
+        "/attn/MatMul": "fp16",
+        "/attn/Div": "fp16",
+        "/attn/Softmax": "fp16",
+        "/head/Gemm": "fp32",
+    }
+    assert layer_precisions_from_inspector({"Layers": ["/a/Conv + /a/Relu"]}) == {"/a/Conv": "unknown", "/a/Relu": "unknown"}
