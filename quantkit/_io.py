@@ -153,19 +153,27 @@ def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
 MAX_CONFIG_BYTES = 32 << 20
 
 
+def read_text_file(path: str | Path, what: str, max_bytes: int) -> str:
+    """A user-given text file, read whole; a directory, a missing, oversized or binary file is a one-line error."""
+    path = Path(path)
+    if path.is_dir():
+        raise QuantkitError(f"{what} {path} is a directory; pass the file")
+    try:
+        if path.stat().st_size > max_bytes:
+            raise QuantkitError(f"{what} {path} is {path.stat().st_size >> 20} MB: too large for a {what}")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QuantkitError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError:
+        raise QuantkitError(f"{what} {path} is not a text file") from None
+    except OSError as exc:
+        raise QuantkitError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def read_mapping_file(path: str | Path, what: str) -> dict[str, Any]:
     """Parse ``path`` as YAML (.yaml/.yml) or JSON; anything but a mapping is a clear error naming ``what``."""
     path = Path(path)
-    try:
-        if path.is_dir():
-            raise QuantkitError(f"{what} {path} is a directory; pass the file")
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise QuantkitError(f"{what} {path} is {path.stat().st_size >> 20} MB: too large for a {what}")
-        text = path.read_text()
-    except OSError as exc:
-        raise QuantkitError(f"cannot read {what} {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise QuantkitError(f"{what} {path} is not a text file") from None
+    text = read_text_file(path, what, MAX_CONFIG_BYTES)
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

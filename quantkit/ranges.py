@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from quantkit._io import write_bytes_atomic
+from quantkit._io import read_text_file, write_bytes_atomic
 from quantkit.errors import QuantkitError
 
 FORMAT = "quantkit.ranges"
@@ -146,15 +146,10 @@ class RangeSet:
     def load(cls, path: str | Path) -> RangeSet:
         """Read and validate a ranges file: every key, type and amax is checked here, once."""
         path = Path(path)
-        if path.is_dir():
-            raise QuantkitError(f"{path} is a directory; pass the ranges.json inside it")
+        text = read_text_file(path, "ranges file", MAX_RANGES_BYTES)
         try:
-            if path.stat().st_size > MAX_RANGES_BYTES:
-                raise QuantkitError(f"{path} is {path.stat().st_size >> 20} MB: too large for a ranges file")
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise QuantkitError(f"ranges file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            doc = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise QuantkitError(f"{path} is not valid JSON ({str(exc)[:80]}); was it written by quantkit calibrate?") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise QuantkitError(f'{path} is not a quantkit ranges file (missing "format": "{FORMAT}")')

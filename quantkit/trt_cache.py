@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantkit._io import write_bytes_atomic
+from quantkit._io import read_text_file, write_bytes_atomic
 from quantkit.errors import QuantkitError
 from quantkit.ranges import RangeSet, ranges_from_scales
 
@@ -155,16 +155,7 @@ def parse_trt_cache(text: str, source: str = "<cache>", expect_version: str | No
 
 def read_trt_cache(path: str | Path, expect_version: str | None = None) -> TrtCache:
     path = Path(path)
-    if path.is_dir():
-        raise QuantkitError(f"{path} is a directory, not a TensorRT calibration cache")
-    try:
-        if path.stat().st_size > MAX_CACHE_BYTES:
-            raise QuantkitError(f"{path} is {path.stat().st_size >> 20} MB: too large for a calibration cache")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QuantkitError(f"calibration cache not found: {path}") from None
-    except UnicodeDecodeError:
-        raise QuantkitError(f"{path} is not a text TensorRT calibration cache") from None
+    text = read_text_file(path, "calibration cache", MAX_CACHE_BYTES)
     return parse_trt_cache(text, str(path), expect_version)
 
 

@@ -49,5 +49,5 @@ def test_bad_plan_files(tmp_path):
     (tmp_path / "p.json").write_text("[1, 2]")
     with pytest.raises(QuantkitError, match="must hold a mapping"):
         PrecisionPlan.load(tmp_path / "p.json")
-    with pytest.raises(QuantkitError, match="cannot read precision plan"):
+    with pytest.raises(QuantkitError, match="precision plan not found"):
         PrecisionPlan.load(tmp_path / "missing.json")
