@@ -34,7 +34,14 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
 
 
 def preprocess_from_args(args: argparse.Namespace) -> PreprocessSpec:
-    base = PreprocessSpec.load(args.preprocess_config) if args.preprocess_config else PreprocessSpec()
+    """--preprocess-config, else the preprocessing ranges.json recorded (--ranges), with the flags on top."""
+    if args.preprocess_config:
+        base = PreprocessSpec.load(args.preprocess_config)
+    elif getattr(args, "ranges", None):
+        recorded = RangeSet.load(args.ranges).calibration.get("preprocess")
+        base = PreprocessSpec.from_mapping(recorded, f"the preprocessing recorded in {args.ranges}") if recorded else PreprocessSpec()
+    else:
+        base = PreprocessSpec()
     return base.merged({k: getattr(args, k) for k in PREPROCESS_FLAGS})
 
 

@@ -31,7 +31,15 @@ from quantkit.options import ExportOptions, TuneOptions, split_options
 from quantkit.optypes import KNOWN_SENSITIVE_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
-from quantkit.tuning.sensitivity import Evaluator, LocalExecutor, SensitivityResult, TrialExecutor, analyze, build_candidate
+from quantkit.tuning.sensitivity import (
+    Evaluator,
+    LocalExecutor,
+    SensitivityResult,
+    SensitivityTimeout,
+    TrialExecutor,
+    analyze,
+    build_candidate,
+)
 
 
 class _Stop(Exception):
@@ -215,9 +223,20 @@ class PrecisionSearch:
             )
             return
         if self.sensitivity is None:
-            self.sensitivity = analyze(
-                self.model, self.ranges, self.evaluator, method=self.export.method, target=self.export.target, executor=self.executor
-            )
+            deadline = self.start + self.options.timeout if self.options.timeout is not None else None
+            try:
+                self.sensitivity = analyze(
+                    self.model,
+                    self.ranges,
+                    self.evaluator,
+                    method=self.export.method,
+                    target=self.export.target,
+                    executor=self.executor,
+                    deadline=deadline,
+                )
+            except SensitivityTimeout as stop:
+                self.messages.append(str(stop))
+                raise _Stop("timeout") from None
         self.check_budget()
         ranking = self.sensitivity.ranking()
         start_set: list[str] = []

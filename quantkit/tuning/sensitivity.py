@@ -138,6 +138,10 @@ def build_candidate(
     return apply_plan(model, ranges, plan, ExportOptions(method, target, allow_missing), range_aware_fp16=False).model
 
 
+class SensitivityTimeout(Exception):
+    """The analysis ran past its deadline."""
+
+
 class TrialExecutor(Protocol):
     """Evaluates precision plans: here (``LocalExecutor``) or on Ray workers (``scaleout.ray.RayExecutor``)."""
 
@@ -245,8 +249,12 @@ def analyze(
     nodes: Sequence[str] | None = None,
     subset: int | None = 256,
     executor: Any = None,
+    deadline: float | None = None,
 ) -> SensitivityResult:
     """Enable-one / disable-one / output SQNR for every quantized node, ranked by disable-one gain.
+
+    ``deadline`` (a ``time.perf_counter()`` value): checked between groups of evaluations;
+    past it, ``SensitivityTimeout`` is raised (a tuner's ``--timeout`` holds in every phase).
 
     The per-node evaluations run on the first ``subset`` validation samples (all with None): a
     ranking needs less precision than the final check, which the tuner makes on the full set.
@@ -263,7 +271,12 @@ def analyze(
     executor = executor or LocalExecutor(model, ranges, method, target)
     plans = [PrecisionPlan(default="fp32", nodes={name: "int8"}) for name in chosen]
     plans += [PrecisionPlan(default="int8", nodes={name: "fp32"}) for name in chosen]
-    scores = executor.map(evaluator, plans)
+    group = max(1, executor.workers) * 4
+    scores: list[Score] = []
+    for start_at in range(0, len(plans), group):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise SensitivityTimeout(f"sensitivity stopped after {len(scores)} of {len(plans)} evaluations: the time is up")
+        scores += executor.map(evaluator, plans[start_at : start_at + group])
     result = []
     for k, name in enumerate(chosen):
         only, without = scores[k], scores[len(chosen) + k]

@@ -191,3 +191,15 @@ def test_eval_exits_non_zero_when_the_fp32_baseline_cannot_run(tmp_path, capsys)
     code = main(["eval", str(DEMO_MODEL), "--data", str(bad), "--variants", "fp32,fp16", "--no-latency", "--report", str(tmp_path / "r")])
     assert code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_eval_reuses_the_preprocessing_recorded_in_ranges_json(tmp_path):
+    """Calibrated with a preprocessing config, evaluated with --ranges and no config: the same preprocessing."""
+    out = tmp_path / "cal"
+    args = ["--data", str(DEMO_CALIB), "--preprocess-config", str(DEMO_PREPROCESS), "--num-samples", "64", "--quiet"]
+    assert main(["calibrate", str(DEMO_MODEL), *args, "--method", "minmax", "--out", str(out)]) == 0
+    report = tmp_path / "r"
+    argv = ["eval", str(DEMO_MODEL), "--data", str(DEMO_VAL), "--ranges", str(out / "ranges.json"), "--num-samples", "128"]
+    assert main([*argv, "--variants", "fp32,int8:minmax", "--no-latency", "--report", str(report), "--quiet"]) == 0
+    doc = json.loads((report / "report.json").read_text())
+    assert doc["variants"][0]["metrics"]["top1"] > 0.95  # MNIST normalisation reused: without it, FP32 fails

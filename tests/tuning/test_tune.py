@@ -112,3 +112,10 @@ def test_a_broken_best_model_is_never_written(planted, tmp_path, capsys):
     assert code == 3 and "broken" in capsys.readouterr().err
     assert (tmp_path / "t" / "tune_history.json").exists()
     assert not list((tmp_path / "t").glob("*.onnx"))
+
+
+def test_timeout_holds_during_sensitivity(planted, tmp_path):
+    _, info, ranges, data = planted
+    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, method="minmax", timeout=0.0)
+    assert result.stopped == "timeout" and any("sensitivity stopped after 0 of" in m for m in result.messages)
+    assert len(result.trials) == 1  # the all-INT8 trial, which always runs
