@@ -30,7 +30,7 @@ INSTALL_HINTS: dict[str, tuple[str, str]] = {
     "datasets": ("Hugging Face datasets", "pip install datasets"),
     "onnxruntime_gpu": (
         "onnxruntime-gpu",
-        f"pip uninstall -y onnxruntime && pip install onnxruntime-gpu (the {DIST_NAME}[gpu] extra) on a machine with an NVIDIA GPU",
+        "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (one onnxruntime flavour at a time) on a machine with an NVIDIA GPU",
     ),
 }
 

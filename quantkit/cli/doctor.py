@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+from importlib import metadata
 
 import onnxruntime as ort
 
@@ -20,9 +21,38 @@ def run(args: argparse.Namespace) -> int:
     return doctor()
 
 
+#: onnxruntime's distributions: each installs the same ``onnxruntime`` package, so two of them overwrite each other
+ORT_FLAVOURS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
+
+
+def installed_flavours() -> list[str]:
+    found = []
+    for name in ORT_FLAVOURS:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def flavour_problem(found: list[str]) -> str:
+    """A one-line diagnosis when several onnxruntime flavours are installed together ("" when fine)."""
+    if len(found) < 2:
+        return ""
+    keep = next((f for f in found if f != "onnxruntime"), found[-1])
+    return (
+        f"problem: {' and '.join(found)} are installed together; they overwrite each other's files and which one runs "
+        f"depends on install order. Keep one: pip uninstall -y {' '.join(found)} && pip install {keep}"
+    )
+
+
 def doctor() -> int:
     print(f"quantkit {__version__}")
     print(f"onnxruntime {ort.__version__}: providers {', '.join(ort.get_available_providers())}")
+    problem = flavour_problem(installed_flavours())
+    if problem:
+        print(problem)
     version = tensorrt_version()
     print(f"TensorRT: {version}" if version else f"TensorRT: not installed ({INSTALL_HINT})")
     smi = shutil.which("nvidia-smi")

@@ -252,3 +252,12 @@ def test_inspector_reads_the_10x_and_11x_schemas_and_compute_precision():
         "/head/Gemm": "fp32",
     }
     assert layer_precisions_from_inspector({"Layers": ["/a/Conv + /a/Relu"]}) == {"/a/Conv": "unknown", "/a/Relu": "unknown"}
+
+
+def test_doctor_names_two_onnxruntime_flavours_installed_together():
+    from quantkit.cli.doctor import flavour_problem, installed_flavours
+
+    assert "onnxruntime" in installed_flavours()
+    assert flavour_problem(["onnxruntime"]) == ""
+    problem = flavour_problem(["onnxruntime", "onnxruntime-gpu"])
+    assert "installed together" in problem and "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in problem
