@@ -137,6 +137,10 @@ def case_table(work):
         "eval --labels file missing": [
             "eval", m, "--data", x, "--labels", str(work / "nolabels.csv"), "--no-latency", "--report", str(work / "r3"),
         ],
+        "fidelity check on no samples": ["quantize", m, "--ranges", rng, "--check-samples", "0", "-o", out],
+        "fidelity threshold NaN": ["quantize", m, "--ranges", rng, "--min-sqnr", "nan", "-o", out],
+        "a required flag missing": ["calibrate", m],
+        "a flag's value not among its choices": ["quantize", m, "--ranges", rng, "--weight-bits", "9", "-o", out],
         "model file missing": ["inspect", str(work / "missing.onnx")],
         "model is not ONNX": ["inspect", str(existing_file)],
     }  # fmt: skip
@@ -157,6 +161,7 @@ CASES = [
     "preprocess resize_neg", "preprocess dtype", "preprocess yaml_color_yes", "plan with integer node keys (JSON)",
     "plan with integer node keys (YAML)", "--seed -1", "--num-bins huge", "--max-memory nonsense", "a corrupt .npy in a data folder",
     "an object-dtype .npy in a data folder", "eval --variants ,", "eval --slice out of range", "eval --labels file missing",
+    "fidelity check on no samples", "fidelity threshold NaN", "a required flag missing", "a flag's value not among its choices",
     "model file missing", "model is not ONNX",
 ]  # fmt: skip
 

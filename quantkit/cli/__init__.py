@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from quantkit import __version__
 
@@ -36,9 +37,16 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (flag and problem, then where to look) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in ``argv`` gets its arguments (``quantkit --help`` lists the table)."""
-    parser = argparse.ArgumentParser(prog="quantkit", description="Calibrate and quantize ONNX models for TensorRT and onnxruntime.")
+    parser = Parser(prog="quantkit", description="Calibrate and quantize ONNX models for TensorRT and onnxruntime.")
     parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

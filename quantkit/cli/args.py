@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 import onnx
 
 from quantkit.data.preprocess import PreprocessSpec
+from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import CHECK_SAMPLES, MIN_SQNR_DB, FidelityError, check_fidelity, check_samples
 from quantkit.model import ModelInfo
 from quantkit.options import DataOptions, ScaleOut
@@ -86,17 +88,40 @@ def options_from_args(cls: type[T], args: argparse.Namespace, flags: dict[str, s
     return cls(**taken)
 
 
-def add_check_args(parser: argparse.ArgumentParser, data: bool = True) -> None:
-    """The fidelity check's flags (and --data with preprocessing, for commands that have none)."""
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a QuantkitError reaches the CLI's one-line boundary)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise QuantkitError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN would switch a threshold off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise QuantkitError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def add_check_args(parser: argparse.ArgumentParser) -> None:
+    """The fidelity check's flags, with --data and preprocessing for its samples."""
     group = parser.add_argument_group("fidelity check (the new model against FP32 before it is written)")
-    if data:
-        group.add_argument("--data", help="samples for the check (default: the calibration data recorded in ranges.json)")
-        add_preprocess_args(parser)
+    group.add_argument("--data", help="samples for the check (default: the calibration data recorded in ranges.json)")
+    add_preprocess_args(parser)
     group.add_argument("--force", action="store_true", help="write the model even when an output is non-finite or collapsed")
     group.add_argument(
-        "--min-sqnr", type=float, default=MIN_SQNR_DB, help=f"an output below this SQNR has collapsed (default {MIN_SQNR_DB:g} dB)"
+        "--min-sqnr", type=finite_float, default=MIN_SQNR_DB, help=f"an output below this SQNR has collapsed (default {MIN_SQNR_DB:g} dB)"
     )
-    group.add_argument("--check-samples", type=int, default=CHECK_SAMPLES, help=f"samples the check runs (default {CHECK_SAMPLES})")
+    group.add_argument(
+        "--check-samples", type=positive_int, default=CHECK_SAMPLES, help=f"samples the check runs (default {CHECK_SAMPLES})"
+    )
 
 
 def verify(args: argparse.Namespace, model: ModelInfo, candidate: onnx.ModelProto, ranges: RangeSet | None = None) -> None:

@@ -134,6 +134,8 @@ def check_fidelity(
     provider computes ops without float16 kernels in float32, so an overflow inside the graph
     need not reach the outputs here, while it does on a GPU.
     """
+    if not feeds or not math.isfinite(min_sqnr_db):
+        raise QuantkitError("the fidelity check needs at least one sample and a finite SQNR threshold", option="check_samples")
     names = [o.name for o in reference.graph.output]
     new_names = [o.name for o in candidate.graph.output]
     if new_names != names:
