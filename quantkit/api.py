@@ -75,15 +75,21 @@ def analyze(
     )
 
 
-def tune(model: ModelInfo, ranges: RangeSet, evaluator: Evaluator, out_dir: str | Path, *args: Any, **kwargs: Any) -> TuneResult:
-    """Per-layer precision tuning (``quantkit.tuning.search.tune``, same arguments), on Ray
-    workers when ``scale_out=ScaleOut(workers=N)`` asks for them (``quiet`` silences their progress)."""
-    scale_out: ScaleOut | None = kwargs.pop("scale_out", None)
-    quiet: bool = kwargs.pop("quiet", True)
-    options = args[0] if args else kwargs.pop("options", None)
-    options, export = split_options(
-        kwargs, "tune", options or TuneOptions(), kwargs.pop("export", None) or ExportOptions(allow_missing=True)
-    )
+def tune(
+    model: ModelInfo,
+    ranges: RangeSet,
+    evaluator: Evaluator,
+    out_dir: str | Path,
+    options: TuneOptions | None = None,
+    *,
+    scale_out: ScaleOut | None = None,
+    quiet: bool = True,
+    **kwargs: Any,
+) -> TuneResult:
+    """``quantkit.tuning.search.tune`` (same arguments; ``export=`` and the old keywords too), on Ray
+    workers when ``scale_out`` asks for them (``quiet`` silences their progress)."""
+    export = kwargs.pop("export", None) or ExportOptions(allow_missing=True)
+    options, export = split_options(kwargs, "tune", options or TuneOptions(), export)
     return _with_executor(
         scale_out, model, ranges, export, lambda ex: _tune(model, ranges, evaluator, out_dir, options, export=export, executor=ex), quiet
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import Any
 
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
@@ -196,8 +196,6 @@ class ScaleOut:
 
 #: keyword names of the old functions that differ from the options' field names
 _RENAMED = {"ray_address": "address"}
-
-T = TypeVar("T")
 
 
 def split_options(kwargs: dict[str, Any], function: str, *defaults: Any) -> list[Any]:

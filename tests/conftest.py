@@ -35,6 +35,18 @@ def demo_val(demo_preprocess):
     return np.concatenate(images), np.array(labels)
 
 
+def float_model(nodes, inputs: dict, outputs: dict, initializers=(), opset: int = 17, name: str = "g") -> onnx.ModelProto:
+    """A model from nodes, float32 inputs and outputs given as {name: shape}, and initializers."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()],
+        list(initializers),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

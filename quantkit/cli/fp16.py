@@ -10,8 +10,8 @@ from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.api import calibrate
 from quantkit.cli.args import add_check_args, preprocess_from_args, verify
 from quantkit.data.batching import fixed_batch
-from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
+from quantkit.evaluation.check import data_or_recorded
 from quantkit.export.fp16 import convert_fp16, fp16_precisions
 from quantkit.export.qdq import node_names
 from quantkit.model import load_model
@@ -30,17 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
     p.add_argument("--quiet", action="store_true")
     add_check_args(p)
-    p.set_defaults(batch_size=32)
-
-
-def _data_for_ranges(args: argparse.Namespace, ranges: RangeSet | None) -> tuple[str | None, PreprocessSpec | None]:
-    """--data, or the calibration data ranges.json records when it is still there."""
-    if args.data:
-        return args.data, preprocess_from_args(args)
-    if ranges is not None and ranges.calibration.get("data") and Path(ranges.calibration["data"]).exists():
-        recorded = ranges.calibration.get("preprocess")
-        return ranges.calibration["data"], PreprocessSpec.from_mapping(recorded) if recorded else None
-    return None, None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     ranges = RangeSet.load(args.ranges) if args.ranges else None
     if ranges is not None:
         ranges.check_model(model.path, model.sha256)
-    data, preprocess = _data_for_ranges(args, ranges)
+    data, preprocess = data_or_recorded(args.data, preprocess_from_args(args) if args.data else None, ranges)
     if args.no_ranges:
         ranges = None
         print("warning: converting without ranges (--no-ranges): a tensor beyond float16's range becomes inf unnoticed", file=sys.stderr)

@@ -163,6 +163,20 @@ def check_fidelity(
     return result
 
 
+def data_or_recorded(
+    data: str | Path | None, preprocess: PreprocessSpec | None, ranges: RangeSet | None
+) -> tuple[str | Path | None, PreprocessSpec | None]:
+    """``data``, or else the calibration data ``ranges`` records (with its preprocessing) when it is still there."""
+    if data is not None or ranges is None:
+        return data, preprocess
+    recorded = ranges.calibration.get("data")
+    if not recorded or not Path(recorded).exists():
+        return None, preprocess
+    if preprocess is None and ranges.calibration.get("preprocess"):
+        preprocess = PreprocessSpec.from_mapping(ranges.calibration["preprocess"], "the preprocessing in ranges.json")
+    return recorded, preprocess
+
+
 def check_samples(
     model: ModelInfo,
     data: str | Path | None = None,
@@ -172,19 +186,14 @@ def check_samples(
 ) -> tuple[list[dict[str, np.ndarray]], str]:
     """Samples for the check: from ``data``; else from the calibration data ``ranges`` records,
     when it is still there; else synthetic inputs within the recorded (or a unit) range."""
-    if data is None and ranges is not None:
-        recorded = ranges.calibration.get("data")
-        if recorded and Path(recorded).exists():
-            data = recorded
-            if preprocess is None and ranges.calibration.get("preprocess"):
-                preprocess = PreprocessSpec.from_mapping(ranges.calibration["preprocess"], "the preprocessing in ranges.json")
+    data, preprocess = data_or_recorded(data, preprocess, ranges)
     if data is not None:
         source = open_source(data, model, preprocess, shuffle=False)
-        size = fixed_batch(model) or count
-        feeds = []
-        for batch in batches(source, model, size, None, source.description):
+        feeds, taken = [], 0
+        for batch in batches(source, model, fixed_batch(model) or count, None, source.description):
             feeds.append(batch.feeds)
-            if sum(len(b) for b in [next(iter(f.values())) for f in feeds]) >= count:
+            taken += len(batch)
+            if taken >= count:
                 break
         if not feeds:
             raise QuantkitError(f"{source.description} holds no sample for the fidelity check", option="data")
@@ -197,21 +206,15 @@ def synthetic_feed(model: ModelInfo, ranges: RangeSet | None, count: int) -> dic
     feed: dict[str, Any] = {}
     recorded = (ranges.calibration.get("input_shapes", {}) if ranges is not None else {}) or {}
     for spec in model.inputs:
-        shape = list(spec.shape)
         seen = recorded.get(spec.name)
+        shape = list(seen[0]) if seen and any(not isinstance(d, int) for d in spec.shape) else list(spec.shape)
+        if shape and not isinstance(spec.shape[0], int):
+            shape[0] = count  # a dynamic batch dimension: the check's sample count
         if any(not isinstance(d, int) for d in shape):
-            if seen:
-                shape = list(seen[0])
-            else:
-                shape = [count if k == 0 else d for k, d in enumerate(shape)]
-                if any(not isinstance(d, int) for d in shape):
-                    raise QuantkitError(
-                        f"input {spec.describe()} has dynamic dimensions and no samples were given for the fidelity check; "
-                        "pass data (or force)",
-                        option="data",
-                    )
-        if shape:
-            shape[0] = count if not isinstance(spec.shape[0], int) else shape[0]
+            raise QuantkitError(
+                f"input {spec.describe()} has dynamic dimensions and no samples were given for the fidelity check; pass data (or force)",
+                option="data",
+            )
         if spec.dtype.kind == "f":
             t = ranges.tensors.get(spec.name) if ranges is not None else None
             lo, hi = (t.min, t.max) if t is not None else (-1.0, 1.0)

@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.errors import QuantkitError
-from quantkit.optypes import FLOAT32_ONLY_INPUTS, FP16_KEEP_FP32_OPS
+from quantkit.optypes import FLOAT32_ONLY_INPUTS, FP16_KEEP_FP32_OPS, QDQ_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 
@@ -156,11 +156,9 @@ def _qdq_follow_consumers(graph: onnx.GraphProto, fp16: set[str], report: Fp16Re
             continue
         q = by_output.get(dq.input[0])
         pair = [dq] + ([q] if q is not None and q.op_type == "QuantizeLinear" else [])
-        scale_users = readers.get(dq.input[1], [])
-        if any(u.name not in {n.name for n in pair} and u.op_type in ("QuantizeLinear", "DequantizeLinear") for u in scale_users):
-            shared = [u for u in scale_users if u.op_type in ("QuantizeLinear", "DequantizeLinear")]
-            if not all(u.name in fp16 or u in pair for u in shared):
-                continue  # the scale is shared with a pair that stays float32
+        others = [u for u in readers.get(dq.input[1], []) if u.op_type in QDQ_OPS and u not in pair]
+        if any(u.name not in fp16 for u in others):
+            continue  # the scale is shared with a Q/DQ that stays float32
         for node in pair:
             if node.name not in fp16:
                 fp16.add(node.name)

@@ -3,7 +3,8 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import float_model
+from onnx import helper, numpy_helper
 
 from quantkit.backends.ort import has_signed_activation_qdq, make_session, with_outputs
 from quantkit.errors import QuantkitError
@@ -34,14 +35,7 @@ def qdq_gemm(act_dtype=np.int8, trans_b=1, seed=0, weight_levels=127):
         helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=axis),
         helper.make_node("Gemm", ["xd", "wd"], ["y"], transB=trans_b),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = float_model(nodes, {"x": [4, k]}, {"y": [4, n]}, inits, name="g")
     x = rng.uniform(-0.2, 0.2, size=(4, k)).astype(np.float32)
     # the independent reference: numpy fake quantization, exactly as TensorRT defines Q/DQ
     xq = np.clip(np.round(x / xs) + int(zp), np.iinfo(act_dtype).min, np.iinfo(act_dtype).max)

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from conftest import save
+from conftest import float_model, save
 from onnx import TensorProto, helper
 
 import quantkit
@@ -123,14 +123,7 @@ def gap_classifier(bias: float = 0.6) -> onnx.ModelProto:
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1, name="head"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "gap",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 2, 2])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return float_model(nodes, {"x": ["n", 3, 2, 2]}, {"logits": ["n", 10]}, inits, name="gap")
 
 
 def int8_sqnr(path, data_path, x, **calibrator_options):

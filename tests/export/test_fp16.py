@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_PREPROCESS, conv_model, encoder_model, save
+from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_PREPROCESS, conv_model, encoder_model, float_model, save
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.cli import main
@@ -120,14 +120,7 @@ def bn_model_with_constant_variance(variance: float = 9.8e7) -> onnx.ModelProto:
         numpy_helper.from_array(np.zeros(4, np.float32), "b"),
         numpy_helper.from_array(np.zeros(4, np.float32), "m"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "bn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return float_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}, inits, name="bn")
 
 
 def test_a_constant_node_beyond_float16_keeps_its_consumer_in_fp32():
@@ -168,14 +161,13 @@ def test_missing_ranges_are_reported():
 def overflowing_model() -> onnx.ModelProto:
     """Conv whose activations reach ~1e5: beyond float16, they become inf."""
     w = np.full((2, 1, 1, 1), 2000.0, np.float32)
-    graph = helper.make_graph(
+    return float_model(
         [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["y"], name="relu")],
-        "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2, 4, 4])],
+        {"x": [4, 1, 4, 4]},
+        {"y": [4, 2, 4, 4]},
         [numpy_helper.from_array(w, "w")],
+        name="big",
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_fp16_without_ranges_is_refused_and_no_ranges_is_explicit(tmp_path, capsys):

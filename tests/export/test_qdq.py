@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import DEMO_CALIB, DEMO_MODEL, conv_model, encoder_model, save
+from conftest import DEMO_CALIB, DEMO_MODEL, conv_model, encoder_model, float_model, save
 from fakequant import top1
 from onnx import TensorProto, helper, numpy_helper
 
@@ -384,14 +384,7 @@ def projection_block(swap: bool) -> onnx.ModelProto:
         helper.make_node("Conv", ["x", "wp"], ["proj"], name="downsample"),
         helper.make_node("Add", add_inputs, ["y"], name="add"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "block",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return float_model(nodes, {"x": [2, 4, 8, 8]}, {"y": [2, 4, 8, 8]}, inits, name="block")
 
 
 @pytest.mark.parametrize("swap", [False, True])

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import DEMO_CALIB, DEMO_MODEL, save
+from conftest import DEMO_CALIB, DEMO_MODEL, float_model, save
 from onnx import TensorProto, helper
 
 import quantkit
@@ -188,7 +188,7 @@ def test_tensorrt_layer_estimate_applies_its_documented_fusions():
     """Conv+BN+ReLU is one TensorRT layer, Conv+residual Add+ReLU another, Q/DQ fold away:
     a 9-node graph is an estimated 3 layers (two fused convs and the pooling)."""
     import onnx_graphsurgeon as gs
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from quantkit.graph.optimize import tensorrt_layer_estimate
 
@@ -207,12 +207,5 @@ def test_tensorrt_layer_estimate_applies_its_documented_fusions():
         helper.make_node("GlobalAveragePool", ["dq"], ["y"], name="gap"),
     ]
     inits = [w, *bn, numpy_helper.from_array(np.array(0.1, np.float32), "sc"), numpy_helper.from_array(np.array(0, np.int8), "zp")]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = float_model(nodes, {"x": [1, 4, 8, 8]}, {"y": [1, 4, 1, 1]}, inits, name="g")
     assert tensorrt_layer_estimate(gs.import_onnx(model)) == 3
