@@ -31,3 +31,14 @@ def benchmark_cases() -> Iterator[list[tuple[str, Path, Path, Path, PreprocessSp
     with tempfile.TemporaryDirectory() as tmp:
         calib, val = ppocr.build_dataset(Path(tmp))
         yield [demo, ("ppocr_cls", ppocr.model_path(), calib, val, PreprocessSpec(**ppocr.PREPROCESS))]
+
+
+@contextmanager
+def detector_case() -> Iterator[tuple[str, Path, Path, Path, PreprocessSpec]]:
+    """PP-OCRv4's text detector (rapidocr-onnxruntime wheel) on the scikit-image wheel's images."""
+    from trust import DET_PREPROCESS, models_dir, skimage_images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calib, val = skimage_images(Path(tmp))
+        spec = PreprocessSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in DET_PREPROCESS.items()})
+        yield ("ppocr_det", models_dir() / "ch_PP-OCRv4_det_infer.onnx", calib, val, spec)

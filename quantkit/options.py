@@ -141,15 +141,23 @@ class EvalOptions:
     """Which variants ``evaluate`` builds and what it measures."""
 
     variants: str = DEFAULT_VARIANTS
-    metrics: tuple[Any, ...] = ("top1",)  # names or callables (outputs, labels) -> float
+    # names ("auto" chooses from the outputs and labels), module:function, or callables
+    # (outputs, reference, labels) -> float; see quantkit.evaluation.objectives
+    metrics: tuple[Any, ...] = ("auto",)
     labels: bool = True  # use labels where the data has them
     max_drop: float | None = None
     slices: dict[str, list[tuple[int, int, int]]] | None = None
     latency: bool = True
     throughput_batch: int = 32
     num_calib_samples: int | None = None
+    conf: float = 0.25  # detection-f1: the class-score threshold of a detection
+    mask_threshold: float = 0.5  # mask-iou: where a probability map becomes a mask
 
     def __post_init__(self) -> None:
+        for name in ("conf", "mask_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise QuantkitError(f"{name} must be a number in [0, 1], got {value!r}", option=name)
         object.__setattr__(
             self, "metrics", tuple([self.metrics] if isinstance(self.metrics, str) or callable(self.metrics) else self.metrics)
         )
@@ -167,8 +175,13 @@ class TuneOptions:
     max_trials: int | None = None
     timeout: float | None = None
     start_from_known: bool = False
+    # how nodes are ranked before the search: "disable-one" evaluates each node kept in high
+    # precision (on a subset); "sqnr" ranks by the SQNR each node loses, from two passes in all
+    ranking: str = "disable-one"
 
     def __post_init__(self) -> None:
+        if self.ranking not in ("disable-one", "sqnr"):
+            raise QuantkitError(f"ranking must be disable-one or sqnr, got {self.ranking!r}", option="ranking")
         if self.fallback not in FALLBACKS:
             raise QuantkitError(f"fallback must be fp16 or fp32, got {self.fallback!r}", option="fallback")
         if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or not math.isfinite(self.max_drop):

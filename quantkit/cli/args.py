@@ -47,6 +47,23 @@ def preprocess_from_args(args: argparse.Namespace) -> PreprocessSpec:
     return base.merged({k: getattr(args, k) for k in PREPROCESS_FLAGS})
 
 
+def add_objective_args(parser: argparse.ArgumentParser, several: bool) -> None:
+    """--metric and the parameters of the detection and map objectives (eval, sensitivity, tune)."""
+    from quantkit.evaluation.objectives import BUILT_IN
+
+    parser.add_argument(
+        "--metric",
+        default="auto",
+        help=f"{'comma list of ' if several else ''}{', '.join(BUILT_IN)}, or your module:function / file.py:function "
+        "(called with outputs, FP32 outputs, labels). Default auto: chosen from the outputs' shapes and the labels, "
+        "and printed with the reason",
+    )
+    parser.add_argument("--conf", type=finite_float, default=0.25, help="detection-f1: class-score threshold (default 0.25)")
+    parser.add_argument(
+        "--mask-threshold", type=finite_float, default=0.5, help="mask-iou: probability above which a pixel is in the mask (default 0.5)"
+    )
+
+
 def add_scale_out_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scale-out on Ray (the [distributed] extra)")
     group.add_argument("--workers", type=int, help="run on N Ray workers (results identical to a single process)")

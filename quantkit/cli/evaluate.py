@@ -6,7 +6,7 @@ import argparse
 
 from quantkit._io import ensure_writable_dir
 from quantkit.backends.ort import RUNTIMES
-from quantkit.cli.args import add_preprocess_args, data_options_from_args, options_from_args
+from quantkit.cli.args import add_objective_args, add_preprocess_args, data_options_from_args, options_from_args
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.run import evaluate
 from quantkit.options import DEFAULT_VARIANTS, EvalOptions, RuntimeOptions
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--labels", default=None, help="label column of a table (default: label/labels/target/class, or image-folder names)")
     p.add_argument("--no-labels", action="store_true", help="ignore labels: fidelity against FP32 only")
-    p.add_argument("--metric", default="top1", help="comma list of top1, top5 (any callable through the Python API)")
+    add_objective_args(p, several=True)
     p.add_argument("--runtime", choices=list(RUNTIMES), default="ort-cpu")
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
     p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     )
     files = write_report(result, args.report)
     if not args.quiet:
+        print(f"objective: {result.objective}")
         print(to_markdown(result).split("## Per-output fidelity")[0].rstrip())
         print()
         for f in files:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from quantkit.cli.args import add_preprocess_args, add_scale_out_args, data_options_from_args
-from quantkit.evaluation.metrics import METRICS
+from quantkit.cli.args import add_objective_args, add_preprocess_args, add_scale_out_args, data_options_from_args
 from quantkit.model import ModelInfo
 from quantkit.options import TARGETS, ExportOptions
 from quantkit.ranges import RangeSet
@@ -19,20 +19,29 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("--val", required=True, help="validation data; labels (a label column, npz key or folder names) give the task metric")
     p.add_argument("--method", default="entropy", help="calibration method whose ranges are used (default entropy)")
     p.add_argument("--target", choices=TARGETS, default="tensorrt", help="Q/DQ placement (default tensorrt)")
-    p.add_argument(
-        "--metric", default="top1", choices=sorted(METRICS), help="task metric where labels exist (else top-1 agreement with FP32)"
-    )
-    p.add_argument("--no-labels", action="store_true", help="use top-1 agreement with FP32 even where labels exist")
+    add_objective_args(p, several=False)
+    p.add_argument("--no-labels", action="store_true", help="ignore the labels: compare with FP32 only")
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
     p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
     p.add_argument("--batch-size", type=int, help="validation batch (default 32; calibration picks its own from memory)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true")
     if tune:
-        p.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the tuned model may lose (default 0.5)")
+        p.add_argument(
+            "--max-drop",
+            type=float,
+            default=0.5,
+            help="how much of the objective the tuned model may lose: points, dB for sqnr (default 0.5)",
+        )
         p.add_argument("--fallback", choices=["fp16", "fp32"], default="fp32", help="precision of the nodes taken out of INT8")
         p.add_argument("--max-trials", type=int, help="stop after N trials (the best plan so far is saved)")
         p.add_argument("--timeout", type=float, help="stop after S seconds (the best plan so far is saved)")
+        p.add_argument(
+            "--ranking",
+            choices=["disable-one", "sqnr"],
+            default="disable-one",
+            help="rank nodes by evaluating each kept in FP32 (disable-one, default), or by the SQNR each loses (sqnr: two passes)",
+        )
         p.add_argument(
             "--start-from-known", action="store_true", help="start with Softmax/LayerNorm and the first/last layers in high precision"
         )
@@ -51,6 +60,10 @@ def tuning_inputs(args: argparse.Namespace) -> tuple[ModelInfo, RangeSet, Evalua
         num_calib_samples=args.num_calib_samples,
         metric=args.metric,
         use_labels=not args.no_labels,
+        conf=args.conf,
+        mask_threshold=args.mask_threshold,
     )
+    if not args.quiet:
+        print(f"objective: {evaluator.objective.describe()}", file=sys.stderr)
     method = args.method if args.method in ranges.methods else None
     return model, ranges, evaluator, ExportOptions(method, args.target, allow_missing=True)

@@ -14,6 +14,10 @@ _EXPORTS = {
         ["METRICS", "Metric", "OutputFidelity", "fidelity", "sqnr_db", "cosine", "top1_agreement"], "quantkit.evaluation.metrics"
     ),
     **dict.fromkeys(["RUNTIMES", "runtime_providers"], "quantkit.backends.ort"),
+    **dict.fromkeys(
+        ["BUILT_IN", "Objective", "Measurement", "choose_objective", "objective", "from_callable", "decode_detections"],
+        "quantkit.evaluation.objectives",
+    ),
     "DEFAULT_VARIANTS": "quantkit.options",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,17 +21,14 @@ Metric = Callable[[list[np.ndarray], Sequence], float]  # (outputs of every samp
 
 
 def top_k(k: int) -> Metric:
-    """Fraction of samples whose label is among the k highest scores of the first output."""
+    """Fraction of samples whose label is among the k highest scores of the first output
+    (the ``top1``/``top5`` objectives as a plain ``(outputs, labels)`` function)."""
+    from quantkit.evaluation.objectives import objective
+
+    top = objective(f"top{k}")
 
     def metric(outputs: list[np.ndarray], labels: Sequence) -> float:
-        y = np.asarray(labels)
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise ValueError(f"top-{k} needs one integer class index per sample, got labels of shape {y.shape} and type {y.dtype}")
-        scores = outputs[0].reshape(len(y), -1)
-        if y.min() < 0 or y.max() >= scores.shape[1]:
-            raise ValueError(f"labels range over [{y.min()}, {y.max()}] but the output scores {scores.shape[1]} classes")
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return float(np.mean((best == y[:, None]).any(axis=1)))
+        return top.measure(outputs, outputs, labels).value
 
     metric.__name__ = f"top{k}"
     return metric

@@ -30,7 +30,8 @@ from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import judge_outputs
 from quantkit.evaluation.latency import Latency, hardware, measure_all
-from quantkit.evaluation.metrics import METRICS, Metric, OutputFidelity, fidelity
+from quantkit.evaluation.metrics import OutputFidelity, fidelity
+from quantkit.evaluation.objectives import Objective, choose_objective, from_callable, objective
 from quantkit.evaluation.variants import CalibrationInput, build_variants, parse_variants
 from quantkit.model import ModelInfo, load_model
 from quantkit.options import DataOptions, EvalOptions, RuntimeOptions, split_options
@@ -46,6 +47,7 @@ class VariantResult:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     collapsed: list[str] = field(default_factory=list)  # outputs the fidelity check finds broken
+    noise: dict[str, float] = field(default_factory=dict)  # bootstrap standard error of each metric, in its unit
 
 
 @dataclass
@@ -61,6 +63,8 @@ class EvalResult:
     max_drop: float | None = None
     flags: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    objective: str = ""  # the first metric, with why it was chosen
+    units: dict[str, str] = field(default_factory=dict)  # metric -> "points" (a fraction) or "dB"
 
     def variant(self, name: str) -> VariantResult:
         return next(v for v in self.variants if v.name == name)
@@ -102,14 +106,9 @@ def evaluate(
     info = model if isinstance(model, ModelInfo) else load_model(model)
     specs = parse_variants(options.variants, runtime.runtime)
     spec = data_options.preprocess or PreprocessSpec()
-    metric_fns: list[tuple[str, Metric]] = []
-    for m in options.metrics:
-        if callable(m):
-            metric_fns.append((getattr(m, "__name__", "metric"), m))
-        elif m in METRICS:
-            metric_fns.append((m, METRICS[m]))
-        else:
-            raise QuantkitError(f"unknown metric '{m}'; built in: {', '.join(METRICS)}, or pass a callable from Python", option="metrics")
+    params = {"conf": options.conf, "threshold": options.mask_threshold}
+    # named metrics are checked before any work; "auto" is chosen once FP32's outputs are known
+    chosen: list[Objective | str] = [m if m == "auto" else _objective(m, params) for m in options.metrics]
 
     with timer.step("load validation data"):
         source = open_source(
@@ -130,8 +129,14 @@ def evaluate(
             f"{source.description} has no labels in {data_options.label_column!r}: name an existing label column, or leave it out",
             option="label_column",
         )
-    if options.labels and not labelled:
-        notes.append(f"{source.description} has no labels: the report shows fidelity against FP32 only")
+    for m in chosen:
+        if isinstance(m, Objective) and m.needs_labels and not labelled:
+            raise QuantkitError(
+                f"the {m.name} metric needs labels, and {source.description} has "
+                + ("none" if options.labels else "them switched off")
+                + ": give labelled data, or leave --metric out (the default compares with FP32)",
+                option="metrics",
+            )
 
     calibration = CalibrationInput(info, calib, ranges_path, spec, options.num_calib_samples, data_options.batch_size)
     with tempfile.TemporaryDirectory(prefix="quantkit-eval-") as tmp:
@@ -140,6 +145,8 @@ def evaluate(
         with timer.step("build variants"):
             built = build_variants(info, specs, work, calibration)
         reference: list[np.ndarray] | None = None
+        objectives: list[Objective] = []
+        labels_ = sample_labels if labelled else None
         results: list[VariantResult] = []
         timed: list[tuple[VariantResult, Any]] = []
         with timer.step("run variants"):
@@ -173,16 +180,21 @@ def evaluate(
                 if spec_.kind == "fp32":
                     reference = outputs
                     check_slices(options.slices, names, outputs)
-                if labelled:
-                    for name, fn in metric_fns:
-                        try:
-                            result.metrics[name] = float(fn(outputs, sample_labels))
-                        except Exception as exc:  # noqa: BLE001 - a metric that does not fit the outputs is a user error
-                            raise QuantkitError(
-                                f"metric {name} failed on the outputs of {spec_.name} (first output shape {outputs[0].shape}, "
-                                f"{len(sample_labels)} labels): {exc}; check --labels and --metric"
-                            ) from None
+                    objectives = [
+                        choose_objective([o.shape for o in outputs], labelled, outputs[0], **params) if m == "auto" else m for m in chosen
+                    ]
+                    objectives = [o for i, o in enumerate(objectives) if o.name not in {p.name for p in objectives[:i]}]
                 assert reference is not None  # fp32 runs first, and its failure raised above
+                for obj in objectives:
+                    try:
+                        measured = obj.measure(outputs, reference, labels_)
+                    except QuantkitError as exc:
+                        raise QuantkitError(
+                            f"metric {obj.name} does not fit the outputs of {spec_.name} (first output shape "
+                            f"{list(outputs[0].shape)}): {exc}; choose another --metric"
+                        ) from None
+                    result.metrics[obj.name] = measured.value
+                    result.noise[obj.name] = measured.noise()
                 result.fidelity = [
                     fidelity(n, r, o, (options.slices or {}).get(n)) for n, r, o in zip(names, reference, outputs, strict=True)
                 ]
@@ -197,15 +209,25 @@ def evaluate(
         providers=providers,
         hardware=hardware(),
         data={"path": str(data), "samples": sum(len(b) for b in val), "calibration": str(calib or ranges_path or "")},
-        metric_names=[n for n, _ in metric_fns] if labelled else [],
+        metric_names=[o.name for o in objectives],
         labelled=labelled,
         variants=results,
         max_drop=options.max_drop,
         flags=notes,
         timings=dict(timer.times),
+        objective=objectives[0].describe() if objectives else "",
+        units={o.name: o.unit for o in objectives},
     )
     evaluation.flags += flags_for(evaluation)
     return evaluation
+
+
+def _objective(metric: Any, params: dict[str, float]) -> Objective:
+    if isinstance(metric, Objective):
+        return metric
+    if callable(metric):
+        return from_callable(metric)
+    return objective(str(metric), **params)
 
 
 def check_slices(slices: dict[str, list[tuple[int, int, int]]] | None, names: list[str], outputs: list[np.ndarray]) -> None:
@@ -236,11 +258,10 @@ def flags_for(result: EvalResult) -> list[str]:
         if result.max_drop is not None and base is not None and v is not base:
             if result.metric_names:
                 key = result.metric_names[0]
-                drop = 100 * (base.metrics.get(key, 0) - v.metrics.get(key, 0))
-            else:
-                key, drop = "top-1 agreement", 100 * (1 - (v.fidelity[0].top1_agreement if v.fidelity else 0))
-            if drop > result.max_drop:
-                flags.append(f"{v.name} loses {drop:.2f} points of {key}, over the {result.max_drop} budget")
+                unit = result.units.get(key, "points")
+                drop = (100 if unit == "points" else 1) * (base.metrics.get(key, 0) - v.metrics.get(key, 0))
+                if drop > result.max_drop:
+                    flags.append(f"{v.name} loses {drop:.2f} {unit} of {key}, over the {result.max_drop} budget")
         if v.collapsed:
             flags.append(f"{v.name} is broken (the fidelity check refuses it): " + "; ".join(v.collapsed))
         for f in v.fidelity:

@@ -16,11 +16,12 @@ from typing import Any
 
 from quantkit import __version__
 from quantkit._io import write_files_atomic
+from quantkit.evaluation.objectives import format_value
 from quantkit.evaluation.run import EvalResult, VariantResult
 from quantkit.report.html import STYLE, svg_bars, svg_scatter
 
 SCHEMA = "quantkit.report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: objectives (any unit, with their noise) replace top-1-only metrics
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 
 
@@ -36,6 +37,7 @@ def to_json(result: EvalResult) -> dict[str, Any]:
                 "name": v.name,
                 "size_bytes": v.size_bytes,
                 "metrics": v.metrics,
+                "noise": v.noise,
                 "latency": asdict(v.latency) if v.latency else None,
                 "fidelity": [
                     {
@@ -65,6 +67,8 @@ def to_json(result: EvalResult) -> dict[str, Any]:
         "data": result.data,
         "labelled": result.labelled,
         "metrics": result.metric_names,
+        "objective": result.objective,
+        "units": result.units,
         "max_drop": result.max_drop,
         "variants": variants,
         "flags": result.flags,
@@ -73,12 +77,16 @@ def to_json(result: EvalResult) -> dict[str, Any]:
 
 
 # ---- shared row values ------------------------------------------------------------------------
-def _accuracy(result: EvalResult, v: VariantResult) -> tuple[str, float | None]:
-    """The accuracy figure a variant is ranked by: the first task metric, else top-1 agreement."""
+def _accuracy(result: EvalResult, v: VariantResult | None) -> tuple[str, float | None]:
+    """The figure a variant is ranked by: the first objective's value."""
     if result.metric_names:
         key = result.metric_names[0]
-        return key, v.metrics.get(key)
-    return "top-1 agreement", v.fidelity[0].top1_agreement if v.fidelity else None
+        return key, v.metrics.get(key) if v else None
+    return "top-1 agreement", v.fidelity[0].top1_agreement if v and v.fidelity else None
+
+
+def _unit(result: EvalResult) -> str:
+    return result.units.get(result.metric_names[0], "points") if result.metric_names else "points"
 
 
 def _fmt(x: float | None, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
@@ -91,13 +99,14 @@ def _fmt(x: float | None, spec: str = ".3f", scale: float = 1.0, suffix: str = "
 
 def _rows(result: EvalResult) -> list[list[str]]:
     base = next((v for v in result.variants if v.name == "fp32"), None)
-    key = _accuracy(result, base)[0] if base else "accuracy"
+    key = _accuracy(result, base)[0]
+    unit = _unit(result)
     rows = [
         [
             "variant",
             "size MB",
-            key,
-            "Δ vs FP32 (points)",
+            f"{key} (± s.e.)",
+            f"Δ vs FP32 ({unit})",
             "top-1 agreement",
             "SQNR dB",
             "cosine",
@@ -113,12 +122,15 @@ def _rows(result: EvalResult) -> list[list[str]]:
             continue
         acc = _accuracy(result, v)[1]
         f = v.fidelity[0] if v.fidelity else None
-        delta = None if acc is None or base_acc is None else 100 * (acc - base_acc)
+        scale = 100 if unit == "points" else 1
+        delta = None if acc is None or base_acc is None else scale * (acc - base_acc)
+        noise = v.noise.get(key)
+        shown = format_value(acc, unit) + (f" ± {noise:.2f}" if noise else "")
         rows.append(
             [
                 v.name,
                 _fmt(v.size_bytes, ".3f", 1e-6) if v.size_bytes else "–",
-                _fmt(acc, ".2f", 100, "%"),
+                shown,
                 _fmt(delta, "+.2f") if v is not base else "baseline",
                 _fmt(f.top1_agreement if f else None, ".1f", 100, "%"),
                 _fmt(f.sqnr_db if f else None, ".1f"),
@@ -139,8 +151,10 @@ def to_markdown(result: EvalResult) -> str:
         "",
         f"Runtime {result.runtime} ({', '.join(result.providers)}) on {result.hardware}. "
         f"Validation: {result.data['samples']} samples from {result.data['path']}"
-        + ("" if result.labelled else " (no labels: fidelity against FP32 only)")
+        + ("" if result.labelled else " (no labels: compared with FP32)")
         + f". Throughput at batch {next((v.latency.throughput_batch for v in result.variants if v.latency), '-')}.",
+        "",
+        f"Objective: {result.objective or 'none'}.",
         "",
         "| " + " | ".join(rows[0]) + " |",
         "|" + "---|" * len(rows[0]),
@@ -172,7 +186,7 @@ def to_markdown(result: EvalResult) -> str:
 def to_html(result: EvalResult) -> str:
     rows = _rows(result)
     base = next((v for v in result.variants if v.name == "fp32"), None)
-    key = _accuracy(result, base)[0] if base else "accuracy"
+    key = _accuracy(result, base)[0]
     points = []
     for v in result.variants:
         acc = _accuracy(result, v)[1]
@@ -198,13 +212,14 @@ def to_html(result: EvalResult) -> str:
             )
     flags = "".join(f"<li>{html.escape(f)}</li>" for f in result.flags) or "<li>none</li>"
     title = f"quantkit report: {Path(result.model['path']).name}"
-    unlabelled = "" if result.labelled else " <b>(no labels: fidelity against FP32 only)</b>"
+    unlabelled = "" if result.labelled else " <b>(no labels: compared with FP32)</b>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Runtime <b>{html.escape(result.runtime)}</b> ({html.escape(", ".join(result.providers))}) on {html.escape(result.hardware)}.
 Validation: {result.data["samples"]} samples from {html.escape(str(result.data["path"]))}{unlabelled}.</p>
+<p>Objective: <b>{html.escape(result.objective or "none")}</b>.</p>
 <h2>Variants</h2>
 {table}
 <h2>Flags</h2>

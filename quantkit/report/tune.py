@@ -14,6 +14,7 @@ def sensitivity_files(out: Path, result: SensitivityResult) -> dict[Path, bytes]
     doc = {
         "format": "quantkit.sensitivity",
         "accuracy": result.accuracy_name,
+        "unit": result.unit,
         "baseline_accuracy": result.baseline.accuracy,
         "all_int8_accuracy": result.all_int8.accuracy,
         "evaluations": result.evaluations,
@@ -37,11 +38,15 @@ def sensitivity_files(out: Path, result: SensitivityResult) -> dict[Path, bytes]
 
 def tune_files(out: Path, result: TuneResult, evaluator: Evaluator) -> dict[Path, bytes]:
     text = summary(result, evaluator)
-    rows = ["| trial | phase | fallback nodes | accuracy | drop (points) | meets | latency ms |", "|---|---|---|---|---|---|---|"]
+    unit = evaluator.objective.unit
+    rows = [
+        f"| trial | phase | fallback nodes | {evaluator.accuracy_name} | drop ({unit}) | meets | latency ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t in result.trials:
         lat = f"{t.latency_ms:.3f}" if t.latency_ms is not None else "-"
         rows.append(
-            f"| {t.index} | {t.phase} | {len(t.fallback)} | {t.accuracy * 100:.2f}% | {t.drop:+.2f} | "
+            f"| {t.index} | {t.phase} | {len(t.fallback)} | {evaluator.objective.show(t.accuracy)} ± {t.noise:.2f} | {t.drop:+.2f} | "
             f"{'yes' if t.meets else 'no'} | {lat} |"
         )
     best = result.best.index if result.best else None

@@ -32,7 +32,7 @@ from quantkit._io import interactive
 from quantkit.calibration.collect import CalibrationStats, CollectRequest, SourceSpec, collect_statistics
 from quantkit.data import PreprocessSpec, batches
 from quantkit.errors import QuantkitError
-from quantkit.evaluation.metrics import METRICS
+from quantkit.evaluation.objectives import objective as named_objective
 from quantkit.model import ModelInfo, load_model
 from quantkit.options import ScaleOut
 from quantkit.plan import PrecisionPlan
@@ -280,15 +280,16 @@ class RayExecutor:
             import json as _json
 
             _maybe_die()
-            batches_, reference, labels, metric_name = data
+            batches_, reference, labels, metric = data
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "model.onnx").write_bytes(model_bytes)
                 (Path(tmp) / "ranges.json").write_text(ranges_text)
                 info = load_model(Path(tmp) / "model.onnx")
                 ranges = RangeSet.load(Path(tmp) / "ranges.json")
-            metric = (metric_name, METRICS[metric_name]) if metric_name else None
+            # a built-in or file metric is rebuilt here; a Python callable travels pickled
+            objective = named_objective(metric[0], **metric[1]) if isinstance(metric, tuple) else metric
             # as many onnxruntime threads as CPUs Ray reserved for the task, so workers do not oversubscribe
-            ev = Evaluator(info, batches_, metric, labels, reference=reference, threads=1)
+            ev = Evaluator(info, batches_, objective, labels, reference=reference, threads=1)
             return ev.evaluate(
                 build_candidate(info, ranges, PrecisionPlan.from_mapping(_json.loads(_json.dumps(plan_doc))), method=method, target=target),
                 latency,
@@ -299,8 +300,8 @@ class RayExecutor:
     def _data(self, evaluator: Any) -> Any:
         key = id(evaluator)
         if key not in self._data_refs:  # one put per evaluator (the full set and the sensitivity subset)
-            metric_name = evaluator.metric[0] if evaluator.metric else None
-            self._data_refs[key] = self.ray.put((evaluator.data, evaluator.reference, evaluator.labels, metric_name))
+            metric = evaluator.objective.rebuildable() or evaluator.objective
+            self._data_refs[key] = self.ray.put((evaluator.data, evaluator.reference, evaluator.labels, metric))
         return self._data_refs[key]
 
     def map(self, evaluator: Any, plans: Sequence[Any], latency: bool = False) -> list[Any]:

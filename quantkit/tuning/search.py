@@ -55,6 +55,7 @@ class Trial:
     meets: bool
     latency_ms: float | None
     phase: str
+    noise: float = 0.0  # bootstrap standard error of ``accuracy``, in the objective's unit
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class Trial:
             "drop_points": self.drop,
             "meets_target": self.meets,
             "latency_ms": self.latency_ms,
+            "standard_error": self.noise,
         }
 
 
@@ -139,6 +141,8 @@ class PrecisionSearch:
             "format": "quantkit.tune_history",
             "baseline_accuracy": self.base,
             "accuracy": self.evaluator.accuracy_name,
+            "objective": self.evaluator.objective.describe(),
+            "unit": self.evaluator.objective.unit,
             "max_drop_points": self.options.max_drop,
             "fallback_precision": self.options.fallback,
             "best_trial": self.best.index if self.best else None,
@@ -170,8 +174,8 @@ class PrecisionSearch:
                 new = new[:room]
         scores = self.executor.map(self.evaluator, [self.plan_for(c) for c in new], latency=True) if new else []
         for nodes, score in zip(new, scores, strict=True):
-            drop = 100 * (self.base - score.accuracy)
-            t = Trial(len(self.trials), nodes, score.accuracy, drop, drop <= self.options.max_drop, score.latency_ms, phase)
+            drop = self.evaluator.drop(score)
+            t = Trial(len(self.trials), nodes, score.accuracy, drop, drop <= self.options.max_drop, score.latency_ms, phase, score.noise)
             self.trials.append(t)
             if self.better(t, self.best):
                 self.best = t
@@ -190,7 +194,7 @@ class PrecisionSearch:
         if not everything.meets:
             self.messages.append(
                 f"the target cannot be met: with every quantized node in {self.options.fallback} "
-                f"the drop is still {everything.drop:.2f} points"
+                f"the drop is still {everything.drop:.2f} {self.evaluator.objective.unit}"
             )
             return []
         lo, hi = 0, len(ranking)  # top-lo fails, top-hi meets
@@ -217,9 +221,16 @@ class PrecisionSearch:
 
     def search(self) -> None:
         first = self.trial([], "all-int8")
+        unit = self.evaluator.objective.unit
+        if first.noise > self.options.max_drop:
+            self.messages.append(
+                f"warning: the all-INT8 {self.evaluator.accuracy_name} has a standard error of {first.noise:.2f} {unit} over "
+                f"{self.evaluator.samples} validation samples, more than the {self.options.max_drop}-{unit} target: "
+                "differences between trials are mostly noise; use more validation samples"
+            )
         if first.meets:
             self.messages.append(
-                f"all-INT8 already meets the target ({first.drop:.2f} points drop <= {self.options.max_drop}): the plan is all-INT8"
+                f"all-INT8 already meets the target ({first.drop:.2f} {unit} drop <= {self.options.max_drop}): the plan is all-INT8"
             )
             return
         if self.sensitivity is None:
@@ -233,6 +244,8 @@ class PrecisionSearch:
                     target=self.export.target,
                     executor=self.executor,
                     deadline=deadline,
+                    enable_one=False,  # the search ranks by disable-one: half the cost
+                    ranking=self.options.ranking,
                 )
             except SensitivityTimeout as stop:
                 self.messages.append(str(stop))
@@ -245,7 +258,8 @@ class PrecisionSearch:
             self.known = [n for n in known_sensitive(self.model, ranking) if n in names]
             t = self.trial(self.known, "known-sensitive start")
             self.messages.append(
-                f"known-sensitive start ({len(self.known)} nodes): {t.accuracy * 100:.2f}% ({'meets' if t.meets else 'misses'} the target)"
+                f"known-sensitive start ({len(self.known)} nodes): {self.evaluator.objective.show(t.accuracy)} "
+                f"({'meets' if t.meets else 'misses'} the target)"
             )
             start_set = self.known if t.meets else []
         if not start_set:
@@ -254,13 +268,7 @@ class PrecisionSearch:
             self.prune(start_set, ranking)
 
     def run(self) -> TuneResult:
-        se = self.evaluator.standard_error(self.base) if self.evaluator.metric else 0.0
-        if se > self.options.max_drop:
-            self.messages.append(
-                f"warning: {self.evaluator.samples} validation samples give a standard error of {se:.2f} points on "
-                f"{self.evaluator.accuracy_name}, more than the {self.options.max_drop}-point target: differences between trials "
-                "are mostly noise; use more validation samples"
-            )
+        self.messages.append(f"objective: {self.evaluator.objective.describe()}")
         stopped = "done"
         try:
             self.search()
@@ -318,16 +326,17 @@ def tune(
 
 
 def summary(result: TuneResult, evaluator: Evaluator) -> str:
-    best = result.best
+    best, objective = result.best, evaluator.objective
     lines = [
         f"{len(result.trials)} trials; {evaluator.cost:.1f} passes over the validation set in all (sensitivity included); "
         f"stopped: {result.stopped}",
-        f"FP32 {evaluator.accuracy_name} {evaluator.baseline.accuracy * 100:.2f}%",
+        f"FP32 {evaluator.accuracy_name} {objective.show(evaluator.baseline.accuracy)}",
     ]
     if best is not None:
         lines.append(
-            f"best: {len(best.fallback)} node(s) in {result.plan.fallback or 'fp32'}, {evaluator.accuracy_name} {best.accuracy * 100:.2f}% "
-            f"({best.drop:+.2f} points drop), {'meets' if best.meets else 'misses'} the target"
+            f"best: {len(best.fallback)} node(s) in {result.plan.fallback or 'fp32'}, {evaluator.accuracy_name} "
+            f"{objective.show(best.accuracy)} ± {best.noise:.2f} ({best.drop:+.2f} {objective.unit} drop), "
+            f"{'meets' if best.meets else 'misses'} the target"
         )
         lines += [f"  - {n}" for n in best.fallback]
     lines += result.messages

@@ -26,7 +26,9 @@ from quantkit.backends.ort import make_session, with_outputs
 from quantkit.data.batching import Batch, batches
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
-from quantkit.evaluation.metrics import METRICS, Metric, sqnr_db, top1_agreement
+from quantkit.evaluation.metrics import sqnr_db, top1_agreement
+from quantkit.evaluation.objectives import BUILT_IN, SQNR_CAP_DB, Objective, choose_objective, format_value, from_callable
+from quantkit.evaluation.objectives import objective as objective_named
 from quantkit.evaluation.variants import CalibrationInput
 from quantkit.export.apply import apply_plan
 from quantkit.export.qdq import quantize_model
@@ -38,29 +40,34 @@ from quantkit.ranges import RangeSet
 
 @dataclass
 class Score:
-    accuracy: float  # the task metric, or top-1 agreement with FP32 without labels
+    accuracy: float  # the objective's value (a fraction, or dB for sqnr)
     agreement: float
     sqnr_db: float
     latency_ms: float | None = None
+    noise: float = 0.0  # bootstrap standard error of ``accuracy`` over samples, in the objective's unit
 
 
 class Evaluator:
-    """Runs candidate models on validation batches against the FP32 reference, counting evaluations."""
+    """Runs candidate models on validation batches against the FP32 reference, counting evaluations.
+
+    ``objective``: an ``Objective``, a name (``"auto"`` chooses from the outputs and labels, see
+    ``choose_objective``), or an older ``(name, metric)`` pair; ``labels`` None without them.
+    """
 
     def __init__(
         self,
         model: ModelInfo,
         data: Sequence[Batch],
-        metric: tuple[str, Metric] | None,
-        labels: Sequence | None,
+        objective: Objective | str | tuple[str, Any] | None = "auto",
+        labels: Sequence | None = None,
         *,
         reference: list[np.ndarray] | None = None,
         parent: Evaluator | None = None,
         threads: int | None = None,
+        objective_params: dict[str, float] | None = None,
     ) -> None:
         self.model = model
         self.data = list(data)
-        self.metric = metric if labels is not None else None
         self.labels = list(labels) if labels is not None else None
         self.parent = parent
         self.threads = threads
@@ -68,6 +75,9 @@ class Evaluator:
         self.cost = 0.0  # in passes over the full validation set (subset passes count fractionally)
         self.samples = sum(len(b) for b in self.data)
         self.reference = reference if reference is not None else self._run(model.proto)
+        self.objective = resolve_objective(objective, self.reference, self.labels, **(objective_params or {}))
+        if self.objective.needs_labels and self.labels is None:
+            raise QuantkitError(f"the {self.objective.name} objective needs labels, and the validation data has none", option="metric")
         self.baseline = self.score_outputs(self.reference)
 
     def subset(self, samples: int) -> Evaluator:
@@ -82,11 +92,15 @@ class Evaluator:
         if n >= self.samples:
             return self
         reference = [r[:n] for r in self.reference]
-        return Evaluator(self.model, taken, self.metric, self.labels[:n] if self.labels else None, reference=reference, parent=self)
+        return Evaluator(self.model, taken, self.objective, self.labels[:n] if self.labels else None, reference=reference, parent=self)
 
     @property
     def accuracy_name(self) -> str:
-        return self.metric[0] if self.metric else "top-1 agreement"
+        return self.objective.name
+
+    @property
+    def metric(self) -> Objective:
+        return self.objective
 
     def _session(self, proto: onnx.ModelProto) -> Any:
         return make_session(proto, threads=self.threads, source=self.model.path)
@@ -97,9 +111,9 @@ class Evaluator:
         return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
 
     def score_outputs(self, outputs: list[np.ndarray]) -> Score:
+        measured = self.objective.measure(outputs, self.reference, self.labels)
         agreement = top1_agreement(self.reference[0], outputs[0])
-        accuracy = float(self.metric[1](outputs, self.labels)) if self.metric else agreement
-        return Score(accuracy, agreement, sqnr_db(self.reference[0], outputs[0]))
+        return Score(measured.value, agreement, sqnr_db(self.reference[0], outputs[0]), noise=measured.noise())
 
     def account(self) -> None:
         """Count one pass over this evaluator's samples (also when a remote worker made it)."""
@@ -126,9 +140,28 @@ class Evaluator:
             score.latency_ms = float(np.median(times))
         return score
 
-    def standard_error(self, accuracy: float) -> float:
-        """Binomial standard error of an accuracy on this many samples, in points."""
-        return 100 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(self.samples, 1))
+    def drop(self, score: Score) -> float:
+        """How far a score is below FP32, in the objective's unit (points, or dB)."""
+        return self.objective.drop(self.baseline.accuracy, score.accuracy)
+
+
+def resolve_objective(
+    objective: Objective | str | tuple[str, Any] | None, reference: list[np.ndarray], labels: Sequence | None, **params: float
+) -> Objective:
+    """An ``Objective`` from what callers pass: itself, a name (``auto``: chosen), a callable, or a legacy pair.
+
+    ``params``: ``conf`` and ``threshold`` of the detection and map objectives.
+    """
+    if isinstance(objective, Objective):
+        return objective
+    if objective is None or objective == "auto":
+        return choose_objective([r.shape for r in reference], labels is not None, reference[0], **params)
+    if isinstance(objective, tuple):
+        name, fn = objective
+        return objective_named(name, **params) if isinstance(name, str) and name in BUILT_IN else from_callable(fn, name)
+    if callable(objective):
+        return from_callable(objective)
+    return objective_named(objective, **params)
 
 
 def build_candidate(
@@ -136,6 +169,9 @@ def build_candidate(
 ) -> onnx.ModelProto:
     """The model with ``plan`` applied (see ``quantkit.export.apply.apply_plan``)."""
     return apply_plan(model, ranges, plan, ExportOptions(method, target, allow_missing), range_aware_fp16=False).model
+
+
+RANKINGS = ("disable-one", "sqnr")
 
 
 class SensitivityTimeout(Exception):
@@ -174,6 +210,7 @@ class NodeSensitivity:
     disable_one_gain: float  # accuracy points recovered when only this node stays FP32
     enable_one_sqnr_db: float
     output_sqnr_db: float  # its output activation, FP32 vs all-INT8
+    local_sqnr_db: float = math.nan  # the node alone quantized, on FP32's inputs: the error it adds itself
 
     def to_json(self) -> dict[str, Any]:
         return {k: (v if not (isinstance(v, float) and math.isinf(v)) else None) for k, v in asdict(self).items()}
@@ -188,21 +225,27 @@ class SensitivityResult:
     seconds: float
     accuracy_name: str
     notes: list[str] = field(default_factory=list)
+    unit: str = "points"  # of the gains and losses: percentage points, or dB (sqnr)
 
     def ranking(self) -> list[str]:
         return [n.name for n in self.nodes]
 
     def table(self, limit: int = 20) -> str:
         lines = [
-            f"{len(self.nodes)} quantized nodes; FP32 {self.accuracy_name} {self.baseline.accuracy * 100:.2f}%, "
-            f"all-INT8 {self.all_int8.accuracy * 100:.2f}% ({self.evaluations} evaluations, {self.seconds:.1f} s)",
+            f"{len(self.nodes)} quantized nodes; FP32 {self.accuracy_name} {format_value(self.baseline.accuracy, self.unit)}, "
+            f"all-INT8 {format_value(self.all_int8.accuracy, self.unit)} ({self.evaluations} evaluations, {self.seconds:.1f} s)",
             "",
-            "| rank | node | op | disable-one gain (points) | enable-one loss (points) | output SQNR dB |",
-            "|---|---|---|---|---|---|",
+            f"| rank | node | op | disable-one gain ({self.unit}) | enable-one loss ({self.unit}) | output SQNR dB | local SQNR dB |",
+            "|---|---|---|---|---|---|---|",
         ]
+
+        def num(x: float, spec: str) -> str:
+            return "–" if math.isnan(x) else f"{x:{spec}}"
+
         for i, n in enumerate(self.nodes[:limit], 1):
             lines.append(
-                f"| {i} | {n.name} | {n.op_type} | {n.disable_one_gain:+.2f} | {n.enable_one_loss:+.2f} | {n.output_sqnr_db:.1f} |"
+                f"| {i} | {n.name} | {n.op_type} | {num(n.disable_one_gain, '+.2f')} | {num(n.enable_one_loss, '+.2f')} "
+                f"| {num(n.output_sqnr_db, '.1f')} | {num(n.local_sqnr_db, '.1f')} |"
             )
         return "\n".join(lines + [f"- {n}" for n in self.notes])
 
@@ -216,27 +259,58 @@ def quantized_nodes(
     return list(report.int8_nodes), ops, q
 
 
-def output_sqnr(model: ModelInfo, all_int8: onnx.ModelProto, nodes: Sequence[str], data: Sequence[Batch]) -> dict[str, float]:
-    """SQNR of each node's output activation, FP32 vs all-INT8, from one pass of each model."""
-    names = {}
-    for node in model.proto.graph.node:
-        if node.name in nodes and node.output:
-            names[node.name] = node.output[0]
+def _capture(proto: onnx.ModelProto, names: list[str], data: Sequence[Batch], extra: Any = None) -> dict[str, np.ndarray]:
+    """The values of ``names`` over ``data`` (``extra(batch_index)`` adds feeds)."""
+    session = make_session(with_outputs(proto, names))
+    inputs = {i.name for i in session.get_inputs()}
+    values: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    for k, b in enumerate(data):
+        feeds = {**b.feeds, **(extra(k) if extra else {})}
+        for t, v in zip(names, session.run(names, {n: v for n, v in feeds.items() if n in inputs}), strict=True):
+            values[t].append(v)
+    return {t: np.concatenate(v) for t, v in values.items()}
 
-    def run(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-        session = make_session(with_outputs(proto, list(names.values())))
-        wanted = list(dict.fromkeys(names.values()))
-        values: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
-        for b in data:
-            for t, v in zip(wanted, session.run(wanted, b.feeds), strict=True):
-                values[t].append(v)
-        return {t: np.concatenate(v) for t, v in values.items()}
 
+def activation_sqnr(
+    model: ModelInfo, all_int8: onnx.ModelProto, nodes: Sequence[str], data: Sequence[Batch]
+) -> dict[str, tuple[float, float]]:
+    """Per node, (output SQNR, local SQNR) in dB against FP32, from one pass of each model.
+
+    The output SQNR is the all-INT8 model's error at the node's output, accumulated from every
+    node before it. The local SQNR is the error of the node alone: the all-INT8 model with every
+    QuantizeLinear fed FP32's activation instead of its own, so each node sees exact inputs,
+    quantizes them and its weights, and nothing upstream hides or adds to its error.
+    """
+    outputs = {n.name: n.output[0] for n in model.proto.graph.node if n.name in nodes and n.output}
+    constants = {i.name for i in all_int8.graph.initializer} | {o for n in all_int8.graph.node if n.op_type == "Constant" for o in n.output}
+    local = onnx.ModelProto()
+    local.CopyFrom(all_int8)
+    fed: dict[str, str] = {}  # FP32 activation -> the input name its QuantizeLinear now reads
+    for node in local.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
+            fed.setdefault(node.input[0], f"{node.input[0]}::fp32")
+            node.input[0] = fed[node.input[0]]
+    wanted = list(dict.fromkeys(outputs.values()))
     try:
-        ref, got = run(model.proto), run(all_int8)
+        ref = _capture(model.proto, list(dict.fromkeys([*wanted, *fed])), data)
+        got = _capture(all_int8, wanted, data)
+        for t, name in fed.items():
+            elem = onnx.helper.np_dtype_to_tensor_dtype(ref[t].dtype)
+            local.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        alone = _capture(local, wanted, data, lambda k: {name: _rows_of(ref[t], data, k) for t, name in fed.items()})
     except Exception:  # noqa: BLE001 - a tensor renamed by folding (onnxruntime target): SQNR unavailable
         return {}
-    return {node: sqnr_db(ref[t], got[t]) for node, t in names.items() if t in got}
+
+    def db(a: np.ndarray, b: np.ndarray) -> float:
+        return min(SQNR_CAP_DB, sqnr_db(a, b))
+
+    return {node: (db(ref[t], got[t]), db(ref[t], alone[t])) for node, t in outputs.items()}
+
+
+def _rows_of(values: np.ndarray, data: Sequence[Batch], k: int) -> np.ndarray:
+    """The rows of batch ``k`` in values concatenated over ``data``."""
+    start = sum(len(b) for b in data[:k])
+    return values[start : start + len(data[k])]
 
 
 def analyze(
@@ -250,8 +324,17 @@ def analyze(
     subset: int | None = 256,
     executor: Any = None,
     deadline: float | None = None,
+    enable_one: bool = True,
+    ranking: str = "disable-one",
 ) -> SensitivityResult:
     """Enable-one / disable-one / output SQNR for every quantized node, ranked by disable-one gain.
+
+    Gains within the objective's noise (the bootstrap standard error of the all-INT8 score) are
+    not told apart by their noisy values: those nodes are ranked by SQNR, a measure that does
+    not depend on how few samples flip. ``enable_one=False`` skips the enable-one pass (half
+    the cost; the tuner ranks by disable-one only). ``ranking="sqnr"`` makes no per-node
+    evaluation at all: nodes are ranked by their local SQNR (see ``activation_sqnr``: three
+    passes over a quarter of the subset, besides the all-INT8 evaluation).
 
     ``deadline`` (a ``time.perf_counter()`` value): checked between groups of evaluations;
     past it, ``SensitivityTimeout`` is raised (a tuner's ``--timeout`` holds in every phase).
@@ -267,10 +350,15 @@ def analyze(
         raise QuantkitError("the placement quantizes no node of this model: nothing to analyse")
     base = evaluator.baseline
     all_int8 = evaluator.evaluate(all_int8_model)
-    act = output_sqnr(model, all_int8_model, chosen, evaluator.data[: max(1, len(evaluator.data) // 4)])
+    if ranking not in RANKINGS:
+        raise QuantkitError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}", option="ranking")
+    act = activation_sqnr(model, all_int8_model, chosen, evaluator.data[: max(1, len(evaluator.data) // 4)])
+    if ranking == "sqnr" and not act:
+        raise QuantkitError("per-node SQNR is not available for this placement (its tensors are renamed): use --ranking disable-one")
     executor = executor or LocalExecutor(model, ranges, method, target)
-    plans = [PrecisionPlan(default="fp32", nodes={name: "int8"}) for name in chosen]
-    plans += [PrecisionPlan(default="int8", nodes={name: "fp32"}) for name in chosen]
+    per_node = ranking != "sqnr"
+    plans = [PrecisionPlan(default="fp32", nodes={name: "int8"}) for name in chosen] if enable_one and per_node else []
+    plans += [PrecisionPlan(default="int8", nodes={name: "fp32"}) for name in chosen] if per_node else []
     group = max(1, executor.workers) * 4
     scores: list[Score] = []
     for start_at in range(0, len(plans), group):
@@ -278,31 +366,46 @@ def analyze(
             raise SensitivityTimeout(f"sensitivity stopped after {len(scores)} of {len(plans)} evaluations: the time is up")
         scores += executor.map(evaluator, plans[start_at : start_at + group])
     result = []
+    objective = evaluator.objective
+    with_enable = enable_one and per_node
+    disabled = scores[len(chosen) :] if with_enable else scores
     for k, name in enumerate(chosen):
-        only, without = scores[k], scores[len(chosen) + k]
+        only = scores[k] if with_enable else None
+        without = disabled[k] if per_node else None
+        sqnr_out, sqnr_local = act.get(name, (math.nan, math.nan))
         result.append(
             NodeSensitivity(
                 name=name,
                 op_type=ops.get(name, "?"),
-                enable_one_loss=100 * (base.accuracy - only.accuracy),
-                disable_one_gain=100 * (without.accuracy - all_int8.accuracy),
-                enable_one_sqnr_db=only.sqnr_db,
-                output_sqnr_db=act.get(name, math.nan),
+                enable_one_loss=objective.drop(base.accuracy, only.accuracy) if only else math.nan,
+                disable_one_gain=-objective.drop(without.accuracy, all_int8.accuracy) if without else math.nan,
+                enable_one_sqnr_db=only.sqnr_db if only else math.nan,
+                output_sqnr_db=sqnr_out,
+                local_sqnr_db=sqnr_local,
             )
         )
-    # most sensitive first: what keeping it in FP32 recovers, then what quantizing it alone costs
-    result.sort(key=lambda n: (-round(n.disable_one_gain, 6), -round(n.enable_one_loss, 6), n.enable_one_sqnr_db))
-    notes = []
-    se = evaluator.standard_error(base.accuracy)
-    if se > 0.5:
+    noise = all_int8.noise
+
+    def rank(n: NodeSensitivity) -> tuple[float, float, float]:
+        # most sensitive first: a gain above the noise, then the lowest SQNR (enable-one, else the
+        # node's local SQNR)
+        gain = n.disable_one_gain if n.disable_one_gain > noise else 0.0
+        loss = n.enable_one_loss if n.enable_one_loss > noise else 0.0
+        sqnr = n.enable_one_sqnr_db if not math.isnan(n.enable_one_sqnr_db) else n.local_sqnr_db
+        return (-round(gain, 6), -round(loss, 6), sqnr if not math.isnan(sqnr) else math.inf)
+
+    result.sort(key=rank)
+    notes = [f"objective: {objective.describe()}"]
+    if noise > 0:
         notes.append(
-            f"{evaluator.samples} validation samples give a standard error of {se:.2f} points on "
-            f"{evaluator.accuracy_name}: differences below that are noise"
+            f"the all-INT8 {objective.name} has a standard error of {noise:.2f} {objective.unit} over {evaluator.samples} samples: "
+            "gains below that are ranked by SQNR instead"
         )
     if evaluator.parent is not None:
         notes.append(f"ranked on the first {evaluator.samples} of {evaluator.parent.samples} validation samples")
     notes += executor.notes
-    return SensitivityResult(result, all_int8, base, evaluator.evaluations, time.perf_counter() - start, evaluator.accuracy_name, notes)
+    seconds = time.perf_counter() - start
+    return SensitivityResult(result, all_int8, base, evaluator.evaluations, seconds, evaluator.accuracy_name, notes, objective.unit)
 
 
 def prepare(
@@ -314,11 +417,14 @@ def prepare(
     method: str = "entropy",
     data_options: DataOptions | None = None,
     num_calib_samples: int | None = None,
-    metric: str = "top1",
+    metric: Objective | str | Any = "auto",
     use_labels: bool = True,
+    conf: float = 0.25,
+    mask_threshold: float = 0.5,
 ) -> tuple[ModelInfo, RangeSet, Evaluator]:
     """What sensitivity and tuning start from: the model, its ranges (loaded, or calibrated with
-    ``method`` only) and an evaluator over the validation data (its task metric where it has labels)."""
+    ``method`` only) and an evaluator over the validation data with its objective (``metric``: a
+    name, ``auto``, a user ``module:function``, a callable or an ``Objective``)."""
     data_options = data_options or DataOptions()
     info = model if isinstance(model, ModelInfo) else load_model(model)
     if ranges_path is None and calib is None:
@@ -326,10 +432,12 @@ def prepare(
     ranges = CalibrationInput(
         info, calib, ranges_path, data_options.preprocess, num_calib_samples, data_options.batch_size, methods=method
     ).ranges()
-    if metric not in METRICS:
-        raise QuantkitError(f"unknown metric '{metric}'; built in: {', '.join(METRICS)}", option="metric")
+    params = {"conf": conf, "threshold": mask_threshold}
+    if isinstance(metric, str) and metric != "auto":
+        metric = objective_named(metric, **params)  # a bad name fails before the validation pass
     source = open_source(val, info, data_options.preprocess, shuffle=False)
     batches_ = list(batches(source, info, data_options.batch_size or 32, data_options.num_samples, source.description))
     labels = [label for b in batches_ for label in b.labels]
     labelled = use_labels and bool(labels) and all(label is not None for label in labels)
-    return info, ranges, Evaluator(info, batches_, (metric, METRICS[metric]) if labelled else None, labels if labelled else None)
+    evaluator = Evaluator(info, batches_, metric, labels if labelled else None, objective_params=params)
+    return info, ranges, evaluator

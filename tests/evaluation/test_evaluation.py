@@ -132,12 +132,16 @@ def test_html_report_opens_in_a_real_browser(demo_report, tmp_path):
         assert text in dom, text
 
 
-def test_unlabelled_data_gives_a_fidelity_only_report(tmp_path, demo_preprocess):
+def test_unlabelled_class_scores_are_judged_by_agreement_with_fp32(tmp_path, demo_preprocess):
     np.save(tmp_path / "val.npy", np.random.default_rng(0).normal(size=(40, 1, 28, 28)).astype(np.float32))
     result = evaluate(DEMO_MODEL, tmp_path / "val.npy", variants="fp32,fp16", preprocess=demo_preprocess, latency=False)
-    assert not result.labelled and result.metric_names == []
-    assert any("no labels" in f for f in result.flags)
-    assert result.variant("fp16").fidelity[0].top1_agreement >= 0.95
+    assert not result.labelled and result.metric_names == ["agreement"]
+    assert "class scores" in result.objective and "no labels" in result.objective
+    fp16 = result.variant("fp16")
+    assert fp16.metrics["agreement"] == pytest.approx(fp16.fidelity[0].top1_agreement) and fp16.metrics["agreement"] >= 0.95
+    assert result.variant("fp32").metrics["agreement"] == 1.0
+    with pytest.raises(QuantkitError, match="top1 metric needs labels"):  # never silently dropped
+        evaluate(DEMO_MODEL, tmp_path / "val.npy", variants="fp32", preprocess=demo_preprocess, latency=False, metrics=["top1"])
 
 
 def test_bad_inputs(tmp_path, capsys):
@@ -176,7 +180,7 @@ def test_labels_that_do_not_match_the_outputs(tmp_path, demo_preprocess):
 
     rows = {"image": [np.zeros(784, np.float32).tolist()] * 8, "label": [[1, 2]] * 8}
     pq.write_table(pa.table(rows), tmp_path / "val.parquet")
-    with pytest.raises(QuantkitError, match="metric top1 failed on the outputs of fp32.*one integer class index per sample"):
+    with pytest.raises(QuantkitError, match="metric top1 does not fit the outputs of fp32.*one integer per sample"):
         evaluate(DEMO_MODEL, tmp_path / "val.parquet", variants="fp32", preprocess=demo_preprocess, latency=False)
     rows["label"] = [12] * 8  # class 12 of a 10-class model
     pq.write_table(pa.table(rows), tmp_path / "val.parquet")
