@@ -49,6 +49,7 @@ bench: install
 	$(PY) bench/tuning.py
 	$(PY) bench/distributed.py
 	$(PY) bench/trust.py
+	$(PY) bench/detector.py
 
 lint: install
 	$(VENV)/bin/ruff check quantkit tests bench scripts

@@ -40,5 +40,4 @@ def detector_case() -> Iterator[tuple[str, Path, Path, Path, PreprocessSpec]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         calib, val = skimage_images(Path(tmp))
-        spec = PreprocessSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in DET_PREPROCESS.items()})
-        yield ("ppocr_det", models_dir() / "ch_PP-OCRv4_det_infer.onnx", calib, val, spec)
+        yield ("ppocr_det", models_dir() / "ch_PP-OCRv4_det_infer.onnx", calib, val, PreprocessSpec.from_mapping(DET_PREPROCESS))

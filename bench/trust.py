@@ -156,15 +156,18 @@ def outputs_of(proto, feeds_list):  # type: ignore[no-untyped-def]
 
 def task_metrics(name: str, ref: np.ndarray, got: np.ndarray, labels: list | None) -> dict:
     from quantkit.evaluation.metrics import sqnr_db
+    from quantkit.evaluation.objectives import objective
+
+    def value(name: str, **params: float) -> float:
+        return round(objective(name, **params).measure([got], [ref], labels).value, 4)
 
     out = {"sqnr_db": round(sqnr_db(ref, got), 2)}
     if name == "ppocr_det":
-        a, b = ref > 0.3, got > 0.3
-        out["mask_iou"] = round(float(np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1)), 4)
+        out["mask_iou"] = value("mask-iou", threshold=0.3)  # PP-OCR's own text threshold
     else:
-        out["agreement"] = round(float(np.mean(ref.argmax(1) == got.argmax(1))), 4)
+        out["agreement"] = value("agreement")
         if labels is not None:
-            out["top1"] = round(float(np.mean(got.argmax(1) == np.asarray(labels))), 4)
+            out["top1"] = value("top1")
     return out
 
 

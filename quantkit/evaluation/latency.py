@@ -20,6 +20,7 @@ class Latency:
     batch1_p99_ms: float
     throughput_batch: int
     throughput_samples_per_s: float
+    batch1_p10_ms: float = 0.0
 
 
 def measure_latency(session: Any, sample: dict[str, np.ndarray], batch: int, runs: int = 50) -> Latency:
@@ -39,8 +40,8 @@ def measure_latency(session: Any, sample: dict[str, np.ndarray], batch: int, run
     for _ in range(big_runs):
         session.run(None, many)
     elapsed = time.perf_counter() - start
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return Latency(float(p50), float(p90), float(p99), batch, batch * big_runs / elapsed)
+    p10, p50, p90, p99 = np.percentile(times, [10, 50, 90, 99])
+    return Latency(float(p50), float(p90), float(p99), batch, batch * big_runs / elapsed, float(p10))
 
 
 def measure_all(timed: Sequence[tuple[Any, Any]], sample: dict[str, np.ndarray], batch: int, rounds: int = 3) -> None:

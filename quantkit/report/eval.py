@@ -1,8 +1,9 @@
 """Reports: ``report.json`` (versioned schema), ``report.md`` and a self-contained ``report.html``.
 
-The HTML embeds its charts as inline SVG: an accuracy-vs-latency scatter with one point per
-variant and the FP32 baseline marked, size bars (FP32/FP16/INT8 storage), and per-output
-fidelity with per-slice SQNR. So it needs no network, no JavaScript and no plotting library.
+The HTML embeds its charts as inline SVG drawn by matplotlib (``quantkit.report.plots``): the
+objective against latency (p10-p90 spread, standard error) with the FP32 baseline marked, size
+bars, and per-slice SQNR of every output, all variants on one axis. It needs no network and no
+JavaScript.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 
 from quantkit import __version__
 from quantkit._io import write_files_atomic
+from quantkit.evaluation.metrics import COLLAPSE_SQNR_DB
 from quantkit.evaluation.objectives import format_value
 from quantkit.evaluation.run import EvalResult, VariantResult
-from quantkit.report.html import STYLE, svg_bars, svg_scatter
+from quantkit.report.html import STYLE
+from quantkit.report.plots import Point, bars, lines, scatter
 
 SCHEMA = "quantkit.report"
 SCHEMA_VERSION = 2  # 2: objectives (any unit, with their noise) replace top-1-only metrics
@@ -111,7 +114,7 @@ def _rows(result: EvalResult) -> list[list[str]]:
             "SQNR dB",
             "cosine",
             "batch-1 p50 ms",
-            "p99 ms",
+            "p10–p90 ms",
             "throughput /s",
         ]
     ]
@@ -136,7 +139,7 @@ def _rows(result: EvalResult) -> list[list[str]]:
                 _fmt(f.sqnr_db if f else None, ".1f"),
                 _fmt(f.cosine if f else None, ".5f"),
                 _fmt(v.latency.batch1_p50_ms if v.latency else None),
-                _fmt(v.latency.batch1_p99_ms if v.latency else None),
+                f"{v.latency.batch1_p10_ms:.3f}–{v.latency.batch1_p90_ms:.3f}" if v.latency else "–",
                 _fmt(v.latency.throughput_samples_per_s if v.latency else None, ".0f"),
             ]
         )
@@ -187,11 +190,23 @@ def to_html(result: EvalResult) -> str:
     rows = _rows(result)
     base = next((v for v in result.variants if v.name == "fp32"), None)
     key = _accuracy(result, base)[0]
+    unit = _unit(result)
     points = []
     for v in result.variants:
         acc = _accuracy(result, v)[1]
         if not v.error and v.latency and acc is not None:
-            points.append((v.name, v.latency.batch1_p50_ms, acc, "FP32 baseline" if v.name == "fp32" else ""))
+            noise = v.noise.get(key)
+            points.append(
+                Point(
+                    v.name,
+                    v.latency.batch1_p50_ms,
+                    acc,
+                    v.latency.batch1_p10_ms or None,
+                    v.latency.batch1_p90_ms,
+                    noise if noise else None,
+                    "FP32 baseline" if v.name == "fp32" else "",
+                )
+            )
     sizes = [(v.name, v.size_bytes / 1e6) for v in result.variants if v.size_bytes and not v.error]
     table = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
     for r in rows[1:]:
@@ -202,14 +217,20 @@ def to_html(result: EvalResult) -> str:
         table += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
     table += "</tbody></table>"
     fidelity_blocks = []
-    for v in result.variants:
-        for f in v.fidelity:
-            if v.name == "fp32" or not f.slices:
-                continue
-            bars = [(f"{f.output}{s.label()}", max(0.0, _finite(s.sqnr_db) or 99.0)) for s in f.slices[:64]]
+    outputs = [f.output for f in base.fidelity] if base else []
+    for name in outputs:  # one chart per output, every variant on one axis
+        series = [
+            (v.name, [_finite(s.sqnr_db) if _finite(s.sqnr_db) is not None else math.inf for s in f.slices[:256]])
+            for v in result.variants
+            for f in v.fidelity
+            if f.output == name and f.slices and v.name != "fp32"
+        ]
+        if series:
             fidelity_blocks.append(
-                f"<h3>{html.escape(v.name)} / {html.escape(f.output)}: per-slice SQNR (dB)</h3>" + svg_bars(bars, "dB", "per-slice SQNR")
+                lines(series, "slice index (axis 1)", "SQNR dB", f"{name}: per-slice SQNR against FP32", threshold=COLLAPSE_SQNR_DB)
             )
+    scatter_y = f"{key} ({'± standard error' if unit == 'points' else 'dB'})"
+    accuracy_chart = scatter(points, "batch-1 latency (ms): p50, bars p10-p90", scatter_y, unit == "points", f"{key} vs latency")
     flags = "".join(f"<li>{html.escape(f)}</li>" for f in result.flags) or "<li>none</li>"
     title = f"quantkit report: {Path(result.model['path']).name}"
     unlabelled = "" if result.labelled else " <b>(no labels: compared with FP32)</b>"
@@ -225,9 +246,9 @@ Validation: {result.data["samples"]} samples from {html.escape(str(result.data["
 <h2>Flags</h2>
 <ul class="flags">{flags}</ul>
 <h2>Accuracy vs latency</h2>
-{svg_scatter(points, "batch-1 latency p50 (ms)", key)}
+{accuracy_chart}
 <h2>Model size</h2>
-{svg_bars(sizes, "MB", "model size")}
+{bars(sizes, "MB", "model size")}
 <h2>Per-output fidelity</h2>
 {"".join(fidelity_blocks) or "<p>No sliced outputs.</p>"}
 <p style="font-size:11px;color:#777">quantkit {__version__}, report schema {SCHEMA_VERSION}</p>

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from quantkit.report.html import html_page, markdown_table_to_html, svg_bars, svg_scatter
+from quantkit.evaluation.metrics import COLLAPSE_SQNR_DB
+from quantkit.report.html import html_page, markdown_table_to_html
+from quantkit.report.plots import Point, bars, scatter
 from quantkit.tuning.search import TuneResult, summary
 from quantkit.tuning.sensitivity import Evaluator, SensitivityResult
 
@@ -23,12 +26,17 @@ def sensitivity_files(out: Path, result: SensitivityResult) -> dict[Path, bytes]
         "notes": result.notes,
     }
     table = result.table(limit=len(result.nodes))
-    bars = [(n.name[-40:], max(n.disable_one_gain, n.enable_one_loss, 0.0)) for n in result.nodes[:40]]
-    body = (
-        markdown_table_to_html(table)
-        + "<h2>Sensitivity (points, max of disable-one gain and enable-one loss)</h2>"
-        + svg_bars(bars, "pts", "sensitivity")
-    )
+    shown = result.nodes[:40]
+    gains = [(n.name[-40:], max(n.disable_one_gain, n.enable_one_loss if not math.isnan(n.enable_one_loss) else 0.0, 0.0)) for n in shown]
+    charts = ""
+    if not all(math.isnan(n.disable_one_gain) for n in shown):
+        charts += f"<h2>Sensitivity ({result.unit}; the larger of disable-one gain and enable-one loss)</h2>"
+        charts += bars(gains, result.unit, f"sensitivity, {result.accuracy_name} ({result.unit})")
+    local = [(n.name[-40:], n.local_sqnr_db) for n in shown if not math.isnan(n.local_sqnr_db)]
+    if local:
+        charts += "<h2>Local SQNR per node (dB; each node alone quantized on FP32's inputs, lower is worse)</h2>"
+        charts += bars(local, "dB", "local SQNR per node", marks=COLLAPSE_SQNR_DB)
+    body = markdown_table_to_html(table) + charts
     return {
         out / "sensitivity.json": (json.dumps(doc, indent=1) + "\n").encode(),
         out / "sensitivity.md": ("# Per-node sensitivity\n\n" + table + "\n").encode(),
@@ -50,12 +58,17 @@ def tune_files(out: Path, result: TuneResult, evaluator: Evaluator) -> dict[Path
             f"{'yes' if t.meets else 'no'} | {lat} |"
         )
     best = result.best.index if result.best else None
-    points = [(f"#{t.index}", float(len(t.fallback)), t.accuracy, "chosen" if t.index == best else "") for t in result.trials]
+    points = [
+        Point(f"#{t.index}", float(len(t.fallback)), t.accuracy, y_err=t.noise or None, marked="chosen" if t.index == best else "")
+        for t in result.trials
+    ]
+    objective = evaluator.objective
+    target = None if result.max_drop is None else evaluator.baseline.accuracy - result.max_drop / objective.scale
     md = "# Precision tuning\n\n" + text + "\n\n## Trials\n\n" + "\n".join(rows) + "\n"
     body = (
         markdown_table_to_html(text)
         + "<h2>Trade-off: accuracy vs nodes in high precision</h2>"
-        + svg_scatter(points, "nodes kept in high precision", evaluator.accuracy_name)
+        + scatter(points, "nodes kept in high precision", objective.name, unit == "points", "trials", target=target)
         + "<h2>Trials</h2>"
         + markdown_table_to_html("\n".join(rows))
     )

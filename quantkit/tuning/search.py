@@ -82,6 +82,7 @@ class TuneResult:
     messages: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)  # outputs of the best model that the fidelity check refuses
+    max_drop: float | None = None  # the target, in the objective's unit
 
 
 def known_sensitive(model: ModelInfo, quantized: Sequence[str]) -> list[str]:
@@ -283,6 +284,7 @@ class PrecisionSearch:
         best = self.best
         plan = self.plan_for(best.fallback) if best else PrecisionPlan()
         result = TuneResult(plan, best, self.trials, bool(best and best.meets), stopped, self.sensitivity, self.known, self.messages)
+        result.max_drop = self.options.max_drop
         result.files = [self.history_path] + ([self.plan_path] if best else [])
         if best is not None:
             tuned: onnx.ModelProto = build_candidate(self.model, self.ranges, plan, method=self.export.method, target=self.export.target)

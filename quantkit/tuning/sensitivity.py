@@ -81,18 +81,22 @@ class Evaluator:
         self.baseline = self.score_outputs(self.reference)
 
     def subset(self, samples: int) -> Evaluator:
-        """An evaluator on the first batches holding at least ``samples`` samples, whose passes count
-        toward this one's cost as the fraction of the data they cover."""
-        taken, n = [], 0
-        for batch in self.data:
-            if n >= samples:
-                break
-            taken.append(batch)
-            n += len(batch)
-        if n >= self.samples:
+        """An evaluator on ``samples`` samples spread evenly over the data (validation sets are often
+        sorted by class: their first samples are not a fair sample), in batches of the same size;
+        its passes count toward this one's cost as the fraction of the data they cover."""
+        if samples >= self.samples:
             return self
-        reference = [r[:n] for r in self.reference]
-        return Evaluator(self.model, taken, self.objective, self.labels[:n] if self.labels else None, reference=reference, parent=self)
+        rows = np.unique(np.linspace(0, self.samples - 1, samples).round().astype(np.int64))
+        names = list(self.data[0].feeds)
+        feeds = {n: np.concatenate([b.feeds[n] for b in self.data])[rows] for n in names}
+        ids = [i for b in self.data for i in b.ids]
+        size = len(self.data[0])
+        taken = [
+            Batch([ids[r] for r in rows[k : k + size]], {n: v[k : k + size] for n, v in feeds.items()}) for k in range(0, len(rows), size)
+        ]
+        reference = [r[rows] for r in self.reference]
+        labels = [self.labels[r] for r in rows] if self.labels is not None else None
+        return Evaluator(self.model, taken, self.objective, labels, reference=reference, parent=self, threads=self.threads)
 
     @property
     def accuracy_name(self) -> str:
@@ -339,8 +343,8 @@ def analyze(
     ``deadline`` (a ``time.perf_counter()`` value): checked between groups of evaluations;
     past it, ``SensitivityTimeout`` is raised (a tuner's ``--timeout`` holds in every phase).
 
-    The per-node evaluations run on the first ``subset`` validation samples (all with None): a
-    ranking needs less precision than the final check, which the tuner makes on the full set.
+    The per-node evaluations run on ``subset`` validation samples spread over the set (all with
+    None): a ranking needs less precision than the final check, which the tuner makes on the full set.
     """
     start = time.perf_counter()
     evaluator = evaluator.subset(subset) if subset else evaluator
@@ -402,7 +406,7 @@ def analyze(
             "gains below that are ranked by SQNR instead"
         )
     if evaluator.parent is not None:
-        notes.append(f"ranked on the first {evaluator.samples} of {evaluator.parent.samples} validation samples")
+        notes.append(f"ranked on {evaluator.samples} of {evaluator.parent.samples} validation samples, spread evenly over them")
     notes += executor.notes
     seconds = time.perf_counter() - start
     return SensitivityResult(result, all_int8, base, evaluator.evaluations, seconds, evaluator.accuracy_name, notes, objective.unit)

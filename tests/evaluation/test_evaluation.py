@@ -1,5 +1,7 @@
 import json
 import math
+import html
+import re
 import shutil
 import subprocess
 
@@ -130,6 +132,21 @@ def test_html_report_opens_in_a_real_browser(demo_report, tmp_path):
     assert shot.stat().st_size > 20_000 and image.std() > 10  # rendered content, not a blank page
     for text in ("Accuracy vs latency", "FP32 baseline", "int8:entropy", "Model size", "<svg", "<table"):
         assert text in dom, text
+    # the same page with a probe that measures, as laid out by the browser, every chart's text boxes
+    probe = """<script>window.onload = () => { const found = [];
+      document.querySelectorAll("svg").forEach((svg, k) => {
+        const boxes = [...svg.querySelectorAll("text")].filter(t => t.textContent.trim()).map(t => [t.textContent, t.getBoundingClientRect()]);
+        boxes.forEach(([a, r], i) => boxes.slice(i + 1).forEach(([b, q]) => {
+          if (r.left < q.right - 1 && q.left < r.right - 1 && r.top < q.bottom - 1 && q.top < r.bottom - 1) found.push(k + ":" + a + "|" + b);
+        }));
+      });
+      document.body.setAttribute("data-overlaps", JSON.stringify(found)); };</script>"""
+    probed = tmp_path / "probed.html"
+    probed.write_text((out / "report.html").read_text().replace("</body>", probe + "</body>"))
+    dom = subprocess.run([chromium, *flags, "--dump-dom", probed.as_uri()], capture_output=True, timeout=120, check=True, text=True).stdout
+    overlaps = re.search(r'data-overlaps="([^"]*)"', dom)
+    assert overlaps is not None, "the probe did not run"
+    assert html.unescape(overlaps.group(1)) == "[]", html.unescape(overlaps.group(1))
 
 
 def test_unlabelled_class_scores_are_judged_by_agreement_with_fp32(tmp_path, demo_preprocess):

@@ -69,7 +69,8 @@ def test_cli_tune_and_sensitivity(planted, tmp_path, capsys):
     assert main(["sensitivity", *args, "--out", str(tmp_path / "s"), "--quiet"]) == 0
     doc = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     assert {n["name"] for n in doc["nodes"][:2]} == {"conv3", "conv5"}
-    assert (tmp_path / "s" / "sensitivity.html").read_text().count("<svg") == 1
+    page = (tmp_path / "s" / "sensitivity.html").read_text()
+    assert page.count("<svg") == 2 and "Local SQNR per node" in page  # the gains and each node's own error
     assert main(["tune", *args, "--max-drop", "1", "--fallback", "fp16", "--start-from-known", "--out", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
     assert "known-sensitive start" in out
