@@ -24,18 +24,7 @@ test: install
 # The bundled demo end to end: calibrate with every method (ranges.json + TensorRT caches),
 # then the Q/DQ models (TensorRT and onnxruntime placements) and the FP16 model.
 demo: install
-	$(PY) -m quantkit calibrate calib_data/demo_cnn.onnx --data calib_data/mnist/calib \
-		--preprocess-config calib_data/mnist/preprocess.json --method all --num-samples 512 --out $(DEMO_OUT)
-	$(PY) -m quantkit quantize calib_data/demo_cnn.onnx --ranges $(DEMO_OUT)/ranges.json --method entropy \
-		--target tensorrt -o $(DEMO_OUT)/demo_cnn.int8.tensorrt.onnx
-	$(PY) -m quantkit quantize calib_data/demo_cnn.onnx --ranges $(DEMO_OUT)/ranges.json --method entropy \
-		--target onnxruntime -o $(DEMO_OUT)/demo_cnn.int8.onnxruntime.onnx
-	$(PY) -m quantkit fp16 calib_data/demo_cnn.onnx --ranges $(DEMO_OUT)/ranges.json -o $(DEMO_OUT)/demo_cnn.fp16.onnx
-	$(PY) -m quantkit eval calib_data/demo_cnn.onnx --data calib_data/mnist/val.parquet --ranges $(DEMO_OUT)/ranges.json \
-		--preprocess-config calib_data/mnist/preprocess.json \
-		--variants fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse,int8-tensorrt:entropy,modelopt \
-		--max-drop 1.0 --report $(DEMO_OUT)
-	@echo "demo outputs are in $(DEMO_OUT)/; open $(DEMO_OUT)/report.html"
+	$(PY) -m quantkit demo --out $(DEMO_OUT)
 
 # Side-by-side benchmarks against onnxruntime.quantization; results in reports/bench/.
 bench: install

@@ -15,7 +15,7 @@ PACKAGE = Path(quantkit.__file__).parent
 
 #: the flow, bottom to top: a module may import from its own layer or those below it
 LAYERS = [
-    {"errors", "_deps", "_io", "optypes", "model", "ranges", "trt_cache", "plan"},
+    {"errors", "_deps", "_io", "optypes", "model", "ranges", "trt_cache", "plan", "demo"},
     {"data"},
     {"options"},
     {"backends"},

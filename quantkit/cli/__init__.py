@@ -30,6 +30,7 @@ COMMANDS = {
     "tune": ("tune", "find the fewest nodes to keep in FP16/FP32 so that INT8 meets an accuracy target; writes a precision plan"),
     "build": ("build", "build a TensorRT engine (10.x/11.x) or an optimized onnxruntime model"),
     "doctor": ("doctor", "what is available here: onnxruntime providers, TensorRT, CUDA devices"),
+    "demo": ("demo", "run the bundled demo end to end (calibrate, quantize, fp16, eval) into --out"),
 }
 
 

@@ -1,6 +1,6 @@
+import html
 import json
 import math
-import html
 import re
 import shutil
 import subprocess
@@ -135,9 +135,11 @@ def test_html_report_opens_in_a_real_browser(demo_report, tmp_path):
     # the same page with a probe that measures, as laid out by the browser, every chart's text boxes
     probe = """<script>window.onload = () => { const found = [];
       document.querySelectorAll("svg").forEach((svg, k) => {
-        const boxes = [...svg.querySelectorAll("text")].filter(t => t.textContent.trim()).map(t => [t.textContent, t.getBoundingClientRect()]);
+        const texts = [...svg.querySelectorAll("text")].filter(t => t.textContent.trim());
+        const boxes = texts.map(t => [t.textContent, t.getBoundingClientRect()]);
         boxes.forEach(([a, r], i) => boxes.slice(i + 1).forEach(([b, q]) => {
-          if (r.left < q.right - 1 && q.left < r.right - 1 && r.top < q.bottom - 1 && q.top < r.bottom - 1) found.push(k + ":" + a + "|" + b);
+          const apart = r.right - 1 <= q.left || q.right - 1 <= r.left || r.bottom - 1 <= q.top || q.bottom - 1 <= r.top;
+          if (!apart) found.push(k + ":" + a + "|" + b);
         }));
       });
       document.body.setAttribute("data-overlaps", JSON.stringify(found)); };</script>"""
