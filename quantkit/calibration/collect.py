@@ -195,7 +195,7 @@ def collect_statistics(
 class SourceSpec:
     """How to open the calibration data again: a worker process opens its own copy."""
 
-    data: str
+    data: Any  # a path or hf: name (what workers can reopen), or a Python iterable / dataset (this process only)
     preprocess: PreprocessSpec | None = None
     input_name: str | None = None
     shuffle: bool = True

@@ -110,7 +110,7 @@ class CalibrationResult:
 
 def calibrate(
     model: str | Path | ModelInfo,
-    data: str | Path,
+    data: str | Path | Any,
     options: CalibrationOptions | None = None,
     *,
     data_options: DataOptions | None = None,
@@ -121,6 +121,9 @@ def calibrate(
     **legacy: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data``; write ranges.json and the caches to ``out`` if given.
+
+    ``data``: a path (image folder, table, arrays, saved Hugging Face dataset), ``hf:NAME[:split]``,
+    a ``datasets.Dataset``, or any iterable of ``{input_name: array}`` dicts, a generator included.
 
     ``collector`` chooses where the model runs (default: this process). The keyword arguments of
     earlier versions (``methods=``, ``num_samples=``, ``batch_size=``, ``preprocess=``, ...) are
@@ -136,7 +139,8 @@ def calibrate(
     with timer.step("load model"):
         info = model if isinstance(model, ModelInfo) else load_model(model)
     spec = data_options.preprocess or PreprocessSpec()
-    source_spec = SourceSpec(str(data), spec, data_options.input_name, data_options.shuffle, data_options.seed)
+    from_path = isinstance(data, (str, Path))
+    source_spec = SourceSpec(str(data) if from_path else data, spec, data_options.input_name, data_options.shuffle, data_options.seed)
     source = source_spec.open(info)
     tensors = select_calibration_tensors(info.proto, options.all_tensors)
     if not tensors:
@@ -159,7 +163,7 @@ def calibrate(
         bar.close()
     with timer.step("compute ranges"):
         calibration_info: dict[str, Any] = {
-            "data": str(data),
+            "data": str(data) if from_path else source.description,  # no object address: ranges.json is the same on repeat
             "bins": options.bins,
             "shuffle": data_options.shuffle,
             "seed": data_options.seed,

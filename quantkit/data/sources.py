@@ -11,6 +11,12 @@ Supported, chosen from the path:
   (memory-mapped), or a folder of them (``<input name>.npy`` files, or one ``.npz``/``.npy``
   per sample or per batch). Arrays with the model input's rank hold many samples along axis 0.
 
+- a Hugging Face dataset: a folder written by ``save_to_disk``, ``hf:NAME[:split]`` from the local
+  cache (offline), or a ``datasets.Dataset`` from Python, with columns named like the inputs or
+  an image column, as for tables;
+- from Python, any iterable of ``{input_name: array}`` dicts (a generator works), with an
+  optional ``"label"`` key.
+
 Nothing holds the whole data set in memory; only the current sample is decoded.
 """
 
@@ -164,39 +170,68 @@ class TableSource:
             features = ds.features or {}
         except Exception as exc:  # noqa: BLE001
             raise QuantkitError(f"cannot read {self.description}: {exc}") from None
-        columns = list(features) if features else None
-        if columns is None:  # streaming CSV/JSON readers know their columns only from a row
-            first = next(iter(ds), None)
-            columns = list(first) if first is not None else None
-        image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
-        if image_column is None and columns:
-            image_column = next((c for c in IMAGE_COLUMN_NAMES if c in columns and c not in {i.name for i in self.model.inputs}), None)
-        if image_column is not None and isinstance(features.get(image_column), datasets.Image):
-            ds = ds.cast_column(image_column, datasets.Image(decode=False))
-        label_column = self.label_column or (next((c for c in LABEL_COLUMN_NAMES if c in columns), None) if columns else None)
-        image_input = preprocess = None
-        if image_column is not None:
-            image_input = _single_image_input(self.model, self.input_name, self.description)
-            preprocess = self.preprocess_base.resolved(image_input)
-        wanted = [i for i in self.model.inputs if image_input is None or i.name != image_input.name]
-        if columns is not None:
-            missing = [i.name for i in wanted if i.name not in columns]
-            if missing:
-                raise QuantkitError(
-                    f"{self.description} has no column for model input(s) {', '.join(missing)} (columns: {', '.join(columns)}); "
-                    "name the columns after the inputs, or give an image column"
-                )
         base = self.files[0] if len(self.files) == 1 else self.files[0].parent
-        for row_no, row in enumerate(ds):
-            sample_id = f"{base} row {row_no}"
-            feeds: dict[str, np.ndarray] = {}
-            if image_input is not None and preprocess is not None:
-                feeds[image_input.name] = preprocess.apply(_decode_image(row[image_column], sample_id, self.files[0].parent))
-            for spec in wanted:
-                if spec.name not in row:
-                    raise QuantkitError(f"{sample_id} has no value for model input '{spec.name}'")
-                feeds[spec.name] = _row_array(row[spec.name], spec, sample_id)
-            yield Sample(sample_id, feeds, row.get(label_column) if label_column else None)
+        yield from _dataset_samples(
+            ds,
+            features,
+            self.model,
+            self.preprocess_base,
+            self.input_name,
+            self.label_column,
+            self.description,
+            str(base),
+            self.files[0].parent,
+        )
+
+
+def _dataset_samples(
+    ds: Any,
+    features: Any,
+    model: ModelInfo,
+    preprocess_base: PreprocessSpec,
+    input_name: str | None,
+    label_column: str | None,
+    description: str,
+    base: str,
+    root: Path | None,
+) -> Iterator[Sample]:
+    """Samples from the rows of a ``datasets`` dataset: columns named like the model's inputs hold
+    their arrays, or an image column feeds the single image input through the preprocessing."""
+    import datasets
+
+    features = features or {}
+    columns = list(features) if features else None
+    if columns is None:  # streaming CSV/JSON readers know their columns only from a row
+        first = next(iter(ds), None)
+        columns = list(first) if first is not None else None
+    image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+    if image_column is None and columns:
+        image_column = next((c for c in IMAGE_COLUMN_NAMES if c in columns and c not in {i.name for i in model.inputs}), None)
+    if image_column is not None and isinstance(features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    label_column = label_column or (next((c for c in LABEL_COLUMN_NAMES if c in columns), None) if columns else None)
+    image_input = preprocess = None
+    if image_column is not None:
+        image_input = _single_image_input(model, input_name, description)
+        preprocess = preprocess_base.resolved(image_input)
+    wanted = [i for i in model.inputs if image_input is None or i.name != image_input.name]
+    if columns is not None:
+        missing = [i.name for i in wanted if i.name not in columns]
+        if missing:
+            raise QuantkitError(
+                f"{description} has no column for model input(s) {', '.join(missing)} (columns: {', '.join(columns)}); "
+                "name the columns after the inputs, or give an image column"
+            )
+    for row_no, row in enumerate(ds):
+        sample_id = f"{base} row {row_no}"
+        feeds: dict[str, np.ndarray] = {}
+        if image_input is not None and preprocess is not None:
+            feeds[image_input.name] = preprocess.apply(_decode_image(row[image_column], sample_id, root))
+        for spec in wanted:
+            if spec.name not in row:
+                raise QuantkitError(f"{sample_id} has no value for model input '{spec.name}'")
+            feeds[spec.name] = _row_array(row[spec.name], spec, sample_id)
+        yield Sample(sample_id, feeds, row.get(label_column) if label_column else None)
 
 
 def _row_array(value: Any, spec: InputSpec, sample_id: str) -> np.ndarray:
@@ -266,38 +301,143 @@ class ArraySource:
                 arrays[f.stem] = np.load(f, mmap_mode="r", allow_pickle=False)
             except Exception as exc:  # noqa: BLE001
                 raise QuantkitError(f"cannot read {f} as NumPy data ({type(exc).__name__}: {exc})") from None
-        yield from self._split(arrays, str(self.path))
+        yield from split_arrays(self.model, arrays, str(self.path))
 
     def _iter_file(self, f: Path) -> Iterator[Sample]:
-        yield from self._split(self._load(f), str(f))
+        yield from split_arrays(self.model, self._load(f), str(f))
 
-    def _split(self, arrays: dict[str, np.ndarray], where: str) -> Iterator[Sample]:
-        missing = [i.name for i in self.model.inputs if i.name not in arrays]
-        if missing:
-            raise QuantkitError(f"{where} has no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays) or 'none'})")
-        batched = {}
-        for spec in self.model.inputs:
-            arr = arrays[spec.name]
-            if arr.ndim == len(spec.shape):
-                batched[spec.name] = True
-            elif arr.ndim == len(spec.shape) - 1:
-                batched[spec.name] = False
-            else:
+
+def split_arrays(model: ModelInfo, arrays: dict[str, Any], where: str, label: Any = None) -> Iterator[Sample]:
+    """Samples from arrays keyed by input name, each holding one sample or many along axis 0."""
+    missing = [i.name for i in model.inputs if i.name not in arrays]
+    if missing:
+        raise QuantkitError(f"{where} has no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays) or 'none'})")
+    batched = {}
+    for spec in model.inputs:
+        arr = arrays[spec.name]
+        if arr.ndim == len(spec.shape):
+            batched[spec.name] = True
+        elif arr.ndim == len(spec.shape) - 1:
+            batched[spec.name] = False
+        else:
+            raise QuantkitError(
+                f"{where}: array '{spec.name}' has shape {arr.shape} but model input {spec.describe()} needs rank "
+                f"{len(spec.shape)} (many samples) or {len(spec.shape) - 1} (one sample)"
+            )
+    counts = {arrays[n].shape[0] for n, b in batched.items() if b}
+    if len(counts) > 1:
+        raise QuantkitError(f"{where}: arrays hold different numbers of samples ({sorted(counts)})")
+    n = counts.pop() if counts else 1
+    for k in range(n):
+        feeds = {name: np.asarray(arrays[name][k] if batched[name] else arrays[name]) for name in batched}
+        labels = label if label is None or not any(batched.values()) or np.ndim(label) == 0 else label[k]
+        yield Sample(f"{where}[{k}]" if any(batched.values()) else where, feeds, labels)
+
+
+class DatasetSource:
+    """A ``datasets.Dataset`` / ``IterableDataset``: one saved with ``save_to_disk``, one in the
+    local Hugging Face cache (``hf:NAME[:split]``, offline), or one passed from Python."""
+
+    def __init__(
+        self, ds: Any, description: str, model: ModelInfo, preprocess: PreprocessSpec, input_name: str | None, label_column: str | None
+    ) -> None:
+        self.ds, self.description, self.model = ds, description, model
+        self.preprocess_base, self.input_name, self.label_column = preprocess, input_name, label_column
+        self.size: int | None = len(ds) if hasattr(ds, "__len__") else None
+
+    def __iter__(self) -> Iterator[Sample]:
+        yield from _dataset_samples(
+            self.ds, getattr(self.ds, "features", None), self.model, self.preprocess_base, self.input_name, self.label_column,
+            self.description, self.description, None,
+        )  # fmt: skip
+
+
+class IterableSource:
+    """Any Python iterable of ``{input_name: array}`` dicts (one sample each, or many along axis 0;
+    a ``"label"`` key gives labels), e.g. a generator."""
+
+    REPLAYED = 64  # samples of a generator's first, partial pass (a peek at the first batch) kept for the next
+
+    def __init__(self, items: Any, model: ModelInfo) -> None:
+        self.items, self.model = items, model
+        self.size: int | None = len(items) if hasattr(items, "__len__") else None
+        self.description = f"Python {type(items).__name__}"
+        self._stream: Iterator[Sample] | None = None
+        self._taken: list[Sample] = []
+        self._passes = 0
+        self._exhausted = False
+
+    def __iter__(self) -> Iterator[Sample]:
+        if iter(self.items) is not self.items:  # a list, or anything that iterates afresh
+            yield from self._samples()
+            return
+        # a generator runs once: what an earlier pass peeked at is replayed, the rest streams on
+        if self._exhausted:
+            raise QuantkitError(f"the {self.description} was already read to its end; pass a list, or a new generator")
+        self._passes += 1
+        first_pass = self._passes == 1
+        if self._stream is None:
+            self._stream = self._samples()
+        yield from list(self._taken)
+        for sample in self._stream:
+            if first_pass and len(self._taken) < self.REPLAYED:
+                self._taken.append(sample)
+            elif first_pass:
+                self._taken.clear()  # read past the replay window: a full pass, nothing to replay
+                first_pass = False
+            yield sample
+        self._exhausted = True
+
+    def _samples(self) -> Iterator[Sample]:
+        names = {i.name for i in self.model.inputs}
+        for k, item in enumerate(self.items):
+            if not isinstance(item, dict):
                 raise QuantkitError(
-                    f"{where}: array '{spec.name}' has shape {arr.shape} but model input {spec.describe()} needs rank "
-                    f"{len(spec.shape)} (many samples) or {len(spec.shape) - 1} (one sample)"
+                    f"item {k} of the {self.description} is a {type(item).__name__}: give dicts of {{input name: array}} "
+                    f"(inputs: {', '.join(sorted(names))})"
                 )
-        counts = {arrays[n].shape[0] for n, b in batched.items() if b}
-        if len(counts) > 1:
-            raise QuantkitError(f"{where}: arrays hold different numbers of samples ({sorted(counts)})")
-        n = counts.pop() if counts else 1
-        for k in range(n):
-            feeds = {name: np.asarray(arrays[name][k] if batched[name] else arrays[name]) for name in batched}
-            yield Sample(f"{where}[{k}]" if any(batched.values()) else where, feeds)
+            arrays = {n: v for n, v in item.items() if n in names}
+            unknown = sorted(set(item) - names - {"label"})
+            if unknown:
+                raise QuantkitError(f"item {k} of the {self.description} has key(s) {', '.join(unknown)} that name no model input")
+            yield from split_arrays(self.model, arrays, f"item {k}", item.get("label"))
+
+
+def _hf_dataset(spec: str) -> tuple[Any, str]:
+    """``hf:NAME[:split]`` from the local Hugging Face cache, never the network."""
+    _offline()
+    import datasets
+
+    name, _, split = spec[3:].partition(":")
+    if not name:
+        raise QuantkitError(f"{spec!r}: use hf:NAME or hf:NAME:split")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # noqa: BLE001 - offline: a dataset not in the cache fails here
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise QuantkitError(
+            f"{spec}: not in the local Hugging Face cache ({first}); quantkit never downloads: "
+            "load it once with datasets.load_dataset, or save it with save_to_disk and pass the folder"
+        ) from None
+    return ds, f"Hugging Face dataset {name} ({split or 'train'})"
+
+
+def _saved_dataset(path: Path) -> tuple[Any, str]:
+    _offline()
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise QuantkitError(f"cannot read the saved dataset {path}: {type(exc).__name__}: {str(exc)[:160]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = "validation" if "validation" in ds else "train" if "train" in ds else next(iter(ds))
+        return ds[split], f"saved dataset {path} ({split})"
+    return ds, f"saved dataset {path}"
 
 
 def open_source(
-    path: str | Path,
+    path: str | Path | Any,
     model: ModelInfo,
     preprocess: PreprocessSpec | None = None,
     *,
@@ -305,10 +445,24 @@ def open_source(
     shuffle: bool = True,
     seed: int = 0,
     label_column: str | None = None,
-) -> ImageFolderSource | TableSource | ArraySource:
-    """Pick the source for ``path`` (see the module docstring); bad paths are clear errors."""
-    path = Path(path)
+) -> ImageFolderSource | TableSource | ArraySource | DatasetSource | IterableSource:
+    """Pick the source for ``path`` (see the module docstring); bad paths are clear errors.
+
+    ``path`` may also be ``hf:NAME[:split]``, a ``datasets.Dataset``, or any iterable of
+    ``{input_name: array}`` dicts.
+    """
     preprocess = preprocess or PreprocessSpec()
+    if not isinstance(path, (str, Path)):
+        if type(path).__module__.startswith("datasets"):
+            return DatasetSource(path, f"dataset {type(path).__name__}", model, preprocess, input_name, label_column)
+        if not hasattr(path, "__iter__"):
+            raise QuantkitError(f"data must be a path, a datasets.Dataset or an iterable of dicts, got {type(path).__name__}")
+        return IterableSource(path, model)
+    if isinstance(path, str) and path.startswith("hf:"):
+        return DatasetSource(*_hf_dataset(path), model, preprocess, input_name, label_column)
+    path = Path(path)
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return DatasetSource(*_saved_dataset(path), model, preprocess, input_name, label_column)
     if not path.exists():
         raise QuantkitError(f"data path not found: {path}")
     if path.is_file():

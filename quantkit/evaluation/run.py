@@ -81,7 +81,7 @@ def _collect(data: Sequence[Batch], session: Any) -> list[np.ndarray]:
 
 def evaluate(
     model: str | Path | ModelInfo,
-    data: str | Path,
+    data: str | Path | Any,
     options: EvalOptions | None = None,
     *,
     data_options: DataOptions | None = None,
@@ -94,7 +94,8 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate every variant on ``data`` against FP32 (see the module docstring).
 
-    ``calib`` or ``ranges_path`` give int8 variants their ranges. The old keywords
+    ``data`` is what ``calibrate`` takes (a path, ``hf:NAME``, a dataset or an iterable of
+    ``{input_name: array}`` dicts). ``calib`` or ``ranges_path`` give int8 variants their ranges. The old keywords
     (``variants=``, ``metrics=``, ``num_samples=``, ``runtime="ort-cpu"``, ...) still work.
     """
     runtime = RuntimeOptions(runtime) if isinstance(runtime, str) else runtime
@@ -208,7 +209,13 @@ def evaluate(
         runtime=runtime.runtime,
         providers=providers,
         hardware=hardware(),
-        data={"path": str(data), "samples": sum(len(b) for b in val), "calibration": str(calib or ranges_path or "")},
+        data={
+            "path": str(data) if isinstance(data, (str, Path)) else source.description,
+            "samples": sum(len(b) for b in val),
+            "calibration": str(calib or ranges_path or "")
+            if not callable(getattr(calib, "__iter__", None)) or isinstance(calib, (str, Path))
+            else type(calib).__name__,
+        },
         metric_names=[o.name for o in objectives],
         labelled=labelled,
         variants=results,

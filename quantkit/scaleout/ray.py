@@ -218,6 +218,12 @@ class RayCollector:
 
     def collect(self, model: ModelInfo, source: Any, request: CollectRequest) -> CalibrationStats:
         r = request
+        if not isinstance(r.spec.data, str):
+            raise QuantkitError(
+                "calibration on Ray workers needs data that each worker can open: a path or hf:NAME, not a Python "
+                f"{type(r.spec.data).__name__}; save it (e.g. datasets' save_to_disk, or .npy) or calibrate in one process",
+                option="workers",
+            )
         available = source.size if source.size is not None else sum(1 for _ in source)
         num_samples = r.num_samples
         if num_samples is not None and available < num_samples:
