@@ -24,7 +24,7 @@ test: install
 # The bundled demo end to end: calibrate with every method (ranges.json + TensorRT caches),
 # then the Q/DQ models (TensorRT and onnxruntime placements) and the FP16 model.
 demo: install
-	$(PY) -m quantkit demo --out $(DEMO_OUT)
+	$(PY) -m quantkit demo --out-dir $(DEMO_OUT)
 
 # Side-by-side benchmarks against onnxruntime.quantization; results in reports/bench/.
 bench: install

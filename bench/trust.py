@@ -90,7 +90,7 @@ def worker(kind: str, model: str, data: str, preprocess: str, out: str, extra: s
 
         pp = Path(out) / "preprocess.json"
         pp.write_text(preprocess)
-        code = main(["calibrate", model, "--data", data, "--preprocess-config", str(pp), "--method", extra, "--out", out, "--quiet"])
+        code = main(["calibrate", model, "--data", data, "--preprocess-config", str(pp), "--method", extra, "--out-dir", out, "--quiet"])
         assert code == 0
     elif kind.startswith("ort-"):
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static

@@ -8,6 +8,7 @@ so the final ``os.replace`` is atomic), and only renamed into place once complet
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -19,19 +20,39 @@ from typing import Any
 
 from quantkit.errors import QuantkitError
 
+#: quantkit's log: step timings and decisions (shown with -v, written in full with --log-file)
+log = logging.getLogger("quantkit")
+_written: list[list[Path]] = []  # stacks of files written while ``recording_writes`` is active
+
+
+@contextmanager
+def recording_writes() -> Iterator[list[Path]]:
+    """Collect the paths every atomic write completes inside the block (the CLI's --json lists them)."""
+    paths: list[Path] = []
+    _written.append(paths)
+    try:
+        yield paths
+    finally:  # by identity: nested recordings (quantkit demo runs commands) may hold equal lists
+        del _written[next(i for i, p in enumerate(_written) if p is paths)]
+
+
+def _record(*paths: Path) -> None:
+    for stack in _written:
+        stack.extend(p for p in paths if p not in stack)
+
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and prove it is writable, before any long work starts."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise QuantkitError(f"output directory {out} is an existing file; choose a directory", option="out")
+        raise QuantkitError(f"output directory {out} is an existing file; choose a directory", option="out_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".quantkit-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise QuantkitError(f"output directory {out} is not writable ({exc.strerror or exc}); choose another --out") from None
+        raise QuantkitError(f"output directory {out} is not writable ({exc.strerror or exc}); choose another --out-dir") from None
     return out
 
 
@@ -76,6 +97,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         _public_mode(tmp_path)
         os.replace(tmp_path, dest)
+        _record(dest)
     finally:  # also on KeyboardInterrupt: never leave the temporary file behind
         if tmp_path.exists():
             tmp_path.unlink()
@@ -139,6 +161,7 @@ def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
         with _signals_deferred():  # the renames take microseconds: Ctrl-C or SIGTERM waits for all of them
             for tmp, dest in staged:
                 os.replace(tmp, dest)
+        _record(*files)
     finally:
         for tmp, _ in staged:
             if tmp.exists():
@@ -216,5 +239,6 @@ class StepTimer:
             yield
         finally:
             self.times[name] = time.perf_counter() - start
-            if interactive(self.quiet):
+            log.info("%s: %.2f s", name, self.times[name])
+            if interactive(self.quiet) and not log.isEnabledFor(logging.INFO):
                 print(f"  {name}: {self.times[name]:.2f} s", file=sys.stderr)

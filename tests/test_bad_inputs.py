@@ -21,7 +21,7 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     model = save(conv_model(), root / "m.onnx")
     np.save(root / "x.npy", np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32))
-    assert main(["calibrate", str(model), "--data", str(root / "x.npy"), "--method", "all", "--out", str(root / "cal"), "--quiet"]) == 0
+    assert main(["calibrate", str(model), "--data", str(root / "x.npy"), "--method", "all", "--out-dir", str(root / "cal"), "--quiet"]) == 0
     shutil.copy(DEMO_MODEL, root / "demo.onnx")
     return root
 
@@ -90,8 +90,8 @@ def case_table(work):
         "cache output folder missing": ["cache", "--from-ranges", rng, "-o", str(work / "nope" / "a.cache")],
         "build output folder missing": ["build", m, "--runtime", "ort-cpu", "-o", str(work / "nope" / "a.onnx")],
         "-o is a directory": ["quantize", m, "--ranges", rng, "-o", str(work / "adir")],
-        "eval --report is a file": ["eval", m, "--data", x, "--variants", "fp32", "--no-latency", "--report", str(existing_file)],
-        "calibrate --out is a file": ["calibrate", m, "--data", x, "--out", str(existing_file)],
+        "eval --report is a file": ["eval", m, "--data", x, "--variants", "fp32", "--no-latency", "--out-dir", str(existing_file)],
+        "calibrate --out is a file": ["calibrate", m, "--data", x, "--out-dir", str(existing_file)],
         # bad amax in ranges.json
         "amax NaN": ["quantize", m, "--ranges", str(amax(float("nan"))), "-o", out],
         "amax negative": ["quantize", m, "--ranges", str(amax(-1.0)), "-o", out],
@@ -112,12 +112,12 @@ def case_table(work):
         "cache with a negative scale": ["quantize", m, "--from-cache", str(neg_cache), "-o", out],
         "cache of another model": ["quantize", m, "--from-cache", str(other_cache), "-o", out],
         "cache path is a directory": ["quantize", m, "--from-cache", str(work / "adir"), "-o", out],
-        "trt-version with non-ASCII digits": ["calibrate", m, "--data", x, "--trt-version", "１０.1", "--out", str(work / "o1")],
+        "trt-version with non-ASCII digits": ["calibrate", m, "--data", x, "--trt-version", "１０.1", "--out-dir", str(work / "o1")],
         # preprocessing configs
         **{
             f"preprocess {k}": [
                 "calibrate", str(work / "demo.onnx"), "--data", str(DEMO_CALIB), "--preprocess-config", str(f),
-                "--out", str(work / f"o_{k}"),
+                "--out-dir", str(work / f"o_{k}"),
             ]
             for k, f in pp_files.items()
         },
@@ -125,17 +125,17 @@ def case_table(work):
         "plan with integer node keys (JSON)": ["quantize", m, "--ranges", rng, "--plan", str(plan_int), "-o", out],
         "plan with integer node keys (YAML)": ["quantize", m, "--ranges", rng, "--plan", str(plan_yaml_int), "-o", out],
         # numbers and data
-        "--seed -1": ["calibrate", m, "--data", x, "--seed", "-1", "--out", str(work / "o2")],
-        "--num-bins huge": ["calibrate", m, "--data", x, "--num-bins", "1073741824", "--out", str(work / "o3")],
-        "--max-memory nonsense": ["calibrate", m, "--data", x, "--max-memory", "lots", "--out", str(work / "o4")],
-        "a corrupt .npy in a data folder": ["calibrate", m, "--data", str(data_dir), "--out", str(work / "o5")],
-        "an object-dtype .npy in a data folder": ["calibrate", m, "--data", str(obj_dir), "--out", str(work / "o6")],
-        "eval --variants ,": ["eval", m, "--data", x, "--variants", ",", "--no-latency", "--report", str(work / "r1")],
+        "--seed -1": ["calibrate", m, "--data", x, "--seed", "-1", "--out-dir", str(work / "o2")],
+        "--num-bins huge": ["calibrate", m, "--data", x, "--num-bins", "1073741824", "--out-dir", str(work / "o3")],
+        "--max-memory nonsense": ["calibrate", m, "--data", x, "--max-memory", "lots", "--out-dir", str(work / "o4")],
+        "a corrupt .npy in a data folder": ["calibrate", m, "--data", str(data_dir), "--out-dir", str(work / "o5")],
+        "an object-dtype .npy in a data folder": ["calibrate", m, "--data", str(obj_dir), "--out-dir", str(work / "o6")],
+        "eval --variants ,": ["eval", m, "--data", x, "--variants", ",", "--no-latency", "--out-dir", str(work / "r1")],
         "eval --slice out of range": [
-            "eval", m, "--data", x, "--variants", "fp32,fp16", "--no-latency", "--slice", "y:7:0-4", "--report", str(work / "r2"),
+            "eval", m, "--data", x, "--variants", "fp32,fp16", "--no-latency", "--slice", "y:7:0-4", "--out-dir", str(work / "r2"),
         ],
         "eval --labels file missing": [
-            "eval", m, "--data", x, "--labels", str(work / "nolabels.csv"), "--no-latency", "--report", str(work / "r3"),
+            "eval", m, "--data", x, "--labels", str(work / "nolabels.csv"), "--no-latency", "--out-dir", str(work / "r3"),
         ],
         "fidelity check on no samples": ["quantize", m, "--ranges", rng, "--check-samples", "0", "-o", out],
         "fidelity threshold NaN": ["quantize", m, "--ranges", rng, "--min-sqnr", "nan", "-o", out],

@@ -71,6 +71,15 @@ def has_signed_activation_qdq(model: onnx.ModelProto) -> bool:
     return False
 
 
+#: intra-op threads of sessions that are not given any (the CLI's --threads sets it for every command)
+_default_threads: int | None = None
+
+
+def set_default_threads(threads: int | None) -> None:
+    global _default_threads
+    _default_threads = threads
+
+
 def make_session(
     model: onnx.ModelProto | bytes | str | Path,
     providers: Sequence[str] | None = None,
@@ -110,6 +119,7 @@ def make_session(
         options.enable_cpu_mem_arena = False
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    threads = threads or _default_threads
     if threads:
         options.intra_op_num_threads = threads
     if optimization is not None:

@@ -56,6 +56,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         if chosen == name:
             importlib.import_module(f"quantkit.cli.{module}").add_arguments(p)
+            from quantkit.cli.args import add_common_args
+
+            add_common_args(p)
     return parser
 
 

@@ -22,6 +22,57 @@ T = TypeVar("T")
 PREPROCESS_FLAGS = ("resize", "center_crop", "scale", "mean", "std", "color", "layout", "dtype")
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old flag kept for one version: it sets the new flag's value and says so on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        print(f"{parser.prog}: warning: {option} is deprecated, use {self.new} (the old name goes in quantkit 0.3)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every command has (the one CLI convention; see the README's "Command line")."""
+    group = parser.add_argument_group("every command")
+    group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress, no summary)")
+    group.add_argument("-v", "--verbose", action="store_true", help="log each step and its time on stderr")
+    group.add_argument("--log-file", help="also write the full log (debug level, with times) to this file")
+    group.add_argument("--json", action="store_true", help="print one machine-readable JSON document on stdout instead of the summary")
+    group.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: all cores)")
+
+
+def add_out_dir(parser: argparse.ArgumentParser, help: str, *, old: tuple[str, ...] = ("--out",), default: str | None = None) -> None:
+    """``--out-dir`` for a command that writes a folder (``-o/--output`` is for one file); ``old``
+    names stay as deprecated aliases for one version."""
+    parser.add_argument("--out-dir", default=default, help=help + ("" if default is None else f" (default {default})"))
+    for name in old:
+        parser.add_argument(name, dest="out_dir", action=DeprecatedAlias, new="--out-dir")
+
+
+def out_dir(args: argparse.Namespace) -> str:
+    """The output folder, which every folder-writing command needs (``--out-dir``, or an old alias)."""
+    if not args.out_dir:
+        raise QuantkitError("the output folder is missing: give --out-dir DIR")
+    return str(args.out_dir)
+
+
+def add_data_arg(parser: argparse.ArgumentParser, help: str, *, old: tuple[str, ...] = (), required: bool = True) -> None:
+    """``--data`` for the inputs of every command (required checked in ``data_path``)."""
+    parser.add_argument("--data", help=help)
+    for name in old:
+        parser.add_argument(name, dest="data", action=DeprecatedAlias, new="--data")
+    parser.set_defaults(data_required=required)
+
+
+def data_path(args: argparse.Namespace) -> str:
+    if not args.data:
+        raise QuantkitError("the input data is missing: give --data (a folder, a table, arrays, a saved dataset or hf:NAME)")
+    return str(args.data)
+
+
 def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image preprocessing (flags override --preprocess-config)")
     group.add_argument("--preprocess-config", metavar="FILE", help="JSON or YAML file with the keys below")

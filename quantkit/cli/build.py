@@ -38,7 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", type=int, help="workspace memory pool in MiB")
     p.add_argument("--timing-cache", help="timing cache file, read and updated")
     p.add_argument("-o", "--output", required=True, help="engine file (TensorRT) or optimized .onnx (onnxruntime)")
-    p.add_argument("--quiet", action="store_true")
 
 
 def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers: list[str]) -> list[str]:

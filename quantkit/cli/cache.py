@@ -21,7 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt-version", default=DEFAULT_TRT_VERSION)
     p.add_argument("--cache-algorithm", default=DEFAULT_ALGORITHM, choices=ALGORITHMS)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--quiet", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,16 +7,24 @@ import argparse
 from quantkit.api import calibrate
 from quantkit.calibration.methods import METHOD_NAMES
 from quantkit.calibration.pipeline import summary_table
-from quantkit.cli.args import add_preprocess_args, add_scale_out_args, data_options_from_args, options_from_args, scale_out_from_args
+from quantkit.cli.args import (
+    add_out_dir,
+    add_preprocess_args,
+    add_scale_out_args,
+    data_options_from_args,
+    options_from_args,
+    out_dir,
+    scale_out_from_args,
+)
 from quantkit.options import DEFAULT_MAX_MEMORY, CalibrationOptions, RuntimeOptions, parse_size
 from quantkit.trt_cache import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = "Run MODEL over calibration data and write ranges.json and <model>.<method>.cache into --out."
+    p.description = "Run MODEL over calibration data and write ranges.json and <model>.<method>.cache into --out-dir."
     p.add_argument("model", help="FP32 ONNX model")
     p.add_argument("--data", required=True, help="image folder, .parquet/.arrow/.csv/.jsonl table, or .npy/.npz arrays (file or folder)")
-    p.add_argument("--out", required=True, help="output directory")
+    add_out_dir(p, "output folder: ranges.json and the caches")
     p.add_argument("--method", default="entropy", help=f"{', '.join(METHOD_NAMES)}, a comma list, or all (default: entropy)")
     p.add_argument("--num-samples", type=int, help="stop after N samples (default: all)")
     p.add_argument("--batch-size", type=int, help="samples per batch (default: the largest that fits --max-memory)")
@@ -38,8 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--trt-version", default=DEFAULT_TRT_VERSION, help=f"TensorRT version stamped in the cache header (default {DEFAULT_TRT_VERSION})"
     )
     p.add_argument("--cache-algorithm", default=DEFAULT_ALGORITHM, choices=ALGORITHMS, help="calibrator name in the cache header")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_scale_out_args(p)
     add_preprocess_args(p)
 
@@ -53,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
         data_options=data_options_from_args(args),
         runtime=RuntimeOptions(threads=args.threads),
         scale_out=scale_out_from_args(args),
-        out=args.out,
+        out=out_dir(args),
         quiet=args.quiet,
     )
+    args.result = {"data": result.data_description, "tensors": len(result.ranges.tensors), "methods": list(result.ranges.methods),
+                   "calibration": result.ranges.calibration, "timings_s": result.timings}  # fmt: skip
     if not args.quiet:
         print(summary_table(result))
     return 0

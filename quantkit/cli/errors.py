@@ -8,15 +8,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import json
+import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+from quantkit._io import log, recording_writes
 from quantkit.errors import QuantkitError
 
 #: API parameter -> the flag the CLI shows for it (where the names differ beyond - and _)
-FLAG_OF = {"bins": "--num-bins", "methods": "--method", "address": "--ray-address"}
+FLAG_OF = {"bins": "--num-bins", "methods": "--method", "address": "--ray-address", "out": "--out-dir"}
 
 
 def flag_for(option: str) -> str:
@@ -30,18 +36,73 @@ def message(exc: QuantkitError) -> str:
     return text
 
 
+def _print_json(command: str, code: int, written: list, result: Any, text: str, error: str | None = None) -> None:
+    """The --json document: what ran, how it ended, the files it wrote, its result, its messages."""
+    doc = {
+        "command": command,
+        "exit_code": code,
+        "error": error,
+        "outputs": [str(p) for p in written],
+        "result": result,
+        "messages": [line for line in text.splitlines() if line.strip()],
+    }
+    print(json.dumps(doc, indent=1, default=str, allow_nan=False))
+
+
+@contextlib.contextmanager
+def _logging(args: Any) -> Iterator[None]:
+    """-v: quantkit's log on stderr; --log-file: all of it, with times, in a file; --threads: every session."""
+    from quantkit.backends.ort import set_default_threads
+
+    handlers: list[logging.Handler] = []
+    if getattr(args, "verbose", False):
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[-1].setLevel(logging.INFO)
+        handlers[-1].setFormatter(logging.Formatter("quantkit: %(message)s"))
+    if getattr(args, "log_file", None):
+        handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
+        handlers[-1].setLevel(logging.DEBUG)
+        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for h in handlers:
+        log.addHandler(h)
+    previous = log.level
+    if handlers:
+        log.setLevel(logging.DEBUG)
+        log.debug("quantkit %s: %s", args.command, " ".join(sys.argv[1:]))
+    set_default_threads(getattr(args, "threads", None))
+    try:
+        yield
+    finally:
+        set_default_threads(None)
+        log.setLevel(previous)
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
 def run_guarded(argv: Sequence[str]) -> int:
     command = "quantkit"
+    as_json = "--json" in argv
     debug = "--debug" in argv
     try:
         from quantkit.cli import COMMANDS, build_parser
 
         args = build_parser(argv).parse_args(argv)
         command = f"quantkit {args.command}"
+        as_json = bool(getattr(args, "json", False))
         module = importlib.import_module(f"quantkit.cli.{COMMANDS[args.command][0]}")
-        return int(module.run(args) or 0)
+        with _logging(args), recording_writes() as written:
+            if not as_json:
+                return int(module.run(args) or 0)
+            captured = io.StringIO()
+            with contextlib.redirect_stdout(captured):
+                code = int(module.run(args) or 0)
+            _print_json(args.command, code, written, getattr(args, "result", None), captured.getvalue())
+            return code
     except QuantkitError as exc:
         print(f"{command}: error: {message(exc)}", file=sys.stderr)
+        if as_json:
+            _print_json(command.removeprefix("quantkit "), exc.exit_code, [], None, "", error=message(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{command}: interrupted; no output was written", file=sys.stderr)

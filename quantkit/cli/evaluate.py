@@ -6,11 +6,11 @@ import argparse
 
 from quantkit._io import ensure_writable_dir
 from quantkit.backends.ort import RUNTIMES
-from quantkit.cli.args import add_objective_args, add_preprocess_args, data_options_from_args, options_from_args
+from quantkit.cli.args import add_objective_args, add_out_dir, add_preprocess_args, data_options_from_args, options_from_args, out_dir
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.run import evaluate
 from quantkit.options import DEFAULT_VARIANTS, EvalOptions, RuntimeOptions
-from quantkit.report.eval import to_markdown, write_report
+from quantkit.report.eval import to_json, to_markdown, write_report
 
 
 def _slices(specs: list[str] | None) -> dict[str, list[tuple[int, int, int]]] | None:
@@ -49,13 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop", type=float, help="flag variants losing more than this many points of the first metric")
     p.add_argument("--slice", action="append", help="check fidelity per slice: OUTPUT:AXIS:START-STOP[,...] (repeatable)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
-    p.add_argument("--report", required=True, help="output directory, e.g. reports/mymodel")
-    p.add_argument("--quiet", action="store_true")
+    add_out_dir(p, "output folder of report.json/.md/.html, e.g. reports/mymodel", old=("--report", "--out"))
     add_preprocess_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    ensure_writable_dir(args.report)  # before the long work: an existing file or a read-only folder fails now
+    ensure_writable_dir(out_dir(args))  # before the long work: an existing file or a read-only folder fails now
     options = options_from_args(
         EvalOptions,
         args,
@@ -74,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         ranges_path=args.ranges,
         quiet=args.quiet,
     )
-    files = write_report(result, args.report)
+    files = write_report(result, out_dir(args))
+    args.result = to_json(result)
     if not args.quiet:
         print(f"objective: {result.objective}")
         print(to_markdown(result).split("## Per-output fidelity")[0].rstrip())

@@ -28,7 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, help="with --data: samples of the min/max pass (default: all)")
     p.add_argument("--keep-op-types", default="", help="comma list of op types to keep in float32, e.g. Softmax,LayerNormalization")
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
-    p.add_argument("--quiet", action="store_true")
     add_check_args(p)
 
 

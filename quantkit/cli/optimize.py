@@ -25,7 +25,6 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
-    p.add_argument("--quiet", action="store_true")
     add_check_args(p)
 
 

@@ -38,7 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--trt-version", help="with --from-cache: warn when the cache was written for another TensorRT version")
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
-    p.add_argument("--quiet", action="store_true")
     add_check_args(p)
 
 

@@ -6,7 +6,7 @@ import argparse
 
 from quantkit import api
 from quantkit._io import ensure_writable_dir, write_files_atomic
-from quantkit.cli.args import scale_out_from_args
+from quantkit.cli.args import out_dir, scale_out_from_args
 from quantkit.cli.tuning_args import add_tuning_arguments, tuning_inputs
 from quantkit.report.tune import sensitivity_files
 
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = ensure_writable_dir(args.out)
+    out = ensure_writable_dir(out_dir(args))
     model, ranges, evaluator, export = tuning_inputs(args)
     result = api.analyze(model, ranges, evaluator, export, scale_out=scale_out_from_args(args), quiet=args.quiet)
     files = write_files_atomic(sensitivity_files(out, result))

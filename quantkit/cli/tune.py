@@ -7,7 +7,7 @@ import sys
 
 from quantkit import api
 from quantkit._io import ensure_writable_dir, write_files_atomic
-from quantkit.cli.args import options_from_args, scale_out_from_args
+from quantkit.cli.args import options_from_args, out_dir, scale_out_from_args
 from quantkit.cli.tuning_args import add_tuning_arguments, tuning_inputs
 from quantkit.evaluation.check import FidelityError
 from quantkit.options import TuneOptions
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(TuneOptions, args)
-    out = ensure_writable_dir(args.out)
+    out = ensure_writable_dir(out_dir(args))
     model, ranges, evaluator, export = tuning_inputs(args)
     tuned = api.tune(model, ranges, evaluator, out, options, export=export, scale_out=scale_out_from_args(args), quiet=args.quiet)
     files = dict(tune_files(out, tuned, evaluator))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from quantkit.cli.args import add_objective_args, add_preprocess_args, add_scale_out_args, data_options_from_args
+from quantkit.cli.args import (
+    add_data_arg,
+    add_objective_args,
+    add_out_dir,
+    add_preprocess_args,
+    add_scale_out_args,
+    data_options_from_args,
+    data_path,
+)
 from quantkit.model import ModelInfo
 from quantkit.options import TARGETS, ExportOptions
 from quantkit.ranges import RangeSet
@@ -16,7 +24,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("model", help="FP32 ONNX model")
     p.add_argument("--calib", help="calibration data (or --ranges)")
     p.add_argument("--ranges", help="ranges.json from quantkit calibrate")
-    p.add_argument("--val", required=True, help="validation data; labels (a label column, npz key or folder names) give the task metric")
+    add_data_arg(p, "validation data; labels (a label column, npz key or folder names) give the task metric", old=("--val",))
     p.add_argument("--method", default="entropy", help="calibration method whose ranges are used (default entropy)")
     p.add_argument("--target", choices=TARGETS, default="tensorrt", help="Q/DQ placement (default tensorrt)")
     add_objective_args(p, several=False)
@@ -24,8 +32,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
     p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
     p.add_argument("--batch-size", type=int, help="validation batch (default 32; calibration picks its own from memory)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--quiet", action="store_true")
+    add_out_dir(p, "output folder")
     if tune:
         p.add_argument(
             "--max-drop",
@@ -52,7 +59,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
 def tuning_inputs(args: argparse.Namespace) -> tuple[ModelInfo, RangeSet, Evaluator, ExportOptions]:
     model, ranges, evaluator = prepare(
         args.model,
-        args.val,
+        data_path(args),
         calib=args.calib,
         ranges_path=args.ranges,
         method=args.method,

@@ -28,7 +28,7 @@ def files_in(path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["calibrate", *DEMO_ARGS, "--method", "all", "--num-samples", "256", "--out", str(out)]) == 0
+    assert main(["calibrate", *DEMO_ARGS, "--method", "all", "--num-samples", "256", "--out-dir", str(out)]) == 0
     return out
 
 
@@ -66,7 +66,7 @@ def test_outputs_get_ordinary_file_permissions(demo_run):
 
 
 def test_same_inputs_give_byte_identical_outputs(demo_run, tmp_path):
-    assert main(["calibrate", *DEMO_ARGS, "--method", "all", "--num-samples", "256", "--out", str(tmp_path)]) == 0
+    assert main(["calibrate", *DEMO_ARGS, "--method", "all", "--num-samples", "256", "--out-dir", str(tmp_path)]) == 0
     for name in files_in(demo_run):
         assert (tmp_path / name).read_bytes() == (demo_run / name).read_bytes(), name
 
@@ -161,11 +161,11 @@ def run_cli(capsys, *args):
 
 
 def test_missing_and_corrupt_models(tmp_path, capsys):
-    code, err = run_cli(capsys, str(tmp_path / "nope.onnx"), "--data", str(DEMO_CALIB), "--out", str(tmp_path / "o"))
+    code, err = run_cli(capsys, str(tmp_path / "nope.onnx"), "--data", str(DEMO_CALIB), "--out-dir", str(tmp_path / "o"))
     assert code == 2 and "model file not found" in err and len(err.splitlines()) == 1
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(DEMO_MODEL.read_bytes()[:5000])
-    code, err = run_cli(capsys, str(bad), "--data", str(DEMO_CALIB), "--out", str(tmp_path / "o"))
+    code, err = run_cli(capsys, str(bad), "--data", str(DEMO_CALIB), "--out-dir", str(tmp_path / "o"))
     assert code == 2 and "bad.onnx" in err and len(err.splitlines()) == 1
     assert not any((tmp_path / "o").iterdir())
 
@@ -181,24 +181,24 @@ def test_model_with_nothing_to_calibrate(tmp_path, capsys):
     )
     path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "ints.onnx")
     np.savez(tmp_path / "d.npz", a=np.ones((4, 4), np.int64))
-    code, err = run_cli(capsys, str(path), "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "o"))
+    code, err = run_cli(capsys, str(path), "--data", str(tmp_path / "d.npz"), "--out-dir", str(tmp_path / "o"))
     assert code == 2 and "no float activations to calibrate" in err
-    code, err = run_cli(capsys, str(path), "--data", str(DEMO_CALIB), "--out", str(tmp_path / "o"))
+    code, err = run_cli(capsys, str(path), "--data", str(DEMO_CALIB), "--out-dir", str(tmp_path / "o"))
     assert code == 2 and "no float input" in err
 
 
 def test_unwritable_output_and_unknown_method(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, err = run_cli(capsys, *DEMO_ARGS, "--out", str(blocker / "sub"))
+    code, err = run_cli(capsys, *DEMO_ARGS, "--out-dir", str(blocker / "sub"))
     assert code == 2 and "not writable" in err
-    code, err = run_cli(capsys, *DEMO_ARGS, "--out", str(tmp_path / "o"), "--method", "kl")
+    code, err = run_cli(capsys, *DEMO_ARGS, "--out-dir", str(tmp_path / "o"), "--method", "kl")
     assert code == 2 and "unknown calibration method 'kl'" in err
 
 
 def test_too_few_samples_writes_nothing(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((5, 1, 28, 28), np.float32))
-    code, err = run_cli(capsys, str(DEMO_MODEL), "--data", str(tmp_path / "x.npy"), "--num-samples", "6", "--out", str(tmp_path / "o"))
+    code, err = run_cli(capsys, str(DEMO_MODEL), "--data", str(tmp_path / "x.npy"), "--num-samples", "6", "--out-dir", str(tmp_path / "o"))
     assert code == 2 and "has only 5 sample" in err
     assert list((tmp_path / "o").iterdir()) == []
 
@@ -216,7 +216,7 @@ def test_interrupt_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(calibrate_module, "batches", interrupted)
     out = tmp_path / "o"
-    code, err = run_cli(capsys, *DEMO_ARGS, "--num-samples", "256", "--out", str(out))
+    code, err = run_cli(capsys, *DEMO_ARGS, "--num-samples", "256", "--out-dir", str(out))
     assert code == 130 and "no output was written" in err
     assert list(out.iterdir()) == []
 
@@ -270,11 +270,11 @@ def test_batch_size_comes_from_the_memory_budget_and_ranges_do_not_depend_on_it(
     per_sample = total + 2 * chosen
     budget = 40 * per_sample + 1
     args = [*DEMO_ARGS[:-2], "--num-samples", "96", "--method", "all"]
-    assert main(["calibrate", *args, "--max-memory", str(budget), "--out", str(tmp_path / "auto")]) == 0
+    assert main(["calibrate", *args, "--max-memory", str(budget), "--out-dir", str(tmp_path / "auto")]) == 0
     auto = RangeSet.load(tmp_path / "auto" / "ranges.json")
     assert auto.calibration["batch_size"] == 40
     assert auto.calibration["batch_from_memory"] == {"max_memory": budget, "bytes_per_sample": per_sample}
-    assert main(["calibrate", *args, "--batch-size", "7", "--out", str(tmp_path / "seven")]) == 0
+    assert main(["calibrate", *args, "--batch-size", "7", "--out-dir", str(tmp_path / "seven")]) == 0
     for cache in (tmp_path / "auto").glob("*.cache"):
         assert cache.read_bytes() == (tmp_path / "seven" / cache.name).read_bytes()
     assert {n: t.amax for n, t in auto.tensors.items()} == {

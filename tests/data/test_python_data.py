@@ -53,9 +53,7 @@ def test_a_saved_hugging_face_dataset_gives_the_ranges_of_its_parquet(tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))
     assert amaxes(quantkit.calibrate(DEMO_MODEL, tmp_path / "saved", options, data_options=data)) == reference
     assert amaxes(quantkit.calibrate(DEMO_MODEL, ds, options, data_options=data)) == reference  # the object itself
-    report = quantkit.evaluate(
-        DEMO_MODEL, tmp_path / "saved", quantkit.EvalOptions(variants="fp32", latency=False), data_options=data
-    )
+    report = quantkit.evaluate(DEMO_MODEL, tmp_path / "saved", quantkit.EvalOptions(variants="fp32", latency=False), data_options=data)
     assert report.labelled and report.metric_names == ["top1"] and report.variant("fp32").metrics["top1"] > 0.9
 
 

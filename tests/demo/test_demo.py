@@ -20,7 +20,7 @@ sys.path.insert(0, sys.argv[1])
 import quantkit
 assert quantkit.__file__.startswith(sys.argv[1]), quantkit.__file__
 from quantkit.cli import main
-sys.exit(main(["demo", "--out", sys.argv[2], "--quiet"]))
+sys.exit(main(["demo", "--out-dir", sys.argv[2], "--quiet"]))
 """
 
 
@@ -57,5 +57,5 @@ def test_demo_runs_from_the_wheel_outside_the_repo(tmp_path):
 
 def test_demo_refuses_an_output_that_is_a_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("")
-    assert main(["demo", "--out", str(tmp_path / "taken"), "--quiet"]) == 2
+    assert main(["demo", "--out-dir", str(tmp_path / "taken"), "--quiet"]) == 2
     assert "taken" in capsys.readouterr().err

@@ -178,18 +178,18 @@ def test_bad_inputs(tmp_path, capsys):
         "64",
     ]
     # labels that do not fit the output: a metric needing more classes than the model has
-    code = main([*args, "--metric", "top5", "--variants", "fp32", "--report", str(tmp_path / "a"), "--quiet"])
+    code = main([*args, "--metric", "top5", "--variants", "fp32", "--out-dir", str(tmp_path / "a"), "--quiet"])
     assert code == 0  # top5 over 10 classes is fine
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not onnx")
-    code = main([*args, "--variants", f"fp16,mine={broken},int8:entropy", "--report", str(tmp_path / "b"), "--quiet"])
+    code = main([*args, "--variants", f"fp16,mine={broken},int8:entropy", "--out-dir", str(tmp_path / "b"), "--quiet"])
     assert code == 0  # the other variants still run
     doc = json.loads((tmp_path / "b" / "report.json").read_text())
     by_name = {v["name"]: v for v in doc["variants"]}
     assert by_name["mine"]["error"].startswith("does not run on ort-cpu")
     assert "calibration data" in by_name["int8:entropy"]["error"]  # no --calib given
     assert by_name["fp16"]["error"] is None
-    code = main([*args, "--runtime", "tensorrt", "--report", str(tmp_path / "c"), "--quiet"])
+    code = main([*args, "--runtime", "tensorrt", "--out-dir", str(tmp_path / "c"), "--quiet"])
     assert code == 2 and "TensorrtExecutionProvider" in capsys.readouterr().err
 
 
@@ -211,7 +211,7 @@ def test_eval_exits_non_zero_when_the_fp32_baseline_cannot_run(tmp_path, capsys)
     """Without the preprocessing the model needs, every variant fails: that is an error, not a report."""
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((4, 3, 28, 28), np.float32))  # 3 channels for a 1-channel model
-    code = main(["eval", str(DEMO_MODEL), "--data", str(bad), "--variants", "fp32,fp16", "--no-latency", "--report", str(tmp_path / "r")])
+    code = main(["eval", str(DEMO_MODEL), "--data", str(bad), "--variants", "fp32,fp16", "--no-latency", "--out-dir", str(tmp_path / "r")])
     assert code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "r" / "report.json").exists()
 
@@ -220,9 +220,9 @@ def test_eval_reuses_the_preprocessing_recorded_in_ranges_json(tmp_path):
     """Calibrated with a preprocessing config, evaluated with --ranges and no config: the same preprocessing."""
     out = tmp_path / "cal"
     args = ["--data", str(DEMO_CALIB), "--preprocess-config", str(DEMO_PREPROCESS), "--num-samples", "64", "--quiet"]
-    assert main(["calibrate", str(DEMO_MODEL), *args, "--method", "minmax", "--out", str(out)]) == 0
+    assert main(["calibrate", str(DEMO_MODEL), *args, "--method", "minmax", "--out-dir", str(out)]) == 0
     report = tmp_path / "r"
     argv = ["eval", str(DEMO_MODEL), "--data", str(DEMO_VAL), "--ranges", str(out / "ranges.json"), "--num-samples", "128"]
-    assert main([*argv, "--variants", "fp32,int8:minmax", "--no-latency", "--report", str(report), "--quiet"]) == 0
+    assert main([*argv, "--variants", "fp32,int8:minmax", "--no-latency", "--out-dir", str(report), "--quiet"]) == 0
     doc = json.loads((report / "report.json").read_text())
     assert doc["variants"][0]["metrics"]["top1"] > 0.95  # MNIST normalisation reused: without it, FP32 fails

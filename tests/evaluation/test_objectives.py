@@ -164,7 +164,7 @@ def test_eval_chooses_and_reports_detection_f1_and_runs_a_user_metric(tmp_path, 
     )
     common = ["eval", str(model), "--data", str(tmp_path / "val.npy"), "--calib", str(tmp_path / "calib.npy")]
     common += ["--variants", "fp32,int8:minmax", "--no-latency"]
-    assert main([*common, "--report", str(tmp_path / "r")]) == 0
+    assert main([*common, "--out-dir", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "objective: detection-f1 (conf=0.25): the first output [12, 7, 1024] looks like a YOLO-style head" in out
     doc = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -172,9 +172,9 @@ def test_eval_chooses_and_reports_detection_f1_and_runs_a_user_metric(tmp_path, 
     fp32, int8 = doc["variants"]
     assert fp32["metrics"]["detection-f1"] == 1.0 and 0.0 < int8["metrics"]["detection-f1"] <= 1.0
     assert "Objective: detection-f1" in (tmp_path / "r" / "report.md").read_text()
-    assert main([*common, "--metric", f"detection-f1,{tmp_path}/mine.py:score_gap", "--conf", "0.5", "--report", str(tmp_path / "u")]) == 0
+    assert main([*common, "--metric", f"detection-f1,{tmp_path}/mine.py:score_gap", "--conf", "0.5", "--out-dir", str(tmp_path / "u")]) == 0
     doc = json.loads((tmp_path / "u" / "report.json").read_text())
     assert doc["metrics"] == ["detection-f1", "score_gap"] and "conf=0.5" in doc["objective"]
     assert doc["variants"][0]["metrics"]["score_gap"] == 1.0 and doc["variants"][1]["noise"]["score_gap"] > 0
-    assert main([*common, "--metric", "top1", "--report", str(tmp_path / "x")]) == 2
+    assert main([*common, "--metric", "top1", "--out-dir", str(tmp_path / "x")]) == 2
     assert "needs labels" in capsys.readouterr().err

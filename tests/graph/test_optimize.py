@@ -152,7 +152,8 @@ def test_calibration_after_fusion_keeps_the_tensors_tensorrt_keeps(tmp_path, dem
 def test_cli_inspect_and_optimize(tmp_path, capsys):
     assert main(["inspect", str(DEMO_MODEL), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [s["layers"] for s in doc["steps"]] == [39, 28, 16, 15, 15]
+    assert doc["command"] == "inspect" and doc["exit_code"] == 0 and doc["outputs"] == []
+    assert [s["layers"] for s in doc["result"]["steps"]] == [39, 28, 16, 15, 15]
     assert main(["optimize", str(DEMO_MODEL), "--skip", "vertical", "-o", str(tmp_path / "o.onnx"), "--quiet"]) == 0
     assert not any(n.op_type == "FusedConv" for n in onnx.load(str(tmp_path / "o.onnx")).graph.node)
     assert main(["inspect", str(DEMO_MODEL), "--passes", "fuse"]) == 2

@@ -84,8 +84,8 @@ def test_cli_sensitivity_on_two_workers(cluster, tmp_path):
     from quantkit.cli import main
 
     _planted(tmp_path)
-    args = [str(tmp_path / "planted.onnx"), "--calib", str(tmp_path / "calib.npy"), "--val", str(tmp_path / "val.npy")]
+    args = [str(tmp_path / "planted.onnx"), "--calib", str(tmp_path / "calib.npy"), "--data", str(tmp_path / "val.npy")]
     args += ["--method", "minmax"]
-    assert main(["sensitivity", *args, "--workers", "2", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    assert main(["sensitivity", *args, "--workers", "2", "--out-dir", str(tmp_path / "s"), "--quiet"]) == 0
     doc = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     assert {n["name"] for n in doc["nodes"][:2]} == {"conv3", "conv5"}

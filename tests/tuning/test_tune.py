@@ -65,13 +65,13 @@ def test_target_already_met_and_unreachable(planted, tmp_path):
 
 def test_cli_tune_and_sensitivity(planted, tmp_path, capsys):
     tmp, _, _, _ = planted
-    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--val", str(tmp / "val.npy"), "--method", "minmax"]
-    assert main(["sensitivity", *args, "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--data", str(tmp / "val.npy"), "--method", "minmax"]
+    assert main(["sensitivity", *args, "--out-dir", str(tmp_path / "s"), "--quiet"]) == 0
     doc = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     assert {n["name"] for n in doc["nodes"][:2]} == {"conv3", "conv5"}
     page = (tmp_path / "s" / "sensitivity.html").read_text()
     assert page.count("<svg") == 2 and "Local SQNR per node" in page  # the gains and each node's own error
-    assert main(["tune", *args, "--max-drop", "1", "--fallback", "fp16", "--start-from-known", "--out", str(tmp_path / "t")]) == 0
+    assert main(["tune", *args, "--max-drop", "1", "--fallback", "fp16", "--start-from-known", "--out-dir", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
     assert "known-sensitive start" in out
     plan = json.loads((tmp_path / "t" / "precision_plan.json").read_text())
@@ -101,8 +101,8 @@ def test_target_finer_than_the_standard_error_warns(planted, tmp_path):
 
 def test_a_missed_target_is_named_so_and_exits_non_zero(planted, tmp_path, capsys):
     tmp, _, _, _ = planted
-    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--val", str(tmp / "val.npy"), "--method", "minmax"]
-    code = main(["tune", *args, "--max-drop", "-1", "--out", str(tmp_path / "t"), "--quiet"])
+    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--data", str(tmp / "val.npy"), "--method", "minmax"]
+    code = main(["tune", *args, "--max-drop", "-1", "--out-dir", str(tmp_path / "t"), "--quiet"])
     assert code == 4 and "was not met" in capsys.readouterr().err
     assert (tmp_path / "t" / "planted.tuned.misses-target.onnx").exists()
     assert not (tmp_path / "t" / "planted.tuned.onnx").exists()
@@ -111,8 +111,8 @@ def test_a_missed_target_is_named_so_and_exits_non_zero(planted, tmp_path, capsy
 def test_a_broken_best_model_is_never_written(planted, tmp_path, capsys):
     """Stopped after the all-INT8 trial, whose output is all zeros: history and plan, no model."""
     tmp, _, _, _ = planted
-    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--val", str(tmp / "val.npy"), "--method", "minmax"]
-    code = main(["tune", *args, "--max-trials", "1", "--out", str(tmp_path / "t"), "--quiet"])
+    args = [str(tmp / "planted.onnx"), "--calib", str(tmp / "calib.npy"), "--data", str(tmp / "val.npy"), "--method", "minmax"]
+    code = main(["tune", *args, "--max-trials", "1", "--out-dir", str(tmp_path / "t"), "--quiet"])
     assert code == 3 and "broken" in capsys.readouterr().err
     assert (tmp_path / "t" / "tune_history.json").exists()
     assert not list((tmp_path / "t").glob("*.onnx"))

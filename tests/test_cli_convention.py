@@ -1,0 +1,69 @@
+"""One CLI convention for every command (the README's "Command line")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_PREPROCESS
+
+from quantkit.cli import COMMANDS, build_parser, main
+
+FILE_WRITERS = {"quantize", "fp16", "cache", "optimize", "build"}
+FOLDER_WRITERS = {"calibrate", "eval", "sensitivity", "tune", "demo"}
+
+
+def help_of(command: str) -> str:
+    parser = build_parser([command])
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return sub.format_help()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_the_common_flags_and_one_output_rule(command):
+    text = help_of(command)
+    for flag in ("-q, --quiet", "-v, --verbose", "--log-file", "--json", "--threads"):
+        assert flag in text, f"{command}: {flag}"
+    assert ("-o OUTPUT, --output OUTPUT" in text) == (command in FILE_WRITERS)
+    assert ("--out-dir" in text) == (command in FOLDER_WRITERS)
+    assert "--report" not in text and "--val " not in text and "--out " not in text  # the old names are hidden aliases
+    if command in {"calibrate", "eval", "sensitivity", "tune"}:
+        assert "--data" in text
+
+
+def calibrate_args(out):
+    return ["calibrate", str(DEMO_MODEL), "--data", str(DEMO_CALIB), "--preprocess-config", str(DEMO_PREPROCESS), "--method", "minmax",
+            "--num-samples", "32", "--out-dir", str(out)]  # fmt: skip
+
+
+def test_json_document_lists_what_was_written(tmp_path, capsys):
+    assert main([*calibrate_args(tmp_path / "c"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "calibrate" and doc["exit_code"] == 0 and doc["error"] is None
+    assert str(tmp_path / "c" / "ranges.json") in doc["outputs"] and doc["result"]["calibration"]["num_samples"] == 32
+    assert main(["calibrate", str(tmp_path / "missing.onnx"), "--data", str(DEMO_CALIB), "--out-dir", str(tmp_path), "--json"]) == 2
+    out, err = capsys.readouterr()
+    failed = json.loads(out)
+    assert failed["exit_code"] == 2 and "missing.onnx" in failed["error"] and "missing.onnx" in err
+
+
+def test_verbose_and_log_file(tmp_path, capsys):
+    log = tmp_path / "run.log"
+    assert main([*calibrate_args(tmp_path / "c"), "-v", "--log-file", str(log), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "quantkit: collect statistics:" in err
+    text = log.read_text()
+    assert "quantkit calibrate:" in text and "collect statistics:" in text and " INFO " in text
+    assert main([*calibrate_args(tmp_path / "q"), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main([*calibrate_args(tmp_path / "t"), "--threads", "0"]) == 2
+
+
+def test_old_flag_names_still_work_with_a_warning(tmp_path, capsys):
+    args = calibrate_args(tmp_path / "c")
+    args[args.index("--out-dir")] = "--out"
+    assert main([*args, "--quiet"]) == 0
+    assert "--out is deprecated, use --out-dir" in capsys.readouterr().err
+    assert (tmp_path / "c" / "ranges.json").exists()
+    assert main(["eval", str(DEMO_MODEL), "--data", str(DEMO_CALIB), "--quiet"]) == 2
+    assert "give --out-dir DIR" in capsys.readouterr().err
