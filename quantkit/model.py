@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,9 @@ class InputSpec:
     name: str
     shape: tuple[int | str | None, ...]
     dtype: np.dtype
+    # for an image input with free height/width: the total downsampling of the graph behind it,
+    # which those sizes must be multiples of (a stride-32 detector concatenates its FPN levels)
+    stride: int = 1
 
     @property
     def is_float(self) -> bool:
@@ -158,6 +161,39 @@ def check_external_data(proto: onnx.ModelProto, path: Path) -> None:
             raise QuantkitError(f"{where}: its external data runs past the end of {location!r} ({size} bytes); the file is truncated")
 
 
+def spatial_strides(proto: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
+    """Per input, the multiple its free height and width must be: where the graph joins paths that
+    went down to different depths (an FPN or U-Net joining an upsampled deep map with a shallow
+    one), sizes only agree when the input is a multiple of the deepest path's total stride. A
+    network that never joins such paths (a classifier with global pooling) takes any size: 1."""
+    # tensor -> input -> (current stride, deepest stride on the way)
+    reach: dict[str, dict[str, tuple[float, float]]] = {name: {name: (1.0, 1.0)} for name in inputs}
+    needed = dict.fromkeys(inputs, 1.0)
+    for node in proto.graph.node:
+        merged: dict[str, tuple[float, float]] = {}
+        depths: dict[str, set[float]] = {}
+        for t in node.input:
+            for source, (stride, deepest) in reach.get(t, {}).items():
+                depths.setdefault(source, set()).add(deepest)
+                old = merged.get(source, (0.0, 0.0))
+                merged[source] = (max(old[0], stride), max(old[1], deepest))
+        if not merged:
+            continue
+        factor = 1.0
+        if node.op_type in ("Conv", "MaxPool", "AveragePool", "ConvInteger", "QLinearConv"):
+            factor = float(max(next((list(a.ints) for a in node.attribute if a.name == "strides"), [1]) or [1]))
+        elif node.op_type in ("Resize", "Upsample"):
+            factor = 0.5  # the usual 2x FPN upsampling; its scale is often computed, not constant
+        for source, (stride, deepest) in merged.items():
+            if len(depths[source]) > 1:  # paths of different depths meet here
+                needed[source] = max(needed[source], max(depths[source]))
+            stride *= factor
+            merged[source] = (stride, max(deepest, stride))
+        for out in node.output:
+            reach[out] = merged
+    return {name: round(value) for name, value in needed.items()}
+
+
 def load_model(path: str | Path) -> ModelInfo:
     """Load and check an ONNX model; every failure is a one-line QuantkitError."""
     path = Path(path)
@@ -184,4 +220,8 @@ def load_model(path: str | Path) -> ModelInfo:
     inputs = tuple(
         InputSpec(vi.name, _shape(vi), _dtype(vi.type.tensor_type.elem_type)) for vi in proto.graph.input if vi.name not in initializers
     )
+    free = [i.name for i in inputs if len(i.shape) == 4 and not all(isinstance(d, int) for d in i.shape[2:])]
+    if free:
+        strides = spatial_strides(proto, free)
+        inputs = tuple(replace(i, stride=strides.get(i.name, 1)) for i in inputs)
     return ModelInfo(path=path, proto=proto, sha256=file_sha256(path), inputs=inputs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from quantkit.errors import QuantkitError
 from quantkit.plan import PrecisionPlan
@@ -51,6 +52,23 @@ def parse_shapes(text: str | None) -> list[ShapeProfile]:
         if any(a > b for a, b in zip(lo, opt, strict=True)) or any(a > b for a, b in zip(opt, hi, strict=True)):
             raise QuantkitError(f"--shapes {item!r}: need min <= opt <= max in every dimension")
         profiles.append(ShapeProfile(name, lo, opt, hi))
+    return profiles
+
+
+def profile_from_shapes(inputs: Sequence[Any], seen: dict[str, list[list[int]]]) -> list[ShapeProfile]:
+    """An optimization profile for the dynamic inputs from the batch shapes calibration saw
+    (``ranges.json``'s ``input_shapes``): max and opt are the largest seen, min the smallest with
+    the batch axis down to 1 (deployments run batch 1 even when calibration ran batch 32)."""
+    profiles = []
+    for spec in inputs:
+        shapes = [tuple(int(d) for d in s) for s in seen.get(spec.name, []) if len(s) == len(spec.shape)]
+        if all(isinstance(d, int) for d in spec.shape) or not shapes:
+            continue
+        lo = tuple(min(s[k] for s in shapes) for k in range(len(spec.shape)))
+        hi = tuple(max(s[k] for s in shapes) for k in range(len(spec.shape)))
+        if not isinstance(spec.shape[0], int):
+            lo = (1, *lo[1:])
+        profiles.append(ShapeProfile(spec.name, lo, hi, hi))
     return profiles
 
 

@@ -19,7 +19,7 @@ from quantkit.ranges import RangeSet
 
 T = TypeVar("T")
 
-PREPROCESS_FLAGS = ("resize", "center_crop", "scale", "mean", "std", "color", "layout", "dtype")
+PREPROCESS_FLAGS = ("resize", "center_crop", "scale", "mean", "std", "color", "layout", "dtype", "letterbox")
 
 
 class DeprecatedAlias(argparse.Action):
@@ -84,6 +84,9 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--color", choices=["RGB", "BGR", "L"], type=str.upper, help="channel order (default: from the model's channels)")
     group.add_argument("--layout", choices=["NCHW", "NHWC"], type=str.upper, help="default: from the model input's shape")
     group.add_argument("--dtype", help="input dtype (default: the model input's)")
+    group.add_argument(
+        "--letterbox", action="store_true", default=None, help="with --resize HxW: keep the aspect ratio and pad (detectors)"
+    )
 
 
 def preprocess_from_args(args: argparse.Namespace) -> PreprocessSpec:

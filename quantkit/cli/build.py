@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.backends.ort import ORT_RUNTIMES, build_ort
 from quantkit.backends.trt import INSTALL_HINT, build_engine, tensorrt_version
-from quantkit.backends.trtexec import PRECISIONS, check_build_request, parse_shapes, shell, trtexec_command
+from quantkit.backends.trtexec import (
+    PRECISIONS,
+    ShapeProfile,
+    check_build_request,
+    parse_shapes,
+    profile_from_shapes,
+    shell,
+    trtexec_command,
+)
 from quantkit.errors import QuantkitError
 from quantkit.export.qdq import node_names
-from quantkit.model import load_model
+from quantkit.model import ModelInfo, load_model
 from quantkit.plan import PrecisionPlan
+from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, read_trt_cache
 
 
@@ -35,15 +45,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow --precision int8 without ranges: placeholder scales, for a performance-only engine (accuracy meaningless)",
     )
     p.add_argument("--shapes", help="dynamic shapes: NAME:MIN/OPT/MAX, dims joined by x")
+    p.add_argument(
+        "--ranges",
+        help="ranges.json from calibrate: its recorded input shapes give the dynamic inputs' optimization profile (unless --shapes)",
+    )
     p.add_argument("--workspace", type=int, help="workspace memory pool in MiB")
     p.add_argument("--timing-cache", help="timing cache file, read and updated")
     p.add_argument("-o", "--output", required=True, help="engine file (TensorRT) or optimized .onnx (onnxruntime)")
 
 
-def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers: list[str]) -> list[str]:
+def _profile(args: argparse.Namespace, model: ModelInfo) -> list[ShapeProfile]:
+    """--shapes, else the shapes calibration recorded; a dynamic input with neither is warned about."""
+    shapes = parse_shapes(args.shapes)
+    if not shapes and args.ranges:
+        shapes = profile_from_shapes(model.inputs, RangeSet.load(args.ranges).calibration.get("input_shapes") or {})
+    covered = {p.name for p in shapes}
+    missing = [i.describe() for i in model.inputs if not all(isinstance(d, int) for d in i.shape) and i.name not in covered]
+    if missing:
+        print(
+            f"quantkit build: warning: {', '.join(missing)} has dynamic dimensions and no optimization profile: TensorRT builds for "
+            "a single default shape; pass --shapes NAME:MIN/OPT/MAX or --ranges ranges.json (the shapes calibration saw)",
+            file=sys.stderr,
+        )
+    return shapes
+
+
+def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers: list[str], shapes: list[ShapeProfile]) -> list[str]:
     out = Path(args.output)
     common = {
-        "shapes": parse_shapes(args.shapes),
+        "shapes": shapes,
         "workspace_mib": args.workspace,
         "timing_cache": args.timing_cache,
         "layer_info": str(out.with_suffix(".layers.json")),
@@ -99,7 +129,7 @@ def _cache_for(args: argparse.Namespace, installed: str | None, out: Path) -> tu
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_file(args.output, args.model, args.cache, args.plan)
+    check_output_file(args.output, args.model, args.cache, args.plan, args.ranges)
     model = load_model(args.model)
     out = Path(args.output)
     if args.runtime != "tensorrt":
@@ -116,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if args.cache:
         args.cache, stamp_note = _cache_for(args, version, out)
     layers = node_names(model) if plan else []
-    lines = stamp_note + _trtexec_lines(args, plan, layers)
+    shapes = _profile(args, model)
+    lines = stamp_note + _trtexec_lines(args, plan, layers, shapes)
     script = out.with_suffix(".trtexec.sh")
     write_bytes_atomic(script, ("#!/bin/sh\n" + "\n".join(lines) + "\n").encode())  # for a GPU machine, built here or not
     if version is None:
@@ -132,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         calib_cache=args.cache,
         qdq=args.qdq,
         plan=plan,
-        shapes=parse_shapes(args.shapes),
+        shapes=shapes,
         workspace_mib=args.workspace,
         timing_cache=args.timing_cache,
     )

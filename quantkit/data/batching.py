@@ -30,6 +30,10 @@ def _dims(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape) or "scalar"
 
 
+def _multiple(size: int, stride: int) -> int:
+    return max(stride, round(size / stride) * stride)
+
+
 def check_sample(sample: Sample, inputs: tuple[InputSpec, ...]) -> dict[str, np.ndarray]:
     """Return the sample's arrays cast to the model dtypes, or raise a one-line error naming it."""
     out: dict[str, np.ndarray] = {}
@@ -57,6 +61,15 @@ def check_sample(sample: Sample, inputs: tuple[InputSpec, ...]) -> dict[str, np.
                 raise QuantkitError(
                     f"sample {sample.id}: input '{spec.name}' has shape {_dims(arr.shape)} but the model expects "
                     f"{spec.describe()}: {what} mismatch at axis {axis}, {got} vs {need}{hint}"
+                )
+        if spec.stride > 1 and len(spec.shape) == 4:
+            nhwc = spec.shape[3] in (1, 3) and spec.shape[1] not in (1, 3)
+            h, w = arr.shape[0:2] if nhwc else arr.shape[1:3]
+            if h % spec.stride or w % spec.stride:
+                raise QuantkitError(
+                    f"sample {sample.id}: input '{spec.name}' is {h}x{w}, but the model's height and width must be multiples of "
+                    f"{spec.stride} (its feature pyramid joins maps down to 1/{spec.stride}): resize to a multiple, e.g. --resize "
+                    f"{_multiple(h, spec.stride)}x{_multiple(w, spec.stride)}, with --letterbox to keep the aspect ratio"
                 )
         if spec.is_float:
             if arr.dtype.kind not in "f":

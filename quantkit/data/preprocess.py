@@ -77,6 +77,9 @@ class PreprocessSpec:
     color: str | None = None  # RGB, BGR or L; default from the model's channel count
     layout: str | None = None  # NCHW or NHWC; default from the model input's shape
     dtype: str | None = None  # default: the model input's dtype
+    # keep the aspect ratio: scale into resize's HxW and pad the rest (centred, grey 114, as YOLO
+    # exports expect); detectors need it, a plain resize distorts their boxes
+    letterbox: bool = False
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str = "preprocessing options") -> PreprocessSpec:
@@ -107,7 +110,10 @@ class PreprocessSpec:
             color=(v["color"].upper() if "color" in v else None),
             layout=(v["layout"].upper() if "layout" in v else None),
             dtype=v.get("dtype"),
+            letterbox=_flag(v.get("letterbox", False), f"{source}: letterbox"),
         )
+        if spec.letterbox and not isinstance(spec.resize, tuple):
+            raise QuantkitError(f"{source}: letterbox needs resize as HxW (the size to pad to), e.g. resize 640x640")
         if spec.color is not None and spec.color not in COLORS:
             raise QuantkitError(f"{source}: color must be one of {', '.join(COLORS)}, got {spec.color}")
         if spec.layout is not None and spec.layout not in LAYOUTS:
@@ -147,7 +153,9 @@ class PreprocessSpec:
         mode = "L" if self.color == "L" else "RGB"
         if image.mode != mode:
             image = image.convert(mode)
-        if self.resize is not None:
+        if self.letterbox and isinstance(self.resize, tuple):
+            image = _letterbox(image, self.resize)
+        elif self.resize is not None:
             image = _resize(image, self.resize)
         if self.center_crop is not None:
             image = _center_crop(image, self.center_crop)
@@ -176,6 +184,25 @@ def _resize(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
     else:
         new = (size[1], size[0])
     return image if new == (w, h) else image.resize(new, Image.BILINEAR)
+
+
+def _letterbox(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale to fit (h, w) with the aspect ratio kept, then pad evenly with grey (114)."""
+    h, w = size
+    iw, ih = image.size
+    ratio = min(w / iw, h / ih)
+    new = (max(1, round(iw * ratio)), max(1, round(ih * ratio)))
+    scaled = image if new == (iw, ih) else image.resize(new, Image.BILINEAR)
+    fill = 114 if image.mode == "L" else (114, 114, 114)
+    canvas = Image.new(image.mode, (w, h), fill)
+    canvas.paste(scaled, ((w - new[0]) // 2, (h - new[1]) // 2))
+    return canvas
+
+
+def _flag(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise QuantkitError(f"{where} must be true or false, got {value!r}")
 
 
 def _center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
