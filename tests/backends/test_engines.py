@@ -261,3 +261,14 @@ def test_doctor_names_two_onnxruntime_flavours_installed_together():
     assert flavour_problem(["onnxruntime"]) == ""
     problem = flavour_problem(["onnxruntime", "onnxruntime-gpu"])
     assert "installed together" in problem and "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in problem
+
+
+def test_doctor_names_tensorrt_wheels_the_driver_cannot_run():
+    from quantkit.cli.doctor import cuda_problem, driver_cuda
+
+    header = "| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4     |"
+    assert driver_cuda(header) == (12, 4) and driver_cuda("no GPU here") is None
+    assert cuda_problem([12], (12, 4)) == "" and cuda_problem([], (12, 4)) == "" and cuda_problem([13], None) == ""
+    problem = cuda_problem([13], (12, 4))
+    assert "built for CUDA 13 but the driver supports CUDA 12.4" in problem and "pip install tensorrt-cu12" in problem
+    assert "installed for CUDA 12 and 13 together" in cuda_problem([12, 13], (13, 0))

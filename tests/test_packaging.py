@@ -1,0 +1,30 @@
+"""The extras resolve to an environment with exactly one onnxruntime flavour (pip's resolver, dry run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+FLAVOURS = {"onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn"}
+
+
+@pytest.mark.parametrize("extra", ["modelopt", "distributed"])
+def test_an_extra_leaves_one_onnxruntime(extra, tmp_path):
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "--report", str(report), f"{ROOT}[{extra}]"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if done.returncode != 0:
+        if "ResolutionImpossible" in done.stderr or "conflict" in done.stderr.lower():
+            pytest.fail(f"[{extra}] does not resolve: {done.stderr[-1500:]}")
+        pytest.skip(f"pip could not reach the package index: {done.stderr.strip().splitlines()[-1:]}")
+    names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
+    assert names & FLAVOURS == {"onnxruntime"}, sorted(names & FLAVOURS)
+    assert {"modelopt": "nvidia-modelopt", "distributed": "ray"}[extra] in names
