@@ -178,6 +178,9 @@ class TuneOptions:
     # how nodes are ranked before the search: "disable-one" evaluates each node kept in high
     # precision (on a subset); "sqnr" ranks by the SQNR each node loses, from two passes in all
     ranking: str = "disable-one"
+    # try every method in the ranges first and tune the one whose all-INT8 model scores best
+    # (one evaluation per method: a method that fits the model often needs no fallback at all)
+    choose_method: bool = False
 
     def __post_init__(self) -> None:
         if self.ranking not in ("disable-one", "sqnr"):

@@ -8,6 +8,7 @@ from quantkit import api
 from quantkit._io import ensure_writable_dir, write_files_atomic
 from quantkit.cli.args import out_dir, scale_out_from_args
 from quantkit.cli.tuning_args import add_tuning_arguments, tuning_inputs
+from quantkit.errors import QuantkitError
 from quantkit.report.tune import sensitivity_files
 
 
@@ -16,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.method == "auto":
+        raise QuantkitError("--method auto is tune's (it tunes the best method): sensitivity analyses one method; name it", option="method")
     out = ensure_writable_dir(out_dir(args))
     model, ranges, evaluator, export = tuning_inputs(args)
     result = api.analyze(model, ranges, evaluator, export, scale_out=scale_out_from_args(args), quiet=args.quiet)

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = options_from_args(TuneOptions, args)
+    options = options_from_args(TuneOptions, args, choose_method=args.method == "auto")
     out = ensure_writable_dir(out_dir(args))
     model, ranges, evaluator, export = tuning_inputs(args)
     tuned = api.tune(model, ranges, evaluator, out, options, export=export, scale_out=scale_out_from_args(args), quiet=args.quiet)

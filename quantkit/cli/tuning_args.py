@@ -25,7 +25,12 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("--calib", help="calibration data (or --ranges)")
     p.add_argument("--ranges", help="ranges.json from quantkit calibrate")
     add_data_arg(p, "validation data; labels (a label column, npz key or folder names) give the task metric", old=("--val",))
-    p.add_argument("--method", default="entropy", help="calibration method whose ranges are used (default entropy)")
+    p.add_argument(
+        "--method",
+        default="entropy",
+        help="calibration method whose ranges are used (default entropy); tune also takes auto: every method is calibrated "
+        "in one pass and the one whose all-INT8 model scores best is tuned",
+    )
     p.add_argument("--target", choices=TARGETS, default="tensorrt", help="Q/DQ placement (default tensorrt)")
     add_objective_args(p, several=False)
     p.add_argument("--no-labels", action="store_true", help="ignore the labels: compare with FP32 only")
@@ -57,12 +62,13 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
 
 
 def tuning_inputs(args: argparse.Namespace) -> tuple[ModelInfo, RangeSet, Evaluator, ExportOptions]:
+    auto = args.method == "auto"
     model, ranges, evaluator = prepare(
         args.model,
         data_path(args),
         calib=args.calib,
         ranges_path=args.ranges,
-        method=args.method,
+        method="all" if auto else args.method,
         data_options=data_options_from_args(args, shuffle=False),
         num_calib_samples=args.num_calib_samples,
         metric=args.metric,
@@ -72,5 +78,5 @@ def tuning_inputs(args: argparse.Namespace) -> tuple[ModelInfo, RangeSet, Evalua
     )
     if not args.quiet:
         print(f"objective: {evaluator.objective.describe()}", file=sys.stderr)
-    method = args.method if args.method in ranges.methods else None
+    method = None if auto else args.method if args.method in ranges.methods else None
     return model, ranges, evaluator, ExportOptions(method, args.target, allow_missing=True)

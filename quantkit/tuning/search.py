@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class TuneResult:
     files: list[Path] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)  # outputs of the best model that the fidelity check refuses
     max_drop: float | None = None  # the target, in the objective's unit
+    method: str | None = None  # the calibration method tuned (chosen by all-INT8 score with choose_method)
 
 
 def known_sensitive(model: ModelInfo, quantized: Sequence[str]) -> list[str]:
@@ -122,6 +123,7 @@ class PrecisionSearch:
         self.known: list[str] = []
         self.start = time.perf_counter()
         self.history_path, self.plan_path = out / "tune_history.json", out / "precision_plan.json"
+        self.method_scores: dict[str, float] = {}
 
     def plan_for(self, nodes: Sequence[str]) -> PrecisionPlan:
         fallback = self.options.fallback
@@ -147,6 +149,8 @@ class PrecisionSearch:
             "max_drop_points": self.options.max_drop,
             "fallback_precision": self.options.fallback,
             "best_trial": self.best.index if self.best else None,
+            "method": self.export.method,
+            "all_int8_by_method": self.method_scores,
             "trials": [t.to_json() for t in self.trials],
             "notes": list(self.executor.notes),
         }
@@ -221,7 +225,26 @@ class PrecisionSearch:
             if self.trial(candidate, "prune").meets:
                 current = candidate
 
+    def choose_method(self) -> None:
+        """All-INT8 with each calibrated method; the search goes on with the best (ties: the first)."""
+        methods = list(self.ranges.methods)
+        plan = self.plan_for([])
+        scores = []
+        for method in methods:
+            self.check_budget() if self.trials or scores else None
+            candidate = build_candidate(self.model, self.ranges, plan, method=method, target=self.export.target)
+            scores.append(self.evaluator.evaluate(candidate))
+        best = max(range(len(methods)), key=lambda k: (scores[k].accuracy, -k))
+        shown = ", ".join(f"{m} {self.evaluator.objective.show(s.accuracy)}" for m, s in zip(methods, scores, strict=True))
+        self.messages.append(f"all-INT8 by calibration method: {shown}; tuning {methods[best]}")
+        self.method_scores = {m: s.accuracy for m, s in zip(methods, scores, strict=True)}
+        self.export = replace(self.export, method=methods[best])
+        if hasattr(self.executor, "method"):
+            self.executor.method = methods[best]  # the executor builds every later trial with it
+
     def search(self) -> None:
+        if self.options.choose_method and len(self.ranges.methods) > 1:
+            self.choose_method()
         first = self.trial([], "all-int8")
         unit = self.evaluator.objective.unit
         if first.noise > self.options.max_drop:
@@ -285,7 +308,7 @@ class PrecisionSearch:
         best = self.best
         plan = self.plan_for(best.fallback) if best else PrecisionPlan()
         result = TuneResult(plan, best, self.trials, bool(best and best.meets), stopped, self.sensitivity, self.known, self.messages)
-        result.max_drop = self.options.max_drop
+        result.max_drop, result.method = self.options.max_drop, self.export.method
         result.files = [self.history_path] + ([self.plan_path] if best else [])
         if best is not None:
             tuned: onnx.ModelProto = build_candidate(self.model, self.ranges, plan, method=self.export.method, target=self.export.target)
@@ -332,7 +355,7 @@ def summary(result: TuneResult, evaluator: Evaluator) -> str:
     best, objective = result.best, evaluator.objective
     lines = [
         f"{len(result.trials)} trials; {evaluator.cost:.1f} passes over the validation set in all (sensitivity included); "
-        f"stopped: {result.stopped}",
+        f"stopped: {result.stopped}" + (f"; ranges: {result.method}" if result.method else ""),
         f"FP32 {evaluator.accuracy_name} {objective.show(evaluator.baseline.accuracy)}",
     ]
     if best is not None:

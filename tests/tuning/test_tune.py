@@ -135,3 +135,19 @@ def test_sqnr_ranking_finds_the_planted_nodes_with_two_passes(planted, tmp_path)
     assert by_name["conv5"].output_sqnr_db < 1 and by_name["conv5"].local_sqnr_db < 10 < by_name["conv1"].local_sqnr_db
     tuned = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, method="minmax", ranking="sqnr")
     assert tuned.target_met and sorted(tuned.best.fallback) == ["conv3", "conv5"]
+
+
+def test_choose_method_tunes_the_method_whose_all_int8_scores_best(planted, tmp_path):
+    import quantkit
+    from quantkit.tuning.sensitivity import build_candidate
+
+    tmp, info, _, data = planted
+    ranges = quantkit.calibrate(tmp / "planted.onnx", tmp / "calib.npy", methods="minmax,percentile,entropy").ranges
+    ev = Evaluator(info, data, None, None)
+    plan = PrecisionPlan(default="int8")
+    alone = {m: ev.evaluate(build_candidate(info, ranges, plan, method=m, target="tensorrt")).accuracy for m in ranges.methods}
+    best = max(ranges.methods, key=lambda m: (alone[m], -list(ranges.methods).index(m)))
+    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, choose_method=True)
+    assert result.method == best and any(m.startswith("all-INT8 by calibration method") for m in result.messages)
+    history = json.loads((tmp_path / "tune_history.json").read_text())
+    assert history["method"] == best and history["all_int8_by_method"] == pytest.approx(alone)
