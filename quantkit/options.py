@@ -14,6 +14,7 @@ from typing import Any
 
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
+from quantkit.plan import NodeFilter
 from quantkit.trt_cache import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION, encode_version
 
 RUNTIME_NAMES = ("ort-cpu", "ort-cuda", "tensorrt")
@@ -128,6 +129,10 @@ class ExportOptions:
     target: str = "tensorrt"
     allow_missing: bool = False
     weight_bits: int | None = None  # None: the target's default (7 for onnxruntime, 8 for TensorRT)
+    filters: NodeFilter | None = None  # which nodes may be quantized (a plan's entries win)
+    # TensorRT placement: the attention core (Q.K^T and attention.V MatMuls) stays float by
+    # default, as TensorRT's fused MHA kernels choose their own precision
+    quantize_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

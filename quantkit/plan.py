@@ -51,6 +51,42 @@ def _matches(key: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, key)
 
 
+@dataclass(frozen=True)
+class NodeFilter:
+    """Which nodes may be quantized, by op type and by ONNX node name (regular expressions, matched
+    anywhere in the name); a precision plan's own entries win over it."""
+
+    op_types: tuple[str, ...] = ()  # only these op types (empty: every op the placement quantizes)
+    exclude_op_types: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()  # only nodes whose name matches one of these
+    exclude_nodes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field_name in ("op_types", "exclude_op_types", "nodes", "exclude_nodes"):
+            value = getattr(self, field_name)
+            object.__setattr__(self, field_name, tuple([value] if isinstance(value, str) else value))
+        for pattern in (*self.nodes, *self.exclude_nodes):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise QuantkitError(f"node pattern {pattern!r} is not a valid regular expression: {exc}", option="nodes") from None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.op_types or self.exclude_op_types or self.nodes or self.exclude_nodes)
+
+    def refusal(self, name: str, op_type: str) -> str:
+        """Why the filter keeps this node in float ("" when it may be quantized)."""
+        if self.op_types and op_type not in self.op_types:
+            return f"filter: op type {op_type} not in --op-types"
+        if op_type in self.exclude_op_types:
+            return f"filter: op type {op_type} excluded"
+        if self.nodes and not any(re.search(p, name) for p in self.nodes):
+            return "filter: name matches no --nodes pattern"
+        hit = next((p for p in self.exclude_nodes if re.search(p, name)), None)
+        return f"filter: name matches --exclude-nodes {hit!r}" if hit else ""
+
+
 @dataclass
 class PrecisionPlan:
     """Node name (or pattern) -> precision, with a default for every other node."""
@@ -73,6 +109,10 @@ class PrecisionPlan:
                     raise QuantkitError(f"plan entry {key!r} is not a valid regular expression: {exc}") from None
 
     # ---- resolution ------------------------------------------------------------------------
+    def names(self, node_name: str) -> bool:
+        """Whether an entry of the plan (a name or a pattern) speaks for this node."""
+        return any(key == node_name if not _is_pattern(key) else _matches(key, node_name) for key in self.nodes)
+
     def precision_of(self, node_name: str) -> str:
         if node_name in self.nodes and not _is_pattern(node_name):
             return self.nodes[node_name]

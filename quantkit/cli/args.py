@@ -15,6 +15,7 @@ from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import CHECK_SAMPLES, MIN_SQNR_DB, FidelityError, check_fidelity, check_samples
 from quantkit.model import ModelInfo
 from quantkit.options import DataOptions, ScaleOut
+from quantkit.plan import NodeFilter
 from quantkit.ranges import RangeSet
 
 T = TypeVar("T")
@@ -99,6 +100,28 @@ def preprocess_from_args(args: argparse.Namespace) -> PreprocessSpec:
     else:
         base = PreprocessSpec()
     return base.merged({k: getattr(args, k) for k in PREPROCESS_FLAGS})
+
+
+def add_filter_args(parser: argparse.ArgumentParser) -> None:
+    """Which nodes may be quantized (a --plan's own entries win where both speak)."""
+    group = parser.add_argument_group("which nodes are quantized (a --plan's entries win over these)")
+    group.add_argument("--op-types", help="comma list: quantize only these op types, e.g. Conv,Gemm")
+    group.add_argument("--exclude-op-types", help="comma list of op types to keep in float, e.g. MatMul")
+    group.add_argument("--nodes", action="append", help="regular expression over ONNX node names: quantize only matches (repeatable)")
+    group.add_argument("--exclude-nodes", action="append", help="regular expression over ONNX node names to keep in float (repeatable)")
+    group.add_argument(
+        "--quantize-attention",
+        action="store_true",
+        help="TensorRT placement: also quantize the attention core (Q.K^T and attention.V MatMuls), kept float by default",
+    )
+
+
+def filters_from_args(args: argparse.Namespace) -> NodeFilter | None:
+    def items(text: str | None) -> tuple[str, ...]:
+        return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+    found = NodeFilter(items(args.op_types), items(args.exclude_op_types), tuple(args.nodes or ()), tuple(args.exclude_nodes or ()))
+    return None if found.empty else found
 
 
 def add_objective_args(parser: argparse.ArgumentParser, several: bool) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from quantkit._io import check_output_file, write_bytes_atomic
-from quantkit.cli.args import add_check_args, verify
+from quantkit.cli.args import add_check_args, add_filter_args, filters_from_args, verify
 from quantkit.errors import QuantkitError
 from quantkit.export.apply import apply_plan
 from quantkit.model import load_model
@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight precision (default: 7 for onnxruntime, safe on CPUs without VNNI; 8 for tensorrt)",
     )
     p.add_argument("--trt-version", help="with --from-cache: warn when the cache was written for another TensorRT version")
+    add_filter_args(p)
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
     add_check_args(p)
 
@@ -62,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
         allow_missing = args.allow_missing
     plan = PrecisionPlan.load(args.plan) if args.plan else None
     applied = apply_plan(
-        model, ranges, plan, ExportOptions(args.method, args.target, allow_missing, args.weight_bits), range_aware_fp16=bool(args.ranges)
+        model,
+        ranges,
+        plan,
+        ExportOptions(args.method, args.target, allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention),
+        range_aware_fp16=bool(args.ranges),
     )
     quantized, report = applied.model, applied.quantize
     if args.from_cache and report.missing_ranges:

@@ -47,6 +47,8 @@ def apply_plan(
         target=options.target,
         allow_missing=options.allow_missing,
         weight_bits=options.weight_bits,
+        filters=options.filters,
+        quantize_attention=options.quantize_attention,
     )
     if plan is None:
         return AppliedPlan(q, report)

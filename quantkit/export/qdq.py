@@ -34,7 +34,7 @@ from quantkit.errors import QuantkitError
 from quantkit.graph.passes import fold_batchnorm
 from quantkit.model import ModelInfo, effective_outputs
 from quantkit.optypes import ALREADY_QUANTIZED_OPS, EPILOGUE_OPS, ORT_INT8_OPS, WEIGHTED_OPS
-from quantkit.plan import PrecisionPlan
+from quantkit.plan import NodeFilter, PrecisionPlan
 from quantkit.ranges import RangeSet, amax_to_scale, ranges_from_scales
 
 TARGETS = ("tensorrt", "onnxruntime")
@@ -205,6 +205,45 @@ def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
     return None, ""
 
 
+#: ops that pass a tensor through between the attention MatMuls and the Softmax
+_ATTENTION_PASS = {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Dropout", "Identity"}
+
+
+def attention_matmuls(graph: gs.Graph) -> set[str]:
+    """The MatMuls of every attention core: MatMul(Q, K^T) -> [scale Mul/Div] -> [mask Add] ->
+    Softmax -> [Cast/Dropout/Reshape] -> MatMul(., V), both MatMuls with two activation inputs."""
+    found: set[str] = set()
+
+    def two_activations(node: gs.Node) -> bool:
+        return node.op == "MatMul" and len(node.inputs) == 2 and all(_const_values(t) is None for t in node.inputs)
+
+    for softmax in (n for n in graph.nodes if n.op == "Softmax"):
+        # back from the Softmax to the score MatMul, through scale, mask and layout ops
+        frontier, steps = [softmax.inputs[0]], 0
+        while frontier and steps < 8:
+            step = []
+            for tensor in frontier:
+                producer = tensor.inputs[0] if tensor.inputs else None
+                if producer is None:
+                    continue
+                if two_activations(producer):
+                    found.add(producer.name)
+                elif producer.op in _ATTENTION_PASS:
+                    step += [t for t in producer.inputs if _const_values(t) is None]
+            frontier, steps = step, steps + 1
+        # forward from the Softmax to the MatMul with V
+        frontier, steps = list(softmax.outputs[0].outputs), 0
+        while frontier and steps < 6:
+            step = []
+            for consumer in frontier:
+                if two_activations(consumer):
+                    found.add(consumer.name)
+                elif consumer.op in _ATTENTION_PASS:
+                    step += [c for out in consumer.outputs for c in out.outputs]
+            frontier, steps = step, steps + 1
+    return found
+
+
 def _check_not_quantized(proto: onnx.ModelProto) -> None:
     found = sorted({n.op_type for n in proto.graph.node if n.op_type in ALREADY_QUANTIZED_OPS})
     if found:
@@ -268,6 +307,8 @@ def quantize_model(
     allow_missing: bool = False,
     check_hash: bool = True,
     weight_bits: int | None = None,
+    filters: NodeFilter | None = None,
+    quantize_attention: bool = False,
 ) -> tuple[onnx.ModelProto, QuantizeReport]:
     """Return a Q/DQ copy of ``model`` and the report of what was quantized and what was not.
 
@@ -302,6 +343,7 @@ def quantize_model(
     # plain constants, so they are quantized per channel and never mistaken for activations
     graph.fold_constants(error_ok=True).cleanup()
     precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
+    attention = set() if quantize_attention or target != "tensorrt" else attention_matmuls(graph)
 
     # ---- pass 1: decide, per node, which inputs get Q/DQ -----------------------------------
     plans: dict[str, _NodePlan] = {}
@@ -316,6 +358,14 @@ def quantize_model(
             continue
         if precisions[node.name] != "int8":
             report.kept_float[node.name] = f"plan: {precisions[node.name]}"
+            continue
+        named = plan is not None and plan.names(node.name)  # the plan wins where it speaks
+        if not named and node.name in attention:
+            report.kept_float[node.name] = "attention core (TensorRT's MHA kernels choose its precision; --quantize-attention)"
+            continue
+        refusal = filters.refusal(node.name, node.op) if filters is not None and not named else ""
+        if refusal:
+            report.kept_float[node.name] = refusal
             continue
         if any(node.inputs[i].dtype not in (None, np.float32) for i in node_plan.activations):
             report.kept_float[node.name] = "activation is not float32"
