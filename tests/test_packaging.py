@@ -28,3 +28,13 @@ def test_an_extra_leaves_one_onnxruntime(extra, tmp_path):
     names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
     assert names & FLAVOURS == {"onnxruntime"}, sorted(names & FLAVOURS)
     assert {"modelopt": "nvidia-modelopt", "distributed": "ray"}[extra] in names
+
+
+def test_the_sdist_holds_what_make_test_needs(tmp_path):
+    import tarfile
+
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "-o", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=600)
+    names = {n.split("/", 1)[1] for n in tarfile.open(next(tmp_path.glob("*.tar.gz"))).getnames() if "/" in n}
+    for needed in ("Makefile", "tests/conftest.py", "tests/fakequant.py", "calib_data/demo_cnn.onnx", "quantkit/demo/calib.parquet"):
+        assert needed in names, needed
+    assert any(n.startswith("calib_data/mnist/calib/") for n in names)
