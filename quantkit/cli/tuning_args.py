@@ -27,9 +27,14 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     add_data_arg(p, "validation data; labels (a label column, npz key or folder names) give the task metric", old=("--val",))
     p.add_argument(
         "--method",
-        default="entropy",
-        help="calibration method whose ranges are used (default entropy); tune also takes auto: every method is calibrated "
-        "in one pass and the one whose all-INT8 model scores best is tuned",
+        default="auto" if tune else "entropy",
+        help="calibration method whose ranges are used"
+        + (
+            "; default auto: every method is calibrated in one pass (or read from --ranges) and the one whose all-INT8 model "
+            "scores best is tuned"
+            if tune
+            else " (default entropy)"
+        ),
     )
     p.add_argument("--target", choices=TARGETS, default="tensorrt", help="Q/DQ placement (default tensorrt)")
     add_objective_args(p, several=False)
