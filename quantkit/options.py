@@ -133,8 +133,11 @@ class ExportOptions:
     # TensorRT placement: the attention core (Q.K^T and attention.V MatMuls) stays float by
     # default, as TensorRT's fused MHA kernels choose their own precision
     quantize_attention: bool = False
+    format: str = "int8"  # or fp8: E4M3 Q/DQ for TensorRT (Hopper and later)
 
     def __post_init__(self) -> None:
+        if self.format not in ("int8", "fp8"):
+            raise QuantkitError(f"format must be int8 or fp8, got {self.format!r}", option="format")
         if self.target not in TARGETS:
             raise QuantkitError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}", option="target")
         if self.weight_bits not in (None, 7, 8):

@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight precision (default: 7 for onnxruntime, safe on CPUs without VNNI; 8 for tensorrt)",
     )
     p.add_argument("--trt-version", help="with --from-cache: warn when the cache was written for another TensorRT version")
+    p.add_argument(
+        "--format",
+        choices=["int8", "fp8"],
+        default="int8",
+        help="int8 (default), or fp8: E4M3 Q/DQ at opset 19, scales amax/448, for TensorRT on Hopper and later GPUs",
+    )
     add_filter_args(p)
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
     add_check_args(p)
@@ -66,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         model,
         ranges,
         plan,
-        ExportOptions(args.method, args.target, allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention),
+        ExportOptions(
+            args.method, args.target, allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention, args.format
+        ),
         range_aware_fp16=bool(args.ranges),
     )
     quantized, report = applied.model, applied.quantize

@@ -56,6 +56,12 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
             specs.append(VariantSpec(name, "file", path=Path(path)))
         elif item in ("fp32", "fp16", "modelopt"):
             specs.append(VariantSpec(item, item))
+        elif item.startswith("fp8"):
+            _, _, method = item.partition(":")
+            method = method or "entropy"
+            if method not in METHOD_NAMES:
+                raise QuantkitError(f"variant '{item}': use fp8:<{'|'.join(METHOD_NAMES)}>")
+            specs.append(VariantSpec(item, "fp8", method=method, target="tensorrt"))
         elif item.startswith("int8"):
             head, _, method = item.partition(":")
             target = head.partition("-")[2] or default_target
@@ -65,7 +71,8 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
             specs.append(VariantSpec(item, "int8", method=method, target=target))
         else:
             raise QuantkitError(
-                f"unknown variant '{item}'; use fp32, fp16, int8:<method>, int8-tensorrt:<method>, modelopt, or NAME=model.onnx"
+                f"unknown variant '{item}'; use fp32, fp16, int8:<method>, int8-tensorrt:<method>, fp8:<method>, modelopt, "
+                "or NAME=model.onnx"
             )
     if not any(s.kind == "fp32" for s in specs):
         specs.insert(0, VariantSpec("fp32", "fp32"))  # the baseline every other variant is compared with
@@ -127,8 +134,8 @@ def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path
                 fp16, _ = convert_fp16(model.proto)
                 onnx.save(fp16, str(path))
                 built[spec.name] = path
-            elif spec.kind == "int8":
-                q, _ = quantize_model(model, calibration.ranges(), method=spec.method, target=spec.target or "tensorrt")
+            elif spec.kind in ("int8", "fp8"):
+                q, _ = quantize_model(model, calibration.ranges(), method=spec.method, target=spec.target or "tensorrt", fmt=spec.kind)
                 onnx.save(q, str(path))
                 built[spec.name] = path
             elif spec.kind == "modelopt":

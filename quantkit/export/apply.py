@@ -49,6 +49,7 @@ def apply_plan(
         weight_bits=options.weight_bits,
         filters=options.filters,
         quantize_attention=options.quantize_attention,
+        fmt=options.format,
     )
     if plan is None:
         return AppliedPlan(q, report)

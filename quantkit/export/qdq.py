@@ -23,9 +23,11 @@ Graph edits go through onnx-graphsurgeon's IR. Every decision is recorded in a
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -39,6 +41,9 @@ from quantkit.ranges import RangeSet, amax_to_scale, ranges_from_scales
 
 TARGETS = ("tensorrt", "onnxruntime")
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis)
+FP8_OPSET = 19  # float8 types in QuantizeLinear/DequantizeLinear
+FP8_MAX = 448.0  # E4M3's largest finite value
+FORMATS = ("int8", "fp8")
 
 
 @dataclass
@@ -51,6 +56,7 @@ class QuantizeReport:
     activation_params: dict[str, tuple[float, int]] = field(default_factory=dict)  # tensor -> (scale, zero point)
     weight_scales: dict[str, np.ndarray] = field(default_factory=dict)  # initializer -> per-channel scales
     weight_bits: int = 8
+    format: str = "int8"  # or fp8 (E4M3, TensorRT)
     kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it was left in float
     missing_ranges: list[str] = field(default_factory=list)
     float_op_counts: dict[str, int] = field(default_factory=dict)  # op types with no int8 placement
@@ -59,15 +65,16 @@ class QuantizeReport:
 
     def summary(self) -> str:
         lines = [
-            f"{len(self.int8_nodes)} node(s) quantized for {self.target} ({self.method} ranges): "
-            f"{len(self.activation_params)} activation Q/DQ, {len(self.weight_scales)} int8 weight tensor(s)"
+            f"{len(self.int8_nodes)} node(s) quantized to {self.format} for {self.target} ({self.method} ranges): "
+            f"{len(self.activation_params)} activation Q/DQ, {len(self.weight_scales)} {self.format} weight tensor(s)"
             + (" (7-bit values)" if self.weight_bits == 7 else "")
         ]
         if self.folded_batchnorms:
             n = len(self.folded_batchnorms)
             lines.append(f"folded {n} BatchNormalization/bias node(s) into their Conv (onnxruntime fuses Conv+Q/DQ only then)")
         if self.opset_converted_from is not None:
-            lines.append(f"converted the model from opset {self.opset_converted_from} to {MIN_OPSET} (per-channel Q/DQ needs it)")
+            to = FP8_OPSET if self.format == "fp8" else MIN_OPSET
+            lines.append(f"converted the model from opset {self.opset_converted_from} to {to} ({self.format} Q/DQ needs it)")
         if self.kept_float:
             reasons = Counter(self.kept_float.values())
             lines.append("left in float: " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
@@ -250,8 +257,8 @@ def _check_not_quantized(proto: onnx.ModelProto) -> None:
         raise QuantkitError(f"the model is already quantized (it has {', '.join(found)} nodes); quantize its FP32 original instead")
 
 
-def prepare_model(model: ModelInfo | onnx.ModelProto) -> tuple[onnx.ModelProto, int | None]:
-    """A copy of the model with every node named (plans and reports key on names) at opset >= 13."""
+def prepare_model(model: ModelInfo | onnx.ModelProto, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, int | None]:
+    """A copy of the model with every node named (plans and reports key on names) at opset >= ``min_opset``."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto if isinstance(model, ModelInfo) else model)
     _check_not_quantized(proto)
@@ -265,12 +272,12 @@ def prepare_model(model: ModelInfo | onnx.ModelProto) -> tuple[onnx.ModelProto, 
             used.add(name)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     converted = None
-    if opset < MIN_OPSET:
+    if opset < min_opset:
         try:
-            proto = onnx.version_converter.convert_version(proto, MIN_OPSET)
+            proto = onnx.version_converter.convert_version(proto, min_opset)
         except Exception as exc:  # noqa: BLE001 - the converter raises many types
             raise QuantkitError(
-                f"cannot convert the model from opset {opset} to {MIN_OPSET} ({exc}); re-export it with opset >= 13"
+                f"cannot convert the model from opset {opset} to {min_opset} ({exc}); re-export it with opset >= {min_opset}"
             ) from None
         converted = opset
     return proto, converted
@@ -309,6 +316,7 @@ def quantize_model(
     weight_bits: int | None = None,
     filters: NodeFilter | None = None,
     quantize_attention: bool = False,
+    fmt: str = "int8",
 ) -> tuple[onnx.ModelProto, QuantizeReport]:
     """Return a Q/DQ copy of ``model`` and the report of what was quantized and what was not.
 
@@ -317,6 +325,10 @@ def quantize_model(
     into int16 on CPUs without VNNI (AVX2), which saturates for 8-bit weights (255 * 127 * 2 >
     32767; on an AVX2 EPYC the demo's INT8 fell from 32 to 13 dB SQNR). 8 for TensorRT.
     """
+    if fmt not in FORMATS:
+        raise QuantkitError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", option="format")
+    if fmt == "fp8" and target != "tensorrt":
+        raise QuantkitError("fp8 is a TensorRT format (Hopper and later GPUs): use --target tensorrt", option="format")
     weight_bits = default_weight_bits(target) if weight_bits is None else weight_bits
     if weight_bits not in (7, 8):
         raise QuantkitError(f"weight_bits must be 7 or 8, got {weight_bits!r}", option="weight_bits")
@@ -327,8 +339,8 @@ def quantize_model(
     _check_not_quantized(model.proto if isinstance(model, ModelInfo) else model)
     if check_hash and isinstance(model, ModelInfo):
         ranges.check_model(model.path, model.sha256)
-    proto, converted = prepare_model(model)
-    report = QuantizeReport(target=target, method=method, opset_converted_from=converted, weight_bits=weight_bits)
+    proto, converted = prepare_model(model, FP8_OPSET if fmt == "fp8" else MIN_OPSET)
+    report = QuantizeReport(target=target, method=method, opset_converted_from=converted, weight_bits=weight_bits, format=fmt)
     if plan is not None:  # validate against the model's own node names, before any folding
         plan.resolve([n.name for n in proto.graph.node])
     # where each op's int8 kernel would requantize (computed before BN folding; the folded Conv
@@ -398,11 +410,15 @@ def quantize_model(
     # ---- pass 2: insert Q/DQ pairs and int8 weights ----------------------------------------
     act_dq: dict[str, gs.Variable] = {}
     weight_dq: dict[tuple[str, int], gs.Variable] = {}
-    qtype = np.int8 if target == "tensorrt" else np.uint8
+    qtype = np.dtype(ml_dtypes.float8_e4m3fn) if fmt == "fp8" else np.int8 if target == "tensorrt" else np.uint8
 
     def activation(tensor: gs.Variable) -> gs.Variable:
         if tensor.name not in act_dq:
-            scale, zp = _activation_params(ranges, range_of.get(tensor.name, tensor.name), method, target)
+            source = range_of.get(tensor.name, tensor.name)
+            if fmt == "fp8":  # E4M3: amax maps to 448, its largest finite value
+                scale, zp = fp8_scale(ranges.tensors[source].amax[method]), 0
+            else:
+                scale, zp = _activation_params(ranges, source, method, target)
             report.activation_params[tensor.name] = (scale, zp)
             s = gs.Constant(f"{tensor.name}_scale", np.array(scale, dtype=np.float32))
             z = gs.Constant(f"{tensor.name}_zero_point", np.array(zp, dtype=qtype))
@@ -417,14 +433,18 @@ def quantize_model(
         key = (tensor.name, axis)
         if key not in weight_dq:
             w = np.asarray(_const_values(tensor), dtype=np.float32)
-            scales = per_channel_scales(w, axis, levels)
             shape = [1] * w.ndim
             shape[axis] = -1
-            q = np.clip(np.round(w / scales.reshape(shape)), -levels, levels).astype(np.int8)
+            if fmt == "fp8":
+                scales = per_channel_scales(w, axis, 1) / np.float32(FP8_MAX)  # max|w| per channel maps to 448
+                q = fp8_values(w / scales.reshape(shape))
+            else:
+                scales = per_channel_scales(w, axis, levels)
+                q = np.clip(np.round(w / scales.reshape(shape)), -levels, levels).astype(np.int8)
             report.weight_scales[tensor.name] = scales
             qc = gs.Constant(f"{tensor.name}_quantized", q)
             s = gs.Constant(f"{tensor.name}_scale", scales)
-            z = gs.Constant(f"{tensor.name}_zero_point", np.zeros(scales.shape, dtype=np.int8))
+            z = gs.Constant(f"{tensor.name}_zero_point", np.zeros(scales.shape, dtype=qtype if fmt == "fp8" else np.int8))
             dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=list(w.shape))
             graph.nodes.append(
                 gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq], attrs={"axis": axis})
@@ -500,6 +520,17 @@ def ranges_from_qdq(model: onnx.ModelProto) -> RangeSet:
 def default_weight_bits(target: str) -> int:
     """7 for onnxruntime (no int16 saturation on CPUs without VNNI), 8 for TensorRT."""
     return 7 if target == "onnxruntime" else 8
+
+
+def fp8_scale(amax: float) -> float:
+    """The per-tensor E4M3 scale TensorRT and ModelOpt use: amax / 448 (a float32, never 0)."""
+    scale = float(np.float32(amax / FP8_MAX))
+    return scale if math.isfinite(scale) and scale >= float(np.finfo(np.float32).tiny) else 1.0
+
+
+def fp8_values(x: np.ndarray) -> np.ndarray:
+    """float32 -> E4M3 (round to nearest even), saturated at +-448 as QuantizeLinear does."""
+    return np.clip(x, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
 def per_channel_scales(w: np.ndarray, axis: int, levels: int = 127) -> np.ndarray:
