@@ -6,9 +6,12 @@ import argparse
 from pathlib import Path
 
 from quantkit._io import check_output_file, write_bytes_atomic
-from quantkit.cli.args import add_check_args, add_filter_args, filters_from_args, verify
+from quantkit.cli.args import add_check_args, add_filter_args, filters_from_args, positive_int, preprocess_from_args, verify
+from quantkit.data.batching import batches, fixed_batch
+from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.export.apply import apply_plan
+from quantkit.export.int4 import quantize_int4_weights
 from quantkit.model import load_model
 from quantkit.options import TARGETS, ExportOptions
 from quantkit.plan import PrecisionPlan
@@ -18,7 +21,7 @@ from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_c
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="FP32 ONNX model")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--ranges", help="ranges.json from quantkit calibrate")
     src.add_argument("--from-cache", help="a TensorRT calibration cache (TensorRT <= 10) to migrate to Q/DQ")
     p.add_argument("--method", help="which method's ranges (default: the first in ranges.json)")
@@ -39,17 +42,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt-version", help="with --from-cache: warn when the cache was written for another TensorRT version")
     p.add_argument(
         "--format",
-        choices=["int8", "fp8"],
+        choices=["int8", "fp8", "int4-weights"],
         default="int8",
-        help="int8 (default), or fp8: E4M3 Q/DQ at opset 19, scales amax/448, for TensorRT on Hopper and later GPUs",
+        help="int8 (default); fp8: E4M3 Q/DQ at opset 19, scales amax/448, for TensorRT on Hopper and later GPUs; "
+        "int4-weights: MatMul/Gemm weights only, block-wise int4 (opset 21), no ranges needed (--data weighs the clip search)",
     )
+    p.add_argument("--block-size", type=positive_int, default=128, help="int4-weights: weights per block along K (default 128)")
     add_filter_args(p)
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
     add_check_args(p)
 
 
+def _int4(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    calibration = None
+    if args.data:
+        spec = preprocess_from_args(args)
+        source = open_source(args.data, model, spec, shuffle=False)
+        calibration = batches(source, model, fixed_batch(model) or 16)  # streamed: the moments need no sample in memory
+    quantized, report = quantize_int4_weights(model, block_size=args.block_size, calibration=calibration)
+    verify(args, model, quantized)
+    out = write_bytes_atomic(Path(args.output), quantized.SerializeToString())
+    if not args.quiet:
+        print(report.summary())
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, FP32 was {model.path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, args.model, args.ranges, args.from_cache, args.plan)
+    if args.format == "int4-weights":
+        if args.ranges or args.from_cache or args.plan:
+            raise QuantkitError("int4-weights quantizes weights only: it takes no --ranges, --from-cache or --plan", option="format")
+        return _int4(args)
+    if not (args.ranges or args.from_cache):
+        raise QuantkitError("give --ranges ranges.json (from quantkit calibrate) or --from-cache CACHE", option="ranges")
     model = load_model(args.model)
     warnings: list[str] = []
     if args.from_cache:

@@ -25,6 +25,7 @@ from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.export.fp16 import convert_fp16
+from quantkit.export.int4 import quantize_int4_weights
 from quantkit.export.qdq import quantize_model
 from quantkit.model import ModelInfo
 from quantkit.ranges import RangeSet
@@ -54,7 +55,7 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
         if "=" in item:
             name, path = item.split("=", 1)
             specs.append(VariantSpec(name, "file", path=Path(path)))
-        elif item in ("fp32", "fp16", "modelopt"):
+        elif item in ("fp32", "fp16", "modelopt", "int4w"):
             specs.append(VariantSpec(item, item))
         elif item.startswith("fp8"):
             _, _, method = item.partition(":")
@@ -71,7 +72,7 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
             specs.append(VariantSpec(item, "int8", method=method, target=target))
         else:
             raise QuantkitError(
-                f"unknown variant '{item}'; use fp32, fp16, int8:<method>, int8-tensorrt:<method>, fp8:<method>, modelopt, "
+                f"unknown variant '{item}'; use fp32, fp16, int8:<method>, int8-tensorrt:<method>, fp8:<method>, int4w, modelopt, "
                 "or NAME=model.onnx"
             )
     if not any(s.kind == "fp32" for s in specs):
@@ -136,6 +137,10 @@ def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path
                 built[spec.name] = path
             elif spec.kind in ("int8", "fp8"):
                 q, _ = quantize_model(model, calibration.ranges(), method=spec.method, target=spec.target or "tensorrt", fmt=spec.kind)
+                onnx.save(q, str(path))
+                built[spec.name] = path
+            elif spec.kind == "int4w":  # weight-only: no ranges; the clip search weighs channels alike
+                q, _ = quantize_int4_weights(model)
                 onnx.save(q, str(path))
                 built[spec.name] = path
             elif spec.kind == "modelopt":
