@@ -25,7 +25,11 @@ INSTALL_HINTS: dict[str, tuple[str, str]] = {
         "TensorRT",
         f"pip install tensorrt (the {DIST_NAME}[gpu] extra; its libraries come from NVIDIA's index) on a machine with an NVIDIA GPU",
     ),
-    "modelopt": ("nvidia-modelopt", f'pip install "nvidia-modelopt[onnx]" (the {DIST_NAME}[modelopt] extra; a CUDA torch, about 7 GB)'),
+    "modelopt": (
+        "nvidia-modelopt",
+        f'pip install ".[modelopt]" in the {DIST_NAME} source (ModelOpt and its ONNX requirements without the second '
+        "onnxruntime that nvidia-modelopt[onnx] would add; a CUDA torch, about 7 GB)",
+    ),
     "yaml": ("PyYAML", "pip install pyyaml"),
     "datasets": ("Hugging Face datasets", "pip install datasets"),
     "onnxruntime_gpu": (

@@ -109,7 +109,7 @@ def test_report_covers_every_variant_and_validates(demo_report):
         v = by_name[name]
         assert v["error"] is None and v["metrics"]["top1"] >= fp32 - 0.01
         assert v["latency"]["batch1_p50_ms"] > 0 and v["size_bytes"] < by_name["fp32"]["size_bytes"]
-    assert by_name["modelopt"]["error"].startswith('nvidia-modelopt is not installed: pip install "nvidia-modelopt[onnx]"')
+    assert by_name["modelopt"]["error"].startswith('nvidia-modelopt is not installed: pip install ".[modelopt]"')
     assert any("int8-tensorrt:entropy is not faster than fp16" in f for f in doc["flags"])
     md = (out / "report.md").read_text()
     assert "| int8:mse |" in md and "modelopt" in md
