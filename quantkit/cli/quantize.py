@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
+import onnx
+
 from quantkit._io import check_output_file, write_bytes_atomic
+from quantkit.api import calibrate
 from quantkit.cli.args import add_check_args, add_filter_args, filters_from_args, positive_int, preprocess_from_args, verify
 from quantkit.data.batching import batches, fixed_batch
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.export.apply import apply_plan
 from quantkit.export.int4 import quantize_int4_weights
+from quantkit.export.smoothquant import smooth_model
 from quantkit.model import load_model
-from quantkit.options import TARGETS, ExportOptions
+from quantkit.options import TARGETS, CalibrationOptions, DataOptions, ExportOptions
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_cache
@@ -47,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="int8 (default); fp8: E4M3 Q/DQ at opset 19, scales amax/448, for TensorRT on Hopper and later GPUs; "
         "int4-weights: MatMul/Gemm weights only, block-wise int4 (opset 21), no ranges needed (--data weighs the clip search)",
     )
+    p.add_argument(
+        "--smoothquant",
+        action="store_true",
+        help="SmoothQuant before INT8/FP8: needs --data (channel maxima, then calibration of the smoothed model with --method)",
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength in [0, 1] (default 0.5)")
     p.add_argument("--block-size", type=positive_int, default=128, help="int4-weights: weights per block along K (default 128)")
     add_filter_args(p)
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
@@ -69,12 +80,43 @@ def _int4(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smoothquant(args: argparse.Namespace) -> int:
+    """Smooth, calibrate the smoothed model on the same data, quantize it, check it, write it."""
+    if not args.data or args.ranges or args.from_cache:
+        raise QuantkitError("--smoothquant calibrates the smoothed model itself: give --data, not --ranges or --from-cache", option="data")
+    model = load_model(args.model)
+    spec = preprocess_from_args(args)
+    smoothed, report = smooth_model(
+        model, batches(open_source(args.data, model, spec, shuffle=False), model, fixed_batch(model) or 16), args.alpha
+    )
+    with tempfile.TemporaryDirectory(prefix="quantkit-sq-") as tmp:
+        path = Path(tmp) / model.path.name
+        onnx.save(smoothed, str(path))
+        smoothed_info = load_model(path)
+        method = args.method or "entropy"
+        ranges = calibrate(smoothed_info, args.data, CalibrationOptions(methods=method), data_options=DataOptions(preprocess=spec)).ranges
+        plan = PrecisionPlan.load(args.plan) if args.plan else None
+        options = ExportOptions(
+            method, args.target, args.allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention, args.format
+        )
+        applied = apply_plan(smoothed_info, ranges, plan, options)
+        verify(args, model, applied.model)  # against the original FP32 model, on the same samples
+    out = write_bytes_atomic(Path(args.output), applied.model.SerializeToString())
+    if not args.quiet:
+        print(report.summary())
+        print(applied.quantize.summary())
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, args.model, args.ranges, args.from_cache, args.plan)
     if args.format == "int4-weights":
         if args.ranges or args.from_cache or args.plan:
             raise QuantkitError("int4-weights quantizes weights only: it takes no --ranges, --from-cache or --plan", option="format")
         return _int4(args)
+    if args.smoothquant:
+        return _smoothquant(args)
     if not (args.ranges or args.from_cache):
         raise QuantkitError("give --ranges ranges.json (from quantkit calibrate) or --from-cache CACHE", option="ranges")
     model = load_model(args.model)

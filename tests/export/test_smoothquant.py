@@ -1,0 +1,113 @@
+"""SmoothQuant: the smoothed FP32 model computes the original function, outlier channels shrink,
+and INT8 on the smoothed model is closer to FP32 than INT8 without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import float_model, save
+from onnx import helper, numpy_helper
+
+import quantkit
+from quantkit.backends.ort import make_session
+from quantkit.data import batches, open_source
+from quantkit.evaluation.metrics import sqnr_db
+from quantkit.export.qdq import quantize_model
+from quantkit.export.smoothquant import smooth_model
+
+S, D, F = 16, 64, 32
+
+
+def block(producer: str = "ln"):
+    """x -> LayerNorm (or a gain Mul and Relu) with outlier channels -> three projections sharing it -> sum."""
+    rng = np.random.default_rng(0)
+    gamma = np.ones(D, np.float32)
+    gamma[[3, 17, 40]] = 40.0  # outlier channels, as LayerNorm outputs of real transformers have
+    inits = [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(np.full(D, 0.1, np.float32), "beta")]
+    inits += [numpy_helper.from_array(rng.normal(scale=0.2, size=(D, F)).astype(np.float32), f"w{k}") for k in range(3)]
+    inits.append(numpy_helper.from_array(gamma, "channel_gain"))
+    if producer == "ln":
+        nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, name="ln")]
+    else:
+        nodes = [helper.make_node("Mul", ["x", "channel_gain"], ["g"], name="gain"), helper.make_node("Relu", ["g"], ["h"], name="relu")]
+    nodes += [helper.make_node("MatMul", ["h", f"w{k}"], [f"p{k}"], name=f"proj{k}") for k in range(3)]
+    nodes += [helper.make_node("Add", ["p0", "p1"], ["a"], name="sum0"), helper.make_node("Add", ["a", "p2"], ["y"], name="sum1")]
+    return float_model(nodes, {"x": ["N", S, D]}, {"y": ["N", S, F]}, inits)
+
+
+def gemm_block():
+    rng = np.random.default_rng(1)
+    w = rng.normal(scale=0.2, size=(F, D)).astype(np.float32)  # stored [N, K]: transB=1
+    gain = np.ones(D, np.float32)
+    gain[5] = 50.0
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(gain, "gain")]
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["h"], name="scale_in"),
+        helper.make_node("Gemm", ["h", "w"], ["y"], name="fc", transB=1),
+    ]
+    return float_model(nodes, {"x": ["N", D]}, {"y": ["N", F]}, inits)
+
+
+def data(tmp_path, shape, name="x.npy"):
+    np.save(tmp_path / name, np.random.default_rng(2).normal(size=shape).astype(np.float32))
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(("producer", "folded"), [("ln", "LayerNormalization ln"), ("relu", "inserted Mul")])
+def test_the_smoothed_model_computes_the_original_function(tmp_path, producer, folded):
+    info = quantkit.load_model(save(block(producer), tmp_path / "b.onnx"))
+    x = data(tmp_path, (32, S, D))
+    smoothed, report = smooth_model(info, batches(open_source(x, info), info, 8), alpha=0.5)
+    assert report.smoothed["h"] == ["proj0", "proj1", "proj2"] and report.folded_into["h"] == folded
+    before, after = report.outlier_ratio["h"]
+    assert after < before / 3  # the outlier channels shrink
+    feeds = {"x": np.load(x)[:8]}
+    ref, got = make_session(info.proto).run(None, feeds)[0], make_session(smoothed).run(None, feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gemm_with_transposed_weight_and_a_folded_mul(tmp_path):
+    info = quantkit.load_model(save(gemm_block(), tmp_path / "g.onnx"))
+    x = data(tmp_path, (64, D))
+    smoothed, report = smooth_model(info, batches(open_source(x, info), info, 16))
+    assert report.folded_into["h"] == "Mul scale_in"
+    feeds = {"x": np.load(x)[:16]}
+    np.testing.assert_allclose(
+        make_session(smoothed).run(None, feeds)[0], make_session(info.proto).run(None, feeds)[0], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_int8_after_smoothing_is_closer_to_fp32(tmp_path):
+    path = save(block("ln"), tmp_path / "b.onnx")
+    info = quantkit.load_model(path)
+    x = data(tmp_path, (64, S, D))
+    smoothed, _ = smooth_model(info, batches(open_source(x, info), info, 8))
+    smoothed_path = tmp_path / "b.sq.onnx"
+    import onnx
+
+    onnx.save(smoothed, str(smoothed_path))
+    feeds = {"x": np.load(x)[:32]}
+    ref = make_session(info.proto).run(None, feeds)[0]
+    scores = {}
+    for name, p in (("plain", path), ("smoothed", smoothed_path)):
+        m = quantkit.load_model(p)
+        ranges = quantkit.calibrate(p, x, methods="minmax").ranges
+        q, _ = quantize_model(m, ranges, method="minmax", target="tensorrt")
+        scores[name] = sqnr_db(ref, make_session(q).run(None, feeds)[0])
+    print(f"INT8 SQNR against FP32: {scores}")
+    assert scores["smoothed"] > scores["plain"] + 3, scores
+
+
+def test_quantize_cli_smoothquant(tmp_path, capsys):
+    from quantkit.cli import main
+
+    model = save(block("ln"), tmp_path / "b.onnx")
+    x = data(tmp_path, (48, S, D))
+    out = tmp_path / "b.sq.int8.onnx"
+    assert main(["quantize", str(model), "--smoothquant", "--data", str(x), "--method", "minmax", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SmoothQuant (alpha 0.5): 3 MatMul/Gemm on 1 activation(s)" in text and "LayerNormalization ln" in text
+    feeds = {"x": np.load(x)[:16]}
+    ref = make_session(str(model)).run(None, feeds)[0]
+    assert sqnr_db(ref, make_session(str(out)).run(None, feeds)[0]) > 30
+    assert main(["quantize", str(model), "--smoothquant", "--ranges", str(x), "-o", str(out)]) == 2
