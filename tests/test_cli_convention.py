@@ -67,3 +67,11 @@ def test_old_flag_names_still_work_with_a_warning(tmp_path, capsys):
     assert (tmp_path / "c" / "ranges.json").exists()
     assert main(["eval", str(DEMO_MODEL), "--data", str(DEMO_CALIB), "--quiet"]) == 2
     assert "give --out-dir DIR" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_not_an_error():
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m quantkit doctor | head -1", shell=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("quantkit ") and "error" not in done.stderr.lower(), done.stderr

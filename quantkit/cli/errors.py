@@ -13,6 +13,7 @@ import importlib
 import io
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -107,6 +108,9 @@ def run_guarded(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (quantkit doctor | head): nothing is wrong, and nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"{command}: error:{where} {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
