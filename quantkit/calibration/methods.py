@@ -280,27 +280,46 @@ class MseCalibrator(Calibrator):
 
     name: ClassVar[str] = "mse"
 
+    def _grid(self) -> np.ndarray:
+        return np.arange(INT8_LEVELS + 1, dtype=np.float64) / INT8_LEVELS
+
     def _amax(self, hist: TensorHistogram) -> float:
         counts = hist.counts.astype(np.float64)
         counts[0] -= hist.zeros
         if not np.any(counts):
             return 0.0
         counts = counts[: int(np.flatnonzero(counts)[-1]) + 1]
-        used = counts.size
+        used, grid = counts.size, self._grid()
         # the objective is smooth in the threshold: a coarse pass over every `stride`-th edge,
         # then every edge around the coarse optimum
         stride = max(1, used // 512)
         coarse = np.unique(np.append(np.arange(1, used + 1, stride), used))
-        best = int(coarse[int(np.argmin(quantization_mse(counts, coarse)))])
+        best = int(coarse[int(np.argmin(grid_mse(counts, coarse, grid)))])
         fine = np.arange(max(1, best - stride), min(used, best + stride) + 1)
-        return int(fine[int(np.argmin(quantization_mse(counts, fine)))]) * hist.width
+        return int(fine[int(np.argmin(grid_mse(counts, fine, grid)))]) * hist.width
 
 
 def quantization_mse(counts: np.ndarray, cands: np.ndarray, levels: int = INT8_LEVELS) -> np.ndarray:
-    """Expected total squared error (bin-width units) of quantizing with threshold at each edge in ``cands``.
+    """Expected total squared error (bin-width units) of symmetric int8 quantization with its
+    threshold at each edge in ``cands`` (the grid 0, 1/127, ..., 1 of the threshold)."""
+    return grid_mse(counts, cands, np.arange(levels + 1, dtype=np.float64) / levels)
+
+
+def fp8_grid() -> np.ndarray:
+    """E4M3's non-negative finite values over its largest (448): 0, the subnormals, ..., 1."""
+    import ml_dtypes
+
+    values = np.arange(0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)  # 0x7F is NaN
+    return np.unique(values) / 448.0
+
+
+def grid_mse(counts: np.ndarray, cands: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Expected total squared error (bin-width units) of rounding to the nearest of ``grid`` (sorted
+    values in [0, 1], 0 and 1 included) scaled by each threshold in ``cands``, clipping above it.
 
     The density is ``counts[k]`` on [k, k+1). Moments M_p(x) = integral_0^x t^p f(t) dt come from
-    prefix sums over whole bins plus the partial bin at x.
+    prefix sums over whole bins plus the partial bin at x; each rounding cell (between midpoints of
+    neighbouring grid values) adds integral of (x - q)^2 f exactly.
     """
     n = counts.size
     k = np.arange(n, dtype=np.float64)
@@ -313,12 +332,12 @@ def quantization_mse(counts: np.ndarray, cands: np.ndarray, levels: int = INT8_L
         return [prefix[p][fl] + c * (x ** (p + 1) - fl.astype(np.float64) ** (p + 1)) / (p + 1) for p in range(3)]
 
     t = cands.astype(np.float64)[:, None]
-    s = t / levels
-    j = np.arange(levels + 1, dtype=np.float64)[None, :]  # quantization levels 0..127
-    bounds = np.concatenate([np.zeros_like(t), (j[:, 1:] - 0.5) * s, t], axis=1)  # cell edges
+    g = np.asarray(grid, dtype=np.float64)[None, :]
+    mids = (g[:, 1:] + g[:, :-1]) / 2
+    bounds = np.concatenate([np.zeros_like(t), mids * t, t], axis=1)  # cell edges
     cumulative = moments(bounds)
     m0, m1, m2 = (np.diff(m, axis=1) for m in cumulative)
-    q = j * s  # each cell's representative value
+    q = g * t  # each cell's representative value
     inside = (m2 - 2 * q * m1 + q * q * m0).sum(axis=1)
     tail0, tail1, tail2 = (prefix[p][n] - m[:, -1] for p, m in enumerate(cumulative))
     ct = t[:, 0]
@@ -326,11 +345,23 @@ def quantization_mse(counts: np.ndarray, cands: np.ndarray, levels: int = INT8_L
     return inside + clipped
 
 
+@dataclass(frozen=True)
+class MseFp8Calibrator(MseCalibrator):
+    """amax minimising the expected squared error of FP8 (E4M3) quantization, scale amax/448: the
+    error of E4M3's grid (dense near 0, coarse near its top), not int8's uniform one."""
+
+    name: ClassVar[str] = "mse-fp8"
+
+    def _grid(self) -> np.ndarray:
+        return fp8_grid()
+
+
 CALIBRATORS: dict[str, type[Calibrator]] = {
-    cls.name: cls for cls in (EntropyCalibrator, MinMaxCalibrator, PercentileCalibrator, MseCalibrator, EntropyTrtCalibrator)
+    cls.name: cls
+    for cls in (EntropyCalibrator, MinMaxCalibrator, PercentileCalibrator, MseCalibrator, EntropyTrtCalibrator, MseFp8Calibrator)
 }
 METHOD_NAMES = tuple(CALIBRATORS)
-#: what ``all`` computes (``entropy-trt`` is asked for by name: it is the reference, not a default)
+#: what ``all`` computes (``entropy-trt``, the reference, and ``mse-fp8``, for FP8, are asked for by name)
 ALL_METHODS = ("entropy", "minmax", "percentile", "mse")
 
 

@@ -147,3 +147,24 @@ def test_make_calibrators():
         make_calibrators("kl")
     with pytest.raises(QuantkitError):
         make_calibrators("percentile", percentile=120)
+
+
+def fp8_fake_quant(x, amax):
+    import ml_dtypes
+
+    scale = amax / 448.0
+    return np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * scale
+
+
+@pytest.mark.parametrize("name", list(DISTRIBUTIONS))
+def test_mse_fp8_matches_brute_force_on_the_fp8_grid(name):
+    from quantkit.calibration.methods import MseFp8Calibrator
+
+    x = DISTRIBUTIONS[name].astype(np.float32)[:30000]
+    h = hist_of(x)
+    amax = MseFp8Calibrator().compute_amax(h)
+    edges = np.arange(1, h.used_bins + 1, 4) * h.width
+    brute = np.array([np.mean((fp8_fake_quant(x, t) - x) ** 2) for t in edges])
+    assert np.mean((fp8_fake_quant(x, amax) - x) ** 2) <= brute.min() * 1.01
+    # FP8's grid is fine near zero: its best threshold clips far less than int8's
+    assert amax > MseCalibrator().compute_amax(h)
