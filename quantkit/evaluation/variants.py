@@ -27,7 +27,8 @@ from quantkit.errors import QuantkitError
 from quantkit.export.fp16 import convert_fp16
 from quantkit.export.int4 import quantize_int4_weights
 from quantkit.export.qdq import quantize_model
-from quantkit.model import ModelInfo
+from quantkit.export.smoothquant import smooth_model
+from quantkit.model import ModelInfo, load_model
 from quantkit.ranges import RangeSet
 
 MODELOPT_MISSING = f"nvidia-modelopt is not installed: {install_hint('modelopt')} to compare with ModelOpt"
@@ -63,6 +64,12 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
             if method not in METHOD_NAMES:
                 raise QuantkitError(f"variant '{item}': use fp8:<{'|'.join(METHOD_NAMES)}>")
             specs.append(VariantSpec(item, "fp8", method=method, target="tensorrt"))
+        elif item.startswith("int8-sq"):
+            _, _, method = item.partition(":")
+            method = method or "entropy"
+            if method not in METHOD_NAMES:
+                raise QuantkitError(f"variant '{item}': use int8-sq:<{'|'.join(METHOD_NAMES)}>")
+            specs.append(VariantSpec(item, "int8-sq", method=method, target="tensorrt"))
         elif item.startswith("int8"):
             head, _, method = item.partition(":")
             target = head.partition("-")[2] or default_target
@@ -72,8 +79,8 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
             specs.append(VariantSpec(item, "int8", method=method, target=target))
         else:
             raise QuantkitError(
-                f"unknown variant '{item}'; use fp32, fp16, int8:<method>, int8-tensorrt:<method>, fp8:<method>, int4w, modelopt, "
-                "or NAME=model.onnx"
+                f"unknown variant '{item}'; use fp32, fp16, int8:<method>, int8-tensorrt:<method>, fp8:<method>, "
+                "int8-sq:<method>, int4w, modelopt, or NAME=model.onnx"
             )
     if not any(s.kind == "fp32" for s in specs):
         specs.insert(0, VariantSpec("fp32", "fp32"))  # the baseline every other variant is compared with
@@ -139,6 +146,8 @@ def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path
                 q, _ = quantize_model(model, calibration.ranges(), method=spec.method, target=spec.target or "tensorrt", fmt=spec.kind)
                 onnx.save(q, str(path))
                 built[spec.name] = path
+            elif spec.kind == "int8-sq":
+                built[spec.name] = _smoothquant_variant(model, path, spec.method or "entropy", calibration)
             elif spec.kind == "int4w":  # weight-only: no ranges; the clip search weighs channels alike
                 q, _ = quantize_int4_weights(model)
                 onnx.save(q, str(path))
@@ -150,6 +159,24 @@ def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path
         except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the others
             built[spec.name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
     return built
+
+
+def _smoothquant_variant(model: ModelInfo, path: Path, method: str, calibration: CalibrationInput) -> Path:
+    """SmoothQuant on the calibration data, then the smoothed model calibrated and quantized (TensorRT placement)."""
+    if calibration.calib is None:
+        raise QuantkitError("the int8-sq variant needs calibration data (--calib): it smooths, then recalibrates")
+    stream = batches(open_source(calibration.calib, model, calibration.preprocess, shuffle=False), model, calibration.batch_size or 16)
+    smoothed, _ = smooth_model(model, stream)
+    smoothed_path = path.with_suffix(".smoothed.onnx")
+    onnx.save(smoothed, str(smoothed_path))
+    info = load_model(smoothed_path)
+    ranges = calibrate(
+        info, calibration.calib, methods=method, num_samples=calibration.num_samples, batch_size=calibration.batch_size,
+        preprocess=calibration.preprocess,
+    ).ranges  # fmt: skip
+    q, _ = quantize_model(info, ranges, method=method, target="tensorrt")
+    onnx.save(q, str(path))
+    return path
 
 
 def _modelopt_variant(model: ModelInfo, path: Path, calibration: CalibrationInput) -> Path | str:

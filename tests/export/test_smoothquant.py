@@ -111,3 +111,13 @@ def test_quantize_cli_smoothquant(tmp_path, capsys):
     ref = make_session(str(model)).run(None, feeds)[0]
     assert sqnr_db(ref, make_session(str(out)).run(None, feeds)[0]) > 30
     assert main(["quantize", str(model), "--smoothquant", "--ranges", str(x), "-o", str(out)]) == 2
+
+
+def test_int8_sq_is_an_eval_variant(tmp_path):
+    model = save(block("ln"), tmp_path / "b.onnx")
+    x = data(tmp_path, (48, S, D))
+    options = quantkit.EvalOptions(variants="fp32,int8-tensorrt:minmax,int8-sq:minmax", latency=False)
+    report = quantkit.evaluate(model, x, options, calib=x)
+    plain, smoothed = report.variant("int8-tensorrt:minmax"), report.variant("int8-sq:minmax")
+    assert smoothed.error is None and report.metric_names == ["cosine"]
+    assert smoothed.fidelity[0].sqnr_db > plain.fidelity[0].sqnr_db + 3
