@@ -58,18 +58,11 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
             specs.append(VariantSpec(name, "file", path=Path(path)))
         elif item in ("fp32", "fp16", "modelopt", "int4w"):
             specs.append(VariantSpec(item, item))
-        elif item.startswith("fp8"):
-            _, _, method = item.partition(":")
-            method = method or "entropy"
-            if method not in METHOD_NAMES:
-                raise QuantkitError(f"variant '{item}': use fp8:<{'|'.join(METHOD_NAMES)}>")
-            specs.append(VariantSpec(item, "fp8", method=method, target="tensorrt"))
-        elif item.startswith("int8-sq"):
-            _, _, method = item.partition(":")
-            method = method or "entropy"
-            if method not in METHOD_NAMES:
-                raise QuantkitError(f"variant '{item}': use int8-sq:<{'|'.join(METHOD_NAMES)}>")
-            specs.append(VariantSpec(item, "int8-sq", method=method, target="tensorrt"))
+        elif item.partition(":")[0] in ("fp8", "int8-sq"):  # TensorRT formats: one placement, a method's ranges
+            kind, _, method = item.partition(":")
+            if (method or "entropy") not in METHOD_NAMES:
+                raise QuantkitError(f"variant '{item}': use {kind}:<{'|'.join(METHOD_NAMES)}>")
+            specs.append(VariantSpec(item, kind, method=method or "entropy", target="tensorrt"))
         elif item.startswith("int8"):
             head, _, method = item.partition(":")
             target = head.partition("-")[2] or default_target
