@@ -56,6 +56,8 @@ class Objective:
     unit: str = "points"  # drops are in percentage points of a fraction, or in dB
     reason: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    # what makes a value meaningless on these samples (e.g. FP32 detects nothing): stats -> warning or ""
+    vacuous: Callable[[np.ndarray], str] | None = None
     spec: str = ""  # what ``objective()`` rebuilds it from (Ray workers do); "" for a Python callable
 
     def rebuildable(self) -> tuple[str, dict[str, Any]] | None:
@@ -100,6 +102,10 @@ class Measurement:
     value: float
     stats: np.ndarray
     objective: Objective
+
+    def warning(self) -> str:
+        """Why this value says nothing on these samples ("" when it does)."""
+        return self.objective.vacuous(self.stats) if self.objective.vacuous is not None and len(self.stats) else ""
 
     def noise(self, rounds: int = BOOTSTRAP_ROUNDS) -> float:
         """Bootstrap standard error of the value over samples, in the objective's unit (0 for one sample)."""
@@ -237,8 +243,9 @@ def detection_layout(shape: Sequence[int]) -> str | None:
     return "fields-first" if a == fields else "anchors-first"
 
 
-def decode_detections(head: np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300) -> list[np.ndarray]:
-    """Per sample, [M, 6] rows of x1, y1, x2, y2, score, class after class-aware NMS."""
+def decode_detections(head: np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300, max_candidates: int = 3000) -> list[np.ndarray]:
+    """Per sample, [M, 6] rows of x1, y1, x2, y2, score, class after class-aware NMS over the
+    ``max_candidates`` best-scoring anchors (a low ``conf`` must not make NMS quadratic in 20k anchors)."""
     layout = detection_layout(head.shape)
     if layout is None:
         raise QuantkitError(f"detection-f1 needs a YOLO-style head [N, 4+C, A] or [N, A, 4+C], got shape {list(head.shape)}")
@@ -248,7 +255,8 @@ def decode_detections(head: np.ndarray, conf: float, iou: float = 0.7, max_det: 
         cls_scores = sample[:, 4:]
         cls = cls_scores.argmax(1)
         score = cls_scores[np.arange(len(cls)), cls]
-        keep = score >= conf
+        keep = np.flatnonzero(score >= conf)
+        keep = keep[np.argsort(-score[keep], kind="stable")[:max_candidates]]
         box, score, cls = sample[keep, :4], score[keep], cls[keep]
         xyxy = np.stack([box[:, 0] - box[:, 2] / 2, box[:, 1] - box[:, 3] / 2, box[:, 0] + box[:, 2] / 2, box[:, 1] + box[:, 3] / 2], 1)
         picked = _nms(xyxy, score, cls, iou)[:max_det]
@@ -344,10 +352,20 @@ def _built_in(name: str, conf: float, threshold: float, reason: str) -> Objectiv
         return Objective(name, _sqnr_stats, _sqnr_value, unit="dB", reason=reason)
     if name == "mask-iou":
         _check_fraction(threshold, "mask_threshold")
-        return Objective(name, _mask_iou_stats(threshold), _mean_iou, uses_labels=True, reason=reason, params={"threshold": threshold})
+        return Objective(
+            name, _mask_iou_stats(threshold), _mean_iou, uses_labels=True, reason=reason, params={"threshold": threshold},
+            vacuous=lambda st: "" if st[:, st.shape[1] // 2 :].sum() > 0 else (
+                f"no pixel is above {threshold} in either mask on these samples: IoU says nothing; lower --mask-threshold"
+            ),
+        )  # fmt: skip
     if name == "detection-f1":
         _check_fraction(conf, "conf")
-        return Objective(name, _detection_stats(conf), _f1, uses_labels=True, reason=reason, params={"conf": conf})
+        return Objective(
+            name, _detection_stats(conf), _f1, uses_labels=True, reason=reason, params={"conf": conf},
+            vacuous=lambda st: "" if (st[:, 0] + st[:, 2]).sum() > 0 else (
+                f"the reference has no detection at conf {conf} on these samples: F1 says nothing; lower --conf or check the data"
+            ),
+        )  # fmt: skip
     if ":" in name:
         return replace(user_objective(name), spec=name)
     raise QuantkitError(

@@ -196,6 +196,8 @@ def evaluate(
                         ) from None
                     result.metrics[obj.name] = measured.value
                     result.noise[obj.name] = measured.noise()
+                    if spec_.kind == "fp32" and measured.warning():
+                        notes.append(f"{obj.name}: {measured.warning()}")
                 result.fidelity = [
                     fidelity(n, r, o, (options.slices or {}).get(n)) for n, r, o in zip(names, reference, outputs, strict=True)
                 ]

@@ -294,6 +294,8 @@ class PrecisionSearch:
 
     def run(self) -> TuneResult:
         self.messages.append(f"objective: {self.evaluator.objective.describe()}")
+        if self.evaluator.warning:
+            self.messages.append(f"warning: {self.evaluator.warning}")
         stopped = "done"
         try:
             self.search()

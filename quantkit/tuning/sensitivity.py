@@ -79,6 +79,7 @@ class Evaluator:
         if self.objective.needs_labels and self.labels is None:
             raise QuantkitError(f"the {self.objective.name} objective needs labels, and the validation data has none", option="metric")
         self.baseline = self.score_outputs(self.reference)
+        self.warning = self.objective.measure(self.reference, self.reference, self.labels).warning()
 
     def subset(self, samples: int) -> Evaluator:
         """An evaluator on ``samples`` samples spread evenly over the data (validation sets are often
@@ -399,7 +400,7 @@ def analyze(
         return (-round(gain, 6), -round(loss, 6), sqnr if not math.isnan(sqnr) else math.inf)
 
     result.sort(key=rank)
-    notes = [f"objective: {objective.describe()}"]
+    notes = [f"objective: {objective.describe()}"] + ([f"warning: {evaluator.warning}"] if evaluator.warning else [])
     if noise > 0:
         notes.append(
             f"the all-INT8 {objective.name} has a standard error of {noise:.2f} {objective.unit} over {evaluator.samples} samples: "

@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 import pytest
 from conftest import float_model, save
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.metrics import cosine, sqnr_db
 from quantkit.evaluation.objectives import choose_objective, decode_detections, match_counts, objective
+from quantkit.evaluation.run import evaluate
+from quantkit.options import EvalOptions
 
 C = 3  # classes of the synthetic heads
 
@@ -178,3 +180,26 @@ def test_eval_chooses_and_reports_detection_f1_and_runs_a_user_metric(tmp_path, 
     assert doc["variants"][0]["metrics"]["score_gap"] == 1.0 and doc["variants"][1]["noise"]["score_gap"] > 0
     assert main([*common, "--metric", "top1", "--out-dir", str(tmp_path / "x")]) == 2
     assert "needs labels" in capsys.readouterr().err
+
+
+def test_an_objective_that_says_nothing_is_flagged(tmp_path):
+    empty = yolo_head([[], []])  # FP32 detects nothing: every variant would score F1 1.0
+    measured = objective("detection-f1").measure([empty], [empty], None)
+    assert measured.value == 1.0 and "no detection at conf 0.25" in measured.warning()
+    assert objective("detection-f1").measure([yolo_head(SCENE)], [yolo_head(SCENE)], None).warning() == ""
+    dark = np.zeros((2, 1, 16, 16), np.float32)
+    assert "no pixel is above 0.5" in objective("mask-iou").measure([dark], [dark], None).warning()
+    # a low conf keeps NMS bounded: every anchor of a 21504-anchor head scores above 0
+    busy = np.random.default_rng(0).random((1, 15, 21504)).astype(np.float32) * 100
+    assert len(decode_detections(busy, 0.0)[0]) <= 300
+
+
+def test_eval_flags_a_detector_that_finds_nothing(tmp_path):
+    proto = detector_model()
+    for init in proto.graph.initializer:
+        if init.name == "b":
+            init.CopyFrom(numpy_helper.from_array(np.array([0, 0, -1, -1, -30, -30, -30], np.float32), "b"))
+    model = save(proto, tmp_path / "dark.onnx")
+    np.save(tmp_path / "val.npy", np.random.default_rng(0).normal(size=(6, 3, 32, 32)).astype(np.float32))
+    report = evaluate(model, tmp_path / "val.npy", EvalOptions(variants="fp32", latency=False))
+    assert any("detection-f1: the reference has no detection" in f for f in report.flags)
