@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quantkit.backends.ort import make_session, with_outputs
+from quantkit.backends.ort import ActivationRunner
 from quantkit.errors import QuantkitError
 from quantkit.export.qdq import prepare_model
 from quantkit.model import ModelInfo
@@ -83,14 +83,17 @@ def activation_moments(model: ModelInfo, tensors: Sequence[str], batches: Any) -
     wanted = list(dict.fromkeys(tensors))
     if not wanted:
         return {}
-    session = make_session(with_outputs(model.proto, wanted), source=model.path)
+    runner = ActivationRunner(model, wanted)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
-    for batch in batches:
-        for name, value in zip(wanted, session.run(wanted, batch.feeds), strict=True):
-            rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-            sums[name] = sums.get(name, 0.0) + np.sum(rows**2, axis=0)
-            counts[name] += len(rows)
+    try:
+        for batch in batches:
+            for name, value in runner.run(batch.feeds, batch.ids).items():
+                rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+                sums[name] = sums.get(name, 0.0) + np.sum(rows**2, axis=0)
+                counts[name] += len(rows)
+    finally:
+        runner.close()
     return {n: sums[n] / counts[n] for n in wanted if counts[n]}
 
 

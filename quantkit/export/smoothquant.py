@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantkit.backends.ort import make_session, with_outputs
+from quantkit.backends.ort import ActivationRunner
 from quantkit.errors import QuantkitError
 from quantkit.model import ModelInfo
 
@@ -46,13 +46,15 @@ class SmoothReport:
 
 def channel_absmax(model: ModelInfo, tensors: Sequence[str], batches: Iterable[Any]) -> dict[str, np.ndarray]:
     """max |x| per channel of the last axis, for each tensor, over every batch (one FP32 pass)."""
-    wanted = list(dict.fromkeys(tensors))
-    session = make_session(with_outputs(model.proto, wanted), source=model.path)
+    runner = ActivationRunner(model, list(dict.fromkeys(tensors)))
     found: dict[str, np.ndarray] = {}
-    for batch in batches:
-        for name, value in zip(wanted, session.run(wanted, batch.feeds), strict=True):
-            amax = np.abs(np.asarray(value, np.float64).reshape(-1, value.shape[-1])).max(axis=0)
-            found[name] = np.maximum(found[name], amax) if name in found else amax
+    try:
+        for batch in batches:
+            for name, value in runner.run(batch.feeds, batch.ids).items():
+                amax = np.abs(np.asarray(value, np.float64).reshape(-1, value.shape[-1])).max(axis=0)
+                found[name] = np.maximum(found[name], amax) if name in found else amax
+    finally:
+        runner.close()
     if not found:
         raise QuantkitError("SmoothQuant needs calibration data: the data yielded no batch", option="data")
     return found

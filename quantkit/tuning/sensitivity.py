@@ -27,7 +27,7 @@ from quantkit.data.batching import Batch, batches
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.metrics import sqnr_db, top1_agreement
-from quantkit.evaluation.objectives import BUILT_IN, SQNR_CAP_DB, Objective, choose_objective, format_value, from_callable
+from quantkit.evaluation.objectives import BUILT_IN, SQNR_CAP_DB, Measurement, Objective, choose_objective, format_value, from_callable
 from quantkit.evaluation.objectives import objective as objective_named
 from quantkit.evaluation.variants import CalibrationInput
 from quantkit.export.apply import apply_plan
@@ -78,8 +78,9 @@ class Evaluator:
         self.objective = resolve_objective(objective, self.reference, self.labels, **(objective_params or {}))
         if self.objective.needs_labels and self.labels is None:
             raise QuantkitError(f"the {self.objective.name} objective needs labels, and the validation data has none", option="metric")
-        self.baseline = self.score_outputs(self.reference)
-        self.warning = self.objective.measure(self.reference, self.reference, self.labels).warning()
+        measured = self.objective.measure(self.reference, self.reference, self.labels)
+        self.baseline = self._score(self.reference, measured)
+        self.warning = measured.warning()
 
     def subset(self, samples: int) -> Evaluator:
         """An evaluator on ``samples`` samples spread evenly over the data (validation sets are often
@@ -103,10 +104,6 @@ class Evaluator:
     def accuracy_name(self) -> str:
         return self.objective.name
 
-    @property
-    def metric(self) -> Objective:
-        return self.objective
-
     def _session(self, proto: onnx.ModelProto) -> Any:
         return make_session(proto, threads=self.threads, source=self.model.path)
 
@@ -116,7 +113,9 @@ class Evaluator:
         return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
 
     def score_outputs(self, outputs: list[np.ndarray]) -> Score:
-        measured = self.objective.measure(outputs, self.reference, self.labels)
+        return self._score(outputs, self.objective.measure(outputs, self.reference, self.labels))
+
+    def _score(self, outputs: list[np.ndarray], measured: Measurement) -> Score:
         agreement = top1_agreement(self.reference[0], outputs[0])
         return Score(measured.value, agreement, sqnr_db(self.reference[0], outputs[0]), noise=measured.noise())
 
