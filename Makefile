@@ -33,6 +33,7 @@ bench: install
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) bench/calibration.py --samples $(BENCH_SAMPLES)
 	$(PY) bench/quantize.py
+	$(PY) bench/ort_speed.py
 	$(PY) bench/optimize.py
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) bench/tuning.py

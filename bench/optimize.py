@@ -59,8 +59,15 @@ def bench_model(name: str, path: Path, x: np.ndarray) -> dict:
                 rounds[key].append(median_ms(sess, x[:batch], budget_s=0.5))
         for (variant, level), values in rounds.items():
             latency[f"{variant}|{level}|b{batch}"] = round(float(np.median(values)), 3)
+    # the TensorRT path: TensorRT fuses Conv+activation itself, so vertical fusion is left out
+    trt_passes = {"with merging": ["fold-bn", "horizontal", "concat"], "without merging": ["fold-bn", "concat"]}
+    tensorrt = {}
+    for label, passes in trt_passes.items():
+        _, trt_report = optimize_model(info, passes)
+        tensorrt[label] = {"onnx_nodes": sum(trt_report.steps[-1][1].values()), "estimate": trt_report.tensorrt_estimate}
     return {
         "model": name,
+        "tensorrt_path": tensorrt,
         "report": report.to_json(),
         "table": report.table(),
         "max_relative_difference": float(np.abs(got - ref).max() / np.abs(ref).max()),
@@ -87,6 +94,12 @@ def render(results: list[dict], command: str) -> str:
             r["table"],
             "",
             f"Outputs equal to the original within {r['max_relative_difference']:.1e} (relative).",
+            "",
+            "TensorRT path (`--skip vertical`): "
+            + "; ".join(
+                f"{label}: {t['onnx_nodes']} ONNX nodes, TensorRT estimate about {t['estimate']} layers"
+                for label, t in r["tensorrt_path"].items()
+            ),
             "",
         ]
         out += ["| onnxruntime graph optimizations | batch | original ms | optimized ms | speed-up |", "|---|---|---|---|---|"]

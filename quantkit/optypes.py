@@ -17,13 +17,14 @@ WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 QUANTIZABLE_OP_TYPES = frozenset(
     {
         "Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv",
-        "Add", "Concat", "Resize",
+        "Add", "Mul", "Concat", "Resize",
         "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
     }
 )  # fmt: skip
-#: Of these, Add counts only as a skip connection: both operands computed from the inputs
-#: (``x + 3`` inside hard-swish, or a bias add, is part of a fused pointwise epilogue).
-RESIDUAL_ONLY_OPS = frozenset({"Add"})
+#: Of these, Add and Mul count only with both operands computed from the inputs: a skip
+#: connection, or the product of hard-swish/SiLU/attention gates (onnxruntime's QLinearAdd and
+#: QLinearMul); ``x + 3`` inside hard-swish, or a bias add, is part of a fused pointwise epilogue.
+RESIDUAL_ONLY_OPS = frozenset({"Add", "Mul"})
 
 #: ops that an int8 kernel absorbs after a weighted op (BN and a constant bias Add fold into it;
 #: ReLU and Clip are removed by onnxruntime in front of a QuantizeLinear)
@@ -31,8 +32,14 @@ ABSORBED_OPS = frozenset({"BatchNormalization", "Relu", "Clip"})
 #: absorbed only when the other operand is a constant (a bias)
 CONSTANT_OPERAND_OPS = frozenset({"Add"})
 
-#: ops onnxruntime's CPU provider runs in int8 when Q/DQ surrounds them
-ORT_INT8_OPS = WEIGHTED_OPS | {"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"}
+#: ops onnxruntime's CPU provider runs in int8 when Q/DQ surrounds them (its QDQ selectors,
+#: onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.cc):
+#: QLinearConv/QLinearMatMul/QGemm, QLinearAdd/QLinearMul (two activations), QLinearConcat,
+#: QLinear(Global)AveragePool, and MaxPool, whose Q/DQ pair is dropped when both share one scale
+ORT_INT8_OPS = WEIGHTED_OPS | {"Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"}
+#: of these, the ops onnxruntime runs in int8 only when the output's scale is the input's (it drops
+#: the Q/DQ pair around them instead of having a QLinear kernel)
+ORT_SAME_SCALE_OPS = frozenset({"MaxPool"})
 
 #: a model holding any of these is already quantized
 ALREADY_QUANTIZED_OPS = frozenset(

@@ -5,7 +5,9 @@ names to execution providers (``runtime_providers``). Also:
 - ``ActivationRunner``: the model with chosen intermediate tensors exposed as outputs
   (``with_outputs``), as calibration and per-layer error need it;
 - ``build_ort``: the model with onnxruntime's graph optimizations applied and saved, plus the
-  session settings that ``eval`` and users' deployments load it with.
+  session settings that ``eval`` and users' deployments load it with;
+- ``optimized_graph_check``: which nodes of a Q/DQ model onnxruntime's CPU provider really runs as
+  integer kernels, and the float ops left between them.
 """
 
 from __future__ import annotations
@@ -202,6 +204,110 @@ class ActivationRunner:
     def close(self) -> None:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
+
+
+#: onnxruntime's integer kernels: what its QDQ selectors (qdq_selector_action_transformer.cc) fuse
+#: a DequantizeLinear -> op -> QuantizeLinear group into, and the integer ops of its contrib set
+INTEGER_KERNELS = frozenset(
+    {
+        "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+        "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
+        "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere", "QLinearReduceMean",
+        "DynamicQuantizeMatMul", "MatMulNBits", "NhwcMaxPool", "QLinearConvTranspose",
+    }
+)  # fmt: skip
+#: nodes that only change layout or shape: counted apart from float compute
+_LAYOUT_OPS = frozenset({"Transpose", "ReorderInput", "ReorderOutput", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Shape"})
+
+
+@dataclass
+class OptimizedGraphCheck:
+    """What onnxruntime's CPU provider runs once it has optimized a Q/DQ model: which nodes became
+    integer kernels, and which float ops are left between them (each one costs a DequantizeLinear
+    before it and a QuantizeLinear after it, and cuts the integer chain's NHWC layout)."""
+
+    integer_kernels: dict[str, int]
+    float_between: dict[str, int]  # float compute ops fed (through float ops) by a DQ and feeding a Q
+    quantize: int
+    dequantize: int
+    layout_changes: int  # Transpose / NCHWc reorders left in the optimized graph
+    float_nodes: int  # every float compute node of the optimized graph
+
+    def summary(self) -> str:
+        kernels = sum(self.integer_kernels.values())
+        between = sum(self.float_between.values())
+        lines = [
+            f"onnxruntime's optimized CPU graph: {kernels} integer kernel(s) ("
+            + ", ".join(f"{op} x{n}" for op, n in sorted(self.integer_kernels.items(), key=lambda kv: (-kv[1], kv[0])))
+            + f"), {self.quantize} QuantizeLinear + {self.dequantize} DequantizeLinear left, {self.layout_changes} layout change(s)"
+        ]
+        if between:
+            lines.append(
+                f"  {between} float op(s) run between integer kernels, each behind a DequantizeLinear and before a QuantizeLinear: "
+                + ", ".join(f"{op} x{n}" for op, n in sorted(self.float_between.items(), key=lambda kv: (-kv[1], kv[0])))
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "integer_kernels": dict(sorted(self.integer_kernels.items())),
+            "float_between_integer_kernels": dict(sorted(self.float_between.items())),
+            "quantize_linear": self.quantize,
+            "dequantize_linear": self.dequantize,
+            "layout_changes": self.layout_changes,
+            "float_nodes": self.float_nodes,
+        }
+
+
+def optimized_graph_check(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None) -> OptimizedGraphCheck:
+    """Load ``model`` the way a CPU deployment does (all graph optimizations), save onnxruntime's
+    optimized graph (``optimized_model_filepath``) and read what it made of the Q/DQ nodes."""
+    with tempfile.TemporaryDirectory(prefix="quantkit-ortopt-") as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        make_session(model, threads=threads, optimization="ORT_ENABLE_ALL", optimized_model_path=path)
+        optimized = onnx.load(str(path), load_external_data=False)
+    nodes = list(optimized.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def is_float(n: onnx.NodeProto) -> bool:
+        return n.op_type not in INTEGER_KERNELS and n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")
+
+    # float nodes reached from a DequantizeLinear, and float nodes that reach a QuantizeLinear
+    after_dq: set[int] = set()
+    stack = [c for n in nodes if n.op_type == "DequantizeLinear" for o in n.output for c in consumers.get(o, [])]
+    while stack:
+        n = stack.pop()
+        if id(n) in after_dq or not is_float(n):
+            continue
+        after_dq.add(id(n))
+        stack += [c for o in n.output for c in consumers.get(o, [])]
+    before_q: set[int] = set()
+    stack = [producer[i] for n in nodes if n.op_type == "QuantizeLinear" for i in n.input[:1] if i in producer]
+    while stack:
+        n = stack.pop()
+        if id(n) in before_q or not is_float(n):
+            continue
+        before_q.add(id(n))
+        stack += [producer[i] for i in n.input if i in producer]
+    between: dict[str, int] = {}
+    kernels: dict[str, int] = {}
+    for n in nodes:
+        if n.op_type in INTEGER_KERNELS:
+            kernels[n.op_type] = kernels.get(n.op_type, 0) + 1
+        elif id(n) in after_dq and id(n) in before_q and n.op_type not in _LAYOUT_OPS:
+            between[n.op_type] = between.get(n.op_type, 0) + 1
+    return OptimizedGraphCheck(
+        integer_kernels=kernels,
+        float_between=between,
+        quantize=sum(n.op_type == "QuantizeLinear" for n in nodes),
+        dequantize=sum(n.op_type == "DequantizeLinear" for n in nodes),
+        layout_changes=sum(n.op_type in ("Transpose", "ReorderInput", "ReorderOutput") for n in nodes),
+        float_nodes=sum(is_float(n) and n.op_type not in _LAYOUT_OPS for n in nodes),
+    )
 
 
 ORT_RUNTIMES = {"ort-cpu": "ort-cpu", "ort-cuda": "ort-cuda", "ort-tensorrt": "tensorrt"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -10,18 +11,21 @@ import onnx
 
 from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.api import calibrate
+from quantkit.backends.ort import optimized_graph_check
 from quantkit.cli.args import add_check_args, add_filter_args, filters_from_args, positive_int, preprocess_from_args, verify
 from quantkit.data.batching import batches, fixed_batch
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
+from quantkit.evaluation.check import check_samples
 from quantkit.export.apply import apply_plan
 from quantkit.export.int4 import quantize_int4_weights
 from quantkit.export.smoothquant import smooth_model
-from quantkit.model import load_model
+from quantkit.model import ModelInfo, load_model
 from quantkit.options import TARGETS, CalibrationOptions, DataOptions, ExportOptions
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_cache
+from quantkit.tuning.speed import SpeedChoice, fastest_placement
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength in [0, 1] (default 0.5)")
     p.add_argument("--block-size", type=positive_int, default=128, help="int4-weights: weights per block along K (default 128)")
+    p.add_argument(
+        "--measure-speed",
+        metavar="BATCHES",
+        help="onnxruntime target: time int8 against float on this CPU, kernel group by group (depthwise, 1x1 and other "
+        "convs, MatMul/Gemm, other int8 ops), at these batch sizes (e.g. 1,32), and keep in float the groups whose int8 "
+        "kernels are slower here",
+    )
     add_filter_args(p)
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
     add_check_args(p)
@@ -137,15 +148,11 @@ def run(args: argparse.Namespace) -> int:
         ranges = RangeSet.load(args.ranges)
         allow_missing = args.allow_missing
     plan = PrecisionPlan.load(args.plan) if args.plan else None
-    applied = apply_plan(
-        model,
-        ranges,
-        plan,
-        ExportOptions(
-            args.method, args.target, allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention, args.format
-        ),
-        range_aware_fp16=bool(args.ranges),
+    options = ExportOptions(
+        args.method, args.target, allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention, args.format
     )
+    speed = _measure_speed(args, model, ranges, options, plan) if args.measure_speed else None
+    applied = apply_plan(model, ranges, speed.plan if speed else plan, options, range_aware_fp16=bool(args.ranges))
     quantized, report = applied.model, applied.quantize
     if args.from_cache and report.missing_ranges:
         shown = ", ".join(report.missing_ranges[:5])
@@ -159,7 +166,33 @@ def run(args: argparse.Namespace) -> int:
     write_bytes_atomic(out, quantized.SerializeToString())
     if not args.quiet:
         print(report.summary())
+        if args.target == "onnxruntime" and args.format == "int8":
+            print(optimized_graph_check(quantized).summary())  # what the CPU provider really runs in int8
+        if speed is not None:
+            print(speed.summary())
         for w in warnings:
             print(f"warning: {w}")
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
+
+
+def _measure_speed(
+    args: argparse.Namespace, model: ModelInfo, ranges: RangeSet, options: ExportOptions, plan: PrecisionPlan | None
+) -> SpeedChoice:
+    if args.target != "onnxruntime" or args.format != "int8":
+        raise QuantkitError(
+            "--measure-speed times onnxruntime's CPU kernels: use it with --target onnxruntime (int8)", option="measure_speed"
+        )
+    try:
+        sizes = [int(b) for b in args.measure_speed.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise QuantkitError(f"--measure-speed {args.measure_speed!r}: give batch sizes, e.g. 1,32", option="measure_speed")
+    fixed = fixed_batch(model)
+    if fixed:
+        sizes = [fixed]  # the model's batch dimension is static
+    preprocess = preprocess_from_args(args) if args.data else None
+    feeds, _ = check_samples(model, args.data, preprocess, ranges, 1)
+    say = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr))
+    return fastest_placement(model, ranges, options, feeds[0], sizes, plan=plan, progress=say)

@@ -23,6 +23,7 @@ Graph edits go through onnx-graphsurgeon's IR. Every decision is recorded in a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,11 +34,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from quantkit.errors import QuantkitError
-from quantkit.graph.passes import fold_batchnorm
+from quantkit.graph.passes import fold_batchnorm, hardswish_as_gate
 from quantkit.model import ModelInfo, effective_outputs
-from quantkit.optypes import ALREADY_QUANTIZED_OPS, EPILOGUE_OPS, ORT_INT8_OPS, WEIGHTED_OPS
+from quantkit.optypes import ALREADY_QUANTIZED_OPS, EPILOGUE_OPS, ORT_INT8_OPS, ORT_SAME_SCALE_OPS, WEIGHTED_OPS
 from quantkit.plan import NodeFilter, PrecisionPlan
-from quantkit.ranges import RangeSet, amax_to_scale, ranges_from_scales
+from quantkit.ranges import RangeSet, TensorRange, amax_to_scale, ranges_from_scales
 
 TARGETS = ("tensorrt", "onnxruntime")
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis)
@@ -206,8 +207,8 @@ def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
         return None, ""
     if node.op in ORT_INT8_OPS:
         slots = [i for i, t in enumerate(node.inputs) if _const_values(t) is None and t.name]
-        if node.op == "Add" and len(slots) != 2:
-            return None, "Add with a constant operand"
+        if node.op in ("Add", "Mul") and len(slots) != 2:
+            return None, f"{node.op} with a constant operand"
         return _NodePlan(activations=slots), ""
     return None, ""
 
@@ -289,6 +290,25 @@ def node_names(model: ModelInfo | onnx.ModelProto) -> list[str]:
     return [n.name for n in proto.graph.node]
 
 
+def _with_gate_ranges(ranges: RangeSet, gates: list[tuple[str, str, float, float]]) -> RangeSet:
+    """``ranges`` plus the range of each new HardSigmoid gate, mapped from its input's (the
+    function is monotone, so the images of the input's bounds are the gate's bounds)."""
+    if not gates:
+        return ranges
+    tensors = dict(ranges.tensors)
+    for gate, source, alpha, beta in gates:
+        t = tensors.get(source)
+        if t is None:
+            continue
+
+        def hs(v: float, alpha: float = alpha, beta: float = beta) -> float:
+            return float(min(1.0, max(0.0, alpha * v + beta)))
+
+        amax = {m: max(abs(hs(max(t.min, -a))), abs(hs(min(t.max, a)))) for m, a in t.amax.items()}
+        tensors[gate] = TensorRange(gate, hs(t.min), hs(t.max), t.count, amax=amax)
+    return dataclasses.replace(ranges, tensors=tensors)
+
+
 def _activation_params(ranges: RangeSet, name: str, method: str, target: str) -> tuple[float, int]:
     t = ranges.tensors[name]
     amax = t.amax[method]
@@ -354,6 +374,8 @@ def quantize_model(
     # weights computed from constants (a reshaped bias, a transposed MatMul weight) become
     # plain constants, so they are quantized per channel and never mistaken for activations
     graph.fold_constants(error_ok=True).cleanup()
+    if target == "onnxruntime":
+        ranges = _with_gate_ranges(ranges, hardswish_as_gate(graph))
     precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
     attention = set() if quantize_attention or target != "tensorrt" else attention_matmuls(graph)
 
@@ -406,6 +428,15 @@ def quantize_model(
                 for inp in node.inputs:
                     if inp.name in quantized_tensors and inp.name != node.outputs[0].name:
                         range_of[inp.name] = node.outputs[0].name
+
+    # onnxruntime: a MaxPool runs in int8 only when its output is quantized with its input's scale
+    # (the selector drops the pair); max() never leaves the input's range, so nothing clips
+    if target == "onnxruntime":
+        for node in graph.nodes:
+            if node.op in ORT_SAME_SCALE_OPS and node.name in plans and node.outputs:
+                out_name = node.outputs[0].name
+                if effective_output.get(node.name) == out_name:
+                    range_of[out_name] = node.inputs[0].name
 
     # ---- pass 2: insert Q/DQ pairs and int8 weights ----------------------------------------
     act_dq: dict[str, gs.Variable] = {}

@@ -216,8 +216,44 @@ def _signature(conv: gs.Node) -> tuple | None:
     return conv.op, w.shape[1:], w.dtype.str, attrs, act
 
 
+#: elementwise activations: f(Split(x)) == Split(f(x)), so one applied to the merged output serves every branch
+_POINTWISE_ACTIVATIONS = frozenset(
+    {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Gelu", "Mish"}
+)
+
+
+def _same_activation(members: list[gs.Node], graph: gs.Graph) -> list[gs.Node] | None:
+    """The activation each member's output goes to alone, if it is one and the same op for all
+    (same type, attributes and constant operands); else None."""
+    acts = []
+    for m in members:
+        y = m.outputs[0]
+        if not _single_use(y, graph) or y.outputs[0].op not in _POINTWISE_ACTIVATIONS or y.outputs[0].inputs[0] is not y:
+            return None
+        acts.append(y.outputs[0])
+    first = acts[0]
+
+    def operands(node: gs.Node) -> list:
+        return [None if not t.name else (_constant(t).tobytes() if _constant(t) is not None else t) for t in node.inputs[1:]]
+
+    for a in acts[1:]:
+        if a.op != first.op or a.domain != first.domain or a.attrs != first.attrs or len(a.inputs) != len(first.inputs):
+            return None
+        if any(x is not y and not (isinstance(x, bytes) and x == y) for x, y in zip(operands(a), operands(first), strict=True)):
+            return None
+    if any(isinstance(x, gs.Tensor) for x in operands(first)):
+        return None  # a computed bound: not known to be the same for every branch
+    return acts
+
+
 def merge_horizontal(graph: gs.Graph, opset: int) -> list[Fusion]:
-    """Merge sibling convolutions on one input into one wider convolution + Split."""
+    """Merge sibling convolutions on one input into one wider convolution + Split.
+
+    When every branch goes on into the same pointwise activation, that activation moves in front
+    of the Split, applied once to the merged output: the Split then sits after Conv+activation,
+    which TensorRT fuses into one layer, instead of cutting that fusion into one Conv and k
+    activations. A Concat that takes all of the Split's outputs in order reads the merged tensor
+    itself (``fold_concats``)."""
     fusions: list[Fusion] = []
     for tensor in list(graph.tensors().values()):
         groups: dict[tuple, list[gs.Node]] = {}
@@ -247,9 +283,24 @@ def merge_horizontal(graph: gs.Graph, opset: int) -> list[Fusion]:
             )
             sizes = [w.shape[0] for w in weights]
             outputs = [m.outputs[0] for m in members]
+            acts = _same_activation(members, graph)
             for m in members:
                 m.inputs.clear()
                 m.outputs.clear()
+            replaced = [m.name for m in members]
+            if acts is not None:
+                activated = gs.Variable(f"{name}_{acts[0].op.lower()}_output", dtype=merged_out.dtype)
+                hoisted = gs.Node(
+                    acts[0].op, f"{name}_{acts[0].op.lower()}", attrs=dict(acts[0].attrs), domain=acts[0].domain,
+                    inputs=[merged_out, *acts[0].inputs[1:]], outputs=[activated],
+                )  # fmt: skip
+                outputs = [a.outputs[0] for a in acts]
+                for a in acts:
+                    a.inputs.clear()
+                    a.outputs.clear()
+                graph.nodes.append(hoisted)
+                merged_out = activated
+                replaced += [a.name for a in acts]
             if opset >= 13:
                 split = gs.Node(
                     "Split",
@@ -261,14 +312,93 @@ def merge_horizontal(graph: gs.Graph, opset: int) -> list[Fusion]:
             else:
                 split = gs.Node("Split", f"{name}_split", attrs={"axis": 1, "split": sizes}, inputs=[merged_out], outputs=outputs)
             graph.nodes += [merged, split]
-            fusions.append(Fusion("horizontal", name, [m.name for m in members]))
+            fusions.append(Fusion("horizontal", name, replaced))
     graph.cleanup().toposort()
     return fusions
 
 
+# ---- hard-swish for onnxruntime's integer Mul -----------------------------------------------------
+def _scalar(tensor: gs.Tensor) -> float | None:
+    value = _constant(tensor)
+    return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+
+def _sixth(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Whether ``node`` divides ``tensor`` by 6 (a Div by 6, or a Mul by 1/6)."""
+    if len(node.inputs) != 2 or node.inputs[0] is not tensor:
+        return False
+    k = _scalar(node.inputs[1])
+    return k is not None and ((node.op == "Div" and k == 6.0) or (node.op == "Mul" and abs(k * 6 - 1) < 1e-6))
+
+
+def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, float, float]]:
+    """Hard-swish as ``x * HardSigmoid(x)``, so that onnxruntime runs the product as QLinearMul.
+
+    - A decomposed ``x * (Clip(x + 3, 0, 6) / 6)`` keeps its ``Mul`` and loses three float ops:
+      ``Add``, ``Clip`` and ``Div`` (or ``Mul`` by 1/6) become one ``HardSigmoid(alpha=1/6,
+      beta=0.5)`` that writes the same tensor, so its calibrated range stays valid.
+    - ``(x * Clip(x + 3, 0, 6)) / 6`` (PaddlePaddle's form) becomes ``x * HardSigmoid(x)``,
+      writing the Div's output tensor.
+    - A ``HardSwish`` node becomes ``HardSigmoid`` + ``Mul`` (onnxruntime makes the same split
+      when it optimizes, but then behind one DequantizeLinear, in float).
+
+    Both are exact up to float rounding. Returns, for each new gate tensor, (gate, x, alpha,
+    beta): its range follows from x's, since HardSigmoid is monotone.
+    """
+    derived: list[tuple[str, str, float, float]] = []
+    for node in list(graph.nodes):
+        if node.op == "HardSwish" and node.outputs and node.inputs:
+            x, y = node.inputs[0], node.outputs[0]
+            gate = gs.Variable(f"{y.name}_gate", dtype=y.dtype, shape=y.shape)
+            node.outputs.clear()
+            node.inputs.clear()
+            graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_gate", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
+            graph.nodes.append(gs.Node("Mul", node.name, inputs=[x, gate], outputs=[y]))  # a plan naming it still speaks
+            derived.append((gate.name, x.name, 1 / 6, 0.5))
+            continue
+        if node.op != "Add" or len(node.inputs) != 2 or not node.outputs:
+            continue
+        three = [i for i, t in enumerate(node.inputs) if _scalar(t) == 3.0]
+        if len(three) != 1:
+            continue
+        x = node.inputs[1 - three[0]]
+        shifted = node.outputs[0]
+        if not _single_use(shifted, graph) or shifted.outputs[0].op != "Clip":
+            continue
+        clip = shifted.outputs[0]
+        bounds = [_scalar(t) if t.name else None for t in clip.inputs[1:3]] if len(clip.inputs) >= 3 else []
+        if bounds != [0.0, 6.0] or not clip.outputs or not _single_use(clip.outputs[0], graph):
+            continue
+        nxt = clip.outputs[0].outputs[0]
+        if _sixth(nxt, clip.outputs[0]):  # x * (Clip(x + 3, 0, 6) / 6): the gate tensor stays
+            gate = nxt.outputs[0]
+            if not any(c.op == "Mul" and x in c.inputs and gate in c.inputs for c in gate.outputs):
+                continue
+            for n in (node, clip, nxt):
+                n.inputs.clear()
+                n.outputs.clear()
+            graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
+        elif nxt.op == "Mul" and x in nxt.inputs and _single_use(nxt.outputs[0], graph):  # (x * Clip(x + 3, 0, 6)) / 6
+            last = nxt.outputs[0].outputs[0]
+            if not _sixth(last, nxt.outputs[0]):
+                continue
+            y = last.outputs[0]
+            gate = gs.Variable(f"{y.name}_gate", dtype=y.dtype, shape=y.shape)
+            for n in (node, clip, nxt, last):
+                n.inputs.clear()
+                n.outputs.clear()
+            graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
+            graph.nodes.append(gs.Node("Mul", nxt.name, inputs=[x, gate], outputs=[y]))
+            derived.append((gate.name, x.name, 1 / 6, 0.5))
+    if derived or any(n.op == "HardSigmoid" for n in graph.nodes):
+        graph.cleanup().toposort()
+    return derived
+
+
 # ---- concat elimination --------------------------------------------------------------------------
 def fold_concats(graph: gs.Graph) -> list[Fusion]:
-    """Flatten Concat chains on one axis; remove a Concat that re-joins a whole Split in order."""
+    """Flatten Concat chains on one axis; a Concat that re-joins all of a Split's outputs in order reads the
+    Split's input instead (the whole Concat goes when those are all its inputs)."""
     fusions: list[Fusion] = []
     changed = True
     while changed:
@@ -289,27 +419,35 @@ def fold_concats(graph: gs.Graph) -> list[Fusion]:
             if changed:
                 break
     for concat in [n for n in graph.nodes if n.op == "Concat" and n.outputs]:
-        producers = {id(t.inputs[0]) if len(t.inputs) == 1 else None for t in concat.inputs}
-        split = concat.inputs[0].inputs[0] if concat.inputs and len(concat.inputs[0].inputs) == 1 else None
-        out = concat.outputs[0]
-        if (
-            split is None
-            or split.op != "Split"
-            or producers != {id(split)}
-            or list(concat.inputs) != list(split.outputs)
-            or split.attrs.get("axis", 0) != concat.attrs.get("axis")
-            or not all(_single_use(t, graph) for t in split.outputs)
-            or out in graph.outputs
-        ):
-            continue
-        source = split.inputs[0]
-        for reader in list(out.outputs):
-            for slot, inp in enumerate(reader.inputs):
-                if inp is out:
-                    reader.inputs[slot] = source
-        concat.outputs.clear()
-        split.outputs.clear()
-        fusions.append(Fusion("concat", source.name, [split.name, concat.name]))
+        # a run of the Concat's inputs that is all of one Split's outputs, in order, is that Split's input
+        for start, inp in enumerate(concat.inputs):
+            split = inp.inputs[0] if len(inp.inputs) == 1 else None
+            if split is None or split.op != "Split" or not split.outputs or inp is not split.outputs[0]:
+                continue
+            run = list(concat.inputs[start : start + len(split.outputs)])
+            if (
+                run != list(split.outputs)
+                or split.attrs.get("axis", 0) != concat.attrs.get("axis")
+                or not all(_single_use(t, graph) for t in split.outputs)
+            ):
+                continue
+            source = split.inputs[0]
+            if len(run) == len(concat.inputs):
+                out = concat.outputs[0]
+                if out in graph.outputs:
+                    break
+                for reader in list(out.outputs):
+                    for slot, t in enumerate(reader.inputs):
+                        if t is out:
+                            reader.inputs[slot] = source
+                concat.outputs.clear()
+            else:
+                new_inputs = [*concat.inputs[:start], source, *concat.inputs[start + len(run) :]]
+                concat.inputs.clear()
+                concat.inputs.extend(new_inputs)
+            split.outputs.clear()
+            fusions.append(Fusion("concat", source.name, [split.name, concat.name]))
+            break
     graph.cleanup().toposort()
     return fusions
 

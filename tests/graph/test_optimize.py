@@ -51,6 +51,43 @@ def test_three_sibling_1x1_convs_with_different_widths_merge(opset):
     close(run(model, x), run(out, x))
 
 
+@pytest.mark.parametrize("act", ["Relu", "Clip", "HardSwish"])
+def test_shared_activation_moves_before_the_split_and_a_concat_reads_the_merged_tensor(act):
+    """Conv+act per branch becomes one Conv+act (the fusion TensorRT makes) and one Split; a Concat
+    of all the branches in order reads the merged tensor, inside a longer Concat too."""
+    extra = ["lo", "hi"] if act == "Clip" else []
+    nodes = [helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}") for i in range(3)]
+    nodes += [helper.make_node(act, [f"c{i}", *extra], [f"a{i}"], name=f"act{i}") for i in range(3)]
+    nodes += [
+        helper.make_node("Sigmoid", ["x"], ["s"], name="side"),
+        helper.make_node("Concat", ["s", "a0", "a1", "a2", "s"], ["y"], axis=1, name="cat"),
+    ]
+    inits = [w(f"w{i}", c, 4, 1, 1) for i, c in enumerate((2, 5, 3))] + [w(f"b{i}", c) for i, c in enumerate((2, 5, 3))]
+    inits += [helper.make_tensor("lo", TensorProto.FLOAT, [], [0.0]), helper.make_tensor("hi", TensorProto.FLOAT, [], [6.0])]
+    model = model_of(nodes, [vi("x", 2, 4, 6, 6)], [vi("y", 2, 18, 6, 6)], inits)
+    out, report = optimize_model(model, ["horizontal", "concat"])
+    ops = [n.op_type for n in out.graph.node]
+    assert sorted(ops) == sorted(["Conv", act, "Sigmoid", "Concat"])  # no Split left: the Concat reads the merged tensor
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    assert next(n for n in out.graph.node if n.op_type == act).input[0] == conv.output[0]
+    assert report.fusions[0].replaced == ["conv0", "conv1", "conv2", "act0", "act1", "act2"]
+    x = {"x": RNG.normal(size=(2, 4, 6, 6)).astype(np.float32) * 3}
+    close(run(model, x), run(out, x))
+
+
+def test_different_activations_stay_behind_the_split():
+    nodes = [helper.make_node("Conv", ["x", f"w{i}"], [f"c{i}"], name=f"conv{i}") for i in range(2)]
+    nodes += [
+        helper.make_node("LeakyRelu", ["c0"], ["y0"], alpha=0.1, name="l0"),
+        helper.make_node("LeakyRelu", ["c1"], ["y1"], alpha=0.2, name="l1"),
+    ]
+    model = model_of(nodes, [vi("x", 1, 4, 5, 5)], [vi("y0"), vi("y1")], [w("w0", 3, 4, 1, 1), w("w1", 2, 4, 1, 1)])
+    out, _ = optimize_model(model, ["horizontal"])
+    assert sorted(n.op_type for n in out.graph.node) == ["Conv", "LeakyRelu", "LeakyRelu", "Split"]
+    x = {"x": RNG.normal(size=(1, 4, 5, 5)).astype(np.float32)}
+    close(run(model, x), run(out, x))
+
+
 def test_nothing_merged_when_strides_or_kernels_differ():
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["y0"], name="s1"),
@@ -175,7 +212,9 @@ def test_optimize_for_tensorrt_then_calibrate_and_quantize(tmp_path, demo_prepro
 
     from quantkit.export.qdq import quantize_model
 
-    optimized, _ = optimize_model(load_model(DEMO_MODEL), ["fold-bn", "horizontal", "concat"])
+    optimized, report = optimize_model(load_model(DEMO_MODEL), ["fold-bn", "horizontal", "concat"])
+    # the branches' ReLUs run once, after the merged conv, so Conv+ReLU stays one TensorRT layer
+    assert report.tensorrt_estimate == 14 and optimize_model(load_model(DEMO_MODEL), ["fold-bn"])[1].tensorrt_estimate == 15
     path = save(optimized, tmp_path / "demo.trt.onnx")
     ranges = quantkit.calibrate(path, DEMO_CALIB, methods="entropy", num_samples=256, preprocess=demo_preprocess).ranges
     q, report = quantize_model(load_model(path), ranges)

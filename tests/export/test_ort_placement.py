@@ -1,0 +1,217 @@
+"""The onnxruntime target follows onnxruntime's own QDQ fusion rules, checked on its optimized graph.
+
+The oracle is onnxruntime itself: ``optimized_graph_check`` reads back the graph its CPU provider
+builds (``optimized_model_filepath``), so every assertion about integer kernels is what
+onnxruntime really made, not what quantkit meant to place. Speed is never timed here: the
+measured-placement search is checked against a deterministic cost model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from conftest import float_model, save
+from onnx import TensorProto, helper
+
+import quantkit
+from quantkit.backends.ort import optimized_graph_check
+from quantkit.cli import main
+from quantkit.export.qdq import quantize_model
+from quantkit.graph.passes import hardswish_as_gate
+from quantkit.model import load_model
+from quantkit.options import ExportOptions
+from quantkit.tuning import speed
+
+RNG = np.random.default_rng(7)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def w(name, *shape, scale=0.3):
+    return helper.make_tensor(name, TensorProto.FLOAT, list(shape), (RNG.normal(size=shape) * scale).astype(np.float32).ravel())
+
+
+def scalar(name, value):
+    return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
+
+
+def hardswish_nodes(form: str, x: str, y: str) -> list[onnx.NodeProto]:
+    if form == "op":
+        return [helper.make_node("HardSwish", [x], [y], name=f"hs_{y}")]
+    add = helper.make_node("Add", [x, "three"], [f"{y}_a"], name=f"add_{y}")
+    clip = helper.make_node("Clip", [f"{y}_a", "zero", "six"], [f"{y}_c"], name=f"clip_{y}")
+    if form == "gate-first":  # x * (relu6(x + 3) / 6)
+        return [add, clip, helper.make_node("Div", [f"{y}_c", "six"], [f"{y}_g"], name=f"div_{y}"),
+                helper.make_node("Mul", [x, f"{y}_g"], [y], name=f"mul_{y}")]  # fmt: skip
+    return [
+        add,
+        clip,
+        helper.make_node("Mul", [x, f"{y}_c"], [f"{y}_m"], name=f"mul_{y}"),
+        helper.make_node("Div", [f"{y}_m", "six"], [y], name=f"div_{y}"),
+    ]  # fmt: skip  (PaddlePaddle's form)
+
+
+def hardswish_cnn(form: str) -> onnx.ModelProto:
+    """conv -> hard-swish -> depthwise conv -> hard-swish -> maxpool -> conv, with an SE-style gate Mul."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1")]
+    nodes += hardswish_nodes(form, "c1", "h1")
+    nodes += [helper.make_node("Conv", ["h1", "wd"], ["c2"], pads=[1, 1, 1, 1], group=8, name="dwconv")]
+    nodes += hardswish_nodes(form, "c2", "h2")
+    nodes += [
+        helper.make_node("GlobalAveragePool", ["h2"], ["p"], name="gap"),
+        helper.make_node("Conv", ["p", "wse"], ["s"], name="se_conv"),
+        helper.make_node("Sigmoid", ["s"], ["g"], name="se_gate"),
+        helper.make_node("Mul", ["h2", "g"], ["se"], name="se_mul"),
+        helper.make_node("MaxPool", ["se"], ["mp"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        helper.make_node("Conv", ["mp", "w3"], ["y"], name="conv3"),
+    ]
+    inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("wd", 8, 1, 3, 3), w("wse", 8, 8, 1, 1), w("w3", 4, 8, 1, 1)]
+    inits += [scalar("three", 3.0), scalar("zero", 0.0), scalar("six", 6.0)]
+    return float_model(nodes, {"x": ["N", 3, 16, 16]}, {"y": ["N", 4, 8, 8]}, inits)
+
+
+@pytest.mark.parametrize("form", ["op", "gate-first", "paddle"])
+def test_hardswish_becomes_an_exact_hardsigmoid_gate(form):
+    model = hardswish_cnn(form)
+    graph = gs.import_onnx(model)
+    derived = hardswish_as_gate(graph)
+    rewritten = gs.export_onnx(graph)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("HardSigmoid") == 2 and not {"HardSwish", "Add", "Clip", "Div"} & set(ops)
+    assert ops.count("Mul") == 3  # the two hard-swish products and the SE gate
+    assert len(derived) == (0 if form == "gate-first" else 2)  # that form keeps its calibrated gate tensor
+    x = RNG.normal(size=(2, 3, 16, 16)).astype(np.float32) * 2
+    np.testing.assert_allclose(run(rewritten, x), run(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["op", "paddle"])
+def test_integer_kernels_run_where_onnxruntime_fuses_them(tmp_path, form):
+    """Every conv, both hard-swish products, the SE gate and Mul and the MaxPool run as integer
+    kernels; only the two HardSigmoid gates are left in float between them (onnxruntime has no
+    integer HardSigmoid); the model stays close to FP32."""
+    model = hardswish_cnn(form)
+    path = save(model, tmp_path / "m.onnx")
+    x = RNG.normal(size=(64, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    ranges = quantkit.calibrate(path, tmp_path / "calib.npz", methods="minmax").ranges
+    q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
+    check = optimized_graph_check(q)
+    # the last conv writes the float graph output, so it has no QuantizeLinear to fuse with
+    assert check.integer_kernels.get("QLinearConv") == 3
+    assert check.integer_kernels.get("QLinearMul") == 3 and check.integer_kernels.get("QLinearSigmoid") == 1
+    assert check.float_between == {"HardSigmoid": 2}, check.float_between
+    # MaxPool runs on uint8 because its output carries its input's scale (the selector drops the pair)
+    assert "MaxPool" not in check.float_between
+    assert report.activation_params["mp"] == report.activation_params["se"]
+    y, ref = run(q, x[:8]), run(model, x[:8])
+    sqnr = 10 * np.log10((ref**2).sum() / ((y - ref) ** 2).sum())
+    assert sqnr > 25
+
+
+def test_mul_by_a_constant_is_left_to_the_epilogue(tmp_path):
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv"),
+        helper.make_node("Mul", ["c", "k"], ["m"], name="scale"),
+        helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2"),
+    ]
+    model = float_model(nodes, {"x": [1, 3, 4, 4]}, {"y": [1, 2, 4, 4]}, [w("w1", 4, 3, 1, 1), w("w2", 2, 4, 1, 1), scalar("k", 0.5)])
+    path = save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(size=(8, 3, 4, 4)).astype(np.float32))
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    _, report = quantize_model(load_model(path), ranges, target="onnxruntime")
+    assert "scale" not in report.int8_nodes and report.kept_float["scale"] == "Mul with a constant operand"
+
+
+def test_optimized_graph_check_names_the_float_op_between_integer_kernels():
+    """A hand-built Q/DQ graph: two convs around a Tanh, which onnxruntime has no integer kernel for."""
+    q = []
+
+    def qdq(t, scale):
+        q.extend([
+            helper.make_node("QuantizeLinear", [t, f"{t}_s", f"{t}_z"], [f"{t}_q"]),
+            helper.make_node("DequantizeLinear", [f"{t}_q", f"{t}_s", f"{t}_z"], [f"{t}_dq"]),
+        ])  # fmt: skip
+        return [helper.make_tensor(f"{t}_s", TensorProto.FLOAT, [], [scale]), helper.make_tensor(f"{t}_z", TensorProto.UINT8, [], [128])]
+
+    inits = qdq("x", 0.02) + qdq("c1", 0.05) + qdq("t", 0.01)
+    for name, shape in (("w1", (4, 3, 1, 1)), ("w2", (2, 4, 1, 1))):
+        inits += [
+            helper.make_tensor(f"{name}_i8", TensorProto.INT8, shape, RNG.integers(-60, 60, size=shape).ravel()),
+            helper.make_tensor(f"{name}_s", TensorProto.FLOAT, [], [0.01]),
+            helper.make_tensor(f"{name}_z", TensorProto.INT8, [], [0]),
+        ]
+        q.append(helper.make_node("DequantizeLinear", [f"{name}_i8", f"{name}_s", f"{name}_z"], [name]))
+    q += [
+        helper.make_node("Conv", ["x_dq", "w1"], ["c1"]),
+        helper.make_node("Tanh", ["c1_dq"], ["t"]),
+        helper.make_node("Conv", ["t_dq", "w2"], ["y"]),
+    ]
+    model = float_model(q, {"x": [1, 3, 4, 4]}, {"y": [1, 2, 4, 4]}, inits)
+    check = optimized_graph_check(model)
+    assert check.integer_kernels == {"QLinearConv": 1} or check.integer_kernels.get("QLinearConv") == 1
+    assert check.float_between == {"Tanh": 1}
+    assert "Tanh x1" in check.summary()
+
+
+def test_kernel_groups_tell_depthwise_from_dense(tmp_path):
+    model = load_model(save(hardswish_cnn("op"), tmp_path / "m.onnx"))
+    groups = speed.kernel_groups(model, ["conv1", "dwconv", "se_conv", "conv3", "se_mul", "pool"])
+    assert groups == {
+        "1x1 Conv": ["se_conv", "conv3"],
+        "Conv": ["conv1"],
+        "MaxPool": ["pool"],
+        "Mul": ["se_mul"],
+        "depthwise Conv": ["dwconv"],
+    }
+
+
+def test_measured_placement_keeps_float_exactly_the_groups_whose_int8_is_slower(tmp_path, monkeypatch):
+    """With a cost model in place of the clock (int8 depthwise slower than float, everything
+    else faster), the search keeps the depthwise conv alone in float and says int8 pays."""
+    path = save(hardswish_cnn("paddle"), tmp_path / "m.onnx")
+    x = RNG.normal(size=(32, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    group_of_weight = {"w1": "Conv", "wd": "depthwise Conv", "wse": "1x1 Conv", "w3": "1x1 Conv"}
+    cost = {"int8": {"Conv": 1.0, "depthwise Conv": 5.0, "1x1 Conv": 0.5}, "float": {"Conv": 2.0, "depthwise Conv": 1.0, "1x1 Conv": 1.0}}
+
+    def fake_compare(models, sample, batches, **_):
+        out = []
+        for m in models:
+            total = 0.0
+            for n in m.graph.node:
+                if n.op_type == "Conv":
+                    kind = "int8" if n.input[1].endswith("_dequantized") else "float"
+                    total += cost[kind][group_of_weight[n.input[1].removesuffix("_dequantized")]]
+            out.append({b: total * b for b in batches})
+        return out
+
+    monkeypatch.setattr(speed, "compare_ms", fake_compare)
+    choice = speed.fastest_placement(load_model(path), ranges, ExportOptions("minmax", "onnxruntime"), {"x": x[:1]}, (1, 32))
+    assert list(choice.kept_float) == ["depthwise Conv"] and choice.kept_float["depthwise Conv"] == ["dwconv"]
+    assert choice.plan.precision_of("dwconv") == "fp32" and choice.plan.precision_of("conv1") == "int8"
+    assert choice.all_int8_ms == {1: 7.0, 32: 224.0} and choice.chosen_ms == {1: 3.0, 32: 96.0}
+    assert choice.fp32_ms == {1: 5.0, 32: 160.0} and choice.int8_pays
+
+
+def test_cli_prints_the_optimized_graph_and_refuses_measuring_other_targets(tmp_path, capsys):
+    path = save(hardswish_cnn("op"), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(size=(16, 3, 16, 16)).astype(np.float32))
+    assert (
+        main(["calibrate", str(path), "--data", str(tmp_path / "c.npz"), "--method", "minmax", "--out-dir", str(tmp_path / "r"), "-q"]) == 0
+    )
+    ranges = str(tmp_path / "r" / "ranges.json")
+    assert main(["quantize", str(path), "--ranges", ranges, "--target", "onnxruntime", "-o", str(tmp_path / "q.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime's optimized CPU graph:" in out and "QLinearMul x3" in out
+    for extra in (["--measure-speed", "1"], ["--target", "onnxruntime", "--measure-speed", "0,x"]):
+        assert main(["quantize", str(path), "--ranges", ranges, *extra, "-o", str(tmp_path / "bad.onnx")]) == 2
+        assert "--measure-speed" in capsys.readouterr().err
+    assert not (tmp_path / "bad.onnx").exists()
