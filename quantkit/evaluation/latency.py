@@ -23,10 +23,15 @@ class Latency:
     batch1_p10_ms: float = 0.0
 
 
+def batch_of(sample: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """The sample's first item repeated ``size`` times along the batch axis."""
+    return {k: np.repeat(v[:1], size, axis=0) if v.ndim else v for k, v in sample.items()}
+
+
 def measure_latency(session: Any, sample: dict[str, np.ndarray], batch: int, runs: int = 50) -> Latency:
     """Batch-1 latency percentiles and throughput at ``batch``, after warm-up."""
-    one = {k: v[:1] for k, v in sample.items()}
-    many = {k: np.repeat(v[:1], batch, axis=0) for k, v in sample.items()}
+    one = batch_of(sample, 1)
+    many = batch_of(sample, batch)
     for _ in range(5):
         session.run(None, one)
     times = []
@@ -54,6 +59,35 @@ def measure_all(timed: Sequence[tuple[Any, Any]], sample: dict[str, np.ndarray],
     for result, _ in timed:
         measured = sorted(per_variant[id(result)], key=lambda m: m.batch1_p50_ms)
         result.latency = measured[len(measured) // 2]
+
+
+def _median_run_ms(session: Any, feeds: dict[str, np.ndarray], budget_s: float) -> float:
+    for _ in range(3):
+        session.run(None, feeds)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def interleaved_batch_ms(
+    sessions: Sequence[Any], sample: dict[str, np.ndarray], batches: Sequence[int], rounds: int = 3, budget_s: float = 0.3
+) -> list[dict[int, float]]:
+    """Median latency (ms) of each session at each batch size, timed in interleaved rounds (as
+    ``measure_all``, for comparing models batch size by batch size)."""
+    out: list[dict[int, float]] = [{} for _ in sessions]
+    for b in batches:
+        feeds = batch_of(sample, b)
+        per: list[list[float]] = [[] for _ in sessions]
+        for _ in range(rounds):
+            for i, s in enumerate(sessions):
+                per[i].append(_median_run_ms(s, feeds, budget_s))
+        for i in range(len(sessions)):
+            out[i][b] = float(np.median(per[i]))
+    return out
 
 
 def hardware() -> str:

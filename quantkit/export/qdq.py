@@ -290,6 +290,10 @@ def node_names(model: ModelInfo | onnx.ModelProto) -> list[str]:
     return [n.name for n in proto.graph.node]
 
 
+def _hardsigmoid(v: float, alpha: float, beta: float) -> float:
+    return float(min(1.0, max(0.0, alpha * v + beta)))  # in [0, 1]: its own absolute value
+
+
 def _with_gate_ranges(ranges: RangeSet, gates: list[tuple[str, str, float, float]]) -> RangeSet:
     """``ranges`` plus the range of each new HardSigmoid gate, mapped from its input's (the
     function is monotone, so the images of the input's bounds are the gate's bounds)."""
@@ -300,12 +304,8 @@ def _with_gate_ranges(ranges: RangeSet, gates: list[tuple[str, str, float, float
         t = tensors.get(source)
         if t is None:
             continue
-
-        def hs(v: float, alpha: float = alpha, beta: float = beta) -> float:
-            return float(min(1.0, max(0.0, alpha * v + beta)))
-
-        amax = {m: max(abs(hs(max(t.min, -a))), abs(hs(min(t.max, a)))) for m, a in t.amax.items()}
-        tensors[gate] = TensorRange(gate, hs(t.min), hs(t.max), t.count, amax=amax)
+        amax = {m: max(_hardsigmoid(max(t.min, -a), alpha, beta), _hardsigmoid(min(t.max, a), alpha, beta)) for m, a in t.amax.items()}
+        tensors[gate] = TensorRange(gate, _hardsigmoid(t.min, alpha, beta), _hardsigmoid(t.max, alpha, beta), t.count, amax=amax)
     return dataclasses.replace(ranges, tensors=tensors)
 
 

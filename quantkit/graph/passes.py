@@ -346,6 +346,7 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, float, float]]:
     beta): its range follows from x's, since HardSigmoid is monotone.
     """
     derived: list[tuple[str, str, float, float]] = []
+    changed = False
     for node in list(graph.nodes):
         if node.op == "HardSwish" and node.outputs and node.inputs:
             x, y = node.inputs[0], node.outputs[0]
@@ -378,6 +379,7 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, float, float]]:
                 n.inputs.clear()
                 n.outputs.clear()
             graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
+            changed = True
         elif nxt.op == "Mul" and x in nxt.inputs and _single_use(nxt.outputs[0], graph):  # (x * Clip(x + 3, 0, 6)) / 6
             last = nxt.outputs[0].outputs[0]
             if not _sixth(last, nxt.outputs[0]):
@@ -390,7 +392,7 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, float, float]]:
             graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
             graph.nodes.append(gs.Node("Mul", nxt.name, inputs=[x, gate], outputs=[y]))
             derived.append((gate.name, x.name, 1 / 6, 0.5))
-    if derived or any(n.op == "HardSigmoid" for n in graph.nodes):
+    if derived or changed:
         graph.cleanup().toposort()
     return derived
 

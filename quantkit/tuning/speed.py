@@ -18,7 +18,6 @@ Accuracy is not traded: a group kept in float is only ever closer to FP32.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +25,8 @@ import numpy as np
 import onnx
 
 from quantkit.backends.ort import make_session
-from quantkit.export.apply import apply_plan
+from quantkit.evaluation.latency import interleaved_batch_ms
+from quantkit.export.apply import AppliedPlan, apply_plan
 from quantkit.model import ModelInfo
 from quantkit.options import ExportOptions
 from quantkit.plan import PrecisionPlan
@@ -56,43 +56,16 @@ def kernel_groups(model: ModelInfo, int8_nodes: Sequence[str]) -> dict[str, list
     return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
 
 
-def _batch(sample: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    return {k: np.repeat(v[:1], size, axis=0) if v.ndim else v for k, v in sample.items()}
-
-
-def _run_ms(session, feeds: dict[str, np.ndarray], budget_s: float) -> float:
-    for _ in range(3):
-        session.run(None, feeds)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
-        t = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
-
-
 def compare_ms(
-    models: Sequence[onnx.ModelProto], sample: dict[str, np.ndarray], batches: Sequence[int], rounds: int = 3, budget_s: float = 0.3,
-    threads: int | None = None,
-) -> list[dict[int, float]]:  # fmt: skip
-    """Median latency (ms) of each model at each batch size, timed in interleaved rounds."""
-    sessions = [make_session(m, threads=threads, spinning=False) for m in models]
-    out: list[dict[int, float]] = [{} for _ in models]
-    for b in batches:
-        feeds = _batch(sample, b)
-        per: list[list[float]] = [[] for _ in models]
-        for _ in range(rounds):
-            for i, s in enumerate(sessions):
-                per[i].append(_run_ms(s, feeds, budget_s))
-        for i in range(len(models)):
-            out[i][b] = float(np.median(per[i]))
-    return out
+    models: Sequence[onnx.ModelProto], sample: dict[str, np.ndarray], batches: Sequence[int], threads: int | None = None
+) -> list[dict[int, float]]:
+    """Median latency (ms) of each model at each batch size, timed interleaved."""
+    return interleaved_batch_ms([make_session(m, threads=threads, spinning=False) for m in models], sample, batches)
 
 
 @dataclass
 class SpeedChoice:
-    model: onnx.ModelProto
+    applied: AppliedPlan  # the chosen model, with its quantize report
     kept_float: dict[str, list[str]]  # group -> its nodes, kept float because int8 was slower here
     groups: dict[str, int]  # group -> node count
     fp32_ms: dict[int, float]
@@ -100,6 +73,10 @@ class SpeedChoice:
     chosen_ms: dict[int, float]
     plan: PrecisionPlan | None = None  # the plan that builds ``model`` (the user's, plus the float groups)
     trials: list[dict] = field(default_factory=list)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.applied.model
 
     @property
     def int8_pays(self) -> bool:
@@ -133,6 +110,7 @@ def fastest_placement(
     plan: PrecisionPlan | None = None,
     margin: float = 0.03,
     threads: int | None = None,
+    range_aware_fp16: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> SpeedChoice:
     """The onnxruntime placement with each kernel group kept in float where that is faster here."""
@@ -144,18 +122,18 @@ def fastest_placement(
             nodes.setdefault(name, "fp32")  # the user's plan wins where it names a node
         return PrecisionPlan(default=base.default, nodes=nodes, fallback=base.fallback)
 
-    def build(kept: list[str]) -> tuple[onnx.ModelProto, list[str]]:
-        applied = apply_plan(model, ranges, plan_keeping(kept), options)
-        return applied.model, applied.quantize.int8_nodes
+    def build(kept: list[str]) -> AppliedPlan:
+        return apply_plan(model, ranges, plan_keeping(kept), options, range_aware_fp16=range_aware_fp16)
 
-    all_int8, int8_nodes = build([])
-    groups = kernel_groups(model, int8_nodes)
-    fp32_ms, best_ms = compare_ms([model.proto, all_int8], sample, batches, threads=threads)
+    best = build([])
+    groups = kernel_groups(model, best.quantize.int8_nodes)
+    fp32_ms, best_ms = compare_ms([model.proto, best.model], sample, batches, threads=threads)
     all_int8_ms = dict(best_ms)
-    best, kept_groups, trials = all_int8, {}, []
+    kept_groups: dict[str, list[str]] = {}
+    trials: list[dict] = []
     for group, nodes in groups.items():
-        candidate, _ = build([n for g in [*kept_groups, group] for n in (groups[g])])
-        best_again, cand_ms = compare_ms([best, candidate], sample, batches, threads=threads)
+        candidate = build([n for g in [*kept_groups, group] for n in groups[g]])
+        best_again, cand_ms = compare_ms([best.model, candidate.model], sample, batches, threads=threads)
         faster = all(cand_ms[b] < best_again[b] * (1 - margin) for b in batches)
         trials.append({"float": group, "nodes": len(nodes), "ms": cand_ms, "against_ms": best_again, "kept": faster})
         if progress:
@@ -165,6 +143,6 @@ def fastest_placement(
         if faster:
             best, best_ms, kept_groups[group] = candidate, cand_ms, nodes
     if kept_groups:  # the verdict against FP32 from one interleaved measurement of both
-        fp32_ms, best_ms = compare_ms([model.proto, best], sample, batches, threads=threads)
+        fp32_ms, best_ms = compare_ms([model.proto, best.model], sample, batches, threads=threads)
     chosen = plan_keeping([n for nodes in kept_groups.values() for n in nodes]) if kept_groups else plan
     return SpeedChoice(best, kept_groups, {g: len(n) for g, n in groups.items()}, fp32_ms, all_int8_ms, best_ms, chosen, trials)
