@@ -120,8 +120,27 @@ def _smoothquant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speed_batches(args: argparse.Namespace) -> list[int]:
+    """--measure-speed's batch sizes, refused up front where it cannot apply (before any work)."""
+    if not args.measure_speed:
+        return []
+    if args.target != "onnxruntime" or args.format != "int8" or args.smoothquant:
+        raise QuantkitError(
+            "--measure-speed times onnxruntime's CPU kernels: use it with --target onnxruntime (int8, without --smoothquant)",
+            option="measure_speed",
+        )
+    try:
+        sizes = [int(b) for b in args.measure_speed.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise QuantkitError(f"--measure-speed {args.measure_speed!r}: give batch sizes, e.g. 1,32", option="measure_speed")
+    return sizes
+
+
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, args.model, args.ranges, args.from_cache, args.plan)
+    speed_batches = _speed_batches(args)
     if args.format == "int4-weights":
         if args.ranges or args.from_cache or args.plan:
             raise QuantkitError("int4-weights quantizes weights only: it takes no --ranges, --from-cache or --plan", option="format")
@@ -151,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         args.method, args.target, allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention, args.format
     )
-    speed = _measure_speed(args, model, ranges, options, plan) if args.measure_speed else None
+    speed = _measure_speed(args, model, ranges, options, plan, speed_batches) if speed_batches else None
     applied = speed.applied if speed else apply_plan(model, ranges, plan, options, range_aware_fp16=bool(args.ranges))
     quantized, report = applied.model, applied.quantize
     if args.from_cache and report.missing_ranges:
@@ -177,18 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure_speed(
-    args: argparse.Namespace, model: ModelInfo, ranges: RangeSet, options: ExportOptions, plan: PrecisionPlan | None
+    args: argparse.Namespace, model: ModelInfo, ranges: RangeSet, options: ExportOptions, plan: PrecisionPlan | None, sizes: list[int]
 ) -> SpeedChoice:
-    if args.target != "onnxruntime" or args.format != "int8":
-        raise QuantkitError(
-            "--measure-speed times onnxruntime's CPU kernels: use it with --target onnxruntime (int8)", option="measure_speed"
-        )
-    try:
-        sizes = [int(b) for b in args.measure_speed.split(",") if b.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(b < 1 for b in sizes):
-        raise QuantkitError(f"--measure-speed {args.measure_speed!r}: give batch sizes, e.g. 1,32", option="measure_speed")
     fixed = fixed_batch(model)
     if fixed:
         sizes = [fixed]  # the model's batch dimension is static

@@ -211,7 +211,17 @@ def test_cli_prints_the_optimized_graph_and_refuses_measuring_other_targets(tmp_
     assert main(["quantize", str(path), "--ranges", ranges, "--target", "onnxruntime", "-o", str(tmp_path / "q.onnx")]) == 0
     out = capsys.readouterr().out
     assert "onnxruntime's optimized CPU graph:" in out and "QLinearMul x3" in out
-    for extra in (["--measure-speed", "1"], ["--target", "onnxruntime", "--measure-speed", "0,x"]):
+    wrong = (
+        ["--measure-speed", "1"],
+        ["--target", "onnxruntime", "--measure-speed", "0,x"],
+        ["--target", "onnxruntime", "--measure-speed", "nan"],
+        ["--target", "onnxruntime", "--format", "int4-weights", "--measure-speed", "1"],
+        ["--target", "onnxruntime", "--smoothquant", "--data", str(tmp_path / "c.npz"), "--measure-speed", "1"],
+    )
+    for extra in wrong:
         assert main(["quantize", str(path), "--ranges", ranges, *extra, "-o", str(tmp_path / "bad.onnx")]) == 2
         assert "--measure-speed" in capsys.readouterr().err
     assert not (tmp_path / "bad.onnx").exists()
+    before = path.read_bytes()
+    assert main(["quantize", str(path), "--ranges", ranges, "--target", "onnxruntime", "--measure-speed", "1", "-o", str(path)]) == 2
+    assert path.read_bytes() == before and len(capsys.readouterr().err.strip().splitlines()) == 1
