@@ -12,7 +12,7 @@ import onnx.external_data_helper
 from google.protobuf.message import DecodeError
 
 from quantkit.errors import QuantkitError
-from quantkit.optypes import ABSORBED_OPS, CONSTANT_OPERAND_OPS, WEIGHTED_OPS
+from quantkit.optypes import ABSORBED_OPS, CONSTANT_OPERAND_OPS, CONV_SCALE_OPS, WEIGHTED_OPS
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
 
@@ -91,10 +91,12 @@ def constant_tensors(graph: onnx.GraphProto) -> set[str]:
 
 
 def effective_outputs(graph: onnx.GraphProto, op_types: frozenset[str] | set[str] = WEIGHTED_OPS) -> dict[str, str]:
-    """Output tensor of each ``op_types`` node -> its effective output, the tensor after the ops fused into it.
+    """Output tensor of each ``op_types`` node -> its effective output, the tensor after the ops
+    fused into it.
 
-    Walks forward through single-consumer BatchNormalization, a bias Add with a constant
-    operand, Relu and Clip. This is where an integer kernel's output would be requantized.
+    Walks forward through single-consumer BatchNormalization, Relu and Clip; after a weighted op,
+    a bias Add with a constant operand; after a Conv (before any activation), a Mul by a constant.
+    This is where an integer kernel's output would be requantized.
     """
     const = constant_tensors(graph)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -107,13 +109,16 @@ def effective_outputs(graph: onnx.GraphProto, op_types: frozenset[str] | set[str
         if node.op_type not in op_types or not node.output:
             continue
         tensor = node.output[0]
+        linear = node.op_type == "Conv"  # still before any activation: a constant scale folds into the conv
         while tensor not in outputs and len(users := consumers.get(tensor, [])) == 1:
             nxt = users[0]
-            absorbed = nxt.op_type in ABSORBED_OPS or (
-                nxt.op_type in CONSTANT_OPERAND_OPS and all(i == tensor or i in const for i in nxt.input)
-            )
-            if not absorbed or (nxt.input[0] != tensor and nxt.op_type not in CONSTANT_OPERAND_OPS):
+            with_constant = all(i == tensor or i in const for i in nxt.input)
+            scale = linear and nxt.op_type in CONV_SCALE_OPS and with_constant
+            bias = node.op_type in WEIGHTED_OPS and nxt.op_type in CONSTANT_OPERAND_OPS and with_constant
+            absorbed = nxt.op_type in ABSORBED_OPS or scale or bias
+            if not absorbed or (nxt.input[0] != tensor and nxt.op_type not in CONSTANT_OPERAND_OPS and not scale):
                 break
+            linear = linear and nxt.op_type not in ("Relu", "Clip")
             tensor = nxt.output[0]
         result[node.output[0]] = tensor
     return result

@@ -31,6 +31,10 @@ RESIDUAL_ONLY_OPS = frozenset({"Add", "Mul"})
 ABSORBED_OPS = frozenset({"BatchNormalization", "Relu", "Clip"})
 #: absorbed only when the other operand is a constant (a bias)
 CONSTANT_OPERAND_OPS = frozenset({"Add"})
+#: absorbed only straight after a Conv (before any activation) and with a constant operand: a
+#: scale that folds into the conv's weights (TensorRT's scale fusion, ``fold_scales``), as in
+#: PP-LCNetV3's learnable affine blocks, Conv -> Mul(a) -> Add(b)
+CONV_SCALE_OPS = frozenset({"Mul"})
 
 #: ops onnxruntime's CPU provider runs in int8 when Q/DQ surrounds them (its QDQ selectors,
 #: onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.cc):

@@ -92,6 +92,7 @@ class QuantizeReport:
 class _NodePlan:
     activations: list[int] = field(default_factory=list)  # input slots that get activation Q/DQ
     weights: list[tuple[int, int]] = field(default_factory=list)  # (input slot, per-channel axis)
+    constants: list[int] = field(default_factory=list)  # scalar constant slots, quantized per tensor (onnxruntime)
 
 
 def _const_values(tensor: gs.Tensor) -> np.ndarray | None:
@@ -208,6 +209,11 @@ def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
     if node.op in ORT_INT8_OPS:
         slots = [i for i, t in enumerate(node.inputs) if _const_values(t) is None and t.name]
         if node.op in ("Add", "Mul") and len(slots) != 2:
+            scalars = [i for i, t in enumerate(node.inputs) if (v := _const_values(t)) is not None and v.size == 1]
+            if len(slots) == 1 and len(scalars) == 1 and len(node.inputs) == 2:
+                # x * a, x + b: QLinearMul/QLinearAdd with the scalar as a uint8 constant (exact: it
+                # maps to 0 or 255), as onnxruntime's own quantizer does
+                return _NodePlan(activations=slots, constants=scalars), ""
             return None, f"{node.op} with a constant operand"
         return _NodePlan(activations=slots), ""
     return None, ""
@@ -290,23 +296,61 @@ def node_names(model: ModelInfo | onnx.ModelProto) -> list[str]:
     return [n.name for n in proto.graph.node]
 
 
-def _hardsigmoid(v: float, alpha: float, beta: float) -> float:
-    return float(min(1.0, max(0.0, alpha * v + beta)))  # in [0, 1]: its own absolute value
+def _hardsigmoid(v: float) -> float:
+    return float(min(1.0, max(0.0, v / 6 + 0.5)))
 
 
-def _with_gate_ranges(ranges: RangeSet, gates: list[tuple[str, str, float, float]]) -> RangeSet:
-    """``ranges`` plus the range of each new HardSigmoid gate, mapped from its input's (the
-    function is monotone, so the images of the input's bounds are the gate's bounds)."""
-    if not gates:
-        return ranges
+def _hardswish_bounds(lo: float, hi: float) -> tuple[float, float]:
+    """min and max of x * HardSigmoid(x) over [lo, hi] (its minimum, -3/8, is at x = -1.5)."""
+    ends = [v * _hardsigmoid(v) for v in (lo, hi)]
+    inner = [-0.375] if lo < -1.5 < hi else []
+    return min(ends + inner), max(ends)
+
+
+def _gate_bounds(kind: str, lo: float, hi: float) -> tuple[float, float]:
+    return (_hardsigmoid(lo), _hardsigmoid(hi)) if kind == "hardsigmoid" else _hardswish_bounds(lo, hi)
+
+
+def _with_gate_ranges(ranges: RangeSet, gates: list[tuple[str, str, str]]) -> RangeSet:
+    """``ranges`` plus the range of each tensor the hard-swish rewrite left uncalibrated, mapped
+    from its input's: the images of the input's bounds (and of each method's clipped bounds)."""
     tensors = dict(ranges.tensors)
-    for gate, source, alpha, beta in gates:
+    for name, source, kind in gates:
         t = tensors.get(source)
-        if t is None:
+        if t is None or name in tensors:
             continue
-        amax = {m: max(_hardsigmoid(max(t.min, -a), alpha, beta), _hardsigmoid(min(t.max, a), alpha, beta)) for m, a in t.amax.items()}
-        tensors[gate] = TensorRange(gate, _hardsigmoid(t.min, alpha, beta), _hardsigmoid(t.max, alpha, beta), t.count, amax=amax)
+        amax = {m: max(abs(v) for v in _gate_bounds(kind, max(t.min, -a), min(t.max, a))) for m, a in t.amax.items()}
+        tensors[name] = TensorRange(name, *_gate_bounds(kind, t.min, t.max), t.count, amax=amax)
     return dataclasses.replace(ranges, tensors=tensors)
+
+
+def _scalar_op(v: float, k: float, mul: bool) -> float:
+    return v * k if mul else v + k
+
+
+def _with_scalar_op_ranges(ranges: RangeSet, graph: gs.Graph) -> RangeSet:
+    """``ranges`` plus the range of each uncalibrated output of ``x * a`` / ``x + b`` with a scalar
+    constant, mapped from x's (chains like a learnable affine block's Mul -> Add, in graph order)."""
+    tensors = dict(ranges.tensors)
+    for node in graph.nodes:
+        if node.op not in ("Add", "Mul") or len(node.inputs) != 2 or not node.outputs or node.outputs[0].name in tensors:
+            continue
+        values = [_const_values(t) for t in node.inputs]
+        if sum(v is not None for v in values) != 1:
+            continue
+        k = next(v for v in values if v is not None)
+        source = tensors.get(next(t for t, v in zip(node.inputs, values, strict=True) if v is None).name)
+        if k.size != 1 or source is None:
+            continue
+        k, mul = float(k.reshape(())), node.op == "Mul"
+        lo, hi = sorted((_scalar_op(source.min, k, mul), _scalar_op(source.max, k, mul)))
+        amax = {
+            m: max(abs(_scalar_op(max(source.min, -a), k, mul)), abs(_scalar_op(min(source.max, a), k, mul)))
+            for m, a in source.amax.items()
+        }
+        name = node.outputs[0].name
+        tensors[name] = TensorRange(name, lo, hi, source.count, amax=amax)
+    return dataclasses.replace(ranges, tensors=tensors) if len(tensors) != len(ranges.tensors) else ranges
 
 
 def _activation_params(ranges: RangeSet, name: str, method: str, target: str) -> tuple[float, int]:
@@ -315,8 +359,11 @@ def _activation_params(ranges: RangeSet, name: str, method: str, target: str) ->
     if target == "tensorrt":
         return amax_to_scale(amax), 0
     # uint8 asymmetric: the method's clipping range, intersected with what was observed, containing 0
-    rmin = min(0.0, max(t.min, -amax))
-    rmax = max(0.0, min(t.max, amax))
+    return _uint8_params(min(0.0, max(t.min, -amax)), max(0.0, min(t.max, amax)))
+
+
+def _uint8_params(rmin: float, rmax: float) -> tuple[float, int]:
+    """uint8 scale and zero point of [rmin, rmax] (rmin <= 0 <= rmax)."""
     scale = float(np.float32((rmax - rmin) / 255.0))
     if not scale > 0 or not np.isfinite(scale):
         return 1.0, 0
@@ -375,7 +422,7 @@ def quantize_model(
     # plain constants, so they are quantized per channel and never mistaken for activations
     graph.fold_constants(error_ok=True).cleanup()
     if target == "onnxruntime":
-        ranges = _with_gate_ranges(ranges, hardswish_as_gate(graph))
+        ranges = _with_scalar_op_ranges(_with_gate_ranges(ranges, hardswish_as_gate(graph)), graph)
     precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
     attention = set() if quantize_attention or target != "tensorrt" else attention_matmuls(graph)
 
@@ -405,6 +452,9 @@ def quantize_model(
             report.kept_float[node.name] = "activation is not float32"
             continue
         missing = [node.inputs[i].name for i in node_plan.activations if node.inputs[i].name not in ranges.tensors]
+        if missing and node_plan.constants:  # an x * a or x + b whose x has no range: float, as before it had a plan
+            report.kept_float[node.name] = f"{node.op} with a constant operand, no range for its input"
+            continue
         if missing:
             report.missing_ranges += [m for m in missing if m not in report.missing_ranges]
             report.kept_float[node.name] = "no range for an input"
@@ -483,6 +533,16 @@ def quantize_model(
             weight_dq[key] = dq
         return weight_dq[key]
 
+    def scalar_constant(tensor: gs.Tensor) -> gs.Variable:
+        c = float(np.asarray(_const_values(tensor)).reshape(()))
+        scale, zp = _uint8_params(min(0.0, c), max(0.0, c))
+        q = np.array(np.clip(np.round(c / scale) + zp, 0, 255), dtype=np.uint8)
+        qc = gs.Constant(f"{tensor.name}_{len(graph.nodes)}_quantized", q)
+        s, z = gs.Constant(f"{qc.name}_scale", np.array(scale, np.float32)), gs.Constant(f"{qc.name}_zero_point", np.array(zp, np.uint8))
+        dq = gs.Variable(f"{qc.name}_dequantized", dtype=np.float32, shape=[])
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{qc.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq]))
+        return dq
+
     for node in list(graph.nodes):
         node_plan = plans.get(node.name)
         if node_plan is None:
@@ -491,6 +551,8 @@ def quantize_model(
             node.inputs[slot] = activation(node.inputs[slot])
         for slot, axis in node_plan.weights:
             node.inputs[slot] = weight(node.inputs[slot], axis)
+        for slot in node_plan.constants:
+            node.inputs[slot] = scalar_constant(node.inputs[slot])
         report.int8_nodes.append(node.name)
 
     if target == "onnxruntime":

@@ -4,8 +4,8 @@ Every pass works on an onnx-graphsurgeon graph and returns the ``Fusion``s it ma
 takes over the output tensor names of what it replaced, so calibrated ranges keyed by tensor
 name stay valid. These are the tensors TensorRT keeps after its own fusions.
 
-- ``fold_scales``: BatchNormalization, and per-channel constant bias Adds, folded into the
-  preceding Conv's weights and bias (TensorRT's "scale fusion"). The onnxruntime Q/DQ placement
+- ``fold_scales``: BatchNormalization, and per-channel constant Muls and bias Adds, folded into
+  the preceding Conv's weights and bias (TensorRT's "scale fusion"). The onnxruntime Q/DQ placement
   needs it: with the weight behind a DequantizeLinear, onnxruntime can no longer fold BN, and a
   BN between Conv and QuantizeLinear blocks its integer Conv kernel.
 - ``fuse_vertical``: Conv + activation, and Conv + residual Add + activation, into one
@@ -81,7 +81,7 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
 
 # ---- scale fusion ------------------------------------------------------------------------------
 def fold_scales(graph: gs.Graph) -> list[Fusion]:
-    """Fold BatchNormalization and per-channel constant bias Adds into the preceding Conv."""
+    """Fold BatchNormalization, per-channel constant Muls (scales) and bias Adds into the preceding Conv."""
     graph.fold_constants(error_ok=True).cleanup()  # BN parameters may come from Constant nodes
     fusions: list[Fusion] = []
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
@@ -103,6 +103,22 @@ def fold_scales(graph: gs.Graph) -> list[Fusion]:
         _set_bias(conv, gs.Constant(f"{conv.name}_bias_bnfolded", ((b - mean) * factor + beta).astype(w.dtype)))
         _take_outputs(conv, bn)
         fusions.append(Fusion("scale", conv.name, [conv.name, bn.name]))
+    for mul in [n for n in graph.nodes if n.op == "Mul" and len(n.inputs) == 2]:
+        # Conv -> Mul(per-channel constant): a learnable scale (PP-LCNetV3's affine blocks)
+        x, c = mul.inputs if _constant(mul.inputs[1]) is not None else mul.inputs[::-1]
+        factor = _constant(c)
+        if factor is None or len(x.inputs) != 1 or x.inputs[0].op != "Conv" or not _single_use(x, graph):
+            continue
+        conv = x.inputs[0]
+        w = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
+        b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else (np.zeros(w.shape[0], w.dtype) if w is not None else None)
+        if w is None or b is None or not _per_channel(factor, w.shape[0], w.ndim):
+            continue
+        f = np.broadcast_to(factor.reshape(-1).astype(np.float64), (w.shape[0],))
+        conv.inputs[1] = gs.Constant(f"{conv.inputs[1].name}_mulfolded", (w * f.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
+        _set_bias(conv, gs.Constant(f"{conv.name}_bias_mulfolded", (b * f).astype(w.dtype)))
+        _take_outputs(conv, mul)
+        fusions.append(Fusion("scale", conv.name, [conv.name, mul.name]))
     for add in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
         # Conv -> Add(per-channel constant): the bias that exporters such as Paddle2ONNX emit separately
         x, c = add.inputs if _constant(add.inputs[1]) is not None else add.inputs[::-1]
@@ -331,7 +347,7 @@ def _sixth(node: gs.Node, tensor: gs.Tensor) -> bool:
     return k is not None and ((node.op == "Div" and k == 6.0) or (node.op == "Mul" and abs(k * 6 - 1) < 1e-6))
 
 
-def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, float, float]]:
+def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, str]]:
     """Hard-swish as ``x * HardSigmoid(x)``, so that onnxruntime runs the product as QLinearMul.
 
     - A decomposed ``x * (Clip(x + 3, 0, 6) / 6)`` keeps its ``Mul`` and loses three float ops:
@@ -342,10 +358,11 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, float, float]]:
     - A ``HardSwish`` node becomes ``HardSigmoid`` + ``Mul`` (onnxruntime makes the same split
       when it optimizes, but then behind one DequantizeLinear, in float).
 
-    Both are exact up to float rounding. Returns, for each new gate tensor, (gate, x, alpha,
-    beta): its range follows from x's, since HardSigmoid is monotone.
+    Both are exact up to float rounding. Returns (tensor, x, "hardsigmoid" or "hardswish") for
+    each tensor that may have no calibrated range (a new gate; PaddlePaddle's output, once a
+    Div's): its range follows from x's.
     """
-    derived: list[tuple[str, str, float, float]] = []
+    derived: list[tuple[str, str, str]] = []
     changed = False
     for node in list(graph.nodes):
         if node.op == "HardSwish" and node.outputs and node.inputs:
@@ -355,7 +372,7 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, float, float]]:
             node.inputs.clear()
             graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_gate", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
             graph.nodes.append(gs.Node("Mul", node.name, inputs=[x, gate], outputs=[y]))  # a plan naming it still speaks
-            derived.append((gate.name, x.name, 1 / 6, 0.5))
+            derived.append((gate.name, x.name, "hardsigmoid"))
             continue
         if node.op != "Add" or len(node.inputs) != 2 or not node.outputs:
             continue
@@ -391,7 +408,7 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, float, float]]:
                 n.outputs.clear()
             graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
             graph.nodes.append(gs.Node("Mul", nxt.name, inputs=[x, gate], outputs=[y]))
-            derived.append((gate.name, x.name, 1 / 6, 0.5))
+            derived += [(gate.name, x.name, "hardsigmoid"), (y.name, x.name, "hardswish")]  # y was a Div's output
     if derived or changed:
         graph.cleanup().toposort()
     return derived

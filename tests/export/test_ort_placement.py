@@ -86,7 +86,8 @@ def test_hardswish_becomes_an_exact_hardsigmoid_gate(form):
     ops = [n.op_type for n in rewritten.graph.node]
     assert ops.count("HardSigmoid") == 2 and not {"HardSwish", "Add", "Clip", "Div"} & set(ops)
     assert ops.count("Mul") == 3  # the two hard-swish products and the SE gate
-    assert len(derived) == (0 if form == "gate-first" else 2)  # that form keeps its calibrated gate tensor
+    gates = [k for _, _, k in derived].count("hardsigmoid")
+    assert gates == (0 if form == "gate-first" else 2)  # that form keeps its calibrated gate tensor
     x = RNG.normal(size=(2, 3, 16, 16)).astype(np.float32) * 2
     np.testing.assert_allclose(run(rewritten, x), run(model, x), rtol=1e-5, atol=1e-5)
 
@@ -115,18 +116,35 @@ def test_integer_kernels_run_where_onnxruntime_fuses_them(tmp_path, form):
     assert sqnr > 25
 
 
-def test_mul_by_a_constant_is_left_to_the_epilogue(tmp_path):
+def test_a_constant_mul_folds_into_the_conv_before_it_and_is_an_integer_mul_elsewhere(tmp_path):
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c"], name="conv"),
         helper.make_node("Mul", ["c", "k"], ["m"], name="scale"),
-        helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2"),
+        helper.make_node("Sigmoid", ["m"], ["s"], name="act"),
+        helper.make_node("Mul", ["s", "k"], ["g"], name="gate_scale"),
+        helper.make_node("Conv", ["g", "w2"], ["y"], name="conv2"),
     ]
     model = float_model(nodes, {"x": [1, 3, 4, 4]}, {"y": [1, 2, 4, 4]}, [w("w1", 4, 3, 1, 1), w("w2", 2, 4, 1, 1), scalar("k", 0.5)])
     path = save(model, tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=RNG.normal(size=(8, 3, 4, 4)).astype(np.float32))
+    x = RNG.normal(size=(8, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
     ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
-    _, report = quantize_model(load_model(path), ranges, target="onnxruntime")
-    assert "scale" not in report.int8_nodes and report.kept_float["scale"] == "Mul with a constant operand"
+    q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
+    assert ("conv", "scale") in report.folded_batchnorms and "conv" in report.int8_nodes
+    # the Sigmoid's output was not calibrated: the scalar Mul after it stays float, as it always did
+    assert report.kept_float["gate_scale"] == "Mul with a constant operand, no range for its input"
+    assert optimized_graph_check(q).integer_kernels.get("QLinearConv") == 1  # conv2 writes the float output
+    np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), rtol=0.1, atol=0.1)
+    # with its input calibrated, x * 0.5 runs as QLinearMul, the 0.5 an exact uint8 constant (255 steps of 0.5/255)
+    everything = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax", all_tensors=True).ranges
+    q, report = quantize_model(load_model(path), everything, target="onnxruntime")
+    assert "gate_scale" in report.int8_nodes and optimized_graph_check(q).integer_kernels.get("QLinearMul") == 1
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and consts.get(n.input[0], np.zeros(2)).ndim == 0
+              and consts[n.input[0]].dtype == np.uint8 and n.input[0].startswith("k"))  # fmt: skip
+    value = (consts[dq.input[0]].astype(np.float64) - consts[dq.input[2]]) * consts[dq.input[1]]
+    assert value == pytest.approx(0.5, rel=1e-6)
+    np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), rtol=0.1, atol=0.1)
 
 
 def test_optimized_graph_check_names_the_float_op_between_integer_kernels():
@@ -225,3 +243,12 @@ def test_cli_prints_the_optimized_graph_and_refuses_measuring_other_targets(tmp_
     before = path.read_bytes()
     assert main(["quantize", str(path), "--ranges", ranges, "--target", "onnxruntime", "--measure-speed", "1", "-o", str(path)]) == 2
     assert path.read_bytes() == before and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(-5.0, 4.0), (-1.0, 2.0), (-6.0, -2.0), (0.5, 9.0)])
+def test_hardswish_range_from_its_input_range_matches_dense_sampling(lo, hi):
+    from quantkit.export.qdq import _hardswish_bounds
+
+    v = np.linspace(lo, hi, 200_001)
+    y = v * np.clip(v + 3, 0, 6) / 6
+    assert _hardswish_bounds(lo, hi) == pytest.approx((y.min(), y.max()), abs=1e-6)

@@ -121,6 +121,40 @@ def test_vertical_fusion_of_activations_and_residual_add():
     close(run(model, x), run(out, x))
 
 
+@pytest.mark.parametrize("scale_shape", [[1], [1, 4, 1, 1]])
+def test_learnable_affine_after_a_conv_folds_into_it(scale_shape):
+    """PP-LCNetV3's affine block, Conv -> BN -> Mul(a) -> Add(b) -> Relu: one Conv + Relu, same outputs."""
+    size = int(np.prod(scale_shape))
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Mul", ["n", "a"], ["s"], name="lab_scale"),
+        helper.make_node("Add", ["s", "b"], ["t"], name="lab_bias"),
+        helper.make_node("Relu", ["t"], ["y"], name="relu"),
+    ]
+    inits = [w("w", 4, 3, 3, 3), w("g", 4), w("be", 4), w("m", 4)]
+    inits += [helper.make_tensor("v", TensorProto.FLOAT, [4], np.abs(RNG.normal(size=4)).astype(np.float32) + 0.5)]
+    inits += [helper.make_tensor("a", TensorProto.FLOAT, scale_shape, RNG.normal(size=size).astype(np.float32))]
+    inits += [helper.make_tensor("b", TensorProto.FLOAT, [1], [0.3])]
+    model = model_of(nodes, [vi("x", 2, 3, 6, 6)], [vi("y", 2, 4, 6, 6)], inits)
+    out, report = optimize_model(model, ["fold-bn"])
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Relu"]
+    assert [f.replaced for f in report.fusions] == [["conv", "bn"], ["conv", "lab_scale"], ["conv", "lab_bias"]]
+    x = {"x": RNG.normal(size=(2, 3, 6, 6)).astype(np.float32)}
+    close(run(model, x), run(out, x))
+
+
+def test_a_scale_after_the_activation_is_not_folded():
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Mul", ["r", "a"], ["y"], name="scale"),
+    ]
+    inits = [w("w", 4, 3, 1, 1), helper.make_tensor("a", TensorProto.FLOAT, [1], [-2.0])]
+    out, report = optimize_model(model_of(nodes, [vi("x", 1, 3, 4, 4)], [vi("y", 1, 4, 4, 4)], inits), ["fold-bn"])
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Relu", "Mul"] and report.fusions == []
+
+
 def test_concat_chains_fold_and_split_concat_cancels():
     nodes = [
         helper.make_node("Relu", ["x"], ["a"], name="ra"),
