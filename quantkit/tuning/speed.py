@@ -13,7 +13,8 @@ depends on the CPU and the batch, so it is decided by timing, here, where the mo
    (each candidate timed interleaved with the current best, median of rounds);
 3. the result is compared with FP32 itself, so a CPU where int8 does not pay is named as such.
 
-Accuracy is not traded: a group kept in float is only ever closer to FP32.
+Nothing is quantized that the plain placement leaves float: a group kept in float drops its own
+quantization error (a borderline sample's top-1 may still move either way).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import onnx
 from quantkit.backends.ort import make_session
 from quantkit.evaluation.latency import interleaved_batch_ms
 from quantkit.export.apply import AppliedPlan, apply_plan
+from quantkit.export.fp16 import constant_values
 from quantkit.model import ModelInfo
 from quantkit.options import ExportOptions
 from quantkit.plan import PrecisionPlan
@@ -47,7 +49,7 @@ def _group_of(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> str:
 
 def kernel_groups(model: ModelInfo, int8_nodes: Sequence[str]) -> dict[str, list[str]]:
     """The quantized nodes by the kind of kernel onnxruntime runs them with, largest group first."""
-    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.proto.graph.initializer if len(i.dims) >= 2}
+    weights = constant_values(model.proto.graph)  # initializers and Constant nodes (PaddlePaddle's exports)
     wanted = set(int8_nodes)
     groups: dict[str, list[str]] = {}
     for node in model.proto.graph.node:

@@ -252,3 +252,16 @@ def test_hardswish_range_from_its_input_range_matches_dense_sampling(lo, hi):
     v = np.linspace(lo, hi, 200_001)
     y = v * np.clip(v + 3, 0, 6) / 6
     assert _hardswish_bounds(lo, hi) == pytest.approx((y.min(), y.max()), abs=1e-6)
+
+
+def test_kernel_groups_read_weights_held_in_constant_nodes(tmp_path):
+    """PaddlePaddle's exports hold conv weights in Constant nodes, not initializers."""
+    model = hardswish_cnn("op")
+    inits = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in inits]
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(constants + nodes)
+    groups = speed.kernel_groups(load_model(save(model, tmp_path / "m.onnx")), ["conv1", "dwconv", "se_conv", "conv3"])
+    assert groups == {"1x1 Conv": ["se_conv", "conv3"], "Conv": ["conv1"], "depthwise Conv": ["dwconv"]}
