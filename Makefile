@@ -40,6 +40,7 @@ bench: install
 	$(PY) bench/distributed.py
 	$(PY) bench/trust.py
 	$(PY) bench/detector.py
+	$(PY) bench/encoder.py
 
 lint: install
 	$(VENV)/bin/ruff check quantkit tests bench scripts

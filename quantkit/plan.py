@@ -6,6 +6,7 @@ Format (JSON or YAML)::
       "format": "quantkit.plan",
       "default": "int8",                       # every node not matched below
       "fallback": "fp32",                      # int8 nodes whose op has no int8 placement
+      "quantized_format": "int8",              # what "int8" entries are quantized to: int8, or fp8 (E4M3)
       "nodes": {
         "/features/features.0/features.0.0/Conv": "fp32",   # an exact node name
         "/head/*": "fp16",                                  # a glob (fnmatch)
@@ -33,6 +34,8 @@ from quantkit.errors import QuantkitError
 
 PRECISIONS = ("int8", "fp16", "fp32")
 FORMAT = "quantkit.plan"
+#: what a plan's quantized ("int8") entries become: the Q/DQ format it was tuned and checked for
+QUANTIZED_FORMATS = ("int8", "fp8")
 
 
 def _check_precision(value: Any, where: str) -> str:
@@ -94,8 +97,11 @@ class PrecisionPlan:
     default: str = "int8"
     fallback: str = "fp32"
     nodes: dict[str, str] = field(default_factory=dict)
+    quantized_format: str = "int8"
 
     def __post_init__(self) -> None:
+        if self.quantized_format not in QUANTIZED_FORMATS:
+            raise QuantkitError(f"plan quantized_format must be one of {', '.join(QUANTIZED_FORMATS)}, got {self.quantized_format!r}")
         self.default = _check_precision(self.default, "plan default")
         self.fallback = _check_precision(self.fallback, "plan fallback")
         if self.fallback == "int8":
@@ -139,7 +145,14 @@ class PrecisionPlan:
 
     # ---- files ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": 1, "default": self.default, "fallback": self.fallback, "nodes": dict(self.nodes)}
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "default": self.default,
+            "fallback": self.fallback,
+            "quantized_format": self.quantized_format,
+            "nodes": dict(self.nodes),
+        }
 
     def save(self, path: str | Path) -> Path:
         return write_bytes_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
@@ -150,7 +163,7 @@ class PrecisionPlan:
             raise QuantkitError(f"{source} must hold a mapping with 'default' and 'nodes'")
         if doc.get("format", FORMAT) != FORMAT:
             raise QuantkitError(f"{source} is not a quantkit precision plan (format {doc.get('format')!r})")
-        unknown = set(doc) - {"format", "version", "default", "fallback", "nodes"}
+        unknown = set(doc) - {"format", "version", "default", "fallback", "quantized_format", "nodes"}
         if unknown:
             raise QuantkitError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
         nodes = doc.get("nodes") or {}
@@ -162,7 +175,10 @@ class PrecisionPlan:
         for key in ("default", "fallback"):
             if key in doc and not isinstance(doc[key], str):
                 raise QuantkitError(f"{source}: {key} must be int8, fp16 or fp32, got {doc[key]!r}")
-        return cls(default=doc.get("default", "int8"), fallback=doc.get("fallback", "fp32"), nodes=dict(nodes))
+        quantized = doc.get("quantized_format", "int8")
+        if not isinstance(quantized, str) or quantized not in QUANTIZED_FORMATS:
+            raise QuantkitError(f"{source}: quantized_format must be one of {', '.join(QUANTIZED_FORMATS)}, got {quantized!r}")
+        return cls(default=doc.get("default", "int8"), fallback=doc.get("fallback", "fp32"), nodes=dict(nodes), quantized_format=quantized)
 
     @classmethod
     def load(cls, path: str | Path) -> PrecisionPlan:

@@ -114,6 +114,14 @@ class RangeSet:
             tensors, {**other.methods, **self.methods}, self.model, self.calibration, self.quantkit_version, list(self.warnings)
         )
 
+    def method_format(self, method: str) -> str:
+        """The Q/DQ format a method's amax was chosen for ("int8", "fp8" or "any"), as calibration
+        recorded it (files written before it was recorded: from the method's name)."""
+        recorded = self.methods.get(method, {}).get("for_format")
+        if isinstance(recorded, str):
+            return recorded
+        return "fp8" if method == "mse-fp8" else "any" if method in ("minmax", "percentile") else "int8"
+
     def method_name(self, method: str | None) -> str:
         """``method`` checked against the methods held, or the default one for None."""
         if method is None:

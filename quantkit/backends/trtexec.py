@@ -14,11 +14,85 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
 from quantkit.errors import QuantkitError
 from quantkit.plan import PrecisionPlan
 
 PRECISIONS = ("fp32", "fp16", "int8", "best")
 _TRT_TYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
+
+
+#: ONNX element types of Q/DQ that TensorRT builds (symmetric: zero point 0), by the name quantkit reports
+_QDQ_TYPE_NAMES = {
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.FLOAT8E4M3FN: "fp8",
+    onnx.TensorProto.INT4: "int4",
+    onnx.TensorProto.UINT4: "uint4",
+}
+#: per Q/DQ type, what the 10.x build needs, from trtexec's 10.x help and the explicit-quantization
+#: guide ("Use explicit quantization with Strong Typing. Precision-control build flags are not
+#: required and should not be specified"; shared/reference/tensorrt-facts.md sections 4 and 5):
+#: --stronglyTyped, and none of --int8/--fp8/--int4, which 11.x removed altogether
+QDQ_BUILD_NOTES = {
+    "int8": "INT8 Q/DQ: strongly typed, no --int8 (10.x); 11.x is always strongly typed",
+    "fp8": "FP8 (E4M3) Q/DQ: strongly typed, no --fp8 (10.x; 11.x removed the flag); needs a GPU of compute "
+    "capability 8.9 or later (Ada, Hopper, Blackwell)",
+    "int4": "INT4 weight-only (block-wise DequantizeLinear): strongly typed, no --int4 (10.x; 11.x removed the flag)",
+}
+
+
+@dataclass(frozen=True)
+class QdqFacts:
+    """What an ONNX model's Q/DQ nodes quantize to, as a TensorRT build must know."""
+
+    types: tuple[str, ...] = ()  # sorted names from _QDQ_TYPE_NAMES (or "other")
+    nonzero_zero_points: int = 0  # Q/DQ nodes with a zero point other than 0 (asymmetric)
+
+    @property
+    def present(self) -> bool:
+        return bool(self.types)
+
+
+def qdq_facts(model: onnx.ModelProto) -> QdqFacts:
+    """The quantized types and zero points of ``model``'s QuantizeLinear/DequantizeLinear nodes."""
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {o: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value" for o in n.output}
+    types: set[str] = set()
+    asymmetric = 0
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        tensor = inits.get(zp) or consts.get(zp) if zp else None
+        if tensor is None and node.op_type == "DequantizeLinear":
+            tensor = inits.get(node.input[0]) or consts.get(node.input[0])  # a quantized weight without a zero point
+        if tensor is None:
+            attrs = {a.name: a.i for a in node.attribute if a.name == "output_dtype"}
+            elem = attrs.get("output_dtype") or onnx.TensorProto.UINT8  # QuantizeLinear's default output is uint8
+        else:
+            elem = tensor.data_type
+        types.add(_QDQ_TYPE_NAMES.get(elem, "other"))
+        if zp and tensor is not None and tensor.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            if np.any(numpy_helper.to_array(tensor) != 0):
+                asymmetric += 1
+    return QdqFacts(tuple(sorted(types)), asymmetric)
+
+
+def check_qdq_for_tensorrt(facts: QdqFacts, source: str) -> None:
+    """Refuse Q/DQ that TensorRT does not build: uint8 and asymmetric quantization (onnxruntime's format)."""
+    if "uint8" in facts.types or "uint4" in facts.types or facts.nonzero_zero_points:
+        raise QuantkitError(
+            f"{source} has asymmetric or unsigned Q/DQ (onnxruntime's format, zero points other than 0 in "
+            f"{facts.nonzero_zero_points} node(s), types {', '.join(facts.types)}): TensorRT builds only symmetric int8, fp8 "
+            "and int4 Q/DQ; quantize the FP32 model again with --target tensorrt",
+            option="model",
+        )
+    if "other" in facts.types:
+        raise QuantkitError(f"{source} has Q/DQ of a type TensorRT does not build (types {', '.join(facts.types)})", option="model")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ class Calibrator(ABC):
     """Base of the range methods: ``compute_amax(hist)`` returns the clipping threshold (>= 0)."""
 
     name: ClassVar[str]
+    #: the Q/DQ format whose error the amax is chosen for: "int8", "fp8", or "any" (no grid assumed)
+    for_format: ClassVar[str] = "int8"
 
     def compute_amax(self, hist: TensorHistogram) -> float:
         if hist.count == 0 or hist.absmax == 0.0:
@@ -49,6 +51,7 @@ class MinMaxCalibrator(Calibrator):
     """amax = max|x| over all collected values (TensorRT's IInt8MinMaxCalibrator)."""
 
     name: ClassVar[str] = "minmax"
+    for_format: ClassVar[str] = "any"
 
     def _amax(self, hist: TensorHistogram) -> float:
         return hist.absmax
@@ -63,6 +66,7 @@ class PercentileCalibrator(Calibrator):
     """
 
     name: ClassVar[str] = "percentile"
+    for_format: ClassVar[str] = "any"
     percentile: float = 99.99
 
     def __post_init__(self) -> None:
@@ -351,6 +355,7 @@ class MseFp8Calibrator(MseCalibrator):
     error of E4M3's grid (dense near 0, coarse near its top), not int8's uniform one."""
 
     name: ClassVar[str] = "mse-fp8"
+    for_format: ClassVar[str] = "fp8"
 
     def _grid(self) -> np.ndarray:
         return fp8_grid()

@@ -75,7 +75,7 @@ def compute_ranges(
     info.update(calibration_info or {})
     return RangeSet(
         tensors=tensors,
-        methods={cal.name: cal.params() for cal in calibrators},
+        methods={cal.name: {**cal.params(), "for_format": cal.for_format} for cal in calibrators},
         model={"path": str(model.path), "sha256": model.sha256},
         calibration=info,
         quantkit_version=__version__,

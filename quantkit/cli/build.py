@@ -11,10 +11,14 @@ from quantkit.backends.ort import ORT_RUNTIMES, build_ort
 from quantkit.backends.trt import INSTALL_HINT, build_engine, tensorrt_version
 from quantkit.backends.trtexec import (
     PRECISIONS,
+    QDQ_BUILD_NOTES,
+    QdqFacts,
     ShapeProfile,
     check_build_request,
+    check_qdq_for_tensorrt,
     parse_shapes,
     profile_from_shapes,
+    qdq_facts,
     shell,
     trtexec_command,
 )
@@ -32,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT 10 builder precision (ignored for Q/DQ models)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--cache", help="TensorRT calibration cache for implicit INT8 (TensorRT 10)")
-    src.add_argument("--qdq", action="store_true", help="the model carries Q/DQ: build strongly typed (explicit quantization)")
+    src.add_argument("--qdq", action="store_true", help="the model carries Q/DQ: build strongly typed (detected from the model too)")
     p.add_argument("--plan", help="precision plan for per-layer constraints (TensorRT 10)")
     p.add_argument(
         "--restamp",
@@ -70,7 +74,9 @@ def _profile(args: argparse.Namespace, model: ModelInfo) -> list[ShapeProfile]:
     return shapes
 
 
-def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers: list[str], shapes: list[ShapeProfile]) -> list[str]:
+def _trtexec_lines(
+    args: argparse.Namespace, plan: PrecisionPlan | None, layers: list[str], shapes: list[ShapeProfile], facts: QdqFacts
+) -> list[str]:
     out = Path(args.output)
     common = {
         "shapes": shapes,
@@ -78,7 +84,8 @@ def _trtexec_lines(args: argparse.Namespace, plan: PrecisionPlan | None, layers:
         "timing_cache": args.timing_cache,
         "layer_info": str(out.with_suffix(".layers.json")),
     }
-    lines = ["# TensorRT 10.x"]
+    lines = [f"# {QDQ_BUILD_NOTES[t]}" for t in facts.types if t in QDQ_BUILD_NOTES]
+    lines.append("# TensorRT 10.x")
     try:
         cmd10 = trtexec_command(
             args.model,
@@ -138,6 +145,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {built.model} and {built.settings} (providers: {', '.join(built.providers)})")
         return 0
     plan = PrecisionPlan.load(args.plan) if args.plan else None
+    facts = qdq_facts(model.proto)
+    if facts.present:  # the Q/DQ types decide the precision: a strongly typed build, whatever was asked
+        check_qdq_for_tensorrt(facts, args.model)
+        if args.cache:
+            raise QuantkitError(
+                f"{args.model} already carries Q/DQ scales: a calibration cache would be ignored; build it without --cache",
+                option="cache",
+            )
+        args.qdq = True
+    elif args.qdq:
+        raise QuantkitError(f"--qdq: {args.model} has no QuantizeLinear/DequantizeLinear node; quantize it first", option="qdq")
+    if plan is not None and plan.quantized_format != "int8" and not facts.present:
+        raise QuantkitError(
+            f"{args.plan} is an {plan.quantized_format} plan: TensorRT's calibration caches hold INT8 scales only; apply it "
+            f"when quantizing (quantkit quantize --format {plan.quantized_format} --plan) and build that model",
+            option="plan",
+        )
     check_build_request(
         precision=args.precision, calib_cache=args.cache, qdq=args.qdq, plan=plan, placeholder_ranges=args.placeholder_ranges
     )
@@ -147,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         args.cache, stamp_note = _cache_for(args, version, out)
     layers = node_names(model) if plan else []
     shapes = _profile(args, model)
-    lines = stamp_note + _trtexec_lines(args, plan, layers, shapes)
+    lines = stamp_note + _trtexec_lines(args, plan, layers, shapes, facts)
     script = out.with_suffix(".trtexec.sh")
     write_bytes_atomic(script, ("#!/bin/sh\n" + "\n".join(lines) + "\n").encode())  # for a GPU machine, built here or not
     if version is None:

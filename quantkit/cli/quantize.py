@@ -19,10 +19,11 @@ from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import check_samples
 from quantkit.export.apply import apply_plan
 from quantkit.export.int4 import quantize_int4_weights
-from quantkit.export.smoothquant import smooth_model
+from quantkit.export.qdq import record_quantization
+from quantkit.export.smoothquant import check_alpha, smooth_model
 from quantkit.model import ModelInfo, load_model
 from quantkit.options import TARGETS, CalibrationOptions, DataOptions, ExportOptions
-from quantkit.plan import PrecisionPlan
+from quantkit.plan import QUANTIZED_FORMATS, PrecisionPlan
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_cache
 from quantkit.tuning.speed import SpeedChoice, fastest_placement
@@ -52,16 +53,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
         choices=["int8", "fp8", "int4-weights"],
-        default="int8",
-        help="int8 (default); fp8: E4M3 Q/DQ at opset 19, scales amax/448, for TensorRT on Hopper and later GPUs; "
-        "int4-weights: MatMul/Gemm weights only, block-wise int4 (opset 21), no ranges needed (--data weighs the clip search)",
+        help="int8 (default, or the --plan's quantized_format); fp8: E4M3 Q/DQ at opset 19, scales amax/448, for TensorRT "
+        "on Ada, Hopper and later GPUs; int4-weights: MatMul/Gemm weights only, block-wise int4 (opset 21), "
+        "no ranges needed (--data weighs the clip search)",
     )
     p.add_argument(
         "--smoothquant",
         action="store_true",
         help="SmoothQuant before INT8/FP8: needs --data (channel maxima, then calibration of the smoothed model with --method)",
     )
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength in [0, 1] (default 0.5)")
+    p.add_argument(
+        "--alpha",
+        default="auto",
+        help="SmoothQuant's migration strength in [0, 1], or auto (default): per activation, the alpha (or none) whose INT8 "
+        "MatMul error is smallest on the calibration data",
+    )
     p.add_argument("--block-size", type=positive_int, default=128, help="int4-weights: weights per block along K (default 128)")
     p.add_argument(
         "--measure-speed",
@@ -95,10 +101,11 @@ def _smoothquant(args: argparse.Namespace) -> int:
     """Smooth, calibrate the smoothed model on the same data, quantize it, check it, write it."""
     if not args.data or args.ranges or args.from_cache:
         raise QuantkitError("--smoothquant calibrates the smoothed model itself: give --data, not --ranges or --from-cache", option="data")
+    alpha = check_alpha(args.alpha)
     model = load_model(args.model)
     spec = preprocess_from_args(args)
     smoothed, report = smooth_model(
-        model, batches(open_source(args.data, model, spec, shuffle=False), model, fixed_batch(model) or 16), args.alpha
+        model, batches(open_source(args.data, model, spec, shuffle=False), model, fixed_batch(model) or 16), alpha
     )
     with tempfile.TemporaryDirectory(prefix="quantkit-sq-") as tmp:
         path = Path(tmp) / model.path.name
@@ -111,6 +118,7 @@ def _smoothquant(args: argparse.Namespace) -> int:
             method, args.target, args.allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention, args.format
         )
         applied = apply_plan(smoothed_info, ranges, plan, options)
+        record_quantization(applied.model, applied.model, {"smoothquant_alpha": alpha})
         verify(args, model, applied.model)  # against the original FP32 model, on the same samples
     out = write_bytes_atomic(Path(args.output), applied.model.SerializeToString())
     if not args.quiet:
@@ -138,8 +146,31 @@ def _speed_batches(args: argparse.Namespace) -> list[int]:
     return sizes
 
 
+def _resolve_format(args: argparse.Namespace) -> None:
+    """--format, else the plan's quantized_format, else int8; a plan made for another format is refused."""
+    plan_format = PrecisionPlan.load(args.plan).quantized_format if args.plan else None
+    if args.format is None:
+        args.format = plan_format or "int8"
+    elif plan_format and args.format in QUANTIZED_FORMATS and args.format != plan_format:
+        raise QuantkitError(
+            f"{args.plan} was made for {plan_format} (its quantized_format) but --format is {args.format}: its choices were "
+            f"checked in {plan_format}; tune again for {args.format}, or drop --format",
+            option="format",
+        )
+
+
+def _method_format_warning(ranges: RangeSet, method: str | None, fmt: str) -> list[str]:
+    method = ranges.method_name(method)
+    made_for = ranges.method_format(method)
+    if made_for in ("any", fmt):
+        return []
+    fits = "mse-fp8 or minmax" if fmt == "fp8" else "mse, entropy or percentile"
+    return [f"the {method} ranges were chosen for {made_for}'s grid, not {fmt}'s: {fits} fit {fmt} (quantkit calibrate --method)"]
+
+
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, args.model, args.ranges, args.from_cache, args.plan)
+    _resolve_format(args)
     speed_batches = _speed_batches(args)
     if args.format == "int4-weights":
         if args.ranges or args.from_cache or args.plan:
@@ -166,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         ranges = RangeSet.load(args.ranges)
         allow_missing = args.allow_missing
+        warnings += _method_format_warning(ranges, args.method, args.format)
     plan = PrecisionPlan.load(args.plan) if args.plan else None
     options = ExportOptions(
         args.method, args.target, allow_missing, args.weight_bits, filters_from_args(args), args.quantize_attention, args.format
@@ -176,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
     if args.from_cache and report.missing_ranges:
         shown = ", ".join(report.missing_ranges[:5])
         warnings.append(f"{len(report.missing_ranges)} tensor(s) have no entry in the cache; their ops stay in float: {shown}")
+    if args.format == "int8" and any(r.startswith("attention core") for r in report.kept_float.values()):
+        warnings.append(
+            "a transformer: --smoothquant (with --data) moves its activations' outlier channels into the weights "
+            "(all-MiniLM-L6-v2, TensorRT INT8: embedding cosine 0.985 without, 0.998 with; reports/bench/encoder.md)"
+        )
     if applied.fp16 is not None and not args.quiet:
         print(applied.fp16.summary())
     out = Path(args.output)

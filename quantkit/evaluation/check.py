@@ -9,11 +9,18 @@ its SQNR against FP32 is below ``MIN_SQNR_DB``. The default, 4 dB, is far below 
 INT8 or FP16 model (real detectors' score maps sit at 8 dB and more, classifiers at 20-40 dB)
 and far above the collapses seen on real models (a pooled tensor clipped to its minimum gave
 0.9 dB; an FP16 detector whose BatchNorm variance overflowed gave all zeros).
+
+A transformer's padding positions are left out: where the samples carry a 2-D attention mask
+(an input named ``attention_mask``, ``input_mask`` or ``padding_mask``), outputs laid out as
+[batch, sequence, ...] are judged on the real tokens only. Nothing reads the outputs at padding,
+and they dominate short texts (76% of the tokens of scikit-learn's docstring sentences padded to
+64): counted, they put a healthy INT8 encoder at 4.7 dB where its real tokens are at 18.7 dB.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +40,38 @@ from quantkit.ranges import RangeSet
 
 MIN_SQNR_DB = 4.0
 CHECK_SAMPLES = 8
+#: a transformer's padding-mask input (1 at real tokens, 0 at padding)
+_MASK_INPUT = re.compile(r"(^|[^a-z])(attention_mask|input_mask|padding_mask)$", re.IGNORECASE)
+
+
+def token_positions(feeds: Sequence[dict[str, np.ndarray]]) -> np.ndarray | None:
+    """[samples, sequence] booleans, True at real tokens, from the feeds' 2-D attention-mask input
+    (integer, boolean, or float 0/1); None when the samples have none."""
+    if not feeds:
+        return None
+    for name in feeds[0]:
+        if not _MASK_INPUT.search(name):
+            continue
+        values = [np.asarray(f.get(name)) for f in feeds]
+        if all(v.ndim == 2 and (v.dtype.kind in "biu" or (v.dtype.kind == "f" and np.isin(v, (0, 1)).all())) for v in values):
+            return np.concatenate([v != 0 for v in values])
+    return None
+
+
+def zero_padding(value: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """``value`` with its padding positions set to 0, when it is laid out as [batch, sequence, ...]
+    like the mask: every metric then counts the real tokens only (zeros add no error and no energy,
+    and leave a per-sample cosine unchanged)."""
+    if tokens is None or value.ndim < 2 or value.shape[:2] != tokens.shape or value.dtype.kind != "f":
+        return value
+    return np.where(tokens.reshape(tokens.shape + (1,) * (value.ndim - 2)), value, 0).astype(value.dtype)
+
+
+def _real_tokens(value: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """``value`` at the real tokens, when it is laid out as [batch, sequence, ...] like the mask."""
+    if tokens is None or value.ndim < 2 or value.shape[:2] != tokens.shape or not tokens.any():
+        return value
+    return value[tokens]
 
 
 class FidelityError(QuantkitError):
@@ -75,12 +114,19 @@ class FidelityCheck:
 
 
 def judge_outputs(
-    names: Sequence[str], reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], min_sqnr_db: float = MIN_SQNR_DB
+    names: Sequence[str],
+    reference: Sequence[np.ndarray],
+    outputs: Sequence[np.ndarray],
+    min_sqnr_db: float = MIN_SQNR_DB,
+    tokens: np.ndarray | None = None,
 ) -> list[OutputCheck]:
-    """Per output: SQNR, cosine, and what is wrong with it, if anything."""
+    """Per output: SQNR, cosine, and what is wrong with it, if anything. ``tokens`` (from
+    ``token_positions``) leaves a transformer's padding positions out."""
     checks = []
     for name, ref, got in zip(names, reference, outputs, strict=True):
         ref, got = np.asarray(ref), np.asarray(got)
+        if ref.shape == got.shape:
+            ref, got = _real_tokens(ref, tokens), _real_tokens(got, tokens)
         problem = ""
         if ref.dtype.kind != "f":  # integer outputs (indices, counts) must match exactly
             same = ref.shape == got.shape and np.array_equal(ref, got)
@@ -148,8 +194,14 @@ def check_fidelity(
     ref_values = _run_all(ref_session, names + ref_watch, feeds)
     new_values = _run_all(new_session, names + watched, feeds)
     count = sum(len(next(iter(f.values()))) for f in feeds) if feeds else 0
+    tokens = token_positions(feeds)
+    if tokens is not None:
+        source = f"{source}, at the {int(tokens.sum())} real tokens (padding left out)"
     result = FidelityCheck(
-        judge_outputs(names, ref_values[: len(names)], new_values[: len(names)], min_sqnr_db), count, source, min_sqnr_db
+        judge_outputs(names, ref_values[: len(names)], new_values[: len(names)], min_sqnr_db, tokens),
+        count,
+        source,
+        min_sqnr_db,
     )
     ref_by_name = dict(zip(ref_watch, ref_values[len(names) :], strict=True))
     for name, value in zip(watched, new_values[len(names) :], strict=True):

@@ -28,7 +28,7 @@ from quantkit.data.batching import Batch, batches
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
-from quantkit.evaluation.check import judge_outputs
+from quantkit.evaluation.check import judge_outputs, token_positions, zero_padding
 from quantkit.evaluation.latency import Latency, hardware, measure_all
 from quantkit.evaluation.metrics import OutputFidelity, fidelity
 from quantkit.evaluation.objectives import Objective, choose_objective, from_callable, objective
@@ -139,6 +139,9 @@ def evaluate(
                 option="metrics",
             )
 
+    tokens = token_positions([b.feeds for b in val])  # a transformer's real tokens: padding is left out of every metric
+    if tokens is not None:
+        notes.append(f"padding left out: metrics count the {int(tokens.sum())} real tokens of the attention mask, of {tokens.size}")
     calibration = CalibrationInput(info, calib, ranges_path, spec, options.num_calib_samples, data_options.batch_size)
     with tempfile.TemporaryDirectory(prefix="quantkit-eval-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
@@ -168,7 +171,7 @@ def evaluate(
                 try:
                     # sessions stay alive to be timed in interleaved rounds: idle ones must not spin on the cores
                     session = make_session(str(target), providers, spinning=False)
-                    outputs = _collect(val, session)
+                    outputs = [zero_padding(o, tokens) for o in _collect(val, session)]
                 except Exception as exc:  # noqa: BLE001 - recorded; the other variants still run
                     result.error = f"does not run on {runtime.runtime}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
                     if spec_.kind == "fp32":

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.backends.ort import ActivationRunner
 from quantkit.errors import QuantkitError
-from quantkit.export.qdq import prepare_model
+from quantkit.export.qdq import prepare_model, record_quantization
 from quantkit.model import ModelInfo
 
 INT4_OPSET = 21  # DequantizeLinear with block_size and the int4 type
@@ -180,5 +180,6 @@ def quantize_int4_weights(
     nodes = list(proto.graph.node)
     del proto.graph.node[:]
     proto.graph.node.extend(new_nodes + nodes)  # the DQs read only initializers: first is topological
+    record_quantization(proto, proto, {"format": "int4-weights", "block_size": block_size, "clip_search": clip_search})
     onnx.checker.check_model(proto)
     return proto, report

@@ -63,6 +63,7 @@ class QuantizeReport:
     float_op_counts: dict[str, int] = field(default_factory=dict)  # op types with no int8 placement
     opset_converted_from: int | None = None
     folded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn), onnxruntime target
+    layernorm_maxima: list[str] = field(default_factory=list)  # LayerNorm outputs quantized with their observed max
 
     def summary(self) -> str:
         lines = [
@@ -73,6 +74,12 @@ class QuantizeReport:
         if self.folded_batchnorms:
             n = len(self.folded_batchnorms)
             lines.append(f"folded {n} BatchNormalization/bias node(s) into their Conv (onnxruntime fuses Conv+Q/DQ only then)")
+        raised = [n for n in self.layernorm_maxima if n in self.activation_params]
+        if raised:
+            lines.append(
+                f"{len(raised)} LayerNorm output(s) quantized at their observed max, not the {self.method} clip "
+                "(their outlier channels are systematic, not noise)"
+            )
         if self.opset_converted_from is not None:
             to = FP8_OPSET if self.format == "fp8" else MIN_OPSET
             lines.append(f"converted the model from opset {self.opset_converted_from} to {to} ({self.format} Q/DQ needs it)")
@@ -112,17 +119,47 @@ def _static_dim(tensor: gs.Tensor, index: int) -> int | None:
     return d if isinstance(d, int) else None
 
 
+#: ops whose int8 kernels take a residual Add into their epilogue in TensorRT (Conv + Add [+ ReLU]).
+#: A transformer's MatMul/Gemm + residual Add is fused by Myelin, which keeps the residual stream in
+#: float: quantizing that Add's input only adds error (all-MiniLM-L6-v2: embedding cosine 0.985
+#: with it, 0.993 without, bench/encoder.py)
+RESIDUAL_FUSING_OPS = frozenset({"Conv", "ConvTranspose"})
+
+
 def _weighted_branch(tensor: gs.Tensor) -> bool:
-    """Whether ``tensor`` comes straight from a weighted op (through BN / a constant bias add),
-    i.e. TensorRT can fuse the consuming Add into that op's epilogue."""
+    """Whether ``tensor`` comes straight from a conv (through BN / a constant bias add), i.e.
+    TensorRT can fuse the consuming Add into that conv's epilogue."""
     while len(tensor.inputs) == 1 and len(tensor.outputs) == 1:
         producer = tensor.inputs[0]
-        if producer.op in WEIGHTED_OPS:
+        if producer.op in RESIDUAL_FUSING_OPS:
             return True
+        if producer.op in WEIGHTED_OPS:
+            return False
         if producer.op in EPILOGUE_OPS or (producer.op == "Add" and any(_const_values(t) is not None for t in producer.inputs)):
             tensor = next(t for t in producer.inputs if _const_values(t) is None)
             continue
         return False
+    return False
+
+
+def _conv_fed(tensor: gs.Tensor, limit: int = 16) -> bool:
+    """Whether a conv produces ``tensor`` through ops without weights (activations, BN, pools, gates,
+    Add/Mul), with no MatMul/Gemm closer on that path: an Add/Mul of a conv net, where onnxruntime's
+    QLinearAdd/QLinearMul pay, rather than of a transformer block (residual stream, GELU, mask
+    arithmetic), where int8 collapsed all-MiniLM-L6-v2 to -0.8 dB (bench/encoder.py)."""
+    frontier, seen = [tensor], set()
+    for _ in range(limit):
+        step = []
+        for t in frontier:
+            if id(t) in seen or not t.inputs:
+                continue
+            seen.add(id(t))
+            producer = t.inputs[0]
+            if producer.op in RESIDUAL_FUSING_OPS:
+                return True
+            if producer.op not in WEIGHTED_OPS:
+                step += [i for i in producer.inputs if _const_values(i) is None]
+        frontier = step
     return False
 
 
@@ -204,10 +241,12 @@ def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
                 return _NodePlan(activations=[_shortcut_slot(node)]), ""
             if a or b:
                 return _NodePlan(activations=[1 if a else 0]), ""
-            return None, "Add without a weighted-op branch"
+            return None, "Add without a conv branch"
         return None, ""
     if node.op in ORT_INT8_OPS:
         slots = [i for i, t in enumerate(node.inputs) if _const_values(t) is None and t.name]
+        if node.op in ("Add", "Mul") and not any(_conv_fed(node.inputs[i]) for i in slots):
+            return None, f"{node.op} outside a conv net (transformer arithmetic stays float)"
         if node.op in ("Add", "Mul") and len(slots) != 2:
             scalars = [i for i, t in enumerate(node.inputs) if (v := _const_values(t)) is not None and v.size == 1]
             if len(slots) == 1 and len(scalars) == 1 and len(node.inputs) == 2:
@@ -353,6 +392,53 @@ def _with_scalar_op_ranges(ranges: RangeSet, graph: gs.Graph) -> RangeSet:
     return dataclasses.replace(ranges, tensors=tensors) if len(tensors) != len(ranges.tensors) else ranges
 
 
+_LAYERNORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
+
+
+def layernorm_outputs(graph: gs.Graph) -> set[str]:
+    """Tensors that are a LayerNorm's output: the fused ops', and the decomposed form's
+    (x - mean) / sqrt(var + eps) [* gamma] [+ beta] as torch.onnx exports it before opset 17."""
+    found: set[str] = set()
+    for node in graph.nodes:
+        if node.op in _LAYERNORM_OPS and node.outputs:
+            found.add(node.outputs[0].name)
+            continue
+        if node.op != "Div" or len(node.inputs) != 2:
+            continue
+        centred, std = (t.inputs[0] if t.inputs else None for t in node.inputs)
+        if centred is None or std is None or centred.op != "Sub" or std.op != "Sqrt":
+            continue
+        mean = centred.inputs[1].inputs[0] if len(centred.inputs) == 2 and centred.inputs[1].inputs else None
+        if mean is None or mean.op != "ReduceMean":
+            continue
+        out = node.outputs[0]
+        for op in ("Mul", "Add"):  # gamma, then beta: constant operands, single consumer
+            nxt = out.outputs[0] if len(out.outputs) == 1 else None
+            if nxt is not None and nxt.op == op and any(_const_values(t) is not None for t in nxt.inputs):
+                out = nxt.outputs[0]
+        found.add(out.name)
+    return found
+
+
+def _with_layernorm_maxima(ranges: RangeSet, graph: gs.Graph, method: str) -> tuple[RangeSet, list[str]]:
+    """``ranges`` with each LayerNorm output's amax for ``method`` raised to its observed maximum.
+
+    A transformer's LayerNorm outputs carry a few outlier channels that are systematic, always
+    the same channels and the ones the next layers rely on (Bondarenko et al., EMNLP 2021), not
+    rare noise: clipping calibrators (entropy, percentile) cut them off. On all-MiniLM-L6-v2 the
+    embedding cosine rose from 0.964 to 0.985 with entropy ranges (bench/encoder.py)."""
+    tensors, raised = dict(ranges.tensors), []
+    for name in sorted(layernorm_outputs(graph)):
+        t = tensors.get(name)
+        if t is None or method not in t.amax:
+            continue
+        observed = max(abs(t.min), abs(t.max))
+        if observed > t.amax[method]:
+            tensors[name] = dataclasses.replace(t, amax={**t.amax, method: observed})
+            raised.append(name)
+    return (dataclasses.replace(ranges, tensors=tensors) if raised else ranges), raised
+
+
 def _activation_params(ranges: RangeSet, name: str, method: str, target: str) -> tuple[float, int]:
     t = ranges.tensors[name]
     amax = t.amax[method]
@@ -423,8 +509,15 @@ def quantize_model(
     graph.fold_constants(error_ok=True).cleanup()
     if target == "onnxruntime":
         ranges = _with_scalar_op_ranges(_with_gate_ranges(ranges, hardswish_as_gate(graph)), graph)
+    if fmt == "int8":  # E4M3's range is not clipped the same way: fp8 keeps the method's amax
+        ranges, report.layernorm_maxima = _with_layernorm_maxima(ranges, graph, method)
     precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
-    attention = set() if quantize_attention or target != "tensorrt" else attention_matmuls(graph)
+    attention = set() if quantize_attention else attention_matmuls(graph)
+    attention_reason = (
+        "attention core (TensorRT's MHA kernels choose its precision; --quantize-attention)"
+        if target == "tensorrt"
+        else "attention core (int8 scores and probabilities cost accuracy, little time; --quantize-attention)"
+    )
 
     # ---- pass 1: decide, per node, which inputs get Q/DQ -----------------------------------
     plans: dict[str, _NodePlan] = {}
@@ -442,7 +535,7 @@ def quantize_model(
             continue
         named = plan is not None and plan.names(node.name)  # the plan wins where it speaks
         if not named and node.name in attention:
-            report.kept_float[node.name] = "attention core (TensorRT's MHA kernels choose its precision; --quantize-attention)"
+            report.kept_float[node.name] = attention_reason
             continue
         refusal = filters.refusal(node.name, node.op) if filters is not None and not named else ""
         if refusal:
@@ -573,6 +666,11 @@ def quantize_model(
             readers = [c for c in tensor.outputs if c.op != "QuantizeLinear" and precisions.get(c.name, "int8") == "int8"]
             if not readers or (node.op == "Concat" and any(c.name not in int8 for c in readers)):
                 continue
+            if node.op in ("MatMul", "Gemm") and not any(c.name in int8 for c in readers):
+                # without a Q after it, onnxruntime runs DQ -> MatMul/Gemm as MatMulIntegerToFloat /
+                # QGemm with a float output: quantizing an output that only float ops read adds error
+                # and saves nothing (a transformer's projections, read by bias Adds and Reshapes)
+                continue
             dq = activation(tensor)
             for reader in readers:
                 for slot, inp in enumerate(reader.inputs):
@@ -584,11 +682,20 @@ def quantize_model(
     out.ir_version = proto.ir_version
     del out.opset_import[:]
     out.opset_import.extend(proto.opset_import)
+    record_quantization(out, proto, {"format": fmt, "target": target, "method": method})
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as exc:  # pragma: no cover - would be a quantkit bug
         raise QuantkitError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     return out, report
+
+
+def record_quantization(out: onnx.ModelProto, source: onnx.ModelProto, facts: dict[str, str]) -> None:
+    """Keep ``source``'s metadata on ``out`` and record how it was quantized (``quantkit.<key>``
+    entries: a deployment script or ``quantkit build`` can tell an fp8 model from an int8 one)."""
+    props = {p.key: p.value for p in source.metadata_props}
+    props.update({f"quantkit.{k}": str(v) for k, v in facts.items()})
+    onnx.helper.set_model_props(out, dict(sorted(props.items())))
 
 
 def ranges_from_qdq(model: onnx.ModelProto) -> RangeSet:

@@ -124,6 +124,26 @@ def test_build_without_tensorrt_says_what_is_missing(tmp_path, capsys):
     assert "CPUExecutionProvider" in out and "TensorRT: not installed" in out
 
 
+def _qdq_conv(tmp_path):
+    """A small TensorRT-format Q/DQ model (quantkit's placement of conftest's conv model)."""
+    from conftest import conv_model, save
+
+    import quantkit
+    from quantkit.export.qdq import quantize_model
+
+    path = save(conv_model(), tmp_path / "conv.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32))
+    q, _ = quantize_model(quantkit.load_model(path), quantkit.calibrate(path, tmp_path / "x.npy", methods="minmax").ranges)
+    return save(q, tmp_path / "conv.qdq.onnx")
+
+
+def test_a_plan_with_a_qdq_model_is_refused_before_tensorrt_is_needed(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"default": "int8"}')
+    assert main(["build", str(_qdq_conv(tmp_path)), "--plan", str(plan), "-o", str(tmp_path / "q.engine")]) == 2
+    assert "a precision plan with a Q/DQ model" in capsys.readouterr().err
+
+
 # ---- the TensorRT path itself: runs where TensorRT and a GPU exist ------------------------------
 @pytest.mark.tensorrt
 def test_tensorrt_builds_fp16_int8_from_cache_and_qdq(tmp_path, demo_preprocess):
@@ -154,7 +174,8 @@ def test_builds_that_would_silently_differ_are_refused(tmp_path, capsys):
     out = str(tmp_path / "demo.engine")
     plan = tmp_path / "plan.json"
     plan.write_text('{"default": "int8"}')
-    assert main(["build", str(DEMO_MODEL), "--qdq", "--plan", str(plan), "-o", out]) == 2
+    qdq_model = _qdq_conv(tmp_path)
+    assert main(["build", str(qdq_model), "--plan", str(plan), "-o", out]) == 2
     assert "a precision plan with a Q/DQ model" in capsys.readouterr().err
     assert main(["build", str(DEMO_MODEL), "--precision", "int8", "-o", out]) == 2
     err = capsys.readouterr().err

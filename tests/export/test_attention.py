@@ -92,3 +92,77 @@ def test_quantize_cli_filters(block, tmp_path, capsys):
     assert main([*args, "--data", str(tmp / "calib.npz")]) == 0
     text = capsys.readouterr().out
     assert "proj_o" in text and "filter: name matches --exclude-nodes" in text
+
+
+def test_a_residual_add_after_a_matmul_stays_float_for_tensorrt(block):
+    """TensorRT fuses a residual Add into a conv's int8 epilogue; a transformer's MatMul + residual
+    is fused by Myelin with the residual stream in float, so its input gets no Q/DQ."""
+    _, info, ranges = block
+    _, report = quantize_model(info, ranges, target="tensorrt")
+    assert report.kept_float["residual"] == "Add without a conv branch"
+
+
+def test_onnxruntime_placement_of_an_encoder_block(block):
+    """The onnxruntime target keeps the attention core and the transformer's Add/Mul in float, and
+    quantizes no projection output that only float ops read (MatMulIntegerToFloat needs no Q)."""
+    _, info, ranges = block
+    q, report = quantize_model(info, ranges, target="onnxruntime")
+    assert set(report.int8_nodes) == PROJECTIONS
+    assert all(report.kept_float[n].startswith("attention core") for n in ATTENTION)
+    assert report.kept_float["residual"].startswith("Add outside a conv net")
+    quantized_tensors = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized_tensors == {"h", "ctx"}  # the projections' inputs only; q, k, v and o stay float
+    assert ATTENTION <= set(quantize_model(info, ranges, target="onnxruntime", quantize_attention=True)[1].int8_nodes)
+
+
+def decomposed_layernorm_block():
+    """torch.onnx's LayerNorm before opset 17: ReduceMean, Sub, Pow, ReduceMean, Add eps, Sqrt, Div, * gamma, + beta."""
+    inits = [
+        helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+        helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-12]),
+        helper.make_tensor("gamma", TensorProto.FLOAT, [D], np.linspace(0.5, 8.0, D)),
+        helper.make_tensor("beta", TensorProto.FLOAT, [D], np.zeros(D)),
+        helper.make_tensor("w", TensorProto.FLOAT, [D, D], np.random.default_rng(3).normal(size=D * D)),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], name="mean"),
+        helper.make_node("Sub", ["x", "mean"], ["centred"], name="centre"),
+        helper.make_node("Pow", ["centred", "two"], ["square"], name="square"),
+        helper.make_node("ReduceMean", ["square"], ["var"], axes=[-1], name="var"),
+        helper.make_node("Add", ["var", "eps"], ["shifted"], name="eps_add"),
+        helper.make_node("Sqrt", ["shifted"], ["std"], name="std"),
+        helper.make_node("Div", ["centred", "std"], ["normed"], name="norm"),
+        helper.make_node("Mul", ["normed", "gamma"], ["scaled"], name="gamma_mul"),
+        helper.make_node("Add", ["scaled", "beta"], ["ln_out"], name="beta_add"),
+        helper.make_node("MatMul", ["ln_out", "w"], ["y"], name="proj"),
+    ]
+    return float_model(nodes, {"x": ["N", S, D]}, {"y": ["N", S, D]}, inits, opset=13)
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_a_layernorm_output_is_quantized_at_its_observed_max(tmp_path, decomposed):
+    """Clipping calibrators cut a LayerNorm output's systematic outlier channels: its scale is the
+    observed max / 127 whatever the method's amax, for the fused op and the decomposed form."""
+    import dataclasses
+
+    import onnx_graphsurgeon as gs
+
+    from quantkit.export.qdq import layernorm_outputs
+
+    model, ln_out = (decomposed_layernorm_block(), "ln_out") if decomposed else (encoder_block(), "h")
+    path = save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(4)
+    feeds = {"x": rng.normal(size=(16, S, D)).astype(np.float32)}
+    if not decomposed:
+        feeds["mask"] = np.zeros((16, 1, S), np.float32)
+    np.savez(tmp_path / "x.npz", **feeds)
+    info = quantkit.load_model(path)
+    assert ln_out in layernorm_outputs(gs.import_onnx(model))
+    ranges = quantkit.calibrate(path, tmp_path / "x.npz", methods="minmax").ranges
+    t = ranges.tensors[ln_out]
+    observed = max(abs(t.min), abs(t.max))
+    clipped = dataclasses.replace(ranges, tensors={**ranges.tensors, ln_out: dataclasses.replace(t, amax={"minmax": observed / 4})})
+    _, report = quantize_model(info, clipped, target="tensorrt", check_hash=False)
+    assert report.layernorm_maxima == [ln_out]
+    assert report.activation_params[ln_out][0] == pytest.approx(observed / 127, rel=1e-6)
+    assert "1 LayerNorm output(s) quantized at their observed max" in report.summary()

@@ -106,7 +106,7 @@ def test_quantize_cli_smoothquant(tmp_path, capsys):
     out = tmp_path / "b.sq.int8.onnx"
     assert main(["quantize", str(model), "--smoothquant", "--data", str(x), "--method", "minmax", "-o", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "SmoothQuant (alpha 0.5): 3 MatMul/Gemm on 1 activation(s)" in text and "LayerNormalization ln" in text
+    assert "SmoothQuant (alpha auto): 3 MatMul/Gemm on 1 activation(s)" in text and "LayerNormalization ln" in text
     feeds = {"x": np.load(x)[:16]}
     ref = make_session(str(model)).run(None, feeds)[0]
     assert sqnr_db(ref, make_session(str(out)).run(None, feeds)[0]) > 30
@@ -121,3 +121,78 @@ def test_int8_sq_is_an_eval_variant(tmp_path):
     plain, smoothed = report.variant("int8-tensorrt:minmax"), report.variant("int8-sq:minmax")
     assert smoothed.error is None and report.metric_names == ["cosine"]
     assert smoothed.fidelity[0].sqnr_db > plain.fidelity[0].sqnr_db + 3
+
+
+def test_the_search_error_is_what_the_quantized_model_computes(tmp_path):
+    """``int8_matmul_error`` (no smoothing) equals the error of quantkit's own Q/DQ MatMul run by
+    onnxruntime with max ranges: same activation scale, per-channel weights, rounding."""
+    from quantkit.export.smoothquant import int8_matmul_error
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(scale=0.2, size=(D, F)).astype(np.float32)
+    model = float_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": ["N", D]}, {"y": ["N", F]}, [numpy_helper.from_array(w, "w")]
+    )
+    path = save(model, tmp_path / "mm.onnx")
+    x = rng.normal(size=(256, D)).astype(np.float32) * np.where(np.arange(D) % 9 == 0, 20.0, 1.0).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    info = quantkit.load_model(path)
+    q, _ = quantize_model(info, quantkit.calibrate(path, tmp_path / "x.npy", methods="minmax").ranges, method="minmax", target="tensorrt")
+    got = make_session(q).run(None, {"x": x})[0].astype(np.float64)
+    measured = float(np.sum((got - x.astype(np.float64) @ w.astype(np.float64)) ** 2))
+    err, energy = int8_matmul_error(x, np.abs(x).max(axis=0), [w], None)
+    assert err == pytest.approx(measured, rel=1e-3)
+    assert energy == pytest.approx(float(np.sum((x.astype(np.float64) @ w) ** 2)), rel=1e-9)
+
+
+def residual_block():
+    """A post-LN encoder's pattern: the LayerNorm output feeds the projections and the residual Add."""
+    model = block("ln")
+    graph = model.graph
+    graph.node.append(helper.make_node("Add", ["h", "x"], ["r"], name="residual"))
+    graph.output.append(helper.make_tensor_value_info("r", graph.output[0].type.tensor_type.elem_type, ["N", S, D]))
+    return model
+
+
+def test_a_layernorm_output_also_read_by_a_residual_is_smoothed_through_an_inserted_mul(tmp_path):
+    info = quantkit.load_model(save(residual_block(), tmp_path / "r.onnx"))
+    x = data(tmp_path, (32, S, D))
+    smoothed, report = smooth_model(info, batches(open_source(x, info), info, 8))
+    assert report.folded_into["h"] == "inserted Mul" and report.smoothed["h"] == ["proj0", "proj1", "proj2"]
+    before, after = report.matmul_sqnr["h"]
+    assert report.chosen_alpha["h"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9) and after > before + 3
+    feeds = {"x": np.load(x)[:8]}
+    for ref, got in zip(make_session(info.proto).run(None, feeds), make_session(smoothed).run(None, feeds), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)  # the residual still reads the original h
+
+
+def test_a_fixed_alpha_is_applied_as_given_and_bad_alphas_are_refused(tmp_path):
+    from quantkit.export.smoothquant import check_alpha
+
+    info = quantkit.load_model(save(block("ln"), tmp_path / "b.onnx"))
+    x = data(tmp_path, (32, S, D))
+    _, report = smooth_model(info, batches(open_source(x, info), info, 8), alpha=0.5)
+    assert report.chosen_alpha == {"h": 0.5} and "alpha 0.5" in report.summary()
+    assert check_alpha("AUTO") == "auto" and check_alpha("0.25") == 0.25
+    for bad in ("1.5", "-0.1", "x", True, float("nan")):
+        with pytest.raises(quantkit.QuantkitError, match="alpha must be"):
+            check_alpha(bad)
+
+
+def test_the_row_reservoir_is_bounded_uniform_and_repeatable():
+    from quantkit.export.smoothquant import RowReservoir
+
+    def sample():
+        r = RowReservoir(capacity=512, seed=0)
+        for start in range(0, 20000, 500):
+            r.add(np.arange(start, start + 500, dtype=np.float64)[:, None])
+        return r
+
+    a, b = sample(), sample()
+    assert a.rows.shape == (512, 1) and a.seen == 20000 and np.array_equal(a.rows, b.rows)
+    assert len(np.unique(a.rows)) == 512
+    # uniform over the stream: mean 9999.5, standard error 20000 / sqrt(12 * 512) ~ 255
+    assert abs(a.rows.mean() - 9999.5) < 4 * 255
+    small = RowReservoir(capacity=512)
+    small.add(np.arange(10, dtype=np.float64)[:, None])
+    assert np.array_equal(small.rows[:, 0], np.arange(10))
