@@ -67,8 +67,9 @@ def test_only_a_2d_binary_attention_mask_counts(feed):
 
 
 def test_eval_leaves_padding_out_of_every_metric(tmp_path):
-    import quantkit
     from conftest import save
+
+    import quantkit
 
     reference = save(hidden_model(), tmp_path / "ref.onnx")
     noisy = save(hidden_model(padding_noise=1e3), tmp_path / "pad.onnx")
