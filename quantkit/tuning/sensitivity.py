@@ -26,6 +26,7 @@ from quantkit.backends.ort import make_session, with_outputs
 from quantkit.data.batching import Batch, batches
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
+from quantkit.evaluation.check import token_positions, zero_padding
 from quantkit.evaluation.metrics import sqnr_db, top1_agreement
 from quantkit.evaluation.objectives import BUILT_IN, SQNR_CAP_DB, Measurement, Objective, choose_objective, format_value, from_callable
 from quantkit.evaluation.objectives import objective as objective_named
@@ -74,6 +75,8 @@ class Evaluator:
         self.evaluations = 0  # passes over this evaluator's samples
         self.cost = 0.0  # in passes over the full validation set (subset passes count fractionally)
         self.samples = sum(len(b) for b in self.data)
+        # a transformer's real tokens: its padding is zeroed in every output, so no score counts it
+        self.tokens = token_positions([b.feeds for b in self.data])
         self.reference = reference if reference is not None else self._run(model.proto)
         self.objective = resolve_objective(objective, self.reference, self.labels, **(objective_params or {}))
         if self.objective.needs_labels and self.labels is None:
@@ -110,9 +113,10 @@ class Evaluator:
     def _run(self, proto: onnx.ModelProto, session: Any = None) -> list[np.ndarray]:
         session = session or self._session(proto)
         outs = [session.run(None, b.feeds) for b in self.data]
-        return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+        return [zero_padding(np.concatenate([o[i] for o in outs]), self.tokens) for i in range(len(outs[0]))]
 
     def score_outputs(self, outputs: list[np.ndarray]) -> Score:
+        outputs = [zero_padding(o, self.tokens) for o in outputs]  # outputs run elsewhere (Ray workers) too
         return self._score(outputs, self.objective.measure(outputs, self.reference, self.labels))
 
     def _score(self, outputs: list[np.ndarray], measured: Measurement) -> Score:

@@ -83,3 +83,19 @@ def test_eval_leaves_padding_out_of_every_metric(tmp_path):
     assert padding.fidelity[0].sqnr_db == float("inf") and not padding.collapsed
     # hidden = 1.5 x at real tokens: SQNR = 20 log10(1 / 0.5) = 6.02 dB, independent of the padding
     assert tokens.fidelity[0].sqnr_db == pytest.approx(20 * np.log10(2.0), abs=1e-3)
+
+
+def test_the_tuning_evaluator_scores_real_tokens_only(tmp_path):
+    import onnx
+    from conftest import save
+
+    import quantkit
+    from quantkit.data.batching import Batch
+    from quantkit.tuning.sensitivity import Evaluator
+
+    info = quantkit.load_model(save(hidden_model(), tmp_path / "ref.onnx"))
+    f = feeds()[0]
+    evaluator = Evaluator(info, [Batch([f"s{i}" for i in range(B)], f)], objective="sqnr")
+    assert evaluator.evaluate(onnx.load(str(save(hidden_model(padding_noise=1e3), tmp_path / "p.onnx")))).sqnr_db == float("inf")
+    broken = evaluator.evaluate(onnx.load(str(save(hidden_model(token_noise=0.5), tmp_path / "t.onnx"))))
+    assert broken.sqnr_db == pytest.approx(20 * np.log10(2.0), abs=1e-3)
