@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,13 @@ class RangeSet:
         recorded = self.methods.get(method, {}).get("for_format")
         if isinstance(recorded, str):
             return recorded
-        return "fp8" if method == "mse-fp8" else "any" if method in ("minmax", "percentile") else "int8"
+        return "fp8" if method == "mse-fp8" else "any" if method == "minmax" else "int8"
+
+    def with_observed_max(self, method: str = "minmax") -> RangeSet:
+        """A copy with ``method`` holding each tensor's observed max |x| (what the minmax method
+        computes, from the min/max every range records)."""
+        tensors = {n: replace(t, amax={**t.amax, method: max(abs(t.min), abs(t.max))}) for n, t in self.tensors.items()}
+        return replace(self, tensors=tensors, methods={**self.methods, method: {"for_format": "any"}})
 
     def method_name(self, method: str | None) -> str:
         """``method`` checked against the methods held, or the default one for None."""

@@ -66,7 +66,6 @@ class PercentileCalibrator(Calibrator):
     """
 
     name: ClassVar[str] = "percentile"
-    for_format: ClassVar[str] = "any"
     percentile: float = 99.99
 
     def __post_init__(self) -> None:

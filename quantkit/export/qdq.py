@@ -509,8 +509,7 @@ def quantize_model(
     graph.fold_constants(error_ok=True).cleanup()
     if target == "onnxruntime":
         ranges = _with_scalar_op_ranges(_with_gate_ranges(ranges, hardswish_as_gate(graph)), graph)
-    if fmt == "int8":  # E4M3's range is not clipped the same way: fp8 keeps the method's amax
-        ranges, report.layernorm_maxima = _with_layernorm_maxima(ranges, graph, method)
+    ranges, report.layernorm_maxima = _with_layernorm_maxima(ranges, graph, method)
     precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
     attention = set() if quantize_attention else attention_matmuls(graph)
     attention_reason = (

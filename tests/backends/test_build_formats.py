@@ -116,3 +116,24 @@ def test_build_refuses_what_tensorrt_would_not_build_as_asked(case, tmp_path, ca
     plan = PrecisionPlan(default="int8", quantized_format="fp8").save(tmp_path / "p.json")
     assert main(["build", str(path), "--precision", "int8", "--cache", str(cache), "--plan", str(plan), "-o", out]) == 2
     assert "is an fp8 plan: TensorRT's calibration caches hold INT8 scales only" in capsys.readouterr().err
+
+
+def test_fp8_without_a_method_takes_each_tensors_observed_max(tmp_path, capsys):
+    """E4M3 needs no clipping: with entropy-only ranges, --format fp8 scales every activation by
+    its observed max / 448 (the minmax amax, from the min/max each range records)."""
+    path = save(conv_model(), tmp_path / "conv.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    assert main(["calibrate", str(path), "--data", str(tmp_path / "x.npy"), "--method", "entropy", "--out-dir", str(tmp_path), "-q"]) == 0
+    out = tmp_path / "conv.fp8.onnx"
+    assert main(["quantize", str(path), "--ranges", str(tmp_path / "ranges.json"), "--format", "fp8", "-o", str(out)]) == 0
+    assert "fp8: minmax ranges (E4M3's range needs no clipping" in capsys.readouterr().out
+    ranges = quantkit.RangeSet.load(tmp_path / "ranges.json")
+    model = onnx.load(str(out))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in ranges.tensors:
+            t = ranges.tensors[node.input[0]]
+            assert float(inits[node.input[1]]) == pytest.approx(max(abs(t.min), abs(t.max)) / 448, rel=1e-6)
+            checked += 1
+    assert checked and {p.key: p.value for p in model.metadata_props}["quantkit.method"] == "minmax"
