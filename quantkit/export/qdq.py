@@ -395,6 +395,18 @@ def _with_scalar_op_ranges(ranges: RangeSet, graph: gs.Graph) -> RangeSet:
 _LAYERNORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
 
 
+def _reduces_last_axis(node: gs.Node) -> bool:
+    """Whether a ReduceMean reduces only the last axis (its axes attribute, or input from opset 18)."""
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = _const_values(node.inputs[1])
+    if axes is None:
+        return False
+    axes = [int(a) for a in np.atleast_1d(np.asarray(axes))]
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    return len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+
+
 def layernorm_outputs(graph: gs.Graph) -> set[str]:
     """Tensors that are a LayerNorm's output: the fused ops', and the decomposed form's
     (x - mean) / sqrt(var + eps) [* gamma] [+ beta] as torch.onnx exports it before opset 17."""
@@ -409,8 +421,8 @@ def layernorm_outputs(graph: gs.Graph) -> set[str]:
         if centred is None or std is None or centred.op != "Sub" or std.op != "Sqrt":
             continue
         mean = centred.inputs[1].inputs[0] if len(centred.inputs) == 2 and centred.inputs[1].inputs else None
-        if mean is None or mean.op != "ReduceMean":
-            continue
+        if mean is None or mean.op != "ReduceMean" or not _reduces_last_axis(mean):
+            continue  # a group or instance norm reduces other axes: its outputs are not a LayerNorm's
         out = node.outputs[0]
         for op in ("Mul", "Add"):  # gamma, then beta: constant operands, single consumer
             nxt = out.outputs[0] if len(out.outputs) == 1 else None

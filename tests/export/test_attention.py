@@ -115,7 +115,7 @@ def test_onnxruntime_placement_of_an_encoder_block(block):
     assert ATTENTION <= set(quantize_model(info, ranges, target="onnxruntime", quantize_attention=True)[1].int8_nodes)
 
 
-def decomposed_layernorm_block():
+def decomposed_layernorm_block(axes=(-1,)):
     """torch.onnx's LayerNorm before opset 17: ReduceMean, Sub, Pow, ReduceMean, Add eps, Sqrt, Div, * gamma, + beta."""
     inits = [
         helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
@@ -125,7 +125,7 @@ def decomposed_layernorm_block():
         helper.make_tensor("w", TensorProto.FLOAT, [D, D], np.random.default_rng(3).normal(size=D * D)),
     ]
     nodes = [
-        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], name="mean"),
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=list(axes), name="mean"),
         helper.make_node("Sub", ["x", "mean"], ["centred"], name="centre"),
         helper.make_node("Pow", ["centred", "two"], ["square"], name="square"),
         helper.make_node("ReduceMean", ["square"], ["var"], axes=[-1], name="var"),
@@ -158,6 +158,7 @@ def test_a_layernorm_output_is_quantized_at_its_observed_max(tmp_path, decompose
     np.savez(tmp_path / "x.npz", **feeds)
     info = quantkit.load_model(path)
     assert ln_out in layernorm_outputs(gs.import_onnx(model))
+    assert not layernorm_outputs(gs.import_onnx(decomposed_layernorm_block(axes=(1,))))  # another axis: not a LayerNorm
     ranges = quantkit.calibrate(path, tmp_path / "x.npz", methods="minmax").ranges
     t = ranges.tensors[ln_out]
     observed = max(abs(t.min), abs(t.max))
