@@ -677,10 +677,11 @@ def quantize_model(
             readers = [c for c in tensor.outputs if c.op != "QuantizeLinear" and precisions.get(c.name, "int8") == "int8"]
             if not readers or (node.op == "Concat" and any(c.name not in int8 for c in readers)):
                 continue
-            if node.op in ("MatMul", "Gemm") and not any(c.name in int8 for c in readers):
-                # without a Q after it, onnxruntime runs DQ -> MatMul/Gemm as MatMulIntegerToFloat /
-                # QGemm with a float output: quantizing an output that only float ops read adds error
-                # and saves nothing (a transformer's projections, read by bias Adds and Reshapes)
+            if node.op == "MatMul" and not any(c.name in int8 for c in readers):
+                # without a Q after it, onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat:
+                # quantizing an output that only float ops read adds error and saves nothing (a
+                # transformer's projections, read by bias Adds and Reshapes). A Gemm needs its Q:
+                # onnxruntime fuses DQ -> Gemm -> Q into QGemm, and leaves DQ -> Gemm in float
                 continue
             dq = activation(tensor)
             for reader in readers:
