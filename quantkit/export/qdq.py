@@ -677,11 +677,13 @@ def quantize_model(
             readers = [c for c in tensor.outputs if c.op != "QuantizeLinear" and precisions.get(c.name, "int8") == "int8"]
             if not readers or (node.op == "Concat" and any(c.name not in int8 for c in readers)):
                 continue
-            if node.op == "MatMul" and not any(c.name in int8 for c in readers):
+            batched = node.op == "MatMul" and node.inputs[0].shape is not None and len(node.inputs[0].shape) >= 3
+            if batched and not any(c.name in int8 for c in readers):
                 # without a Q after it, onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat:
                 # quantizing an output that only float ops read adds error and saves nothing (a
-                # transformer's projections, read by bias Adds and Reshapes). A Gemm needs its Q:
-                # onnxruntime fuses DQ -> Gemm -> Q into QGemm, and leaves DQ -> Gemm in float
+                # transformer's projections, read by bias Adds and Reshapes). A Gemm needs its Q, and
+                # so does a 2-D MatMul, which onnxruntime first fuses with its bias Add into a Gemm:
+                # DQ -> Gemm -> Q becomes QGemm, DQ -> Gemm stays float (PP-OCR's classifier head)
                 continue
             dq = activation(tensor)
             for reader in readers:

@@ -267,30 +267,31 @@ def test_kernel_groups_read_weights_held_in_constant_nodes(tmp_path):
     assert groups == {"1x1 Conv": ["se_conv", "conv3"], "Conv": ["conv1"], "depthwise Conv": ["dwconv"]}
 
 
-@pytest.mark.parametrize(("op", "kernel"), [("Gemm", "QGemm"), ("MatMul", "MatMulIntegerToFloat")])
-def test_a_classifier_head_runs_as_an_integer_kernel(tmp_path, op, kernel):
-    """Conv -> pool -> Flatten -> Gemm/MatMul -> Softmax. A Gemm needs the Q on its output to become
-    QGemm; a MatMul read only by float ops runs as MatMulIntegerToFloat without one."""
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_a_classifier_head_runs_as_an_integer_kernel(tmp_path, op):
+    """Conv -> pool -> Flatten -> Gemm, or MatMul + bias Add (PaddlePaddle's export) -> Softmax.
+    Both need the Q on their output: onnxruntime fuses the 2-D MatMul and its bias into a Gemm,
+    and DQ -> Gemm -> Q into QGemm (DQ -> Gemm without the Q stays float)."""
     head = (
-        helper.make_node("Gemm", ["f", "wf"], ["logits"], name="fc", transB=1)
+        [helper.make_node("Gemm", ["f", "wf"], ["logits"], name="fc", transB=1)]
         if op == "Gemm"
-        else helper.make_node("MatMul", ["f", "wf"], ["logits"], name="fc")
+        else [helper.make_node("MatMul", ["f", "wf"], ["mm"], name="fc"), helper.make_node("Add", ["mm", "bf"], ["logits"], name="bias")]
     )
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["r"], name="relu"),
         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-        head,
+        *head,
         helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=-1),
     ]
     wf = w("wf", 5, 16) if op == "Gemm" else w("wf", 16, 5)
-    model = float_model(nodes, {"x": ["N", 3, 8, 8]}, {"y": ["N", 5]}, [w("w1", 16, 3, 3, 3), wf])  # M = N: not a GEMV
+    model = float_model(nodes, {"x": ["N", 3, 8, 8]}, {"y": ["N", 5]}, [w("w1", 16, 3, 3, 3), wf, w("bf", 5)])  # M = N: not a GEMV
     path = save(model, tmp_path / "head.onnx")
     x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
     q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
     assert "fc" in report.int8_nodes
-    assert optimized_graph_check(q).integer_kernels.get(kernel) == 1
+    assert optimized_graph_check(q).integer_kernels.get("QGemm") == 1
     np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), atol=0.05)
