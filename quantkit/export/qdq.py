@@ -121,8 +121,8 @@ def _static_dim(tensor: gs.Tensor, index: int) -> int | None:
 
 #: ops whose int8 kernels take a residual Add into their epilogue in TensorRT (Conv + Add [+ ReLU]).
 #: A transformer's MatMul/Gemm + residual Add is fused by Myelin, which keeps the residual stream in
-#: float: quantizing that Add's input only adds error (all-MiniLM-L6-v2: embedding cosine 0.985
-#: with it, 0.993 without, bench/encoder.py)
+#: float: quantizing that Add's input only adds error (all-MiniLM-L6-v2, mse ranges: embedding cosine 0.980
+#: with it, 0.985 without, bench/encoder.py)
 RESIDUAL_FUSING_OPS = frozenset({"Conv", "ConvTranspose"})
 
 
