@@ -108,6 +108,14 @@ def _linear(g: _Graph, x: str, w: dict[str, np.ndarray], prefix: str, scope: str
     return g.op("Add", [g.op("MatMul", [x, weight], f"{scope}/MatMul"), bias], f"{scope}/Add")
 
 
+def _add_and_norm(g: _Graph, w: dict[str, np.ndarray], branch: str, residual: str, prefix: str, scope: str, eps: float) -> str:
+    """BERT's residual Add, then the LayerNorm whose weights are ``{prefix}.LayerNorm.*``."""
+    summed = g.op("Add", [branch, residual], f"{scope}/Add")
+    gamma = g.const(f"{prefix}.LayerNorm.weight", w[f"{prefix}.LayerNorm.weight"])
+    beta = g.const(f"{prefix}.LayerNorm.bias", w[f"{prefix}.LayerNorm.bias"])
+    return _layer_norm(g, summed, gamma, beta, eps, f"{scope}/LayerNorm")
+
+
 def build_onnx(config: dict, w: dict[str, np.ndarray]) -> onnx.ModelProto:
     """BertModel's torch.onnx export (opset 14): inputs input_ids, attention_mask and
     token_type_ids ([batch, sequence] int64), output last_hidden_state."""
@@ -195,15 +203,7 @@ def build_onnx(config: dict, w: dict[str, np.ndarray]) -> onnx.ModelProto:
         context = g.op("Transpose", [context], f"{s}/attention/self/Transpose_3", perm=[0, 2, 1, 3])
         context = g.op("Reshape", [context, merge_heads], f"{s}/attention/self/Reshape_3")
         attn = _linear(g, context, w, f"{p}.attention.output.dense", f"{s}/attention/output/dense")
-        attn = g.op("Add", [attn, x], f"{s}/attention/output/Add")
-        x = _layer_norm(
-            g,
-            attn,
-            g.const(f"{p}.attention.output.LayerNorm.weight", w[f"{p}.attention.output.LayerNorm.weight"]),
-            g.const(f"{p}.attention.output.LayerNorm.bias", w[f"{p}.attention.output.LayerNorm.bias"]),
-            eps,
-            f"{s}/attention/output/LayerNorm",
-        )
+        x = _add_and_norm(g, w, attn, x, f"{p}.attention.output", f"{s}/attention/output", eps)
         inner = _linear(g, x, w, f"{p}.intermediate.dense", f"{s}/intermediate/dense")
         # erf GELU: x * 0.5 * (1 + erf(x / sqrt(2))), in the order torch exports it
         erf = g.op(
@@ -215,15 +215,7 @@ def build_onnx(config: dict, w: dict[str, np.ndarray]) -> onnx.ModelProto:
         gelu = g.op("Mul", [inner, erf], f"{s}/intermediate/intermediate_act_fn/Mul")
         gelu = g.op("Mul", [gelu, g.const(f"{s}/gelu_half", np.float32(0.5))], f"{s}/intermediate/intermediate_act_fn/Mul_1")
         out = _linear(g, gelu, w, f"{p}.output.dense", f"{s}/output/dense")
-        out = g.op("Add", [out, x], f"{s}/output/Add")
-        x = _layer_norm(
-            g,
-            out,
-            g.const(f"{p}.output.LayerNorm.weight", w[f"{p}.output.LayerNorm.weight"]),
-            g.const(f"{p}.output.LayerNorm.bias", w[f"{p}.output.LayerNorm.bias"]),
-            eps,
-            f"{s}/output/LayerNorm",
-        )
+        x = _add_and_norm(g, w, out, x, f"{p}.output", f"{s}/output", eps)
     g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="/Identity_output"))
     inputs = [
         helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
