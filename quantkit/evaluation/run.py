@@ -70,6 +70,17 @@ class EvalResult:
         return next(v for v in self.variants if v.name == name)
 
 
+def _slices(asked: dict | None, name: str, reference: np.ndarray, tokens: np.ndarray | None) -> Any:
+    """The slices to check on an output: --slice's, else none along a transformer's sequence axis
+    (axis 1 of a [batch, sequence, ...] output holds positions, not channels, and the positions
+    near the longest text's end hold a few real tokens each), else the automatic ones."""
+    if asked and name in asked:
+        return asked[name]
+    if tokens is not None and reference.ndim >= 2 and reference.shape[:2] == tokens.shape:
+        return []
+    return None
+
+
 def _collect(data: Sequence[Batch], session: Any) -> list[np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     per_output: list[list[np.ndarray]] = [[] for _ in names]
@@ -202,7 +213,7 @@ def evaluate(
                     if spec_.kind == "fp32" and measured.warning():
                         notes.append(f"{obj.name}: {measured.warning()}")
                 result.fidelity = [
-                    fidelity(n, r, o, (options.slices or {}).get(n)) for n, r, o in zip(names, reference, outputs, strict=True)
+                    fidelity(n, r, o, _slices(options.slices, n, r, tokens)) for n, r, o in zip(names, reference, outputs, strict=True)
                 ]
                 result.collapsed = [c.line() for c in judge_outputs(names, reference, outputs) if c.problem]
                 timed.append((result, session))

@@ -83,6 +83,8 @@ def test_eval_leaves_padding_out_of_every_metric(tmp_path):
     assert padding.fidelity[0].sqnr_db == float("inf") and not padding.collapsed
     # hidden = 1.5 x at real tokens: SQNR = 20 log10(1 / 0.5) = 6.02 dB, independent of the padding
     assert tokens.fidelity[0].sqnr_db == pytest.approx(20 * np.log10(2.0), abs=1e-3)
+    # axis 1 is the sequence: no per-position "slices" (the last positions hold a real token or two)
+    assert padding.fidelity[0].slices == [] and tokens.fidelity[0].slices == []
 
 
 def test_the_tuning_evaluator_scores_real_tokens_only(tmp_path):
