@@ -122,11 +122,6 @@ def channel_statistics(
     return found, {k: r.rows for k, r in samples.items() if r.rows is not None}
 
 
-def channel_absmax(model: ModelInfo, tensors: Sequence[str], batches: Iterable[Any]) -> dict[str, np.ndarray]:
-    """max |x| per channel of the last axis, for each tensor, over every batch (one FP32 pass)."""
-    return channel_statistics(model, tensors, batches, sample_rows=0)[0]
-
-
 def _quantize_symmetric(x: np.ndarray, scale: np.ndarray | float, qmax: int = 127) -> np.ndarray:
     return np.clip(np.round(x / scale), -qmax - 1, qmax) * scale
 

@@ -80,6 +80,21 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # ---- scale fusion ------------------------------------------------------------------------------
+def _conv_then_channel_constant(node: gs.Node, graph: gs.Graph) -> tuple[gs.Node, np.ndarray, np.ndarray, np.ndarray] | None:
+    """For a binary ``node`` reading a Conv's single-use output and a per-channel constant: the
+    Conv, its weight, its bias (zeros when it has none) and the constant; else None."""
+    x, c = node.inputs if _constant(node.inputs[1]) is not None else node.inputs[::-1]
+    value = _constant(c)
+    if value is None or len(x.inputs) != 1 or x.inputs[0].op != "Conv" or not _single_use(x, graph):
+        return None
+    conv = x.inputs[0]
+    w = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else (np.zeros(w.shape[0], w.dtype) if w is not None else None)
+    if w is None or b is None or not _per_channel(value, w.shape[0], w.ndim):
+        return None
+    return conv, w, b, value
+
+
 def fold_scales(graph: gs.Graph) -> list[Fusion]:
     """Fold BatchNormalization, per-channel constant Muls (scales) and bias Adds into the preceding Conv."""
     graph.fold_constants(error_ok=True).cleanup()  # BN parameters may come from Constant nodes
@@ -105,15 +120,10 @@ def fold_scales(graph: gs.Graph) -> list[Fusion]:
         fusions.append(Fusion("scale", conv.name, [conv.name, bn.name]))
     for mul in [n for n in graph.nodes if n.op == "Mul" and len(n.inputs) == 2]:
         # Conv -> Mul(per-channel constant): a learnable scale (PP-LCNetV3's affine blocks)
-        x, c = mul.inputs if _constant(mul.inputs[1]) is not None else mul.inputs[::-1]
-        factor = _constant(c)
-        if factor is None or len(x.inputs) != 1 or x.inputs[0].op != "Conv" or not _single_use(x, graph):
+        found = _conv_then_channel_constant(mul, graph)
+        if found is None:
             continue
-        conv = x.inputs[0]
-        w = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
-        b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else (np.zeros(w.shape[0], w.dtype) if w is not None else None)
-        if w is None or b is None or not _per_channel(factor, w.shape[0], w.ndim):
-            continue
+        conv, w, b, factor = found
         f = np.broadcast_to(factor.reshape(-1).astype(np.float64), (w.shape[0],))
         conv.inputs[1] = gs.Constant(f"{conv.inputs[1].name}_mulfolded", (w * f.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
         _set_bias(conv, gs.Constant(f"{conv.name}_bias_mulfolded", (b * f).astype(w.dtype)))
@@ -121,15 +131,10 @@ def fold_scales(graph: gs.Graph) -> list[Fusion]:
         fusions.append(Fusion("scale", conv.name, [conv.name, mul.name]))
     for add in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
         # Conv -> Add(per-channel constant): the bias that exporters such as Paddle2ONNX emit separately
-        x, c = add.inputs if _constant(add.inputs[1]) is not None else add.inputs[::-1]
-        bias_add = _constant(c)
-        if bias_add is None or len(x.inputs) != 1 or x.inputs[0].op != "Conv" or not _single_use(x, graph):
+        found = _conv_then_channel_constant(add, graph)
+        if found is None:
             continue
-        conv = x.inputs[0]
-        w = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
-        b = _constant(conv.inputs[2]) if len(conv.inputs) > 2 else (np.zeros(w.shape[0], w.dtype) if w is not None else None)
-        if w is None or b is None or not _per_channel(bias_add, w.shape[0], w.ndim):
-            continue
+        conv, w, b, bias_add = found
         _set_bias(conv, gs.Constant(f"{conv.name}_bias_addfolded", (b + np.broadcast_to(bias_add.reshape(-1), b.shape)).astype(w.dtype)))
         _take_outputs(conv, add)
         fusions.append(Fusion("scale", conv.name, [conv.name, add.name]))
