@@ -12,8 +12,8 @@ Variants, all calibrated with MinMax on the same samples:
 - quantkit int8 --measure-speed 1,32: the same, with each kernel group kept float where int8 was
   slower on this CPU (decided here, on this machine, before the timing below).
 
-Latency: batch 1 and batch 32, every variant timed interleaved in rounds (median of the rounds'
-medians), 2 intra-op threads. Fidelity: top-1 agreement with FP32 (classifiers), mean IoU of the
+Latency: batch 1 and batch 32, the variants of a model taking turns run by run (median of each one's
+runs; ``interleaved_batch_ms``), 2 intra-op threads. Fidelity: top-1 agreement with FP32 (classifiers), mean IoU of the
 text masks at 0.3 (detector). For every quantized variant, onnxruntime's optimized graph is read
 back (``optimized_graph_check``): the integer kernels it made and the float ops left between them,
 which is the reason a model is or is not faster.
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from calibration import demo_batches, ocr_batches, ocr_cls_model  # noqa: E402
-from quantize import median_ms, ort_quantize_static, session  # noqa: E402
+from quantize import ort_quantize_static, session  # noqa: E402
 from trust import models_dir, skimage_images  # noqa: E402
 
 from quantkit.backends.ort import optimized_graph_check  # noqa: E402
@@ -50,6 +50,7 @@ from quantkit.calibration.collect import collect_statistics  # noqa: E402
 from quantkit.calibration.methods import make_calibrators  # noqa: E402
 from quantkit.calibration.pipeline import compute_ranges  # noqa: E402
 from quantkit.data.batching import Batch  # noqa: E402
+from quantkit.evaluation.latency import interleaved_batch_ms  # noqa: E402
 from quantkit.export.qdq import quantize_model  # noqa: E402
 from quantkit.model import load_model  # noqa: E402
 from quantkit.options import ExportOptions  # noqa: E402
@@ -131,20 +132,19 @@ def bench_model(name: str, path: Path, calib: np.ndarray, val: np.ndarray, kind:
     reference = run_all(val, sessions["fp32"])
     rows = {v: {"size_mb": round(p.stat().st_size / 1e6, 3), "fidelity": round(fidelity(kind, run_all(val, sessions[v]), reference), 4)}
             for v, p in variants.items()}  # fmt: skip
-    for b in BATCHES:
-        x = np.repeat(val[:1], b, axis=0) if len(val) < b else val[:b]
-        rounds: dict[str, list[float]] = {v: [] for v in sessions}
-        for _ in range(ROUNDS):
-            for v, s in sessions.items():
-                rounds[v].append(median_ms(s, x, budget_s=0.5))
-        for v in sessions:
-            rows[v][f"b{b}_ms"] = round(float(np.median(rounds[v])), 3)
+    timed = interleaved_batch_ms(list(sessions.values()), {inp: val[:1]}, BATCHES, rounds=ROUNDS, budget_s=1.0)
+    for v, ms in zip(sessions, timed, strict=True):
+        for b in BATCHES:
+            rows[v][f"b{b}_ms"] = round(ms[b], 3)
     checks = {v: optimized_graph_check(p).to_json() for v, p in variants.items() if v != "fp32"}
+    big = np.repeat(val[:1], BATCHES[-1], axis=0)
+    profile = {v: op_times(variants[v], big) for v in ("fp32", "onnxruntime quantize_static", "quantkit int8")}
     result = {
         "model": name,
         "fidelity": "top-1 agreement with FP32" if kind == "top1" else "mean text-mask IoU with FP32 (threshold 0.3)",
         "variants": rows,
         "optimized_graph": checks,
+        f"op_ms_batch{BATCHES[-1]}": profile,
         "measure_speed": {
             "kept_float": {g: len(n) for g, n in choice.kept_float.items()},
             "groups": choice.groups,
@@ -153,6 +153,27 @@ def bench_model(name: str, path: Path, calib: np.ndarray, val: np.ndarray, kind:
     }
     print(json.dumps({"model": name, "variants": rows}), flush=True)
     return result
+
+
+def op_times(path: Path, x: np.ndarray, runs: int = 5) -> dict[str, float]:
+    """ms per run spent in each op type (onnxruntime's own profiler, all optimizations on): where
+    the time goes, so that a model that misses a target shows which kernels cost it."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix("")) + ".profile"
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {sess.get_inputs()[0].name: x}
+    for _ in range(runs):
+        sess.run(None, feeds)
+    trace = Path(sess.end_profiling())
+    totals: dict[str, float] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000 / runs
+    trace.unlink()
+    return dict(sorted(((k, round(v, 3)) for k, v in totals.items()), key=lambda kv: -kv[1]))
 
 
 def _ratio(a: float, b: float) -> str:
@@ -165,7 +186,8 @@ def render(results: list[dict], command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU flags: {cpu_int8_flags()}; onnxruntime {ort.__version__}, "
-        f"CPU execution provider, 2 intra-op threads; latency = median of {ROUNDS} interleaved rounds' medians. MinMax ranges for all.",
+        f"CPU execution provider, 2 intra-op threads; latency = median of runs taken in turns (every variant of a model run by "
+        f"run, about {ROUNDS} s each per batch size). MinMax ranges for all.",
         "",
         "| model | variant | size MB | fidelity | batch 1 ms | batch 32 ms | vs quantize_static b1 / b32 | vs FP32 speed-up b1 / b32 |",
         "|---|---|---|---|---|---|---|---|",
@@ -191,6 +213,9 @@ def render(results: list[dict], command: str) -> str:
                 f"{c['quantize_linear']} Q + {c['dequantize_linear']} DQ left"
             )
         out.append(f"- {reason(r)}")
+        for name, times in r[f"op_ms_batch{BATCHES[-1]}"].items():
+            shown = ", ".join(f"{op} {ms:.1f}" for op, ms in list(times.items())[:6])
+            out.append(f"- where batch {BATCHES[-1]}'s time goes, {name} (ms per run, onnxruntime's profiler): {shown}")
         kept = r["measure_speed"]["kept_float"]
         out.append(
             "- --measure-speed kept in float: "
@@ -203,21 +228,38 @@ def render(results: list[dict], command: str) -> str:
     return "\n".join(out)
 
 
+FP32_CONV_KERNELS = ("Conv", "FusedConv", "NchwcConv")
+
+
 def reason(r: dict) -> str:
-    """Why quantkit's INT8 is or is not 1.3x faster than FP32 at batch 32, from the optimized graph."""
+    """Why quantkit's INT8 is or is not 1.3x faster than FP32 at batch 32, from the optimized graph
+    and from onnxruntime's profile of both models."""
     v, c = r["variants"], r["optimized_graph"]["quantkit int8"]
-    speedup = v["fp32"]["b32_ms"] / v["quantkit int8"]["b32_ms"]
+    b = BATCHES[-1]
+    speedup = v["fp32"][f"b{b}_ms"] / v["quantkit int8"][f"b{b}_ms"]
     between = sum(c["float_between_integer_kernels"].values())
     kernels = sum(c["integer_kernels"].values())
     if speedup >= 1.3:
-        return f"quantkit INT8 is {speedup:.2f}x FP32 at batch 32: {kernels} integer kernels, {between} float op(s) between them."
+        return f"quantkit INT8 is {speedup:.2f}x FP32 at batch {b}: {kernels} integer kernels, {between} float op(s) between them."
+    profile = r[f"op_ms_batch{b}"]
+    int8_conv = profile["quantkit int8"].get("QLinearConv", 0.0)
+    fp32_conv = sum(profile["fp32"].get(k, 0.0) for k in FP32_CONV_KERNELS)
+    fp32_total = sum(profile["fp32"].values())
     kept = ", ".join(r["measure_speed"]["kept_float"]) or "no group"
-    return (
-        f"quantkit INT8 is {speedup:.2f}x FP32 at batch 32, under the 1.3x target, with {kernels} integer kernels and only "
-        f"{between} float op(s) between them ({', '.join(c['float_between_integer_kernels']) or 'none'}), and --measure-speed "
-        f"found {kept} faster in float: the integer kernels themselves are not faster than float here (this CPU has no "
-        "VNNI/AMX int8 instructions; see its flags above)."
+    floats = ", ".join(c["float_between_integer_kernels"]) or "none"
+    head = (
+        f"quantkit INT8 is {speedup:.2f}x FP32 at batch {b}, under the 1.3x target, with {kernels} integer kernels and "
+        f"{between} float op(s) between them ({floats}); --measure-speed found {kept} faster in float. onnxruntime's "
+        f"profile: {int8_conv:.1f} ms per run in QLinearConv against {fp32_conv:.1f} ms in FP32's convolutions and "
+        f"{fp32_total:.1f} ms for FP32's whole run"
     )
+    if int8_conv * 1.3 >= fp32_total:
+        return (
+            head + ": the integer convolutions alone take more than 1/1.3 of FP32's time, so no int8 placement reaches 1.3x "
+            "on this CPU, which has no VNNI/AMX int8 instructions (its flags above)."
+        )
+    rest = {op: ms for op, ms in profile["quantkit int8"].items() if op != "QLinearConv"}
+    return head + ": the rest of the int8 time is in " + ", ".join(f"{op} {ms:.1f} ms" for op, ms in list(rest.items())[:4]) + "."
 
 
 def cpu_int8_flags() -> str:

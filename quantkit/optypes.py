@@ -27,8 +27,9 @@ QUANTIZABLE_OP_TYPES = frozenset(
 RESIDUAL_ONLY_OPS = frozenset({"Add", "Mul"})
 
 #: ops that an int8 kernel absorbs after a weighted op (BN and a constant bias Add fold into it;
-#: ReLU and Clip are removed by onnxruntime in front of a QuantizeLinear)
-ABSORBED_OPS = frozenset({"BatchNormalization", "Relu", "Clip"})
+#: ReLU and Clip are removed by onnxruntime in front of a QuantizeLinear; Identity is a no-op that
+#: every runtime removes, PaddlePaddle's exports put one after each bias Add)
+ABSORBED_OPS = frozenset({"BatchNormalization", "Relu", "Clip", "Identity"})
 #: absorbed only when the other operand is a constant (a bias)
 CONSTANT_OPERAND_OPS = frozenset({"Add"})
 #: absorbed only straight after a Conv (before any activation) and with a constant operand: a

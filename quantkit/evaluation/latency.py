@@ -61,32 +61,29 @@ def measure_all(timed: Sequence[tuple[Any, Any]], sample: dict[str, np.ndarray],
         result.latency = measured[len(measured) // 2]
 
 
-def _median_run_ms(session: Any, feeds: dict[str, np.ndarray], budget_s: float) -> float:
-    for _ in range(3):
-        session.run(None, feeds)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
-        t = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
-
-
 def interleaved_batch_ms(
     sessions: Sequence[Any], sample: dict[str, np.ndarray], batches: Sequence[int], rounds: int = 3, budget_s: float = 0.3
 ) -> list[dict[int, float]]:
-    """Median latency (ms) of each session at each batch size, timed in interleaved rounds (as
-    ``measure_all``, for comparing models batch size by batch size)."""
+    """Median latency (ms) of each session at each batch size, for comparing models batch size by
+    batch size: the sessions take turns run by run (A, B, C, A, B, C, ...) for about ``rounds *
+    budget_s`` seconds each, so that a drift of the machine (frequency, background load) lands on
+    all of them alike instead of on whichever was timed in that second."""
     out: list[dict[int, float]] = [{} for _ in sessions]
     for b in batches:
         feeds = batch_of(sample, b)
+        for s in sessions:
+            for _ in range(3):
+                s.run(None, feeds)
         per: list[list[float]] = [[] for _ in sessions]
-        for _ in range(rounds):
+        start = time.perf_counter()
+        limit = rounds * budget_s * len(sessions)
+        while min(len(t) for t in per) < 5 or (time.perf_counter() - start < limit and len(per[0]) < 400):
             for i, s in enumerate(sessions):
-                per[i].append(_median_run_ms(s, feeds, budget_s))
+                t = time.perf_counter()
+                s.run(None, feeds)
+                per[i].append(time.perf_counter() - t)
         for i in range(len(sessions)):
-            out[i][b] = float(np.median(per[i]))
+            out[i][b] = float(np.median(per[i]) * 1000)
     return out
 
 

@@ -64,6 +64,7 @@ class QuantizeReport:
     opset_converted_from: int | None = None
     folded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn), onnxruntime target
     layernorm_maxima: list[str] = field(default_factory=list)  # LayerNorm outputs quantized with their observed max
+    hardsigmoids_as_add: list[str] = field(default_factory=list)  # HardSigmoid nodes run as QLinearAdd (onnxruntime)
 
     def summary(self) -> str:
         lines = [
@@ -79,6 +80,11 @@ class QuantizeReport:
             lines.append(
                 f"{len(raised)} LayerNorm output(s) quantized at their observed max, not the {self.method} clip "
                 "(their outlier channels are systematic, not noise)"
+            )
+        if self.hardsigmoids_as_add:
+            lines.append(
+                f"{len(self.hardsigmoids_as_add)} HardSigmoid(s) written as an int8 Add (alpha folded into the input's "
+                "scale, the clip into the output's uint8 range): onnxruntime has no int8 HardSigmoid"
             )
         if self.opset_converted_from is not None:
             to = FP8_OPSET if self.format == "fp8" else MIN_OPSET
@@ -691,6 +697,10 @@ def quantize_model(
                     if inp is tensor:
                         reader.inputs[slot] = dq
 
+        report.hardsigmoids_as_add = _hardsigmoids_as_add(graph, scalar_constant)
+        left = report.float_op_counts.get("HardSigmoid", 0) - len(report.hardsigmoids_as_add)
+        report.float_op_counts = {op: n for op, n in {**report.float_op_counts, "HardSigmoid": left}.items() if n > 0}
+
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = proto.ir_version
@@ -702,6 +712,50 @@ def quantize_model(
     except onnx.checker.ValidationError as exc:  # pragma: no cover - would be a quantkit bug
         raise QuantkitError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     return out, report
+
+
+def _scalar_param(tensor: gs.Tensor) -> float | None:
+    v = _const_values(tensor)
+    return float(v.reshape(())) if v is not None and v.size == 1 else None
+
+
+def _hardsigmoids_as_add(graph: gs.Graph, scalar_constant) -> list[str]:
+    """Rewrite ``DQ(x) -> HardSigmoid -> Q`` as ``DQ'(x) + beta -> Q``, which onnxruntime fuses
+    into one QLinearAdd (it has no int8 HardSigmoid; the float one costs a DQ, a float pass and a
+    Q per gate: a hard-swish net's largest float cost).
+
+    Exact, not an approximation: ``DQ'`` reads the same uint8 ``x`` with ``alpha`` folded into its
+    scale, so it yields ``alpha * x``; the clip to [0, 1] is the output Q's own saturation, which
+    holds when its zero point is 0 (nothing below 0) and ``round(1 / scale) >= 255`` (nothing above
+    1 that the clip would not also send to 255). Any other gate keeps its float HardSigmoid.
+    """
+    rewritten = []
+    for node in [n for n in graph.nodes if n.op == "HardSigmoid"]:
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        x, y = node.inputs[0], node.outputs[0]
+        while len(x.inputs) == 1 and x.inputs[0].op == "Identity" and x.inputs[0].inputs:  # no-ops (PaddlePaddle's)
+            x = x.inputs[0].inputs[0]
+        dq = x.inputs[0] if len(x.inputs) == 1 else None
+        if not (alpha > 0 and math.isfinite(alpha) and math.isfinite(beta)) or dq is None or dq.op != "DequantizeLinear":
+            continue
+        if "axis" in dq.attrs or len(dq.inputs) < 3 or (s := _scalar_param(dq.inputs[1])) is None:
+            continue
+        readers = list(y.outputs)
+        if y in graph.outputs or not readers or any(r.op != "QuantizeLinear" or len(r.inputs) < 3 for r in readers):
+            continue
+        params = [(_scalar_param(r.inputs[1]), _scalar_param(r.inputs[2])) for r in readers]
+        if any(rs is None or rz != 0 or round(1.0 / rs) < 255 for rs, rz in params):
+            continue
+        scaled = gs.Variable(f"{node.name}_alpha_x", dtype=np.float32, shape=x.shape)
+        scale = gs.Constant(f"{node.name}_alpha_x_scale", np.array(s * alpha, dtype=np.float32))
+        inputs = [dq.inputs[0], scale, dq.inputs[2]]
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}_alpha_x_DequantizeLinear", inputs=inputs, outputs=[scaled]))
+        offset = scalar_constant(gs.Constant(f"{node.name}_beta", np.array(beta, dtype=np.float32)))
+        graph.nodes.append(gs.Node("Add", node.name, inputs=[scaled, offset], outputs=[y]))  # a plan naming it still speaks
+        node.inputs.clear()
+        node.outputs.clear()
+        rewritten.append(node.name)
+    return rewritten
 
 
 def record_quantization(out: onnx.ModelProto, source: onnx.ModelProto, facts: dict[str, str]) -> None:

@@ -365,7 +365,7 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, str]]:
 
     Both are exact up to float rounding. Returns (tensor, x, "hardsigmoid" or "hardswish") for
     each tensor that may have no calibrated range (a new gate; PaddlePaddle's output, once a
-    Div's): its range follows from x's.
+    Div's; a HardSwish output that no int8 op reads): its range follows from x's.
     """
     derived: list[tuple[str, str, str]] = []
     changed = False
@@ -378,6 +378,7 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, str]]:
             graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_gate", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
             graph.nodes.append(gs.Node("Mul", node.name, inputs=[x, gate], outputs=[y]))  # a plan naming it still speaks
             derived.append((gate.name, x.name, "hardsigmoid"))
+            derived.append((y.name, x.name, "hardswish"))  # a HardSwish read by no int8 op has no calibrated range
             continue
         if node.op != "Add" or len(node.inputs) != 2 or not node.outputs:
             continue

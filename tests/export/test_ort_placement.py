@@ -94,9 +94,9 @@ def test_hardswish_becomes_an_exact_hardsigmoid_gate(form):
 
 @pytest.mark.parametrize("form", ["op", "paddle"])
 def test_integer_kernels_run_where_onnxruntime_fuses_them(tmp_path, form):
-    """Every conv, both hard-swish products, the SE gate and Mul and the MaxPool run as integer
-    kernels; only the two HardSigmoid gates are left in float between them (onnxruntime has no
-    integer HardSigmoid); the model stays close to FP32."""
+    """Every conv, both hard-swish gates and products, the SE gate and Mul and the MaxPool run as
+    integer kernels, nothing float between them (the HardSigmoid gates, which onnxruntime has no
+    integer kernel for, run as QLinearAdd); the model stays close to FP32."""
     model = hardswish_cnn(form)
     path = save(model, tmp_path / "m.onnx")
     x = RNG.normal(size=(64, 3, 16, 16)).astype(np.float32)
@@ -107,7 +107,8 @@ def test_integer_kernels_run_where_onnxruntime_fuses_them(tmp_path, form):
     # the last conv writes the float graph output, so it has no QuantizeLinear to fuse with
     assert check.integer_kernels.get("QLinearConv") == 3
     assert check.integer_kernels.get("QLinearMul") == 3 and check.integer_kernels.get("QLinearSigmoid") == 1
-    assert check.float_between == {"HardSigmoid": 2}, check.float_between
+    assert check.integer_kernels.get("QLinearAdd") == 2 and report.hardsigmoids_as_add and check.float_between == {}
+    assert "HardSigmoid" not in report.float_op_counts and "2 HardSigmoid(s) written as an int8 Add" in report.summary()
     # MaxPool runs on uint8 because its output carries its input's scale (the selector drops the pair)
     assert "MaxPool" not in check.float_between
     assert report.activation_params["mp"] == report.activation_params["se"]
@@ -295,3 +296,106 @@ def test_a_classifier_head_runs_as_an_integer_kernel(tmp_path, op):
     assert "fc" in report.int8_nodes
     assert optimized_graph_check(q).integer_kernels.get("QGemm") == 1
     np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), atol=0.05)
+
+
+def _gate_model(alpha: float, beta: float, x_scale: float, x_zp: int, out_scale: float, out_zp: int, identity: bool) -> onnx.ModelProto:
+    """x -> Q -> DQ [-> Identity] -> HardSigmoid -> Q -> DQ -> y, the pattern quantkit's placement leaves."""
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="xq"),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="xd"),
+    ]
+    gate_in = "xd"
+    if identity:
+        nodes.append(helper.make_node("Identity", ["xd"], ["xi"], name="ident"))
+        gate_in = "xi"
+    nodes += [
+        helper.make_node("HardSigmoid", [gate_in], ["g"], alpha=alpha, beta=beta, name="gate"),
+        helper.make_node("QuantizeLinear", ["g", "gs", "gz"], ["gq"], name="gq"),
+        helper.make_node("DequantizeLinear", ["gq", "gs", "gz"], ["y"], name="gd"),
+    ]
+    inits = [
+        helper.make_tensor("xs", TensorProto.FLOAT, [], [x_scale]),
+        helper.make_tensor("xz", TensorProto.UINT8, [], [x_zp]),
+        helper.make_tensor("gs", TensorProto.FLOAT, [], [out_scale]),
+        helper.make_tensor("gz", TensorProto.UINT8, [], [out_zp]),
+    ]
+    return float_model(nodes, {"x": [1, 256]}, {"y": [1, 256]}, inits)
+
+
+def _rewrite(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    from quantkit.export import qdq
+
+    graph = gs.import_onnx(model)
+
+    def scalar_constant(tensor):  # the placement's own helper is a closure; this is its documented behaviour
+        c = float(np.asarray(tensor.values).reshape(()))
+        scale, zp = qdq._uint8_params(min(0.0, c), max(0.0, c))
+        qc = gs.Constant(f"{tensor.name}_q", np.array(np.clip(np.round(c / scale) + zp, 0, 255), np.uint8))
+        out = gs.Variable(f"{tensor.name}_dq", dtype=np.float32, shape=[])
+        s, z = gs.Constant(f"{tensor.name}_s", np.array(scale, np.float32)), gs.Constant(f"{tensor.name}_z", np.array(zp, np.uint8))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DQ", inputs=[qc, s, z], outputs=[out]))
+        return out
+
+    done = qdq._hardsigmoids_as_add(graph, scalar_constant)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.opset_import[0].version = model.opset_import[0].version
+    return out, done
+
+
+@pytest.mark.parametrize("alpha,beta,identity", [(1 / 6, 0.5, False), (0.2, 0.5, True), (0.25, 0.3, False)])
+def test_hardsigmoid_as_integer_add_is_exact(alpha, beta, identity):
+    """Every uint8 input level, both clips reached: the rewritten gate, run by onnxruntime's fused
+    QLinearAdd and by plain Q/DQ semantics, gives the quantized levels that NumPy computes from
+    HardSigmoid's definition, clip(alpha * x + beta, 0, 1), quantized at the output's scale."""
+    x_scale, x_zp, out_scale = 0.06, 128, 1 / 255  # x in [-7.7, 7.6]: past both corners (-3 and 3 for 1/6)
+    model = _gate_model(alpha, beta, x_scale, x_zp, out_scale, 0, identity)
+    rewritten, done = _rewrite(model)
+    assert done == ["gate"] and "HardSigmoid" not in [n.op_type for n in rewritten.graph.node]
+    levels = np.arange(256, dtype=np.float64)
+    x = ((levels - x_zp) * np.float32(x_scale)).astype(np.float32)[None]
+    reference = np.clip(np.round(np.clip(alpha * x.astype(np.float64) + beta, 0, 1) / np.float32(out_scale)), 0, 255)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        got = np.round(run(rewritten, x, level) / np.float32(out_scale))
+        assert np.abs(got - reference).max() <= 1  # fixed-point requantization: a rounding tie may go either way
+        assert (got == reference).mean() >= 0.98
+    assert optimized_graph_check(rewritten).integer_kernels.get("QLinearAdd") == 1
+
+
+@pytest.mark.parametrize("out_scale,out_zp,alpha", [(2 / 255, 0, 1 / 6), (1 / 255, 10, 1 / 6), (1 / 255, 0, -0.2)])
+def test_hardsigmoid_keeps_float_where_the_output_range_would_not_clip_like_it(out_scale, out_zp, alpha):
+    """An output Q that can hold values above 1 (or below 0), or a negative slope: the Q's saturation
+    is not HardSigmoid's clip, so the gate stays a float HardSigmoid."""
+    _, done = _rewrite(_gate_model(alpha, 0.5, 0.06, 128, out_scale, out_zp, False))
+    assert done == []
+
+
+def test_identity_is_absorbed_and_a_hardswish_read_by_no_int8_op_gets_its_range(tmp_path):
+    """PaddlePaddle's exports: conv -> bias Add -> Identity -> Relu (one requantization, after the
+    Relu), and a last HardSwish read only by x * k (its range follows from its input's)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv"),
+        helper.make_node("Add", ["c", "b1"], ["cb"], name="bias"),
+        helper.make_node("Identity", ["cb"], ["ci"], name="ident"),
+        helper.make_node("Relu", ["ci"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2"),
+        helper.make_node("HardSwish", ["c2"], ["h"], name="hswish"),
+        helper.make_node("Mul", ["h", "k"], ["m"], name="dropout_scale"),
+        helper.make_node("Conv", ["m", "w3"], ["y"], name="conv3"),
+    ]
+    inits = [w("w1", 4, 3, 1, 1), w("b1", 1, 4, 1, 1), w("w2", 4, 4, 1, 1), w("w3", 2, 4, 1, 1), scalar("k", 0.9)]
+    model = float_model(nodes, {"x": [1, 3, 4, 4]}, {"y": [1, 2, 4, 4]}, inits)
+    path = save(model, tmp_path / "m.onnx")
+    x = RNG.normal(size=(16, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    assert "r" in ranges.tensors and "cb" not in ranges.tensors and "h" not in ranges.tensors
+    q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
+    assert {"conv", "conv2", "dropout_scale", "conv3"} <= set(report.int8_nodes) and report.hardsigmoids_as_add
+    grid = np.linspace(ranges.tensors["c2"].min, ranges.tensors["c2"].max, 100001)
+    hswish = grid * np.clip(grid / 6 + 0.5, 0, 1)  # the range by dense sampling of the definition
+    scale, zp = report.activation_params["h"]
+    assert scale * 255 == pytest.approx(hswish.max() - min(hswish.min(), 0), rel=1e-4) and zp == round(-hswish.min() / scale)
+    check = optimized_graph_check(q)
+    assert check.float_between == {} and check.quantize == 1, check.summary()  # the input's Q, nothing requantized twice
+    np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), rtol=0.1, atol=0.1)
