@@ -539,6 +539,7 @@ def quantize_model(
     # ---- pass 1: decide, per node, which inputs get Q/DQ -----------------------------------
     plans: dict[str, _NodePlan] = {}
     float_ops: Counter[str] = Counter()
+    output_names = {t.name for t in graph.outputs}
     for node in graph.nodes:
         node_plan, reason = _plan_node(node, target)
         if node_plan is None:
@@ -553,6 +554,11 @@ def quantize_model(
         named = plan is not None and plan.names(node.name)  # the plan wins where it speaks
         if not named and node.name in attention:
             report.kept_float[node.name] = attention_reason
+            continue
+        if not named and target == "onnxruntime" and node.op == "Gemm" and effective_output.get(node.name) in output_names:
+            # graph outputs stay float, and without a Q after it onnxruntime runs DQ -> Gemm in float,
+            # dequantizing the weights at every run: int8 would only add error and time
+            report.kept_float[node.name] = "Gemm writing a graph output (onnxruntime runs it in float without a Q after it)"
             continue
         refusal = filters.refusal(node.name, node.op) if filters is not None and not named else ""
         if refusal:

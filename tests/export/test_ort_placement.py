@@ -399,3 +399,28 @@ def test_identity_is_absorbed_and_a_hardswish_read_by_no_int8_op_gets_its_range(
     check = optimized_graph_check(q)
     assert check.float_between == {} and check.quantize == 1, check.summary()  # the input's Q, nothing requantized twice
     np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), rtol=0.1, atol=0.1)
+
+
+def test_a_gemm_writing_the_graph_output_stays_float(tmp_path):
+    """Conv -> pool -> Flatten -> Gemm -> logits (the output): graph outputs stay float, and without
+    a Q after it onnxruntime runs DQ -> Gemm in float, dequantizing the weights at every run. The
+    Gemm keeps its float weights, so its output is FP32's Gemm of the dequantized pool output."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    model = float_model(nodes, {"x": ["N", 3, 8, 8]}, {"y": ["N", 5]}, [w("w1", 16, 3, 3, 3), w("wf", 5, 16), w("bf", 5)])
+    path = save(model, tmp_path / "head.onnx")
+    x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
+    assert "fc" not in report.int8_nodes and report.kept_float["fc"].startswith("Gemm writing a graph output")
+    check = optimized_graph_check(q)
+    assert check.integer_kernels.get("QLinearConv") == 1 and check.dequantize == 1  # the pool output's, no weight DQ
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    np.testing.assert_array_equal(weights["wf"], onnx.numpy_helper.to_array(model.graph.initializer[1]))
+    np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), atol=0.05)
