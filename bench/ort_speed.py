@@ -155,24 +155,28 @@ def bench_model(name: str, path: Path, calib: np.ndarray, val: np.ndarray, kind:
     return result
 
 
-def op_times(path: Path, x: np.ndarray, runs: int = 5) -> dict[str, float]:
-    """ms per run spent in each op type (onnxruntime's own profiler, all optimizations on): where
-    the time goes, so that a model that misses a target shows which kernels cost it."""
+def op_times(path: Path, x: np.ndarray, runs: int = 5, warmup: int = 2) -> dict[str, float]:
+    """ms per run spent in each op type (onnxruntime's own profiler, all optimizations on), over
+    the runs after ``warmup``: where the time goes, so that a model that misses a target shows
+    which kernels cost it."""
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
     options.enable_profiling = True
     options.profile_file_prefix = str(path.with_suffix("")) + ".profile"
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {sess.get_inputs()[0].name: x}
-    for _ in range(runs):
+    for _ in range(warmup + runs):
         sess.run(None, feeds)
     trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    measured_from = starts[warmup] if len(starts) > warmup else 0
     totals: dict[str, float] = {}
-    for event in json.loads(trace.read_text()):
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] >= measured_from:
             op = event["args"]["op_name"]
             totals[op] = totals.get(op, 0.0) + event["dur"] / 1000 / runs
-    trace.unlink()
     return dict(sorted(((k, round(v, 3)) for k, v in totals.items()), key=lambda kv: -kv[1]))
 
 
@@ -229,6 +233,8 @@ def render(results: list[dict], command: str) -> str:
 
 
 FP32_CONV_KERNELS = ("Conv", "FusedConv", "NchwcConv")
+INT8_ELEMENTWISE = ("QLinearMul", "QLinearAdd", "QLinearSigmoid")
+FP32_ELEMENTWISE = ("Mul", "Add", "Sub", "Div", "Clip", "HardSigmoid", "HardSwish", "Sigmoid")
 
 
 def reason(r: dict) -> str:
@@ -242,24 +248,37 @@ def reason(r: dict) -> str:
     if speedup >= 1.3:
         return f"quantkit INT8 is {speedup:.2f}x FP32 at batch {b}: {kernels} integer kernels, {between} float op(s) between them."
     profile = r[f"op_ms_batch{b}"]
-    int8_conv = profile["quantkit int8"].get("QLinearConv", 0.0)
-    fp32_conv = sum(profile["fp32"].get(k, 0.0) for k in FP32_CONV_KERNELS)
-    fp32_total = sum(profile["fp32"].values())
+    int8, fp32 = profile["quantkit int8"], profile["fp32"]
+    int8_conv = int8.get("QLinearConv", 0.0)
+    fp32_conv = sum(fp32.get(k, 0.0) for k in FP32_CONV_KERNELS)
+    fp32_total = sum(fp32.values())
+    int8_elementwise = sum(int8.get(k, 0.0) for k in INT8_ELEMENTWISE)
+    fp32_elementwise = sum(fp32.get(k, 0.0) for k in FP32_ELEMENTWISE)
+    bound = fp32_total / int8_conv if int8_conv else float("inf")
     kept = ", ".join(r["measure_speed"]["kept_float"]) or "no group"
     floats = ", ".join(c["float_between_integer_kernels"]) or "none"
-    head = (
+    facts = [
+        f"QLinearConv takes {int8_conv:.1f} against {fp32_conv:.1f} for FP32's convolutions ({fp32_total:.1f} for FP32's whole "
+        f"run), so the integer convolutions alone allow at most {bound:.2f}x"
+        + (" and are slower than float on this CPU, which has no VNNI/AMX int8 instructions (flags above)" if int8_conv > fp32_conv else "")
+    ]
+    if int8_elementwise > fp32_elementwise + 0.05 * fp32_total:
+        facts.append(
+            f"the int8 elementwise kernels ({', '.join(INT8_ELEMENTWISE)}) take {int8_elementwise:.1f} against "
+            f"{fp32_elementwise:.1f} for FP32's, which onnxruntime fuses into its float convolutions (a hard-swish is two "
+            "uint8 passes over the activation in int8: its gate and its product)"
+        )
+    slow_pool = int8.get("MaxPool", 0.0)
+    if slow_pool > 0.05 * sum(int8.values()):
+        facts.append(
+            f"a uint8 MaxPool that onnxruntime's layout pass left in NCHW (its transposes stop at the network's tail) runs "
+            f"onnxruntime's generic pooling loop, {slow_pool:.1f}, where FP32's takes {fp32.get('MaxPool', 0.0):.1f}"
+        )
+    return (
         f"quantkit INT8 is {speedup:.2f}x FP32 at batch {b}, under the 1.3x target, with {kernels} integer kernels and "
         f"{between} float op(s) between them ({floats}); --measure-speed found {kept} faster in float. onnxruntime's "
-        f"profile: {int8_conv:.1f} ms per run in QLinearConv against {fp32_conv:.1f} ms in FP32's convolutions and "
-        f"{fp32_total:.1f} ms for FP32's whole run"
+        "profile (ms per run): " + "; ".join(facts) + "."
     )
-    if int8_conv * 1.3 >= fp32_total:
-        return (
-            head + ": the integer convolutions alone take more than 1/1.3 of FP32's time, so no int8 placement reaches 1.3x "
-            "on this CPU, which has no VNNI/AMX int8 instructions (its flags above)."
-        )
-    rest = {op: ms for op, ms in profile["quantkit int8"].items() if op != "QLinearConv"}
-    return head + ": the rest of the int8 time is in " + ", ".join(f"{op} {ms:.1f} ms" for op, ms in list(rest.items())[:4]) + "."
 
 
 def cpu_int8_flags() -> str:

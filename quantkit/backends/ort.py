@@ -284,7 +284,8 @@ def optimized_graph_check(model: onnx.ModelProto | bytes | str | Path, threads: 
         if id(n) in after_dq or not is_float(n):
             continue
         after_dq.add(id(n))
-        stack += [c for o in n.output for c in consumers.get(o, [])]
+        if n.op_type != "Shape":  # a shape is metadata: the Slice/Concat computing a Reshape's target are no activations
+            stack += [c for o in n.output for c in consumers.get(o, [])]
     before_q: set[int] = set()
     stack = [producer[i] for n in nodes if n.op_type == "QuantizeLinear" for i in n.input[:1] if i in producer]
     while stack:

@@ -16,6 +16,9 @@ Two placements (``target``):
   - uint8 asymmetric activations, on the inputs of every int8-capable op (weighted ops, Add,
     Concat, pooling). So each op's output is quantized where the next op reads it.
   - int8 per-channel weights.
+  - No Q/DQ where onnxruntime would run the op in float anyway (a ConvTranspose, a Gemm writing a
+    graph output): there it only adds error, and weights dequantized at every run.
+  - HardSigmoid, which has no integer kernel, rewritten as an exact uint8 Add (QLinearAdd).
 
 Graph edits go through onnx-graphsurgeon's IR. Every decision is recorded in a
 ``QuantizeReport``.
@@ -238,6 +241,10 @@ def _plan_weighted(node: gs.Node) -> tuple[_NodePlan | None, str]:
 
 
 def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
+    if node.op == "ConvTranspose" and target == "onnxruntime":
+        # no QDQ selector fuses it (onnxruntime 1.2x-1.3x): DQ -> ConvTranspose -> Q would run in
+        # float, with the weights dequantized at every run, and only add error
+        return None, "ConvTranspose (onnxruntime's CPU provider has no integer kernel for it)"
     if node.op in WEIGHTED_OPS:
         return _plan_weighted(node)
     if target == "tensorrt":

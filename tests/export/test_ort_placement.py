@@ -424,3 +424,29 @@ def test_a_gemm_writing_the_graph_output_stays_float(tmp_path):
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
     np.testing.assert_array_equal(weights["wf"], onnx.numpy_helper.to_array(model.graph.initializer[1]))
     np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), atol=0.05)
+
+
+def test_convtranspose_stays_float_for_onnxruntime_and_is_quantized_for_tensorrt(tmp_path):
+    """A segmentation head's upsampling ConvTranspose: onnxruntime's CPU provider fuses no Q/DQ
+    around it (its optimized graph keeps a float ConvTranspose between DQ and Q), so the onnxruntime
+    target leaves it float with its float weights; TensorRT fuses it, so its target quantizes it."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("ConvTranspose", ["r", "wt"], ["u"], name="up", strides=[2, 2]),
+        helper.make_node("Sigmoid", ["u"], ["y"], name="prob"),
+    ]
+    model = float_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 1, 16, 16]}, [w("w1", 8, 3, 3, 3), w("wt", 8, 1, 2, 2)])
+    path = save(model, tmp_path / "seg.onnx")
+    x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
+    assert "up" not in report.int8_nodes and "no integer kernel" in report.kept_float["up"]
+    weights = {i.name: i for i in q.graph.initializer}
+    assert weights["wt"].data_type == TensorProto.FLOAT
+    check = optimized_graph_check(q)
+    assert check.integer_kernels.get("QLinearConv") == 1 and check.float_between == {}, check.summary()
+    np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), atol=0.05)
+    _, trt = quantize_model(load_model(path), ranges, target="tensorrt")
+    assert "up" in trt.int8_nodes and "wt" in trt.weight_scales
