@@ -40,11 +40,13 @@ CONV_SCALE_OPS = frozenset({"Mul"})
 #: ops onnxruntime's CPU provider runs in int8 when Q/DQ surrounds them (its QDQ selectors,
 #: onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.cc):
 #: QLinearConv/QLinearMatMul/QGemm, QLinearAdd/QLinearMul (two activations), QLinearConcat,
-#: QLinear(Global)AveragePool, and MaxPool, whose Q/DQ pair is dropped when both share one scale
-ORT_INT8_OPS = WEIGHTED_OPS | {"Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"}
+#: QLinear(Global)AveragePool, and MaxPool and nearest Resize, whose Q/DQ pair is dropped when
+#: both share one scale
+ORT_INT8_OPS = WEIGHTED_OPS | {"Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize"}
 #: of these, the ops onnxruntime runs in int8 only when the output's scale is the input's (it drops
-#: the Q/DQ pair around them instead of having a QLinear kernel)
-ORT_SAME_SCALE_OPS = frozenset({"MaxPool"})
+#: the Q/DQ pair around them instead of having a QLinear kernel). Neither leaves its input's range:
+#: a max, and a copy of the nearest pixel
+ORT_SAME_SCALE_OPS = frozenset({"MaxPool", "Resize"})
 
 #: a model holding any of these is already quantized
 ALREADY_QUANTIZED_OPS = frozenset(

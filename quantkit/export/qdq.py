@@ -256,6 +256,12 @@ def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
                 return _NodePlan(activations=[1 if a else 0]), ""
             return None, "Add without a conv branch"
         return None, ""
+    if node.op == "Resize":
+        mode = node.attrs.get("mode", "nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "nearest":  # onnxruntime 1.3x drops the pair only around a nearest Resize (checked on its optimized graph)
+            return None, f"Resize in {mode} mode (onnxruntime interpolates it in float)"
+        return _NodePlan(activations=[0]), ""  # X; roi, scales and sizes are shapes
     if node.op in ORT_INT8_OPS:
         slots = [i for i, t in enumerate(node.inputs) if _const_values(t) is None and t.name]
         if node.op in ("Add", "Mul") and not any(_conv_fed(node.inputs[i]) for i in slots):

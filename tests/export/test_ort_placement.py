@@ -450,3 +450,30 @@ def test_convtranspose_stays_float_for_onnxruntime_and_is_quantized_for_tensorrt
     np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), atol=0.05)
     _, trt = quantize_model(load_model(path), ranges, target="tensorrt")
     assert "up" in trt.int8_nodes and "wt" in trt.weight_scales
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_runs_on_uint8_with_its_input_scale(tmp_path, mode):
+    """An FPN's upsampling: a nearest Resize's output takes its input's scale whatever the method's
+    ranges, so onnxruntime drops the Q/DQ pair and resizes the uint8 tensor (a copy never leaves
+    the input's range); the result is FP32's within quantization error."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c", "", "scales"], ["u"], name="up", mode=mode),
+        helper.make_node("Conv", ["u", "w2"], ["y"], name="conv2"),
+    ]
+    inits = [w("w1", 4, 3, 3, 3), w("w2", 2, 4, 1, 1), helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])]
+    model = float_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 2, 16, 16]}, inits)
+    path = save(model, tmp_path / "fpn.onnx")
+    x = RNG.normal(size=(16, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="percentile").ranges
+    q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
+    check = optimized_graph_check(q)
+    if mode == "nearest":
+        assert "up" in report.int8_nodes and report.activation_params["u"] == report.activation_params["c"]
+        assert check.float_between == {} and check.integer_kernels.get("QLinearConv") == 1, check.summary()
+    else:  # onnxruntime keeps a linear Resize float between DQ and Q: quantkit does not pretend otherwise
+        assert "up" not in report.int8_nodes and "interpolates it in float" in report.kept_float["up"]
+        assert check.float_between == {"Resize": 1}
+    np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), atol=0.1)
