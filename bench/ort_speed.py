@@ -138,7 +138,7 @@ def bench_model(name: str, path: Path, calib: np.ndarray, val: np.ndarray, kind:
             rows[v][f"b{b}_ms"] = round(ms[b], 3)
     checks = {v: optimized_graph_check(p).to_json() for v, p in variants.items() if v != "fp32"}
     big = np.repeat(val[:1], BATCHES[-1], axis=0)
-    profile = {v: op_times(variants[v], big) for v in ("fp32", "onnxruntime quantize_static", "quantkit int8")}
+    profile = profiles({v: variants[v] for v in ("fp32", "onnxruntime quantize_static", "quantkit int8")}, big)
     result = {
         "model": name,
         "fidelity": "top-1 agreement with FP32" if kind == "top1" else "mean text-mask IoU with FP32 (threshold 0.3)",
@@ -178,6 +178,21 @@ def op_times(path: Path, x: np.ndarray, runs: int = 5, warmup: int = 2) -> dict[
             op = event["args"]["op_name"]
             totals[op] = totals.get(op, 0.0) + event["dur"] / 1000 / runs
     return dict(sorted(((k, round(v, 3)) for k, v in totals.items()), key=lambda kv: -kv[1]))
+
+
+def profiles(paths: dict[str, Path], x: np.ndarray, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """``op_times`` of each model, profiled in interleaved rounds: each op type's median over the
+    rounds, so that a drift of the machine does not land on one model's profile."""
+    taken: dict[str, list[dict[str, float]]] = {v: [] for v in paths}
+    for _ in range(rounds):
+        for v, p in paths.items():
+            taken[v].append(op_times(p, x))
+    out = {}
+    for v, runs in taken.items():
+        ops = {op for r in runs for op in r}
+        medians = {op: round(float(np.median([r.get(op, 0.0) for r in runs])), 3) for op in ops}
+        out[v] = dict(sorted(medians.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 def _ratio(a: float, b: float) -> str:
