@@ -18,7 +18,8 @@ text masks at 0.3 (detector). For every quantized variant, onnxruntime's optimiz
 back (``optimized_graph_check``): the integer kernels it made and the float ops left between them,
 which is the reason a model is or is not faster.
 
-Run: make bench (or python bench/ort_speed.py). Writes reports/bench/ort_speed.md and .json.
+Run: make bench (or python bench/ort_speed.py). Writes reports/bench/ort_speed.md and .json
+(``--render``: the Markdown again from that JSON).
 """
 
 from __future__ import annotations
@@ -272,16 +273,20 @@ def reason(r: dict) -> str:
     bound = fp32_total / int8_conv if int8_conv else float("inf")
     kept = ", ".join(r["measure_speed"]["kept_float"]) or "no group"
     floats = ", ".join(c["float_between_integer_kernels"]) or "none"
+    slower = int8_conv > fp32_conv
     facts = [
         f"QLinearConv takes {int8_conv:.1f} against {fp32_conv:.1f} for FP32's convolutions ({fp32_total:.1f} for FP32's whole "
         f"run), so the integer convolutions alone allow at most {bound:.2f}x"
-        + (" and are slower than float on this CPU, which has no VNNI/AMX int8 instructions (flags above)" if int8_conv > fp32_conv else "")
+        + (" and are slower than float" if slower else "")
+        + (": no int8 placement reaches 1.3x on this CPU, which has no VNNI/AMX int8 instructions (flags above)" if bound < 1.3 else "")
     ]
     if int8_elementwise > fp32_elementwise + 0.05 * fp32_total:
+        fused = fp32_elementwise < 0.2 * int8_elementwise  # FP32 runs almost none: onnxruntime fused them into its convs
         facts.append(
             f"the int8 elementwise kernels ({', '.join(INT8_ELEMENTWISE)}) take {int8_elementwise:.1f} against "
-            f"{fp32_elementwise:.1f} for FP32's, which onnxruntime fuses into its float convolutions (a hard-swish is two "
-            "uint8 passes over the activation in int8: its gate and its product)"
+            f"{fp32_elementwise:.1f} for FP32's"
+            + (", which onnxruntime fuses into its float convolutions" if fused else "")
+            + " (in int8 a hard-swish is two uint8 passes over the activation: its gate and its product)"
         )
     slow_pool = int8.get("MaxPool", 0.0)
     if slow_pool > 0.05 * sum(int8.values()):
@@ -306,6 +311,10 @@ def cpu_int8_flags() -> str:
 
 
 def main() -> None:
+    if "--render" in sys.argv:  # the Markdown again from the last run's JSON, nothing re-measured
+        data = json.loads((REPORT_DIR / "ort_speed.json").read_text())
+        (REPORT_DIR / "ort_speed.md").write_text(render(data["results"], data["command"]) + "\n")
+        return
     with tempfile.TemporaryDirectory(prefix="quantkit-ortspeed-") as tmp_name:
         tmp = Path(tmp_name)
         demo = np.concatenate(list(demo_batches(448)))
