@@ -156,15 +156,37 @@ def bench_model(name: str, path: Path, calib: np.ndarray, val: np.ndarray, kind:
     return result
 
 
+CONV_KERNELS = ("QLinearConv", "Conv", "FusedConv", "NchwcConv")
+
+
+def _conv_kinds(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> depthwise, 1x1 or kxk, for the convolution kernels of an optimized graph."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    kinds = {}
+    for n in model.graph.node:
+        if n.op_type not in CONV_KERNELS:
+            continue
+        w = dims.get(n.input[3] if n.op_type == "QLinearConv" else n.input[1])
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if w is not None and len(w) == 4:
+            kinds[n.name] = "depthwise" if group > 1 and w[1] == 1 else "1x1" if w[2:] == [1, 1] else "kxk"
+    return kinds
+
+
 def op_times(path: Path, x: np.ndarray, runs: int = 5, warmup: int = 2) -> dict[str, float]:
     """ms per run spent in each op type (onnxruntime's own profiler, all optimizations on), over
-    the runs after ``warmup``: where the time goes, so that a model that misses a target shows
-    which kernels cost it."""
+    the runs after ``warmup``, plus ``conv:<kind>`` entries splitting the convolution kernels into
+    depthwise, 1x1 and kxk: where the time goes, so that a model that misses a target shows which
+    kernels cost it."""
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
     options.enable_profiling = True
     options.profile_file_prefix = str(path.with_suffix("")) + ".profile"
+    optimized_path = path.with_suffix(".optimized.onnx")
+    options.optimized_model_filepath = str(optimized_path)
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    kinds = _conv_kinds(onnx.load(str(optimized_path), load_external_data=False))
+    optimized_path.unlink()
     feeds = {sess.get_inputs()[0].name: x}
     for _ in range(warmup + runs):
         sess.run(None, feeds)
@@ -176,9 +198,18 @@ def op_times(path: Path, x: np.ndarray, runs: int = 5, warmup: int = 2) -> dict[
     totals: dict[str, float] = {}
     for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] >= measured_from:
+            ms = event["dur"] / 1000 / runs
             op = event["args"]["op_name"]
-            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000 / runs
+            totals[op] = totals.get(op, 0.0) + ms
+            kind = kinds.get(event["name"].removesuffix("_kernel_time"))
+            if kind:
+                totals[f"conv:{kind}"] = totals.get(f"conv:{kind}", 0.0) + ms
     return dict(sorted(((k, round(v, 3)) for k, v in totals.items()), key=lambda kv: -kv[1]))
+
+
+def op_types(times: dict[str, float]) -> dict[str, float]:
+    """``op_times`` without its ``conv:<kind>`` split (each kernel counted once)."""
+    return {k: v for k, v in times.items() if not k.startswith("conv:")}
 
 
 def profiles(paths: dict[str, Path], x: np.ndarray, rounds: int = 3) -> dict[str, dict[str, float]]:
@@ -234,8 +265,12 @@ def render(results: list[dict], command: str) -> str:
             )
         out.append(f"- {reason(r)}")
         for name, times in r[f"op_ms_batch{BATCHES[-1]}"].items():
-            shown = ", ".join(f"{op} {ms:.1f}" for op, ms in list(times.items())[:6])
-            out.append(f"- where batch {BATCHES[-1]}'s time goes, {name} (ms per run, onnxruntime's profiler): {shown}")
+            shown = ", ".join(f"{op} {ms:.1f}" for op, ms in list(op_types(times).items())[:6])
+            convs = ", ".join(f"{k[5:]} {ms:.1f}" for k, ms in times.items() if k.startswith("conv:"))
+            out.append(
+                f"- where batch {BATCHES[-1]}'s time goes, {name} (ms per run, onnxruntime's profiler): {shown}"
+                + (f"; its convolutions by kind: {convs}" if convs else "")
+            )
         kept = r["measure_speed"]["kept_float"]
         out.append(
             "- --measure-speed kept in float: "
@@ -264,7 +299,8 @@ def reason(r: dict) -> str:
     if speedup >= 1.3:
         return f"quantkit INT8 is {speedup:.2f}x FP32 at batch {b}: {kernels} integer kernels, {between} float op(s) between them."
     profile = r[f"op_ms_batch{b}"]
-    int8, fp32 = profile["quantkit int8"], profile["fp32"]
+    int8, fp32 = op_types(profile["quantkit int8"]), op_types(profile["fp32"])
+    kinds = [(k[5:], profile["quantkit int8"][k], profile["fp32"].get(k, 0.0)) for k in profile["quantkit int8"] if k.startswith("conv:")]
     int8_conv = int8.get("QLinearConv", 0.0)
     fp32_conv = sum(fp32.get(k, 0.0) for k in FP32_CONV_KERNELS)
     fp32_total = sum(fp32.values())
@@ -278,6 +314,7 @@ def reason(r: dict) -> str:
         f"QLinearConv takes {int8_conv:.1f} against {fp32_conv:.1f} for FP32's convolutions ({fp32_total:.1f} for FP32's whole "
         f"run), so the integer convolutions alone allow at most {bound:.2f}x"
         + (" and are slower than float" if slower else "")
+        + (" (by kind, int8 against FP32: " + ", ".join(f"{k} {a:.1f} / {b:.1f}" for k, a, b in kinds) + ")" if slower and kinds else "")
         + (": no int8 placement reaches 1.3x on this CPU, which has no VNNI/AMX int8 instructions (flags above)" if bound < 1.3 else "")
     ]
     if int8_elementwise > fp32_elementwise + 0.05 * fp32_total:

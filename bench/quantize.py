@@ -10,7 +10,8 @@ Variants:
   to show it is not a CPU format;
 - quantkit fp16.
 
-Latency: median over repeated runs after warm-up, batch 1 and batch 32, 2 intra-op threads.
+Latency: median over runs taken in turns by the variants, after warm-up, batch 1 and batch 32, 2
+intra-op threads.
 Accuracy: top-1 on the demo's 1,000 labelled validation images. The PP-OCR classifier has no
 labels here, so its score is top-1 agreement with FP32 on held-out crops.
 
@@ -42,6 +43,7 @@ from quantkit.calibration.methods import make_calibrators  # noqa: E402
 from quantkit.calibration.pipeline import compute_ranges  # noqa: E402
 from quantkit.data import PreprocessSpec, batches, open_source  # noqa: E402
 from quantkit.data.batching import Batch  # noqa: E402
+from quantkit.evaluation.latency import interleaved_batch_ms  # noqa: E402
 from quantkit.export.fp16 import convert_fp16  # noqa: E402
 from quantkit.export.qdq import quantize_model  # noqa: E402
 from quantkit.model import load_model  # noqa: E402
@@ -167,15 +169,12 @@ def bench_model(
             row["top1"] = round(float((preds == labels).mean()), 4)
         rows.append(row)
         sessions[variant] = (sess, row)
-    # latency: variants interleaved over several rounds, median of the round medians, so that
-    # drifts of the machine (frequency, background load) hit every variant alike
-    for batch in (1, 32):
-        rounds: dict[str, list[float]] = {v: [] for v in sessions}
-        for _ in range(ROUNDS):
-            for variant, (sess, _) in sessions.items():
-                rounds[variant].append(median_ms(sess, x_eval[:batch], budget_s=0.5))
-        for variant, (_, row) in sessions.items():
-            row[f"latency_b{batch}_ms"] = round(float(np.median(rounds[variant])), 3)
+    # latency: the variants take turns run by run, so that drifts of the machine (frequency,
+    # background load) hit every variant alike
+    timed = interleaved_batch_ms([sess for sess, _ in sessions.values()], {input_name: x_eval[:1]}, (1, 32), rounds=ROUNDS, budget_s=0.5)
+    for (_, row), ms in zip(sessions.values(), timed, strict=True):
+        for batch in (1, 32):
+            row[f"latency_b{batch}_ms"] = round(ms[batch], 3)
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
@@ -187,8 +186,8 @@ def render(rows: list[dict], command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores; onnxruntime {ort.__version__}, CPU execution provider, "
-        f"{THREADS} intra-op threads; latency = median of {ROUNDS} interleaved rounds' medians, after warm-up. "
-        f"Calibration: {CALIB_SAMPLES} samples.",
+        f"{THREADS} intra-op threads; latency = median of runs taken in turns by the variants "
+        f"(about {ROUNDS * 0.5:.1f} s each per batch size), after warm-up. Calibration: {CALIB_SAMPLES} samples.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
