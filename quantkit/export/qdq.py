@@ -662,16 +662,6 @@ def quantize_model(
             weight_dq[key] = dq
         return weight_dq[key]
 
-    def scalar_constant(tensor: gs.Tensor) -> gs.Variable:
-        c = float(np.asarray(_const_values(tensor)).reshape(()))
-        scale, zp = _uint8_params(min(0.0, c), max(0.0, c))
-        q = np.array(np.clip(np.round(c / scale) + zp, 0, 255), dtype=np.uint8)
-        qc = gs.Constant(f"{tensor.name}_{len(graph.nodes)}_quantized", q)
-        s, z = gs.Constant(f"{qc.name}_scale", np.array(scale, np.float32)), gs.Constant(f"{qc.name}_zero_point", np.array(zp, np.uint8))
-        dq = gs.Variable(f"{qc.name}_dequantized", dtype=np.float32, shape=[])
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{qc.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq]))
-        return dq
-
     for node in list(graph.nodes):
         node_plan = plans.get(node.name)
         if node_plan is None:
@@ -681,7 +671,7 @@ def quantize_model(
         for slot, axis in node_plan.weights:
             node.inputs[slot] = weight(node.inputs[slot], axis)
         for slot in node_plan.constants:
-            node.inputs[slot] = scalar_constant(node.inputs[slot])
+            node.inputs[slot] = _uint8_scalar(graph, node.inputs[slot])
         report.int8_nodes.append(node.name)
 
     if target == "onnxruntime":
@@ -716,7 +706,7 @@ def quantize_model(
                     if inp is tensor:
                         reader.inputs[slot] = dq
 
-        report.hardsigmoids_as_add = _hardsigmoids_as_add(graph, scalar_constant)
+        report.hardsigmoids_as_add = _hardsigmoids_as_add(graph)
         left = report.float_op_counts.get("HardSigmoid", 0) - len(report.hardsigmoids_as_add)
         report.float_op_counts = {op: n for op, n in {**report.float_op_counts, "HardSigmoid": left}.items() if n > 0}
 
@@ -733,12 +723,25 @@ def quantize_model(
     return out, report
 
 
+def _uint8_scalar(graph: gs.Graph, tensor: gs.Tensor) -> gs.Variable:
+    """A scalar constant as DequantizeLinear of a uint8 constant, added to ``graph``: exact, since
+    the value maps to 0 or 255 (as onnxruntime's own quantizer writes it)."""
+    c = float(np.asarray(_const_values(tensor)).reshape(()))
+    scale, zp = _uint8_params(min(0.0, c), max(0.0, c))
+    q = np.array(np.clip(np.round(c / scale) + zp, 0, 255), dtype=np.uint8)
+    qc = gs.Constant(f"{tensor.name}_{len(graph.nodes)}_quantized", q)
+    s, z = gs.Constant(f"{qc.name}_scale", np.array(scale, np.float32)), gs.Constant(f"{qc.name}_zero_point", np.array(zp, np.uint8))
+    dq = gs.Variable(f"{qc.name}_dequantized", dtype=np.float32, shape=[])
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{qc.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq]))
+    return dq
+
+
 def _scalar_param(tensor: gs.Tensor) -> float | None:
     v = _const_values(tensor)
     return float(v.reshape(())) if v is not None and v.size == 1 else None
 
 
-def _hardsigmoids_as_add(graph: gs.Graph, scalar_constant) -> list[str]:
+def _hardsigmoids_as_add(graph: gs.Graph) -> list[str]:
     """Rewrite ``DQ(x) -> HardSigmoid -> Q`` as ``DQ'(x) + beta -> Q``, which onnxruntime fuses
     into one QLinearAdd (it has no int8 HardSigmoid; the float one costs a DQ, a float pass and a
     Q per gate: a hard-swish net's largest float cost).
@@ -769,7 +772,7 @@ def _hardsigmoids_as_add(graph: gs.Graph, scalar_constant) -> list[str]:
         scale = gs.Constant(f"{node.name}_alpha_x_scale", np.array(s * alpha, dtype=np.float32))
         inputs = [dq.inputs[0], scale, dq.inputs[2]]
         graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}_alpha_x_DequantizeLinear", inputs=inputs, outputs=[scaled]))
-        offset = scalar_constant(gs.Constant(f"{node.name}_beta", np.array(beta, dtype=np.float32)))
+        offset = _uint8_scalar(graph, gs.Constant(f"{node.name}_beta", np.array(beta, dtype=np.float32)))
         graph.nodes.append(gs.Node("Add", node.name, inputs=[scaled, offset], outputs=[y]))  # a plan naming it still speaks
         node.inputs.clear()
         node.outputs.clear()
