@@ -8,7 +8,7 @@ number of nodes left in high precision (FP32). The sensitivity analysis is count
 quantkit's evaluations.
 
 Models: the demo CNN (entropy ranges, target 0.5 points of top-1), PaddleOCR's text-direction
-classifier on rendered text lines (entropy ranges, which lose 22 points; target 1.0 point), and
+classifier on rendered text lines (entropy ranges; target 1.0 point), and
 PP-OCRv4's text detector on the scikit-image wheel's images (mask IoU against FP32, target 5
 points: IoU >= 0.95). quantkit runs with both rankings (disable-one, SQNR).
 Run: make bench  (or: python bench/tuning.py). Writes reports/bench/tuning.md and tuning.json.
