@@ -156,7 +156,8 @@ def bench_model(name: str, path: Path, calib: np.ndarray, val: np.ndarray, kind:
     return result
 
 
-CONV_KERNELS = ("QLinearConv", "Conv", "FusedConv", "NchwcConv")
+FP32_CONV_KERNELS = ("Conv", "FusedConv", "NchwcConv")
+CONV_KERNELS = ("QLinearConv", *FP32_CONV_KERNELS)
 
 
 def _conv_kinds(model: onnx.ModelProto) -> dict[str, str]:
@@ -283,7 +284,6 @@ def render(results: list[dict], command: str) -> str:
     return "\n".join(out)
 
 
-FP32_CONV_KERNELS = ("Conv", "FusedConv", "NchwcConv")
 INT8_ELEMENTWISE = ("QLinearMul", "QLinearAdd", "QLinearSigmoid")
 FP32_ELEMENTWISE = ("Mul", "Add", "Sub", "Div", "Clip", "HardSigmoid", "HardSwish", "Sigmoid")
 
@@ -314,7 +314,7 @@ def reason(r: dict) -> str:
         f"QLinearConv takes {int8_conv:.1f} against {fp32_conv:.1f} for FP32's convolutions ({fp32_total:.1f} for FP32's whole "
         f"run), so the integer convolutions alone allow at most {bound:.2f}x"
         + (" and are slower than float" if slower else "")
-        + (" (by kind, int8 against FP32: " + ", ".join(f"{k} {a:.1f} / {b:.1f}" for k, a, b in kinds) + ")" if slower and kinds else "")
+        + (" (by kind, int8 against FP32: " + ", ".join(f"{k} {q:.1f} / {f:.1f}" for k, q, f in kinds) + ")" if slower and kinds else "")
         + (": no int8 placement reaches 1.3x on this CPU, which has no VNNI/AMX int8 instructions (flags above)" if bound < 1.3 else "")
     ]
     if int8_elementwise > fp32_elementwise + 0.05 * fp32_total:

@@ -766,7 +766,7 @@ def _hardsigmoids_as_add(graph: gs.Graph) -> list[str]:
         if y in graph.outputs or not readers or any(r.op != "QuantizeLinear" or len(r.inputs) < 3 for r in readers):
             continue
         params = [(_scalar_param(r.inputs[1]), _scalar_param(r.inputs[2])) for r in readers]
-        if any(rs is None or rz != 0 or round(1.0 / rs) < 255 for rs, rz in params):
+        if any(rs is None or not rs > 0 or rz != 0 or round(1.0 / rs) < 255 for rs, rz in params):
             continue
         scaled = gs.Variable(f"{node.name}_alpha_x", dtype=np.float32, shape=x.shape)
         scale = gs.Constant(f"{node.name}_alpha_x_scale", np.array(s * alpha, dtype=np.float32))
