@@ -14,7 +14,7 @@ Models: the bundled demo CNN (MNIST images from calib_data/), and PaddleOCR's te
 classifier ``ch_ppocr_mobile_v2.0_cls`` from the rapidocr-onnxruntime wheel (pip), fed 48x192
 crops of the two photographs bundled with scikit-learn.
 
-Run: make bench  (or: python bench/calibration.py --samples 128,512,1024)
+Run: make bench  (or: python -m bench.calibration --samples 128,512,1024)
 Writes reports/bench/calibration.md and reports/bench/calibration.json.
 """
 
@@ -30,27 +30,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-REPORT_DIR = ROOT / "reports" / "bench"
+from bench.common import REPORT_DIR, ROOT, ocr_cls_model
+
 BATCH = 32
 CONTENDERS = ["floor", "quantkit-entropy", "quantkit-all", "ort-minmax", "ort-percentile", "ort-entropy-default", "ort-entropy-trt"]
 
 
 # ---- models and data -------------------------------------------------------------------------
-def ocr_cls_model() -> Path:
-    import importlib.util
-
-    # find the model file without importing the package (its __init__ needs OpenCV)
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("rapidocr-onnxruntime is not installed: pip install --no-deps rapidocr-onnxruntime==1.4.4 (make bench does)")
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
-
-
 def demo_batches(n: int) -> Iterator[np.ndarray]:
     from PIL import Image
 
@@ -152,7 +141,7 @@ def run_worker(model_key: str, contender: str, n: int) -> dict:
 
 
 def spawn(model_key: str, contender: str, n: int, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", model_key, contender, str(n)]
+    cmd = [sys.executable, "-m", "bench.calibration", "--worker", model_key, contender, str(n)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -247,7 +236,7 @@ def main() -> None:
     samples = [int(s) for s in args.samples.split(",")]
     rows: list[dict] = []
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    command = ("python bench/calibration.py " + " ".join(sys.argv[1:])).strip()
+    command = ("python -m bench.calibration " + " ".join(sys.argv[1:])).strip()
     for model in args.models.split(","):
         for n in samples:
             for contender in args.contenders.split(","):
@@ -261,5 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

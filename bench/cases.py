@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from quantkit.data import PreprocessSpec  # noqa: E402
+from bench.common import ROOT
+from quantkit.data import PreprocessSpec
 
 
 @contextmanager
 def benchmark_cases() -> Iterator[list[tuple[str, Path, Path, Path, PreprocessSpec]]]:
     """(name, model, calibration data, validation data, preprocessing) for the demo CNN and the
     PP-OCR classifier, whose rendered text-line data lives in a temporary folder for the duration."""
-    import ppocr_cls_report as ppocr
+    from bench import ppocr_cls_report as ppocr
 
     demo = (
         "demo_cnn",
@@ -36,7 +32,8 @@ def benchmark_cases() -> Iterator[list[tuple[str, Path, Path, Path, PreprocessSp
 @contextmanager
 def detector_case() -> Iterator[tuple[str, Path, Path, Path, PreprocessSpec]]:
     """PP-OCRv4's text detector (rapidocr-onnxruntime wheel) on the scikit-image wheel's images."""
-    from trust import DET_PREPROCESS, models_dir, skimage_images
+    from bench.common import models_dir
+    from bench.trust import DET_PREPROCESS, skimage_images
 
     with tempfile.TemporaryDirectory() as tmp:
         calib, val = skimage_images(Path(tmp))

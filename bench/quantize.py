@@ -15,7 +15,7 @@ intra-op threads.
 Accuracy: top-1 on the demo's 1,000 labelled validation images. The PP-OCR classifier has no
 labels here, so its score is top-1 agreement with FP32 on held-out crops.
 
-Run: make bench  (or: python bench/quantize.py). Writes reports/bench/quantize.md and quantize.json.
+Run: make bench  (or: python -m bench.quantize). Writes reports/bench/quantize.md and quantize.json.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,23 +31,22 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.calibration import demo_batches, ocr_batches
+from bench.common import (
+    REPORT_DIR,
+    ROOT,
+    ocr_cls_model,
+)
+from quantkit.calibration.collect import collect_statistics
+from quantkit.calibration.methods import make_calibrators
+from quantkit.calibration.pipeline import compute_ranges
+from quantkit.data import PreprocessSpec, batches, open_source
+from quantkit.data.batching import Batch
+from quantkit.evaluation.latency import interleaved_batch_ms
+from quantkit.export.fp16 import convert_fp16
+from quantkit.export.qdq import quantize_model
+from quantkit.model import load_model
 
-from calibration import demo_batches, ocr_batches, ocr_cls_model  # noqa: E402
-
-from quantkit.calibration.collect import collect_statistics  # noqa: E402
-from quantkit.calibration.methods import make_calibrators  # noqa: E402
-from quantkit.calibration.pipeline import compute_ranges  # noqa: E402
-from quantkit.data import PreprocessSpec, batches, open_source  # noqa: E402
-from quantkit.data.batching import Batch  # noqa: E402
-from quantkit.evaluation.latency import interleaved_batch_ms  # noqa: E402
-from quantkit.export.fp16 import convert_fp16  # noqa: E402
-from quantkit.export.qdq import quantize_model  # noqa: E402
-from quantkit.model import load_model  # noqa: E402
-
-REPORT_DIR = ROOT / "reports" / "bench"
 CALIB_SAMPLES = 512
 THREADS = 2
 ROUNDS = 5
@@ -234,7 +232,7 @@ def main() -> None:
         calib, held_out = crops[: CALIB_SAMPLES // 32], np.concatenate(crops[CALIB_SAMPLES // 32 :])
         rows += bench_model("ppocr_cls", ocr_cls_model(), calib, (held_out, None), work)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    command = "python bench/quantize.py"
+    command = "python -m bench.quantize"
     (REPORT_DIR / "quantize.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     (REPORT_DIR / "quantize.md").write_text(render(rows, command) + "\n")
     print(f"wrote {REPORT_DIR / 'quantize.md'}")

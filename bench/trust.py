@@ -15,7 +15,7 @@ only MinMax: its histogram calibrators keep every intermediate output, 12 GB for
 Calibration runs in a fresh subprocess each (peak RSS is its own), as does the floor: batch-1
 FP32 inference over the same samples through the same data pipeline.
 
-Run: make bench (or python bench/trust.py). Writes reports/bench/trust.md and trust.json.
+Run: make bench (or python -m bench.trust). Writes reports/bench/trust.md and trust.json.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from bench.common import ROOT, models_dir
+
 REPORT = ROOT / "reports" / "bench"
 METHODS = ["entropy", "entropy-trt", "minmax", "percentile", "mse"]
 DET_PREPROCESS = {
@@ -48,15 +47,6 @@ DET_PREPROCESS = {
     "layout": "NCHW",
 }
 SKIMAGE = "scikit-image==0.25.2"
-
-
-def models_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("rapidocr-onnxruntime is not installed: pip install --no-deps rapidocr-onnxruntime==1.4.4 (make bench does)")
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 def skimage_images(root: Path) -> tuple[Path, Path]:
@@ -138,9 +128,9 @@ def worker(kind: str, model: str, data: str, preprocess: str, out: str, extra: s
 
 def measure(kind: str, model: Path, data: Path, preprocess: dict, out: Path, extra: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--worker", kind, str(model), str(data), json.dumps(preprocess), str(out), extra]
+    cmd = [sys.executable, "-m", "bench.trust", "--worker", kind, str(model), str(data), json.dumps(preprocess), str(out), extra]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -241,8 +231,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
-    import ppocr_cls_report as ppocr
-
+    from bench import ppocr_cls_report as ppocr
     from quantkit._io import write_files_atomic
 
     REPORT.mkdir(parents=True, exist_ok=True)

@@ -11,29 +11,24 @@ Models: the demo CNN (entropy ranges, target 0.5 points of top-1), PaddleOCR's t
 classifier on rendered text lines (entropy ranges; target 1.0 point), and
 PP-OCRv4's text detector on the scikit-image wheel's images (mask IoU against FP32, target 5
 points: IoU >= 0.95). quantkit runs with both rankings (disable-one, SQNR).
-Run: make bench  (or: python bench/tuning.py). Writes reports/bench/tuning.md and tuning.json.
+Run: make bench  (or: python -m bench.tuning). Writes reports/bench/tuning.md and tuning.json.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from quantkit.calibration.pipeline import calibrate  # noqa: E402
-from quantkit.data import PreprocessSpec, batches, open_source  # noqa: E402
-from quantkit.model import load_model  # noqa: E402
-from quantkit.plan import PrecisionPlan  # noqa: E402
-from quantkit.tuning.search import tune  # noqa: E402
-from quantkit.tuning.sensitivity import Evaluator, build_candidate, quantized_nodes  # noqa: E402
-
-REPORT_DIR = ROOT / "reports" / "bench"
+import quantkit
+from bench.common import REPORT_DIR
+from quantkit.api import calibrate
+from quantkit.data import PreprocessSpec, batches, open_source
+from quantkit.model import load_model
+from quantkit.plan import PrecisionPlan
+from quantkit.tuning.search import run_search as tune
+from quantkit.tuning.sensitivity import Evaluator, build_candidate, quantized_nodes
 
 
 def prefix_bisection(model, ranges, evaluator, nodes: list[str], max_drop: float, reverse: bool) -> dict:
@@ -82,7 +77,12 @@ def prefix_bisection(model, ranges, evaluator, nodes: list[str], max_drop: float
 
 def run_case(name: str, model_path: Path, calib: Path, val: Path, preprocess: PreprocessSpec, max_drop: float) -> dict:
     info = load_model(model_path)
-    ranges = calibrate(info, calib, methods="entropy", num_samples=400 if name != "ppocr_det" else None, preprocess=preprocess).ranges
+    ranges = calibrate(
+        info,
+        calib,
+        quantkit.CalibrationOptions(methods="entropy"),
+        data_options=quantkit.DataOptions(num_samples=400 if name != "ppocr_det" else None, preprocess=preprocess),
+    ).ranges
     data = list(batches(open_source(val, info, preprocess, shuffle=False), info, 64 if name != "ppocr_det" else 1))
     labels = [label for b in data for label in b.labels]
     labelled = bool(labels) and all(label is not None for label in labels)
@@ -105,7 +105,14 @@ def run_case(name: str, model_path: Path, calib: Path, val: Path, preprocess: Pr
         ev = evaluator()
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            result = tune(info, ranges, ev, tmp, max_drop=max_drop, method="entropy", target="tensorrt", ranking=ranking)
+            result = tune(
+                info,
+                ranges,
+                ev,
+                tmp,
+                quantkit.TuneOptions(max_drop=max_drop, ranking=ranking),
+                export=quantkit.ExportOptions(method="entropy", target="tensorrt", allow_missing=True),
+            )
         row["all_int8"] = result.trials[0].accuracy if result.trials else None
         row["all_int8_noise"] = result.trials[0].noise if result.trials else None
         row[f"quantkit_{ranking}"] = {
@@ -128,7 +135,7 @@ def render(rows: list[dict]) -> str:
     out = [
         "# Precision tuning: quantkit vs prefix bisection (TensorRT's precision debugger)",
         "",
-        "Command: `python bench/tuning.py`. Entropy ranges, TensorRT placement, fallback to FP32. Each model is judged by the "
+        "Command: `python -m bench.tuning`. Entropy ranges, TensorRT placement, fallback to FP32. Each model is judged by the "
         "objective quantkit chooses for it (top-1 on labelled class scores, mask IoU against FP32 for the text detector's "
         "probability map at PP-OCR's 0.3 threshold). Evaluations count every pass over validation data, including quantkit's "
         "ranking; disable-one ranks nodes on a 256-sample subset; full-set equivalents weigh each pass by the share of the "
@@ -164,7 +171,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from cases import benchmark_cases, detector_case
+    from bench.cases import benchmark_cases, detector_case
 
     targets = {"demo_cnn": 0.5, "ppocr_cls": 1.0, "ppocr_det": 5.0}
     with benchmark_cases() as cases:
@@ -172,7 +179,7 @@ def main() -> None:
     with detector_case() as case:
         rows.append(run_case(*case, targets[case[0]]))
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    (REPORT_DIR / "tuning.json").write_text(json.dumps({"command": "python bench/tuning.py", "rows": rows}, indent=1) + "\n")
+    (REPORT_DIR / "tuning.json").write_text(json.dumps({"command": "python -m bench.tuning", "rows": rows}, indent=1) + "\n")
     (REPORT_DIR / "tuning.md").write_text(render(rows))
     print(f"wrote {REPORT_DIR / 'tuning.md'}")
 

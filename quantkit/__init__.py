@@ -8,14 +8,12 @@ name imports its module on first use. The flow, one subpackage a stage:
 
 __version__ = "0.1.0"
 
-from quantkit import _compat
 from quantkit._deps import lazy_exports
 
-_compat.install()
-
 _EXPORTS = {
-    # composed entry points (scale-out aware)
-    **dict.fromkeys(["calibrate", "tune", "analyze"], "quantkit.api"),
+    # one function per stage, doing what its command does
+    **dict.fromkeys(["calibrate", "quantize", "fp16", "build", "tune", "analyze"], "quantkit.api"),
+    **dict.fromkeys(["QuantizeResult", "Fp16Result", "BuildReport"], "quantkit.api"),
     # calibration
     **dict.fromkeys(["CalibrationResult", "compute_ranges", "write_outputs"], "quantkit.calibration.pipeline"),
     **dict.fromkeys(["CalibrationStats", "collect_statistics"], "quantkit.calibration.collect"),
@@ -33,7 +31,19 @@ _EXPORTS = {
     **dict.fromkeys(["read_trt_cache", "write_trt_cache"], "quantkit.trt_cache"),
     # options, one per stage
     **dict.fromkeys(
-        ["DataOptions", "RuntimeOptions", "CalibrationOptions", "ExportOptions", "EvalOptions", "TuneOptions", "ScaleOut"],
+        [
+            "DataOptions",
+            "RuntimeOptions",
+            "CalibrationOptions",
+            "QuantizeOptions",
+            "Fp16Options",
+            "BuildOptions",
+            "CheckOptions",
+            "ExportOptions",
+            "EvalOptions",
+            "TuneOptions",
+            "ScaleOut",
+        ],
         "quantkit.options",
     ),
     # export, evaluation, tuning

@@ -52,7 +52,7 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise QuantkitError(f"output directory {out} is not writable ({exc.strerror or exc}); choose another --out-dir") from None
+        raise QuantkitError(f"output directory {out} is not writable ({exc.strerror or exc}); choose another", option="out") from None
     return out
 
 
@@ -123,7 +123,7 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

@@ -1,15 +1,15 @@
 """One typed, frozen options object per stage, validated when it is created.
 
 The stages' functions take these instead of long keyword lists (``calibrate(model, data,
-CalibrationOptions(methods="all"), data=DataOptions(num_samples=512))``); their old keyword
-arguments still work and are mapped onto these objects by ``split_options``. Errors name the
+CalibrationOptions(methods="all"), data_options=DataOptions(num_samples=512))``). Errors name the
 field (``option=``), which the CLI shows as its flag.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from quantkit.data.preprocess import PreprocessSpec
@@ -25,6 +25,12 @@ DEFAULT_VARIANTS = "fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse"
 DEFAULT_MAX_MEMORY = 1 << 30
 #: the largest histogram a tensor may get (2 x bins float64 counts); far above any useful resolution
 MAX_BINS = 1 << 16
+#: the fidelity check: an output below this SQNR against FP32 has collapsed (see quantkit.evaluation.check)
+MIN_SQNR_DB = 4.0
+#: the fidelity check's samples
+CHECK_SAMPLES = 8
+#: what ``quantkit quantize`` writes: Q/DQ in int8 or fp8, or int4 weights only
+QUANTIZE_FORMATS = ("int8", "fp8", "int4-weights")
 
 
 def parse_size(text: str | int) -> int:
@@ -145,6 +151,116 @@ class ExportOptions:
 
 
 @dataclass(frozen=True)
+class CheckOptions:
+    """The fidelity check every written model passes: the new model against FP32 on real samples."""
+
+    force: bool = False  # write a model the check refuses (with a warning)
+    min_sqnr: float = MIN_SQNR_DB  # an output below this SQNR (dB) has collapsed
+    samples: int = CHECK_SAMPLES
+
+    def __post_init__(self) -> None:
+        _positive_int(self.samples, "check_samples", allow_none=False)
+        if isinstance(self.min_sqnr, bool) or not isinstance(self.min_sqnr, (int, float)) or not math.isfinite(self.min_sqnr):
+            raise QuantkitError(f"min_sqnr must be a finite number of dB, got {self.min_sqnr!r}", option="min_sqnr")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What ``quantkit.quantize`` writes: from which ranges, in which format, where Q/DQ goes, which rewrites first.
+
+    ``format`` None takes the plan's ``quantized_format``, else int8. ``ranges`` (ranges.json) or
+    ``from_cache`` (a TensorRT cache to migrate) give int8/fp8 their scales; int4-weights needs
+    neither. ``smoothquant`` calibrates the smoothed model itself on the data ``quantize`` gets.
+    ``measure_speed``: batch sizes at which onnxruntime's int8 kernels are timed against float.
+    """
+
+    ranges: str | Path | None = None
+    from_cache: str | Path | None = None
+    trt_version: str | None = None  # with from_cache: warn when the cache was written for another version
+    plan: str | Path | None = None
+    method: str | None = None  # None: the ranges' default (fp8: mse-fp8, else each tensor's max)
+    target: str = "tensorrt"
+    format: str | None = None
+    allow_missing: bool = False
+    weight_bits: int | None = None  # None: the target's default (7 for onnxruntime, 8 for TensorRT)
+    filters: NodeFilter | None = None
+    quantize_attention: bool = False
+    smoothquant: bool = False
+    alpha: float | str = "auto"
+    block_size: int = 128
+    measure_speed: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise QuantkitError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}", option="target")
+        if self.format not in (None, *QUANTIZE_FORMATS):
+            raise QuantkitError(f"format must be one of {', '.join(QUANTIZE_FORMATS)}, got {self.format!r}", option="format")
+        if self.weight_bits not in (None, 7, 8):
+            raise QuantkitError(f"weight_bits must be 7 or 8, got {self.weight_bits!r}", option="weight_bits")
+        if self.ranges is not None and self.from_cache is not None:
+            raise QuantkitError("give ranges or from_cache, not both", option="from_cache")
+        _positive_int(self.block_size, "block_size", allow_none=False)
+        object.__setattr__(self, "measure_speed", tuple(self.measure_speed))
+        for b in self.measure_speed:
+            _positive_int(b, "measure_speed", allow_none=False)
+
+    def export(self, fmt: str, allow_missing: bool | None = None) -> ExportOptions:
+        """The placement's options for a Q/DQ format."""
+        missing = self.allow_missing if allow_missing is None else allow_missing
+        return ExportOptions(self.method, self.target, missing, self.weight_bits, self.filters, self.quantize_attention, fmt)
+
+
+@dataclass(frozen=True)
+class Fp16Options:
+    """What ``quantkit.fp16`` converts: which nodes must stay float32, and from which ranges it knows."""
+
+    ranges: str | Path | None = None  # ranges.json: tensors beyond float16's safe range stay float32
+    use_ranges: bool = True  # False converts without any range (unsafe: an overflow goes unnoticed)
+    plan: str | Path | None = None  # nodes the plan marks fp32 stay float32
+    num_samples: int | None = None  # of the min/max pass over the data (default: all, or what ranges.json used)
+    keep_op_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _positive_int(self.num_samples, "num_samples")
+        if isinstance(self.keep_op_types, str):
+            raise QuantkitError(
+                f"keep_op_types must be a sequence of op types, got the string {self.keep_op_types!r}", option="keep_op_types"
+            )
+        object.__setattr__(self, "keep_op_types", tuple(self.keep_op_types))
+
+
+#: what ``quantkit build`` targets: a TensorRT engine, or an optimized onnxruntime model
+BUILD_RUNTIMES = ("tensorrt", "ort-cpu", "ort-cuda", "ort-tensorrt")
+BUILD_PRECISIONS = ("fp32", "fp16", "int8", "best")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How ``quantkit.build`` builds: the runtime, TensorRT 10's precision flags and cache, the profile."""
+
+    runtime: str = "tensorrt"
+    precision: str = "fp16"  # TensorRT 10's builder precision (a typed model's own types win)
+    cache: str | Path | None = None  # a calibration cache for implicit INT8 (TensorRT 10)
+    qdq: bool = False  # the model carries Q/DQ (also detected from the model)
+    plan: str | Path | None = None  # per-layer precision constraints (TensorRT 10)
+    restamp: bool = False  # a cache stamped for another TensorRT: build with a copy stamped for the installed one
+    placeholder_ranges: bool = False  # int8 without ranges: a performance-only engine
+    shapes: str | None = None  # NAME:MIN/OPT/MAX, dims joined by x
+    ranges: str | Path | None = None  # ranges.json: the input shapes calibration saw give the profile (unless shapes)
+    workspace: int | None = None  # MiB
+    timing_cache: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime not in BUILD_RUNTIMES:
+            raise QuantkitError(f"runtime must be one of {', '.join(BUILD_RUNTIMES)}, got {self.runtime!r}", option="runtime")
+        if self.precision not in BUILD_PRECISIONS:
+            raise QuantkitError(f"precision must be one of {', '.join(BUILD_PRECISIONS)}, got {self.precision!r}", option="precision")
+        if self.cache is not None and self.qdq:
+            raise QuantkitError("a Q/DQ model takes no calibration cache", option="cache")
+        _positive_int(self.workspace, "workspace")
+
+
+@dataclass(frozen=True)
 class EvalOptions:
     """Which variants ``evaluate`` builds and what it measures."""
 
@@ -218,41 +334,16 @@ class ScaleOut:
         return bool(self.workers)
 
 
-#: keyword names of the old functions that differ from the options' field names
-_RENAMED = {"ray_address": "address"}
-
-
-def split_options(kwargs: dict[str, Any], function: str, *defaults: Any) -> list[Any]:
-    """Map a function's old keyword arguments onto its options objects.
-
-    ``defaults`` are the options objects given (or default instances); each keyword goes to the
-    first one that has a field of that name. An unknown keyword is a TypeError, as Python's own.
-    """
-    out = list(defaults)
-    taken: set[str] = set()
-    for i, obj in enumerate(out):
-        names = {f.name for f in fields(obj)}
-        mine = {}
-        for key, value in kwargs.items():
-            name = _RENAMED.get(key, key)
-            if name in names and key not in taken:
-                mine[name] = value
-                taken.add(key)
-        if mine:
-            out[i] = replace(obj, **mine)
-    unknown = [k for k in kwargs if k not in taken]
-    if unknown:
-        raise TypeError(f"{function}() got unexpected keyword argument(s): {', '.join(unknown)}")
-    return out
-
-
 __all__ = [
+    "BuildOptions",
     "CalibrationOptions",
+    "CheckOptions",
     "DataOptions",
     "EvalOptions",
     "ExportOptions",
+    "Fp16Options",
+    "QuantizeOptions",
     "RuntimeOptions",
     "ScaleOut",
     "TuneOptions",
-    "split_options",
 ]

@@ -185,33 +185,7 @@ class RangeSet:
         methods = doc["methods"]
         if not methods or not all(isinstance(k, str) and isinstance(v, dict) for k, v in methods.items()):
             raise fail('"methods" must map each method name to its parameters')
-        tensors = {}
-        for name, t in doc["tensors"].items():
-            if not isinstance(t, dict):
-                raise fail(f"tensor {name[:80]!r} must be an object")
-            stats = {}
-            for key in ("min", "max"):
-                v = t.get(key)
-                if not _is_number(v) or not math.isfinite(v):
-                    raise fail(f"tensor {name[:80]!r}: {key} must be a finite number, got {v!r}")
-                stats[key] = float(v)
-            for key in ("count", "zeros", "nonfinite", "sentinels"):
-                v = t.get(key, 0)
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise fail(f"tensor {name[:80]!r}: {key} must be a non-negative integer, got {v!r}")
-                stats[key] = v
-            amax = t.get("amax")
-            if not isinstance(amax, dict) or set(amax) - set(methods) or not amax:
-                raise fail(f"tensor {name[:80]!r}: amax must give a value for the file's methods ({', '.join(methods)})")
-            constant_zero = stats["min"] == stats["max"] == 0.0
-            for method, v in amax.items():
-                ok = _is_number(v) and math.isfinite(v) and abs(v) < float(np.finfo(np.float32).max)
-                if not ok or v < 0 or (v == 0 and not constant_zero):
-                    raise fail(
-                        f"tensor {name[:80]!r}: {method} amax is {v!r}; an amax must be positive and finite "
-                        "(0 only for a tensor that is constantly zero)"
-                    )
-            tensors[name] = TensorRange(name=name, amax={m: float(v) for m, v in amax.items()}, **stats)
+        tensors = {name: _tensor_from_json(name, t, methods, fail) for name, t in doc["tensors"].items()}
         methods = dict(methods)
         default = doc.get("default_method")
         if default in methods:  # keep the default first
@@ -228,6 +202,35 @@ class RangeSet:
             quantkit_version=version_text if isinstance(version_text, str) else "",
             warnings=list(warnings),
         )
+
+
+def _tensor_from_json(name: str, t: Any, methods: dict[str, Any], fail: Any) -> TensorRange:
+    """One tensor's entry of a ranges file, every field checked (``fail`` makes the error)."""
+    if not isinstance(t, dict):
+        raise fail(f"tensor {name[:80]!r} must be an object")
+    stats: dict[str, Any] = {}
+    for key in ("min", "max"):
+        v = t.get(key)
+        if not _is_number(v) or not math.isfinite(v):
+            raise fail(f"tensor {name[:80]!r}: {key} must be a finite number, got {v!r}")
+        stats[key] = float(v)
+    for key in ("count", "zeros", "nonfinite", "sentinels"):
+        v = t.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise fail(f"tensor {name[:80]!r}: {key} must be a non-negative integer, got {v!r}")
+        stats[key] = v
+    amax = t.get("amax")
+    if not isinstance(amax, dict) or set(amax) - set(methods) or not amax:
+        raise fail(f"tensor {name[:80]!r}: amax must give a value for the file's methods ({', '.join(methods)})")
+    constant_zero = stats["min"] == stats["max"] == 0.0
+    for method, v in amax.items():
+        ok = _is_number(v) and math.isfinite(v) and abs(v) < float(np.finfo(np.float32).max)
+        if not ok or v < 0 or (v == 0 and not constant_zero):
+            raise fail(
+                f"tensor {name[:80]!r}: {method} amax is {v!r}; an amax must be positive and finite "
+                "(0 only for a tensor that is constantly zero)"
+            )
+    return TensorRange(name=name, amax={m: float(v) for m, v in amax.items()}, **stats)
 
 
 def _is_number(v: Any) -> bool:

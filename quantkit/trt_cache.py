@@ -125,7 +125,8 @@ def parse_trt_cache(text: str, source: str = "<cache>", expect_version: str | No
     if expect_version is not None and version != encode_version(expect_version):
         raise QuantkitError(
             f"{source} was written for TensorRT {decode_version(version)} (TRT-{version}) but {expect_version} "
-            f"was asked for; TensorRT ignores a cache from another version: recalibrate or pass the matching --trt-version"
+            f"was asked for; TensorRT ignores a cache from another version: recalibrate or give the matching TensorRT version",
+            option="trt_version",
         )
     scales: dict[str, float | None] = {}
     for lineno, line in enumerate(lines[1:], start=2):

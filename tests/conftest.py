@@ -178,5 +178,5 @@ def planted_case(tmp, val_samples: int = 384):
     np.save(tmp / "calib.npy", rng.normal(size=(128, 4, 8, 8)).astype(np.float32))
     np.save(tmp / "val.npy", rng.normal(size=(val_samples, 4, 8, 8)).astype(np.float32))
     info = load_model(path)
-    ranges = quantkit.calibrate(path, tmp / "calib.npy", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp / "calib.npy", quantkit.CalibrationOptions(methods="minmax")).ranges
     return info, ranges, list(batches(open_source(tmp / "val.npy", info), info, 64))

@@ -26,7 +26,7 @@ def test_every_command_has_the_common_flags_and_one_output_rule(command):
         assert flag in text, f"{command}: {flag}"
     assert ("-o OUTPUT, --output OUTPUT" in text) == (command in FILE_WRITERS)
     assert ("--out-dir" in text) == (command in FOLDER_WRITERS)
-    assert "--report" not in text and "--val " not in text and "--out " not in text  # the old names are hidden aliases
+    assert "--report" not in text and "--val " not in text and "--out " not in text  # the old names are gone
     if command in {"calibrate", "eval", "sensitivity", "tune"}:
         assert "--data" in text
 
@@ -59,12 +59,19 @@ def test_verbose_and_log_file(tmp_path, capsys):
     assert main([*calibrate_args(tmp_path / "t"), "--threads", "0"]) == 2
 
 
-def test_old_flag_names_still_work_with_a_warning(tmp_path, capsys):
+def test_old_flag_names_are_unknown_flags_not_abbreviations(tmp_path, capsys):
+    """0.1's --out/--report/--val are gone: exit 2, one line, and no prefix match onto --out-dir or --data."""
     args = calibrate_args(tmp_path / "c")
     args[args.index("--out-dir")] = "--out"
-    assert main([*args, "--quiet"]) == 0
-    assert "--out is deprecated, use --out-dir" in capsys.readouterr().err
-    assert (tmp_path / "c" / "ranges.json").exists()
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--quiet"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "unrecognized arguments: --out" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
+    args[args.index("--out")] = "--out-d"  # an abbreviation of --out-dir
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--quiet"])
+    assert done.value.code == 2 and "unrecognized arguments: --out-d" in capsys.readouterr().err
     assert main(["eval", str(DEMO_MODEL), "--data", str(DEMO_CALIB), "--quiet"]) == 2
     assert "give --out-dir DIR" in capsys.readouterr().err
 
@@ -75,3 +82,12 @@ def test_a_closed_pipe_is_not_an_error():
 
     done = subprocess.run(f"{sys.executable} -m quantkit doctor | head -1", shell=True, capture_output=True, text=True, timeout=120)
     assert done.stdout.startswith("quantkit ") and "error" not in done.stderr.lower(), done.stderr
+
+
+def test_the_cli_reference_is_current():
+    """docs/cli.md is generated from the parsers (make docs): a flag added or changed shows here first."""
+    from conftest import ROOT
+
+    from quantkit.cli.reference import markdown
+
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == markdown(), "docs/cli.md is stale: run make docs"

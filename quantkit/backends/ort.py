@@ -259,29 +259,22 @@ class OptimizedGraphCheck:
         }
 
 
-def optimized_graph_check(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None) -> OptimizedGraphCheck:
-    """Load ``model`` the way a CPU deployment does (all graph optimizations), save onnxruntime's
-    optimized graph (``optimized_model_filepath``) and read what it made of the Q/DQ nodes."""
-    with tempfile.TemporaryDirectory(prefix="quantkit-ortopt-") as tmp:
-        path = Path(tmp) / "optimized.onnx"
-        make_session(model, threads=threads, optimization="ORT_ENABLE_ALL", optimized_model_path=path)
-        optimized = onnx.load(str(path), load_external_data=False)
-    nodes = list(optimized.graph.node)
+def _is_float(n: onnx.NodeProto) -> bool:
+    return n.op_type not in INTEGER_KERNELS and n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")
+
+
+def _between_qdq(nodes: list[onnx.NodeProto]) -> set[int]:
+    """Float nodes (by id) that are reached from a DequantizeLinear and reach a QuantizeLinear."""
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in nodes:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-
-    def is_float(n: onnx.NodeProto) -> bool:
-        return n.op_type not in INTEGER_KERNELS and n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")
-
-    # float nodes reached from a DequantizeLinear, and float nodes that reach a QuantizeLinear
     after_dq: set[int] = set()
     stack = [c for n in nodes if n.op_type == "DequantizeLinear" for o in n.output for c in consumers.get(o, [])]
     while stack:
         n = stack.pop()
-        if id(n) in after_dq or not is_float(n):
+        if id(n) in after_dq or not _is_float(n):
             continue
         after_dq.add(id(n))
         if n.op_type != "Shape":  # a shape is metadata: the Slice/Concat computing a Reshape's target are no activations
@@ -290,16 +283,28 @@ def optimized_graph_check(model: onnx.ModelProto | bytes | str | Path, threads: 
     stack = [producer[i] for n in nodes if n.op_type == "QuantizeLinear" for i in n.input[:1] if i in producer]
     while stack:
         n = stack.pop()
-        if id(n) in before_q or not is_float(n):
+        if id(n) in before_q or not _is_float(n):
             continue
         before_q.add(id(n))
         stack += [producer[i] for i in n.input if i in producer]
+    return after_dq & before_q
+
+
+def optimized_graph_check(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None) -> OptimizedGraphCheck:
+    """Load ``model`` the way a CPU deployment does (all graph optimizations), save onnxruntime's
+    optimized graph (``optimized_model_filepath``) and read what it made of the Q/DQ nodes."""
+    with tempfile.TemporaryDirectory(prefix="quantkit-ortopt-") as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        make_session(model, threads=threads, optimization="ORT_ENABLE_ALL", optimized_model_path=path)
+        optimized = onnx.load(str(path), load_external_data=False)
+    nodes = list(optimized.graph.node)
+    between_qdq = _between_qdq(nodes)
     between: dict[str, int] = {}
     kernels: dict[str, int] = {}
     for n in nodes:
         if n.op_type in INTEGER_KERNELS:
             kernels[n.op_type] = kernels.get(n.op_type, 0) + 1
-        elif id(n) in after_dq and id(n) in before_q and n.op_type not in _LAYOUT_OPS:
+        elif id(n) in between_qdq and n.op_type not in _LAYOUT_OPS:
             between[n.op_type] = between.get(n.op_type, 0) + 1
     return OptimizedGraphCheck(
         integer_kernels=kernels,
@@ -307,7 +312,7 @@ def optimized_graph_check(model: onnx.ModelProto | bytes | str | Path, threads: 
         quantize=sum(n.op_type == "QuantizeLinear" for n in nodes),
         dequantize=sum(n.op_type == "DequantizeLinear" for n in nodes),
         layout_changes=sum(n.op_type in ("Transpose", "ReorderInput", "ReorderOutput") for n in nodes),
-        float_nodes=sum(is_float(n) and n.op_type not in _LAYOUT_OPS for n in nodes),
+        float_nodes=sum(_is_float(n) and n.op_type not in _LAYOUT_OPS for n in nodes),
     )
 
 

@@ -101,6 +101,34 @@ class BuildResult:
     capabilities: Capabilities | None = None
 
 
+def _set_weak_precision(
+    trt: Any, caps: Capabilities, config: Any, network: Any, precision: str, calib_cache: str | Path | None, plan: PrecisionPlan | None
+) -> None:
+    """Builder flags, the cache calibrator and the plan's per-layer constraints of a weakly typed build."""
+    if precision in ("fp16", "int8", "best") and caps.fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)  # with INT8 too: INT8 alone forces fallback layers to FP32
+    if precision in ("int8", "best"):
+        config.set_flag(trt.BuilderFlag.INT8)
+        if calib_cache is not None:
+            config.int8_calibrator = cache_calibrator(trt, Path(calib_cache).read_bytes())
+    if plan is None:
+        return
+    if not caps.precision_constraints:
+        raise QuantkitError("this TensorRT has no precision constraints: apply the plan in the ONNX when quantizing", option="plan")
+    constraints = plan_constraints(plan, [network.get_layer(i).name for i in range(network.num_layers)])
+    if constraints:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    types = {"fp32": trt.float32, "fp16": trt.float16}
+    for i in range(network.num_layers):  # what trtexec's --layerPrecisions/--layerOutputTypes do, filters included
+        layer = network.get_layer(i)
+        p = constraint_for(constraints, layer_facts(layer))
+        if p is not None:
+            layer.precision = types[p]
+            for j in range(layer.num_outputs):
+                if not layer.get_output(j).is_shape_tensor:
+                    layer.set_output_type(j, types[p])
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -134,33 +162,12 @@ def build_engine(
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
 
     if not strongly_typed:
-        if precision in ("fp16", "int8", "best") and caps.fp16_flag:
-            config.set_flag(trt.BuilderFlag.FP16)  # with INT8 too: INT8 alone forces fallback layers to FP32
-        if precision in ("int8", "best"):
-            config.set_flag(trt.BuilderFlag.INT8)
-            if calib_cache is not None:
-                config.int8_calibrator = cache_calibrator(trt, Path(calib_cache).read_bytes())
-        if plan is not None:
-            if not caps.precision_constraints:
-                raise QuantkitError(
-                    "this TensorRT has no precision constraints: apply the plan in the ONNX (quantkit quantize/fp16 --plan)"
-                )
-            constraints = plan_constraints(plan, [network.get_layer(i).name for i in range(network.num_layers)])
-            if constraints:
-                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            types = {"fp32": trt.float32, "fp16": trt.float16}
-            for i in range(network.num_layers):  # what trtexec's --layerPrecisions/--layerOutputTypes do, filters included
-                layer = network.get_layer(i)
-                p = constraint_for(constraints, layer_facts(layer))
-                if p is not None:
-                    layer.precision = types[p]
-                    for j in range(layer.num_outputs):
-                        if not layer.get_output(j).is_shape_tensor:
-                            layer.set_output_type(j, types[p])
+        _set_weak_precision(trt, caps, config, network, precision, calib_cache, plan)
     elif precision in ("fp16", "int8", "best") and not qdq:
         raise QuantkitError(
-            f"this TensorRT is strongly typed only: --precision {precision} has no flag. Build the Q/DQ model "
-            "from 'quantkit quantize' or the FP16 model from 'quantkit fp16'"
+            f"this TensorRT is strongly typed only: precision {precision} has no flag. Build the Q/DQ model "
+            "from 'quantkit quantize' or the FP16 model from 'quantkit fp16'",
+            option="precision",
         )
 
     if shapes:

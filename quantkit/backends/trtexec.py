@@ -19,9 +19,10 @@ import onnx
 from onnx import numpy_helper
 
 from quantkit.errors import QuantkitError
+from quantkit.options import BUILD_PRECISIONS
 from quantkit.plan import PrecisionPlan
 
-PRECISIONS = ("fp32", "fp16", "int8", "best")
+PRECISIONS = BUILD_PRECISIONS  # one list: the options validate against it
 _TRT_TYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
 
 
@@ -116,15 +117,16 @@ def parse_shapes(text: str | None) -> list[ShapeProfile]:
             shapes = [tuple(int(d) for d in s.split("x")) for s in spec.split("/")]
         except ValueError:
             raise QuantkitError(
-                f"--shapes {item!r}: use NAME:MIN/OPT/MAX with dims joined by x, e.g. input:1x3x224x224/8x3x224x224/32x3x224x224"
+                f"shape {item!r}: use NAME:MIN/OPT/MAX with dims joined by x, e.g. input:1x3x224x224/8x3x224x224/32x3x224x224",
+                option="shapes",
             ) from None
         if len(shapes) == 1:
             shapes = shapes * 3
         if len(shapes) != 3 or len({len(s) for s in shapes}) != 1:
-            raise QuantkitError(f"--shapes {item!r}: give one shape, or min/opt/max of the same rank")
+            raise QuantkitError(f"shape {item!r}: give one shape, or min/opt/max of the same rank", option="shapes")
         lo, opt, hi = shapes
         if any(a > b for a, b in zip(lo, opt, strict=True)) or any(a > b for a, b in zip(opt, hi, strict=True)):
-            raise QuantkitError(f"--shapes {item!r}: need min <= opt <= max in every dimension")
+            raise QuantkitError(f"shape {item!r}: need min <= opt <= max in every dimension", option="shapes")
         profiles.append(ShapeProfile(name, lo, opt, hi))
     return profiles
 
@@ -228,16 +230,16 @@ def check_build_request(
         )
     if plan is not None and not qdq and precision not in ("int8", "best") and (plan.default == "int8" or "int8" in plan.nodes.values()):
         raise QuantkitError(
-            f"the plan asks for int8 nodes but --precision is {precision}: INT8 is not enabled, so OBEY would fail; "
-            "pass --precision int8 with a cache",
+            f"the plan asks for int8 nodes but the precision is {precision}: INT8 is not enabled, so OBEY would fail; "
+            "build int8 with a cache",
             option="precision",
         )
     if precision in ("int8", "best") and not calib_cache and not qdq and not placeholder_ranges:
         raise QuantkitError(
-            f"--precision {precision} without a calibration cache or a Q/DQ model has no INT8 ranges: TensorRT would use "
-            "placeholder scales and the engine's accuracy would be meaningless; pass --cache, build a Q/DQ model (--qdq), "
-            "or --placeholder-ranges for a performance-only engine",
-            option="precision",
+            f"precision {precision} without a calibration cache or a Q/DQ model has no INT8 ranges: TensorRT would use "
+            "placeholder scales and the engine's accuracy would be meaningless; give a cache, build a Q/DQ model, "
+            "or allow placeholder ranges for a performance-only engine",
+            option=("cache", "qdq", "placeholder_ranges"),
         )
 
 
@@ -258,7 +260,7 @@ def trtexec_command(
 ) -> list[str]:
     """The argument list of the equivalent trtexec call (``shlex.join`` it for a shell)."""
     if precision not in PRECISIONS:
-        raise QuantkitError(f"unknown --precision '{precision}'; choose from {', '.join(PRECISIONS)}")
+        raise QuantkitError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}", option="precision")
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if trt_major >= 11:
         if calib_cache:
@@ -287,7 +289,7 @@ def trtexec_command(
             cmd.append("--fp16")
         if calib_cache:
             if precision not in ("int8", "best"):
-                raise QuantkitError("--cache needs --precision int8 (or best)")
+                raise QuantkitError("a calibration cache needs precision int8 (or best)", option="precision")
             cmd.append(f"--calib={calib_cache}")
         if plan is not None:
             spec = layer_precisions(plan, layer_names)

@@ -5,7 +5,7 @@ from quantkit._deps import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(
-        ["CalibrationResult", "calibrate", "cache_path", "compute_ranges", "summary_table", "write_outputs"],
+        ["CalibrationResult", "run_calibration", "cache_path", "compute_ranges", "summary_table", "write_outputs"],
         "quantkit.calibration.pipeline",
     ),
     **dict.fromkeys(

@@ -70,7 +70,7 @@ class PercentileCalibrator(Calibrator):
 
     def __post_init__(self) -> None:
         if not 0.0 < self.percentile <= 100.0:
-            raise QuantkitError(f"--percentile must be in (0, 100], got {self.percentile}")
+            raise QuantkitError(f"percentile must be in (0, 100], got {self.percentile}", option="percentile")
 
     def _amax(self, hist: TensorHistogram) -> float:
         cumulative = np.cumsum(hist.counts)
@@ -300,12 +300,6 @@ class MseCalibrator(Calibrator):
         best = int(coarse[int(np.argmin(grid_mse(counts, coarse, grid)))])
         fine = np.arange(max(1, best - stride), min(used, best + stride) + 1)
         return int(fine[int(np.argmin(grid_mse(counts, fine, grid)))]) * hist.width
-
-
-def quantization_mse(counts: np.ndarray, cands: np.ndarray, levels: int = INT8_LEVELS) -> np.ndarray:
-    """Expected total squared error (bin-width units) of symmetric int8 quantization with its
-    threshold at each edge in ``cands`` (the grid 0, 1/127, ..., 1 of the threshold)."""
-    return grid_mse(counts, cands, np.arange(levels + 1, dtype=np.float64) / levels)
 
 
 def fp8_grid() -> np.ndarray:

@@ -6,7 +6,7 @@ Each step is a plain function usable on its own:
   into one ``TensorHistogram`` per tensor (memory is independent of the number of samples);
 - ``compute_ranges(stats, calibrators)`` turns the statistics into a ``RangeSet``;
 - ``write_outputs(ranges, out_dir)`` writes ``ranges.json`` and one TensorRT cache per method;
-- ``calibrate(model, data, options)`` composes them, as ``quantkit calibrate`` does.
+- ``run_calibration(model, data, options)`` composes them in one process (``quantkit.calibrate`` adds scale-out).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from quantkit.data.batching import check_sample
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import CalibrationOptions, DataOptions, RuntimeOptions, split_options
+from quantkit.options import CalibrationOptions, DataOptions, RuntimeOptions
 from quantkit.ranges import RangeSet, TensorRange
 from quantkit.trt_cache import DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION, format_trt_cache
 
@@ -108,7 +108,7 @@ class CalibrationResult:
     data_description: str
 
 
-def calibrate(
+def run_calibration(
     model: str | Path | ModelInfo,
     data: str | Path | Any,
     options: CalibrationOptions | None = None,
@@ -118,21 +118,16 @@ def calibrate(
     out: str | Path | None = None,
     quiet: bool = True,
     collector: Collector | None = None,
-    **legacy: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data``; write ranges.json and the caches to ``out`` if given.
 
     ``data``: a path (image folder, table, arrays, saved Hugging Face dataset), ``hf:NAME[:split]``,
     a ``datasets.Dataset``, or any iterable of ``{input_name: array}`` dicts, a generator included.
 
-    ``collector`` chooses where the model runs (default: this process). The keyword arguments of
-    earlier versions (``methods=``, ``num_samples=``, ``batch_size=``, ``preprocess=``, ...) are
-    mapped onto the options objects. Every failure the user can fix raises ``QuantkitError``
-    before anything is written.
+    ``collector`` chooses where the model runs (default: this process). Every failure the user
+    can fix raises ``QuantkitError`` before anything is written.
     """
-    options, data_options, runtime = split_options(
-        legacy, "calibrate", options or CalibrationOptions(), data_options or DataOptions(), runtime or RuntimeOptions()
-    )
+    options, data_options, runtime = options or CalibrationOptions(), data_options or DataOptions(), runtime or RuntimeOptions()
     timer = StepTimer(quiet)
     calibrators = make_calibrators(options.methods, options.percentile)  # fail fast on unknown methods
     out_dir = ensure_writable_dir(out) if out is not None else None

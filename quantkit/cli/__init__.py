@@ -30,7 +30,7 @@ COMMANDS = {
     "tune": ("tune", "find the fewest nodes to keep in FP16/FP32 so that INT8 meets an accuracy target; writes a precision plan"),
     "build": ("build", "build a TensorRT engine (10.x/11.x) or an optimized onnxruntime model"),
     "doctor": ("doctor", "what is available here: onnxruntime providers, TensorRT, CUDA devices"),
-    "demo": ("demo", "run the bundled demo end to end (calibrate, quantize, fp16, eval) into --out"),
+    "demo": ("demo", "run the bundled demo end to end (calibrate, quantize, fp16, eval) into --out-dir"),
 }
 
 
@@ -47,13 +47,14 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in ``argv`` gets its arguments (``quantkit --help`` lists the table)."""
-    parser = Parser(prog="quantkit", description="Calibrate and quantize ONNX models for TensorRT and onnxruntime.")
+    parser = Parser(prog="quantkit", description="Calibrate and quantize ONNX models for TensorRT and onnxruntime.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = _command_in(argv)
     for name, (module, helptext) in COMMANDS.items():
-        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        # no prefix matching: an old flag (--out) must not pass as an abbreviation of a new one (--out-dir)
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".", allow_abbrev=False)
         if chosen == name:
             importlib.import_module(f"quantkit.cli.{module}").add_arguments(p)
             from quantkit.cli.args import add_common_args

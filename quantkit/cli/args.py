@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any, TypeVar
 
@@ -12,27 +14,16 @@ import onnx
 
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
-from quantkit.evaluation.check import CHECK_SAMPLES, MIN_SQNR_DB, FidelityError, check_fidelity, check_samples
+from quantkit.evaluation.check import FidelityError
+from quantkit.evaluation.check import verify as check_model
 from quantkit.model import ModelInfo
-from quantkit.options import DataOptions, ScaleOut
+from quantkit.options import CHECK_SAMPLES, MIN_SQNR_DB, CheckOptions, DataOptions, ScaleOut
 from quantkit.plan import NodeFilter
 from quantkit.ranges import RangeSet
 
 T = TypeVar("T")
 
 PREPROCESS_FLAGS = ("resize", "center_crop", "scale", "mean", "std", "color", "layout", "dtype", "letterbox")
-
-
-class DeprecatedAlias(argparse.Action):
-    """An old flag kept for one version: it sets the new flag's value and says so on stderr."""
-
-    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
-        self.new = new
-        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
-        print(f"{parser.prog}: warning: {option} is deprecated, use {self.new} (the old name goes in quantkit 0.3)", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -45,26 +36,21 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: all cores)")
 
 
-def add_out_dir(parser: argparse.ArgumentParser, help: str, *, old: tuple[str, ...] = ("--out",), default: str | None = None) -> None:
-    """``--out-dir`` for a command that writes a folder (``-o/--output`` is for one file); ``old``
-    names stay as deprecated aliases for one version."""
+def add_out_dir(parser: argparse.ArgumentParser, help: str, *, default: str | None = None) -> None:
+    """``--out-dir`` for a command that writes a folder (``-o/--output`` is for one file)."""
     parser.add_argument("--out-dir", default=default, help=help + ("" if default is None else f" (default {default})"))
-    for name in old:
-        parser.add_argument(name, dest="out_dir", action=DeprecatedAlias, new="--out-dir")
 
 
 def out_dir(args: argparse.Namespace) -> str:
-    """The output folder, which every folder-writing command needs (``--out-dir``, or an old alias)."""
+    """The output folder, which every folder-writing command needs (``--out-dir``)."""
     if not args.out_dir:
         raise QuantkitError("the output folder is missing: give --out-dir DIR")
     return str(args.out_dir)
 
 
-def add_data_arg(parser: argparse.ArgumentParser, help: str, *, old: tuple[str, ...] = (), required: bool = True) -> None:
+def add_data_arg(parser: argparse.ArgumentParser, help: str, *, required: bool = True) -> None:
     """``--data`` for the inputs of every command (required checked in ``data_path``)."""
     parser.add_argument("--data", help=help)
-    for name in old:
-        parser.add_argument(name, dest="data", action=DeprecatedAlias, new="--data")
     parser.set_defaults(data_required=required)
 
 
@@ -218,14 +204,27 @@ def add_check_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def verify(args: argparse.Namespace, model: ModelInfo, candidate: onnx.ModelProto, ranges: RangeSet | None = None) -> None:
-    """Run the fidelity check; print it, and refuse (exit 3) a broken model unless --force."""
+def check_options_from_args(args: argparse.Namespace) -> CheckOptions:
+    return CheckOptions(force=args.force, min_sqnr=args.min_sqnr, samples=args.check_samples)
+
+
+@contextlib.contextmanager
+def printing_check(args: argparse.Namespace) -> Iterator[None]:
+    """When the fidelity check refuses a model, its verdict goes to stdout (the error line follows on stderr)."""
+    try:
+        yield
+    except FidelityError as exc:
+        if exc.check is not None and not args.quiet:
+            print(exc.check.summary())
+        raise
+
+
+def check_and_print(args: argparse.Namespace, model: ModelInfo, candidate: onnx.ModelProto, ranges: RangeSet | None = None) -> None:
+    """The library's fidelity check (``quantkit.evaluation.check.verify``) from the flags, printed."""
     preprocess = preprocess_from_args(args) if getattr(args, "data", None) else None
-    feeds, source = check_samples(model, getattr(args, "data", None), preprocess, ranges, args.check_samples)
-    result = check_fidelity(model.proto, candidate, feeds, source=source, min_sqnr_db=args.min_sqnr)
+    with printing_check(args):
+        result = check_model(model, candidate, check_options_from_args(args), data=args.data, preprocess=preprocess, ranges=ranges)
     if not args.quiet:
         print(result.summary())
     if not result.ok:
-        if not args.force:
-            raise FidelityError(f"the new model is broken: {result.failure()}; nothing was written (--force writes it anyway)")
         print(f"warning: writing a broken model (--force): {result.failure()}", file=sys.stderr)

@@ -23,7 +23,15 @@ from quantkit._io import log, recording_writes
 from quantkit.errors import QuantkitError
 
 #: API parameter -> the flag the CLI shows for it (where the names differ beyond - and _)
-FLAG_OF = {"bins": "--num-bins", "methods": "--method", "address": "--ray-address", "out": "--out-dir"}
+FLAG_OF = {
+    "bins": "--num-bins",
+    "methods": "--method",
+    "metrics": "--metric",
+    "address": "--ray-address",
+    "out": "--out-dir",
+    "use_ranges": "--no-ranges",
+    "samples": "--check-samples",
+}
 
 
 def flag_for(option: str) -> str:
@@ -31,9 +39,11 @@ def flag_for(option: str) -> str:
 
 
 def message(exc: QuantkitError) -> str:
+    """The library's message, with the flag of each option it names (the library names fields, not flags)."""
     text = str(exc)
-    if exc.option:
-        text += f" ({flag_for(exc.option)})"
+    options = (exc.option,) if isinstance(exc.option, str) else tuple(exc.option or ())
+    if options:
+        text += f" ({', '.join(flag_for(o) for o in options)})"
     return text
 
 

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop", type=float, help="flag variants losing more than this many points of the first metric")
     p.add_argument("--slice", action="append", help="check fidelity per slice: OUTPUT:AXIS:START-STOP[,...] (repeatable)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
-    add_out_dir(p, "output folder of report.json/.md/.html, e.g. reports/mymodel", old=("--report", "--out"))
+    add_out_dir(p, "output folder of report.json/.md/.html, e.g. reports/mymodel")
     add_preprocess_args(p)
 
 

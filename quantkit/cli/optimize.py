@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from quantkit._io import check_output_file, write_bytes_atomic
-from quantkit.cli.args import add_check_args, verify
+from quantkit.cli.args import add_check_args, check_and_print
 from quantkit.graph.optimize import PASSES, optimize_model
 from quantkit.model import load_model
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     passes = passes_from_args(args)
     optimized, report = optimize_model(model, passes)
-    verify(args, model, optimized)
+    check_and_print(args, model, optimized)
     out = write_bytes_atomic(Path(args.output), optimized.SerializeToString())
     if not args.quiet:
         print(report.table())

@@ -24,7 +24,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("model", help="FP32 ONNX model")
     p.add_argument("--calib", help="calibration data (or --ranges)")
     p.add_argument("--ranges", help="ranges.json from quantkit calibrate")
-    add_data_arg(p, "validation data; labels (a label column, npz key or folder names) give the task metric", old=("--val",))
+    add_data_arg(p, "validation data; labels (a label column, npz key or folder names) give the task metric")
     p.add_argument(
         "--method",
         default="auto" if tune else "entropy",

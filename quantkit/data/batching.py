@@ -46,21 +46,23 @@ def check_sample(sample: Sample, inputs: tuple[InputSpec, ...]) -> dict[str, np.
         if arr.ndim != len(want):
             raise QuantkitError(
                 f"sample {sample.id}: input '{spec.name}' has shape {_dims(arr.shape)} but model input "
-                f"{spec.describe()} takes {len(want)}-d samples; check the data layout (--layout) and preprocessing"
+                f"{spec.describe()} takes {len(want)}-d samples; check the data layout and preprocessing",
+                option="layout",
             )
         for axis, (got, need) in enumerate(zip(arr.shape, want, strict=True), start=1):
             if isinstance(need, int) and got != need:
                 what = (
                     "channels" if len(spec.shape) == 4 and ((axis == 1 and want[0] in (1, 3)) or axis == 3) and need in (1, 3) else "size"
                 )
-                hint = (
-                    " (set --color L for 1 channel or RGB for 3)"
+                hint, options = (
+                    ("; set the color to L for 1 channel or RGB for 3", ("color",))
                     if what == "channels"
-                    else " (set --resize/--center-crop, or check --layout)"
+                    else ("; resize or crop to the model's size, or check the layout", ("resize", "center_crop", "layout"))
                 )
                 raise QuantkitError(
                     f"sample {sample.id}: input '{spec.name}' has shape {_dims(arr.shape)} but the model expects "
-                    f"{spec.describe()}: {what} mismatch at axis {axis}, {got} vs {need}{hint}"
+                    f"{spec.describe()}: {what} mismatch at axis {axis}, {got} vs {need}{hint}",
+                    option=options,
                 )
         if spec.stride > 1 and len(spec.shape) == 4:
             nhwc = spec.shape[3] in (1, 3) and spec.shape[1] not in (1, 3)
@@ -68,8 +70,9 @@ def check_sample(sample: Sample, inputs: tuple[InputSpec, ...]) -> dict[str, np.
             if h % spec.stride or w % spec.stride:
                 raise QuantkitError(
                     f"sample {sample.id}: input '{spec.name}' is {h}x{w}, but the model's height and width must be multiples of "
-                    f"{spec.stride} (its feature pyramid joins maps down to 1/{spec.stride}): resize to a multiple, e.g. --resize "
-                    f"{_multiple(h, spec.stride)}x{_multiple(w, spec.stride)}, with --letterbox to keep the aspect ratio"
+                    f"{spec.stride} (its feature pyramid joins maps down to 1/{spec.stride}): resize to a multiple, e.g. "
+                    f"{_multiple(h, spec.stride)}x{_multiple(w, spec.stride)}, letterboxed to keep the aspect ratio",
+                    option=("resize", "letterbox"),
                 )
         if spec.is_float:
             if arr.dtype.kind not in "f":
@@ -109,15 +112,15 @@ def batches(
     caller must not write results before the generator is exhausted).
     """
     if batch_size < 1:
-        raise QuantkitError(f"--batch-size must be at least 1, got {batch_size}")
+        raise QuantkitError(f"batch_size must be at least 1, got {batch_size}", option="batch_size")
     if num_samples is not None and num_samples < 1:
-        raise QuantkitError(f"--num-samples must be at least 1, got {num_samples}")
+        raise QuantkitError(f"num_samples must be at least 1, got {num_samples}", option="num_samples")
     for spec in model.inputs:
         if not spec.shape:
             raise QuantkitError(f"model input {spec.describe()} is a scalar; quantkit needs a batch axis on every input")
     fixed = fixed_batch(model)
     if fixed is not None and fixed != batch_size:
-        raise QuantkitError(f"model {model.path} has a fixed batch size of {fixed}; use --batch-size {fixed}")
+        raise QuantkitError(f"model {model.path} has a fixed batch size of {fixed}; use batch size {fixed}", option="batch_size")
 
     pending: list[tuple[Sample, dict[str, np.ndarray]]] = []
     seen = 0
@@ -151,7 +154,8 @@ def batches(
             yield flush()
     if num_samples is not None and seen < num_samples:
         raise QuantkitError(
-            f"{source_name} has only {seen} sample(s) but --num-samples {num_samples} was asked; lower --num-samples or omit it to use all"
+            f"{source_name} has only {seen} sample(s) but {num_samples} were asked; ask for fewer, or leave the number out to use all",
+            option="num_samples",
         )
     if seen == 0:
         raise QuantkitError(f"{source_name} yielded no samples")

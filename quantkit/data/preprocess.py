@@ -97,7 +97,7 @@ class PreprocessSpec:
         if "dtype" in v:
             try:
                 dtype = np.dtype(v["dtype"])
-            except TypeError:
+            except (TypeError, ValueError, SyntaxError):  # numpy parses some strings as Python literals
                 raise QuantkitError(f"{source}: dtype {v['dtype']!r} is not a numpy dtype (e.g. float32, float16, uint8)") from None
             if dtype.kind not in "fiu":
                 raise QuantkitError(f"{source}: dtype must be a numeric type, got {v['dtype']!r}")
@@ -209,6 +209,9 @@ def _center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image
     ch, cw = (size, size) if isinstance(size, int) else size
     w, h = image.size
     if ch > h or cw > w:
-        raise QuantkitError(f"center_crop {ch}x{cw} is larger than the (resized) image {h}x{w}; lower --center-crop or raise --resize")
+        raise QuantkitError(
+            f"center_crop {ch}x{cw} is larger than the (resized) image {h}x{w}; lower center_crop or raise resize",
+            option=("center_crop", "resize"),
+        )
     left, top = round((w - cw) / 2.0), round((h - ch) / 2.0)
     return image.crop((left, top, left + cw, top + ch))

@@ -107,7 +107,10 @@ def _single_image_input(model: ModelInfo, input_name: str | None, what: str) -> 
     if not floats:
         raise QuantkitError(f"{what} holds images but model {model.path} has no float input to feed them to")
     names = ", ".join(i.name for i in floats)
-    raise QuantkitError(f"{what} holds images but model {model.path} has several float inputs ({names}); pass --input-name")
+    raise QuantkitError(
+        f"{what} holds images but model {model.path} has several float inputs ({names}); name the input the images feed",
+        option="input_name",
+    )
 
 
 class ImageFolderSource:
@@ -184,6 +187,22 @@ class TableSource:
         )
 
 
+def _image_column(ds: Any, features: dict[str, Any], model: ModelInfo) -> tuple[Any, list[str] | None, str | None]:
+    """The dataset (its image column left undecoded), its columns, and the column holding images (None: arrays only)."""
+    import datasets
+
+    columns = list(features) if features else None
+    if columns is None:  # streaming CSV/JSON readers know their columns only from a row
+        first = next(iter(ds), None)
+        columns = list(first) if first is not None else None
+    image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+    if image_column is None and columns:
+        image_column = next((c for c in IMAGE_COLUMN_NAMES if c in columns and c not in {i.name for i in model.inputs}), None)
+    if image_column is not None and isinstance(features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds, columns, image_column
+
+
 def _dataset_samples(
     ds: Any,
     features: Any,
@@ -197,18 +216,7 @@ def _dataset_samples(
 ) -> Iterator[Sample]:
     """Samples from the rows of a ``datasets`` dataset: columns named like the model's inputs hold
     their arrays, or an image column feeds the single image input through the preprocessing."""
-    import datasets
-
-    features = features or {}
-    columns = list(features) if features else None
-    if columns is None:  # streaming CSV/JSON readers know their columns only from a row
-        first = next(iter(ds), None)
-        columns = list(first) if first is not None else None
-    image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
-    if image_column is None and columns:
-        image_column = next((c for c in IMAGE_COLUMN_NAMES if c in columns and c not in {i.name for i in model.inputs}), None)
-    if image_column is not None and isinstance(features.get(image_column), datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    ds, columns, image_column = _image_column(ds, features or {}, model)
     label_column = label_column or (next((c for c in LABEL_COLUMN_NAMES if c in columns), None) if columns else None)
     image_input = preprocess = None
     if image_column is not None:

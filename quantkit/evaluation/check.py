@@ -36,10 +36,9 @@ from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.metrics import cosine, sqnr_db
 from quantkit.model import ModelInfo
+from quantkit.options import CHECK_SAMPLES, MIN_SQNR_DB, CheckOptions
 from quantkit.ranges import RangeSet
 
-MIN_SQNR_DB = 4.0
-CHECK_SAMPLES = 8
 #: a transformer's padding-mask input (1 at real tokens, 0 at padding)
 _MASK_INPUT = re.compile(r"(^|[^a-z])(attention_mask|input_mask|padding_mask)$", re.IGNORECASE)
 
@@ -78,6 +77,10 @@ class FidelityError(QuantkitError):
     """The new model's outputs are non-finite or collapsed: nothing was written."""
 
     exit_code = 3
+
+    def __init__(self, message: str, *, check: Any = None) -> None:
+        super().__init__(message, option="force" if check is not None else None)
+        self.check = check  # the FidelityCheck that refused the model, when there was one
 
 
 @dataclass
@@ -278,3 +281,25 @@ def synthetic_feed(model: ModelInfo, ranges: RangeSet | None, count: int) -> dic
         else:
             raise QuantkitError(f"input {spec.describe()}: no synthetic samples of this type; pass data for the fidelity check")
     return feed
+
+
+def verify(
+    model: ModelInfo,
+    candidate: onnx.ModelProto,
+    check: CheckOptions | None = None,
+    *,
+    data: str | Path | None = None,
+    preprocess: PreprocessSpec | None = None,
+    ranges: RangeSet | None = None,
+) -> FidelityCheck:
+    """The fidelity check every command runs before it writes a model: ``candidate`` against
+    ``model`` on ``data`` (else the calibration data ``ranges`` records, else synthetic inputs).
+
+    A refused model raises ``FidelityError`` (exit 3), carrying the check, unless ``check.force``.
+    """
+    check = check or CheckOptions()
+    feeds, source = check_samples(model, data, preprocess, ranges, check.samples)
+    result = check_fidelity(model.proto, candidate, feeds, source=source, min_sqnr_db=check.min_sqnr)
+    if not result.ok and not check.force:
+        raise FidelityError(f"the new model is broken: {result.failure()}; nothing was written (force writes it anyway)", check=result)
+    return result

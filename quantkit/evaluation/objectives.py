@@ -415,12 +415,12 @@ def user_objective(spec: str) -> Objective:
     """``module:function`` (importable) or ``path/to/file.py:function``."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr.isidentifier():
-        raise QuantkitError(f"--metric {spec!r}: use module:function or path/to/file.py:function", option="metric")
+        raise QuantkitError(f"metric {spec!r}: use module:function or path/to/file.py:function", option="metric")
     try:
         if where.endswith(".py"):
             path = Path(where)
             if not path.is_file():
-                raise QuantkitError(f"--metric {spec!r}: {path} is not a file", option="metric")
+                raise QuantkitError(f"metric {spec!r}: {path} is not a file", option="metric")
             module_name = f"quantkit_user_metric_{abs(hash(str(path.resolve())))}"
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
             assert loader_spec is not None and loader_spec.loader is not None
@@ -432,10 +432,10 @@ def user_objective(spec: str) -> Objective:
     except QuantkitError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's module: any failure is bad input
-        raise QuantkitError(f"--metric {spec!r}: cannot load {where}: {type(exc).__name__}: {exc}", option="metric") from None
+        raise QuantkitError(f"metric {spec!r}: cannot load {where}: {type(exc).__name__}: {exc}", option="metric") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise QuantkitError(f"--metric {spec!r}: {where} has no function {attr}", option="metric")
+        raise QuantkitError(f"metric {spec!r}: {where} has no function {attr}", option="metric")
     return from_callable(fn, attr)
 
 

@@ -34,7 +34,7 @@ from quantkit.evaluation.metrics import OutputFidelity, fidelity
 from quantkit.evaluation.objectives import Objective, choose_objective, from_callable, objective
 from quantkit.evaluation.variants import CalibrationInput, build_variants, parse_variants
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import DataOptions, EvalOptions, RuntimeOptions, split_options
+from quantkit.options import DataOptions, EvalOptions, RuntimeOptions
 
 
 @dataclass
@@ -96,32 +96,27 @@ def evaluate(
     options: EvalOptions | None = None,
     *,
     data_options: DataOptions | None = None,
-    runtime: RuntimeOptions | str | None = None,
+    runtime: RuntimeOptions | None = None,
     calib: str | Path | None = None,
     ranges_path: str | Path | None = None,
     workdir: str | Path | None = None,
     quiet: bool = True,
-    **legacy: Any,
 ) -> EvalResult:
     """Evaluate every variant on ``data`` against FP32 (see the module docstring).
 
     ``data`` is what ``calibrate`` takes (a path, ``hf:NAME``, a dataset or an iterable of
-    ``{input_name: array}`` dicts). ``calib`` or ``ranges_path`` give int8 variants their ranges. The old keywords
-    (``variants=``, ``metrics=``, ``num_samples=``, ``runtime="ort-cpu"``, ...) still work.
+    ``{input_name: array}`` dicts). ``calib`` or ``ranges_path`` give int8 variants their ranges.
     """
-    runtime = RuntimeOptions(runtime) if isinstance(runtime, str) else runtime
-    options, data_options, runtime = split_options(
-        legacy, "evaluate", options or EvalOptions(), data_options or DataOptions(shuffle=False), runtime or RuntimeOptions()
-    )
+    options = options or EvalOptions()
+    data_options = data_options or DataOptions(shuffle=False)
+    runtime = runtime or RuntimeOptions()
     timer = StepTimer(quiet)
-    providers = list(runtime.providers or runtime_providers(runtime.runtime))
     info = model if isinstance(model, ModelInfo) else load_model(model)
     specs = parse_variants(options.variants, runtime.runtime)
     spec = data_options.preprocess or PreprocessSpec()
     params = {"conf": options.conf, "threshold": options.mask_threshold}
     # named metrics are checked before any work; "auto" is chosen once FP32's outputs are known
     chosen: list[Objective | str] = [m if m == "auto" else _objective(m, params) for m in options.metrics]
-
     with timer.step("load validation data"):
         source = open_source(
             data,
@@ -133,116 +128,152 @@ def evaluate(
             label_column=data_options.label_column,
         )
         val = list(batches(source, info, data_options.batch_size or 32, data_options.num_samples, source.description))
-    sample_labels = [label for b in val for label in b.labels]
-    labelled = options.labels and bool(sample_labels) and all(label is not None for label in sample_labels)
-    notes: list[str] = []
-    if data_options.label_column and not labelled:
-        raise QuantkitError(
-            f"{source.description} has no labels in {data_options.label_column!r}: name an existing label column, or leave it out",
-            option="label_column",
+    run = _Run(val, options, runtime, list(runtime.providers or runtime_providers(runtime.runtime)), params, chosen)
+    run.labels = _checked_labels(val, options, data_options, chosen, source.description)
+    run.tokens = token_positions([b.feeds for b in val])  # a transformer's real tokens: padding is left out of every metric
+    if run.tokens is not None:
+        run.notes.append(
+            f"padding left out: metrics count the {int(run.tokens.sum())} real tokens of the attention mask, of {run.tokens.size}"
         )
-    for m in chosen:
-        if isinstance(m, Objective) and m.needs_labels and not labelled:
-            raise QuantkitError(
-                f"the {m.name} metric needs labels, and {source.description} has "
-                + ("none" if options.labels else "them switched off")
-                + ": give labelled data, or leave --metric out (the default compares with FP32)",
-                option="metrics",
-            )
-
-    tokens = token_positions([b.feeds for b in val])  # a transformer's real tokens: padding is left out of every metric
-    if tokens is not None:
-        notes.append(f"padding left out: metrics count the {int(tokens.sum())} real tokens of the attention mask, of {tokens.size}")
     calibration = CalibrationInput(info, calib, ranges_path, spec, options.num_calib_samples, data_options.batch_size)
     with tempfile.TemporaryDirectory(prefix="quantkit-eval-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         with timer.step("build variants"):
             built = build_variants(info, specs, work, calibration)
-        reference: list[np.ndarray] | None = None
-        objectives: list[Objective] = []
-        labels_ = sample_labels if labelled else None
-        results: list[VariantResult] = []
-        timed: list[tuple[VariantResult, Any]] = []
         with timer.step("run variants"):
-            for spec_ in specs:
-                result = VariantResult(spec_.name)
-                results.append(result)
-                target = built[spec_.name]
-                if isinstance(target, str):
-                    result.error = target
-                    if spec_.kind == "fp32":
-                        raise QuantkitError(f"the FP32 baseline cannot be loaded: {target}")
-                    continue
-                result.size_bytes = Path(target).stat().st_size
-                if spec_.kind == "int8" and spec_.target == "tensorrt" and runtime.runtime != "tensorrt":
-                    result.notes.append(
-                        "TensorRT-format Q/DQ (symmetric int8): accuracy is what TensorRT computes; its CPU latency is not TensorRT's"
-                    )
-                try:
-                    # sessions stay alive to be timed in interleaved rounds: idle ones must not spin on the cores
-                    session = make_session(str(target), providers, spinning=False)
-                    outputs = [zero_padding(o, tokens) for o in _collect(val, session)]
-                except Exception as exc:  # noqa: BLE001 - recorded; the other variants still run
-                    result.error = f"does not run on {runtime.runtime}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
-                    if spec_.kind == "fp32":
-                        raise QuantkitError(
-                            f"the FP32 baseline does not run on the data: {result.error}; check the data and its preprocessing "
-                            "(nothing was written)"
-                        ) from None
-                    continue
-                names = [o.name for o in session.get_outputs()]
-                if spec_.kind == "fp32":
-                    reference = outputs
-                    check_slices(options.slices, names, outputs)
-                    objectives = [
-                        choose_objective([o.shape for o in outputs], labelled, outputs[0], **params) if m == "auto" else m for m in chosen
-                    ]
-                    objectives = [o for i, o in enumerate(objectives) if o.name not in {p.name for p in objectives[:i]}]
-                assert reference is not None  # fp32 runs first, and its failure raised above
-                for obj in objectives:
-                    try:
-                        measured = obj.measure(outputs, reference, labels_)
-                    except QuantkitError as exc:
-                        raise QuantkitError(
-                            f"metric {obj.name} does not fit the outputs of {spec_.name} (first output shape "
-                            f"{list(outputs[0].shape)}): {exc}; choose another --metric"
-                        ) from None
-                    result.metrics[obj.name] = measured.value
-                    result.noise[obj.name] = measured.noise()
-                    if spec_.kind == "fp32" and measured.warning():
-                        notes.append(f"{obj.name}: {measured.warning()}")
-                result.fidelity = [
-                    fidelity(n, r, o, _slices(options.slices, n, r, tokens)) for n, r, o in zip(names, reference, outputs, strict=True)
-                ]
-                result.collapsed = [c.line() for c in judge_outputs(names, reference, outputs) if c.problem]
-                timed.append((result, session))
-        if options.latency and timed:
+            results = [_run_variant(run, spec_, built[spec_.name]) for spec_ in specs]
+        if options.latency and run.timed:
             with timer.step("measure latency"):
-                measure_all(timed, val[0].feeds, options.throughput_batch)
+                measure_all(run.timed, val[0].feeds, options.throughput_batch)
+    calibrated = (
+        str(calib or ranges_path or "")
+        if not callable(getattr(calib, "__iter__", None)) or isinstance(calib, (str, Path))
+        else type(calib).__name__
+    )
     evaluation = EvalResult(
         model={"path": str(info.path), "sha256": info.sha256},
         runtime=runtime.runtime,
-        providers=providers,
+        providers=run.providers,
         hardware=hardware(),
         data={
             "path": str(data) if isinstance(data, (str, Path)) else source.description,
             "samples": sum(len(b) for b in val),
-            "calibration": str(calib or ranges_path or "")
-            if not callable(getattr(calib, "__iter__", None)) or isinstance(calib, (str, Path))
-            else type(calib).__name__,
+            "calibration": calibrated,
         },
-        metric_names=[o.name for o in objectives],
-        labelled=labelled,
+        metric_names=[o.name for o in run.objectives],
+        labelled=run.labels is not None,
         variants=results,
         max_drop=options.max_drop,
-        flags=notes,
+        flags=run.notes,
         timings=dict(timer.times),
-        objective=objectives[0].describe() if objectives else "",
-        units={o.name: o.unit for o in objectives},
+        objective=run.objectives[0].describe() if run.objectives else "",
+        units={o.name: o.unit for o in run.objectives},
     )
     evaluation.flags += flags_for(evaluation)
     return evaluation
+
+
+@dataclass
+class _Run:
+    """What every variant of one evaluation is measured with, and what FP32's run decided."""
+
+    val: list[Batch]
+    options: EvalOptions
+    runtime: RuntimeOptions
+    providers: list[str]
+    params: dict[str, float]
+    chosen: list[Objective | str]  # "auto" until FP32's outputs are known
+    labels: list[Any] | None = None  # per sample, where every sample has one and labels are used
+    tokens: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+    reference: list[np.ndarray] | None = None  # FP32's outputs
+    objectives: list[Objective] = field(default_factory=list)
+    timed: list[tuple[VariantResult, Any]] = field(default_factory=list)  # (result, live session) for latency
+
+
+def _checked_labels(
+    val: list[Batch], options: EvalOptions, data_options: DataOptions, chosen: list[Objective | str], description: str
+) -> list[Any] | None:
+    """The samples' labels when all have one (and labels are used); refuses a metric that needs missing labels."""
+    sample_labels = [label for b in val for label in b.labels]
+    labelled = options.labels and bool(sample_labels) and all(label is not None for label in sample_labels)
+    if data_options.label_column and not labelled:
+        raise QuantkitError(
+            f"{description} has no labels in {data_options.label_column!r}: name an existing label column, or leave it out",
+            option="label_column",
+        )
+    for m in chosen:
+        if isinstance(m, Objective) and m.needs_labels and not labelled:
+            raise QuantkitError(
+                f"the {m.name} metric needs labels, and {description} has "
+                + ("none" if options.labels else "them switched off")
+                + ": give labelled data, or leave the metric out (the default compares with FP32)",
+                option="metrics",
+            )
+    return sample_labels if labelled else None
+
+
+def _run_variant(run: _Run, spec: Any, target: str | Path) -> VariantResult:
+    """One variant's outputs on the validation data, measured against FP32's (which runs first)."""
+    result = VariantResult(spec.name)
+    if isinstance(target, str):
+        result.error = target
+        if spec.kind == "fp32":
+            raise QuantkitError(f"the FP32 baseline cannot be loaded: {target}")
+        return result
+    result.size_bytes = Path(target).stat().st_size
+    if spec.kind == "int8" and spec.target == "tensorrt" and run.runtime.runtime != "tensorrt":
+        result.notes.append("TensorRT-format Q/DQ (symmetric int8): accuracy is what TensorRT computes; its CPU latency is not TensorRT's")
+    try:
+        # sessions stay alive to be timed in interleaved rounds: idle ones must not spin on the cores
+        session = make_session(str(target), run.providers, spinning=False)
+        outputs = [zero_padding(o, run.tokens) for o in _collect(run.val, session)]
+    except Exception as exc:  # noqa: BLE001 - recorded; the other variants still run
+        result.error = f"does not run on {run.runtime.runtime}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
+        if spec.kind == "fp32":
+            raise QuantkitError(
+                f"the FP32 baseline does not run on the data: {result.error}; check the data and its preprocessing (nothing was written)"
+            ) from None
+        return result
+    names = [o.name for o in session.get_outputs()]
+    if spec.kind == "fp32":
+        _adopt_reference(run, names, outputs)
+    assert run.reference is not None  # fp32 runs first, and its failure raised above
+    _measure_objectives(run, spec, result, outputs)
+    result.fidelity = [
+        fidelity(n, r, o, _slices(run.options.slices, n, r, run.tokens)) for n, r, o in zip(names, run.reference, outputs, strict=True)
+    ]
+    result.collapsed = [c.line() for c in judge_outputs(names, run.reference, outputs) if c.problem]
+    run.timed.append((result, session))
+    return result
+
+
+def _adopt_reference(run: _Run, names: list[str], outputs: list[np.ndarray]) -> None:
+    """FP32's outputs become the reference, and "auto" metrics are chosen from them."""
+    run.reference = outputs
+    check_slices(run.options.slices, names, outputs)
+    labelled = run.labels is not None
+    objectives = [
+        choose_objective([o.shape for o in outputs], labelled, outputs[0], **run.params) if m == "auto" else m for m in run.chosen
+    ]
+    run.objectives = [o for i, o in enumerate(objectives) if o.name not in {p.name for p in objectives[:i]}]
+
+
+def _measure_objectives(run: _Run, spec: Any, result: VariantResult, outputs: list[np.ndarray]) -> None:
+    for obj in run.objectives:
+        try:
+            measured = obj.measure(outputs, run.reference, run.labels)
+        except QuantkitError as exc:
+            raise QuantkitError(
+                f"metric {obj.name} does not fit the outputs of {spec.name} (first output shape "
+                f"{list(outputs[0].shape)}): {exc}; choose another metric",
+                option="metrics",
+            ) from None
+        result.metrics[obj.name] = measured.value
+        result.noise[obj.name] = measured.noise()
+        if spec.kind == "fp32" and measured.warning():
+            run.notes.append(f"{obj.name}: {measured.warning()}")
 
 
 def _objective(metric: Any, params: dict[str, float]) -> Objective:

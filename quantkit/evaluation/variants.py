@@ -19,7 +19,7 @@ import onnx
 
 from quantkit._deps import install_hint, optional
 from quantkit.calibration.methods import METHOD_NAMES
-from quantkit.calibration.pipeline import calibrate
+from quantkit.calibration.pipeline import run_calibration
 from quantkit.data.batching import batches
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
@@ -29,6 +29,7 @@ from quantkit.export.int4 import quantize_int4_weights
 from quantkit.export.qdq import quantize_model
 from quantkit.export.smoothquant import smooth_model
 from quantkit.model import ModelInfo, load_model
+from quantkit.options import CalibrationOptions, DataOptions
 from quantkit.ranges import RangeSet
 
 MODELOPT_MISSING = f"nvidia-modelopt is not installed: {install_hint('modelopt')} to compare with ModelOpt"
@@ -99,22 +100,16 @@ class CalibrationInput:
             if self.ranges_path is not None:
                 self._ranges = RangeSet.load(self.ranges_path)
             elif self.calib is not None:
-                self._ranges = calibrate(
-                    self.model,
-                    self.calib,
-                    methods=self.methods,
-                    num_samples=self.num_samples,
-                    batch_size=self.batch_size,
-                    preprocess=self.preprocess,
-                ).ranges
+                data = DataOptions(preprocess=self.preprocess, num_samples=self.num_samples, batch_size=self.batch_size)
+                self._ranges = run_calibration(self.model, self.calib, CalibrationOptions(methods=self.methods), data_options=data).ranges
             else:
-                raise QuantkitError("int8 variants need calibration data (--calib) or --ranges")
+                raise QuantkitError("int8 variants need calibration data or ranges", option=("calib", "ranges"))
         return self._ranges
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The calibration samples as input name -> stacked array (ModelOpt's calibration_data)."""
         if self.calib is None:
-            raise QuantkitError("the modelopt variant needs calibration data (--calib)")
+            raise QuantkitError("the modelopt variant needs calibration data", option="calib")
         got = list(batches(open_source(self.calib, self.model, self.preprocess), self.model, self.batch_size or 32, self.num_samples))
         return {k: np.concatenate([b.feeds[k] for b in got]) for k in got[0].feeds}
 
@@ -157,16 +152,14 @@ def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path
 def _smoothquant_variant(model: ModelInfo, path: Path, method: str, calibration: CalibrationInput) -> Path:
     """SmoothQuant on the calibration data, then the smoothed model calibrated and quantized (TensorRT placement)."""
     if calibration.calib is None:
-        raise QuantkitError("the int8-sq variant needs calibration data (--calib): it smooths, then recalibrates")
+        raise QuantkitError("the int8-sq variant needs calibration data: it smooths, then recalibrates", option="calib")
     stream = batches(open_source(calibration.calib, model, calibration.preprocess, shuffle=False), model, calibration.batch_size or 16)
     smoothed, _ = smooth_model(model, stream)
     smoothed_path = path.with_suffix(".smoothed.onnx")
     onnx.save(smoothed, str(smoothed_path))
     info = load_model(smoothed_path)
-    ranges = calibrate(
-        info, calibration.calib, methods=method, num_samples=calibration.num_samples, batch_size=calibration.batch_size,
-        preprocess=calibration.preprocess,
-    ).ranges  # fmt: skip
+    data = DataOptions(preprocess=calibration.preprocess, num_samples=calibration.num_samples, batch_size=calibration.batch_size)
+    ranges = run_calibration(info, calibration.calib, CalibrationOptions(methods=method), data_options=data).ranges
     q, _ = quantize_model(info, ranges, method=method, target="tensorrt")
     onnx.save(q, str(path))
     return path

@@ -31,7 +31,6 @@ from quantkit.optypes import FLOAT32_ONLY_INPUTS, FP16_KEEP_FP32_OPS, QDQ_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 
-FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 #: activations and constants beyond this stay float32 (ModelOpt's AutoCast uses 512 for activations)
 FP16_SAFE_MAX = 8192.0
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)  # 2**-24: smaller non-zero values flush to zero
@@ -175,16 +174,7 @@ def convert_fp16(
     keep_op_types: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[onnx.ModelProto, Fp16Report]:
     """Return a float16 copy of ``model`` (FP32 where needed, see the module doc) and its report."""
-    src = onnx.ModelProto()
-    src.CopyFrom(model)
-    notes: list[str] = []
-    if _opset(src) < 19 and any(n.op_type == "DequantizeLinear" for n in src.graph.node):
-        try:  # float16 Q/DQ scales need opset 19
-            converted = onnx.version_converter.convert_version(src, 19)
-            onnx.checker.check_model(converted)
-            src, notes = converted, [f"converted from opset {_opset(model)} to 19 for float16 Q/DQ scales"]
-        except Exception as exc:  # noqa: BLE001 - the converter raises many types; Casts after DQ then stay
-            notes = [f"kept opset {_opset(model)} ({str(exc).splitlines()[0][:80]}): DequantizeLinear outputs are Cast to float16"]
+    src, notes = _float16_source(model)
     graph = src.graph
     for i, node in enumerate(graph.node):  # plans and reports key on node names
         if not node.name:
@@ -193,119 +183,14 @@ def convert_fp16(
         raise QuantkitError("the model already holds float16 weights; convert its FP32 original instead")
     types = _tensor_types(src)
     report = Fp16Report(notes=notes)
-    precisions = precisions or {}
-    initializers = {init.name: init for init in graph.initializer}
-    constants = constant_values(graph)
-    bad_constants = {name: why for name, values in constants.items() if (why := constant_problem(values))}
-    keep = DEFAULT_KEEP_FP32 | set(keep_op_types)
-    constant_outputs = set(constants)
-
-    # ---- decide each node's precision ------------------------------------------------------
-    fp16: set[str] = set()
-    for node in graph.node:
-        reason = ""
-        if precisions.get(node.name) == "fp32":
-            reason = "plan: fp32"
-        elif node.op_type in keep:
-            reason = f"{node.op_type} kept in float32" + (
-                " (may overflow float16)" if node.op_type.startswith("Reduce") or node.op_type == "CumSum" else ""
-            )
-        elif node.domain not in ("", "ai.onnx"):
-            reason = f"custom-domain op {node.domain}.{node.op_type}"
-        elif ranges is not None and any(_exceeds_fp16(ranges, t) for t in [*node.input, *node.output]):
-            reason = f"range exceeds float16's safe range ({FP16_SAFE_MAX:g})"
-        elif node.op_type == "Constant" and node.output and node.output[0] in bad_constants:
-            reason = bad_constants[node.output[0]]
-        else:
-            reason = next((bad_constants[name] for name in node.input if name in bad_constants), "")
-        if not reason and ranges is not None and node.op_type != "Constant":
-            for name in [*node.input, *node.output]:
-                if name and name not in constant_outputs and types.get(name, 0) == TensorProto.FLOAT and name not in ranges.tensors:
-                    if name not in report.unranged:
-                        report.unranged.append(name)
-        if reason:
-            report.kept_fp32[node.name] = reason
-        elif any(types.get(t, 0) in _FLOAT_TYPES for t in [*node.input, *node.output]) or node.op_type == "Constant":
-            fp16.add(node.name)
-
+    fp16 = _decide_fp16(graph, types, report, precisions or {}, ranges, DEFAULT_KEEP_FP32 | set(keep_op_types))
     if _opset(src) >= 19:
         report.qdq_fp16 = _qdq_follow_consumers(graph, fp16, report)
-
-    # ---- rewrite: initializers, Constant values, Cast targets, and Casts at boundaries -------
-    dtype_of: dict[str, int] = {}  # tensor -> its new float type (only float tensors)
-    for name, t in types.items():
-        if t == TensorProto.FLOAT:
-            dtype_of[name] = TensorProto.FLOAT
-    # initializers read only by fp16 nodes become float16; shared ones are cast where needed
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, slot))
-    for name, init in initializers.items():
-        if init.data_type != TensorProto.FLOAT:
-            continue
-        users = readers.get(name, [])
-        if users and all(n.name in fp16 and slot not in FLOAT32_ONLY_INPUTS.get(n.op_type, ()) for n, slot in users):
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), name))
-            dtype_of[name] = TensorProto.FLOAT16
-            report.initializers_converted += 1
-    # outputs of fp16 nodes become float16
-    for node in graph.node:
-        if node.name not in fp16:
-            continue
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
-                    attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
-        if node.op_type == "ConstantOfShape":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
-                    attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
-        if node.op_type == "Cast":
-            for attr in node.attribute:
-                if attr.name == "to" and attr.i == TensorProto.FLOAT:
-                    attr.i = TensorProto.FLOAT16
-        for out in node.output:
-            if dtype_of.get(out) == TensorProto.FLOAT or (node.op_type in ("Constant", "Cast", "ConstantOfShape") and out in dtype_of):
-                dtype_of[out] = TensorProto.FLOAT16
-        report.fp16_nodes.append(node.name)
-
-    casts: dict[tuple[str, int], str] = {}  # one Cast per (tensor, type), reused by later readers
-    body: list[onnx.NodeProto] = []
-
-    def cast(name: str, to: int) -> str:
-        key = (name, to)
-        if key not in casts:
-            suffix = "fp16" if to == TensorProto.FLOAT16 else "fp32"
-            out = f"{name}_cast_{suffix}"
-            body.append(helper.make_node("Cast", [name], [out], name=f"{name}_Cast_{suffix}", to=to))  # before its first reader
-            casts[key] = out
-            report.casts_inserted += 1
-        return casts[key]
-
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            have = dtype_of.get(name)
-            if have is None:
-                continue  # not a float tensor
-            want = TensorProto.FLOAT16 if node.name in fp16 and slot not in FLOAT32_ONLY_INPUTS.get(node.op_type, ()) else TensorProto.FLOAT
-            if node.op_type in ("Cast",) and node.name in fp16:
-                continue  # a Cast accepts any input type
-            if have != want:
-                node.input[slot] = cast(name, want)
-        body.append(node)
-    del graph.node[:]
-    graph.node.extend(body)
-
-    # graph inputs stay float32 (casts were added above); outputs are cast back to float32
-    for out in graph.output:
-        if dtype_of.get(out.name) == TensorProto.FLOAT16:
-            internal = f"{out.name}_fp16"
-            for node in graph.node:
-                node.output[:] = [internal if o == out.name else o for o in node.output]
-                node.input[:] = [internal if i == out.name else i for i in node.input]
-            graph.node.append(helper.make_node("Cast", [internal], [out.name], name=f"{out.name}_Cast_fp32", to=TensorProto.FLOAT))
-            report.casts_inserted += 1
+    dtype_of = {name: TensorProto.FLOAT for name, t in types.items() if t == TensorProto.FLOAT}  # tensor -> its new float type
+    _convert_initializers(graph, fp16, dtype_of, report)
+    _retype_nodes(graph, fp16, dtype_of, report)
+    _insert_casts(graph, fp16, dtype_of, report)
+    _cast_outputs_back(graph, dtype_of, report)
     # value_info is stale after retyping: drop it and let shape inference recompute it
     del graph.value_info[:]
     try:
@@ -314,3 +199,137 @@ def convert_fp16(
     except Exception as exc:  # noqa: BLE001 - inference and checker raise several types
         raise QuantkitError(f"internal error: the float16 model is not type-consistent: {str(exc).splitlines()[0]}") from None
     return out_model, report
+
+
+def _float16_source(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model``, at opset 19 where it holds Q/DQ (float16 scales need it) and can be converted."""
+    src = onnx.ModelProto()
+    src.CopyFrom(model)
+    if _opset(src) >= 19 or not any(n.op_type == "DequantizeLinear" for n in src.graph.node):
+        return src, []
+    try:
+        converted = onnx.version_converter.convert_version(src, 19)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types; Casts after DQ then stay
+        return src, [f"kept opset {_opset(model)} ({str(exc).splitlines()[0][:80]}): DequantizeLinear outputs are Cast to float16"]
+    return converted, [f"converted from opset {_opset(model)} to 19 for float16 Q/DQ scales"]
+
+
+def _keep_reason(
+    node: onnx.NodeProto, precisions: dict[str, str], ranges: RangeSet | None, keep: set[str], bad_constants: dict[str, str]
+) -> str:
+    """Why ``node`` stays float32 ("" when it may run in float16)."""
+    if precisions.get(node.name) == "fp32":
+        return "plan: fp32"
+    if node.op_type in keep:
+        overflow = node.op_type.startswith("Reduce") or node.op_type == "CumSum"
+        return f"{node.op_type} kept in float32" + (" (may overflow float16)" if overflow else "")
+    if node.domain not in ("", "ai.onnx"):
+        return f"custom-domain op {node.domain}.{node.op_type}"
+    if ranges is not None and any(_exceeds_fp16(ranges, t) for t in [*node.input, *node.output]):
+        return f"range exceeds float16's safe range ({FP16_SAFE_MAX:g})"
+    if node.op_type == "Constant" and node.output and node.output[0] in bad_constants:
+        return bad_constants[node.output[0]]
+    return next((bad_constants[name] for name in node.input if name in bad_constants), "")
+
+
+def _decide_fp16(
+    graph: onnx.GraphProto, types: dict[str, int], report: Fp16Report, precisions: dict[str, str], ranges: RangeSet | None, keep: set[str]
+) -> set[str]:
+    """The nodes that run in float16; the others' reasons go to ``report.kept_fp32``."""
+    constants = constant_values(graph)
+    bad_constants = {name: why for name, values in constants.items() if (why := constant_problem(values))}
+    fp16: set[str] = set()
+    for node in graph.node:
+        reason = _keep_reason(node, precisions, ranges, keep, bad_constants)
+        if not reason and ranges is not None and node.op_type != "Constant":
+            for name in [*node.input, *node.output]:
+                if name and name not in constants and types.get(name, 0) == TensorProto.FLOAT and name not in ranges.tensors:
+                    if name not in report.unranged:
+                        report.unranged.append(name)
+        if reason:
+            report.kept_fp32[node.name] = reason
+        elif any(types.get(t, 0) in _FLOAT_TYPES for t in [*node.input, *node.output]) or node.op_type == "Constant":
+            fp16.add(node.name)
+    return fp16
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, slot))
+    return readers
+
+
+def _wants_fp16(node: onnx.NodeProto, slot: int, fp16: set[str]) -> bool:
+    return node.name in fp16 and slot not in FLOAT32_ONLY_INPUTS.get(node.op_type, ())
+
+
+def _convert_initializers(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, int], report: Fp16Report) -> None:
+    """Initializers read only by fp16 nodes become float16; shared ones are cast where needed."""
+    readers = _readers(graph)
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        users = readers.get(init.name, [])
+        if users and all(_wants_fp16(n, slot, fp16) for n, slot in users):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+            dtype_of[init.name] = TensorProto.FLOAT16
+            report.initializers_converted += 1
+
+
+def _retype_attributes(node: onnx.NodeProto) -> None:
+    """A float16 node's own float32 values: Constant and ConstantOfShape values, a Cast's target."""
+    for attr in node.attribute:
+        if node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+        if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+            attr.i = TensorProto.FLOAT16
+
+
+def _retype_nodes(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, int], report: Fp16Report) -> None:
+    """The outputs of fp16 nodes become float16."""
+    for node in graph.node:
+        if node.name not in fp16:
+            continue
+        _retype_attributes(node)
+        for out in node.output:
+            if dtype_of.get(out) == TensorProto.FLOAT or (node.op_type in ("Constant", "Cast", "ConstantOfShape") and out in dtype_of):
+                dtype_of[out] = TensorProto.FLOAT16
+        report.fp16_nodes.append(node.name)
+
+
+def _insert_casts(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, int], report: Fp16Report) -> None:
+    """A Cast wherever a node reads a float tensor of the other type: one per (tensor, type), before its first reader."""
+    casts: dict[tuple[str, int], str] = {}
+    body: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            have = dtype_of.get(name)
+            if have is None or (node.op_type == "Cast" and node.name in fp16):
+                continue  # not a float tensor, or a Cast (which accepts any input type)
+            want = TensorProto.FLOAT16 if _wants_fp16(node, slot, fp16) else TensorProto.FLOAT
+            if have == want:
+                continue
+            if (name, want) not in casts:
+                suffix = "fp16" if want == TensorProto.FLOAT16 else "fp32"
+                casts[(name, want)] = f"{name}_cast_{suffix}"
+                body.append(helper.make_node("Cast", [name], [casts[(name, want)]], name=f"{name}_Cast_{suffix}", to=want))
+                report.casts_inserted += 1
+            node.input[slot] = casts[(name, want)]
+        body.append(node)
+    del graph.node[:]
+    graph.node.extend(body)
+
+
+def _cast_outputs_back(graph: onnx.GraphProto, dtype_of: dict[str, int], report: Fp16Report) -> None:
+    """Graph inputs stay float32 (the casts above read them); float16 outputs are cast back to float32."""
+    for out in graph.output:
+        if dtype_of.get(out.name) == TensorProto.FLOAT16:
+            internal = f"{out.name}_fp16"
+            for node in graph.node:
+                node.output[:] = [internal if o == out.name else o for o in node.output]
+                node.input[:] = [internal if i == out.name else i for i in node.input]
+            graph.node.append(helper.make_node("Cast", [internal], [out.name], name=f"{out.name}_Cast_fp32", to=TensorProto.FLOAT))
+            report.casts_inserted += 1

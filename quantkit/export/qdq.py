@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -37,17 +38,16 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from quantkit.errors import QuantkitError
+from quantkit.export.rules import FORMATS, TARGETS, NodePlan, OpRule, const_values, placement_rules
 from quantkit.graph.passes import fold_batchnorm, hardswish_as_gate
 from quantkit.model import ModelInfo, effective_outputs
-from quantkit.optypes import ALREADY_QUANTIZED_OPS, EPILOGUE_OPS, ORT_INT8_OPS, ORT_SAME_SCALE_OPS, WEIGHTED_OPS
+from quantkit.optypes import ALREADY_QUANTIZED_OPS, ORT_INT8_OPS
 from quantkit.plan import NodeFilter, PrecisionPlan
 from quantkit.ranges import RangeSet, TensorRange, amax_to_scale, ranges_from_scales
 
-TARGETS = ("tensorrt", "onnxruntime")
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis)
 FP8_OPSET = 19  # float8 types in QuantizeLinear/DequantizeLinear
 FP8_MAX = 448.0  # E4M3's largest finite value
-FORMATS = ("int8", "fp8")
 
 
 @dataclass
@@ -104,179 +104,6 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-@dataclass
-class _NodePlan:
-    activations: list[int] = field(default_factory=list)  # input slots that get activation Q/DQ
-    weights: list[tuple[int, int]] = field(default_factory=list)  # (input slot, per-channel axis)
-    constants: list[int] = field(default_factory=list)  # scalar constant slots, quantized per tensor (onnxruntime)
-
-
-def _const_values(tensor: gs.Tensor) -> np.ndarray | None:
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
-    return None
-
-
-def _static_dim(tensor: gs.Tensor, index: int) -> int | None:
-    shape = tensor.shape
-    if shape is None or len(shape) < abs(index):
-        return None
-    d = shape[index]
-    return d if isinstance(d, int) else None
-
-
-#: ops whose int8 kernels take a residual Add into their epilogue in TensorRT (Conv + Add [+ ReLU]).
-#: A transformer's MatMul/Gemm + residual Add is fused by Myelin, which keeps the residual stream in
-#: float: quantizing that Add's input only adds error (all-MiniLM-L6-v2, mse ranges: embedding cosine 0.980
-#: with it, 0.985 without, bench/encoder.py)
-RESIDUAL_FUSING_OPS = frozenset({"Conv", "ConvTranspose"})
-
-
-def _weighted_branch(tensor: gs.Tensor) -> bool:
-    """Whether ``tensor`` comes straight from a conv (through BN / a constant bias add), i.e.
-    TensorRT can fuse the consuming Add into that conv's epilogue."""
-    while len(tensor.inputs) == 1 and len(tensor.outputs) == 1:
-        producer = tensor.inputs[0]
-        if producer.op in RESIDUAL_FUSING_OPS:
-            return True
-        if producer.op in WEIGHTED_OPS:
-            return False
-        if producer.op in EPILOGUE_OPS or (producer.op == "Add" and any(_const_values(t) is not None for t in producer.inputs)):
-            tensor = next(t for t in producer.inputs if _const_values(t) is None)
-            continue
-        return False
-    return False
-
-
-def _conv_fed(tensor: gs.Tensor, limit: int = 16) -> bool:
-    """Whether a conv produces ``tensor`` through ops without weights (activations, BN, pools, gates,
-    Add/Mul), with no MatMul/Gemm closer on that path: an Add/Mul of a conv net, where onnxruntime's
-    QLinearAdd/QLinearMul pay, rather than of a transformer block (residual stream, GELU, mask
-    arithmetic), where int8 collapsed all-MiniLM-L6-v2 to -0.8 dB (bench/encoder.py)."""
-    frontier, seen = [tensor], set()
-    for _ in range(limit):
-        step = []
-        for t in frontier:
-            if id(t) in seen or not t.inputs:
-                continue
-            seen.add(id(t))
-            producer = t.inputs[0]
-            if producer.op in RESIDUAL_FUSING_OPS:
-                return True
-            if producer.op not in WEIGHTED_OPS:
-                step += [i for i in producer.inputs if _const_values(i) is None]
-        frontier = step
-    return False
-
-
-def _distances_back(tensor: gs.Tensor, limit: int = 256) -> dict[int, int]:
-    """Activations above ``tensor`` (by id, itself included) -> the fewest nodes between them and it."""
-    dist = {id(tensor): 0}
-    frontier, step = [tensor], 0
-    while frontier and step < limit:
-        step += 1
-        nxt = []
-        for t in frontier:
-            for producer in t.inputs:
-                for i in producer.inputs:
-                    if _const_values(i) is None and id(i) not in dist:
-                        dist[id(i)] = step
-                        nxt.append(i)
-        frontier = nxt
-    return dist
-
-
-def _shortcut_slot(add: gs.Node) -> int:
-    """Of an Add whose two inputs both come from convs, the shortcut's slot: the branch with fewer
-    nodes back to where the two branches fork (a projection conv, against the main path's stack)."""
-    a, b = (_distances_back(t) for t in add.inputs[:2])
-    common = set(a) & set(b)
-    if not common:
-        return 1
-    fork = min(common, key=lambda n: (a[n] + b[n], a[n]))
-    if a[fork] == b[fork]:
-        return 1
-    return 0 if a[fork] < b[fork] else 1
-
-
-def _plan_weighted(node: gs.Node) -> tuple[_NodePlan | None, str]:
-    """Slots of a Conv/ConvTranspose/Gemm/MatMul: activations per tensor, constants per channel."""
-    p = _NodePlan()
-    inputs = node.inputs
-    if node.op in ("Conv", "ConvTranspose"):
-        if _const_values(inputs[0]) is not None:
-            return None, "constant input"
-        if len(inputs) < 2 or _const_values(inputs[1]) is None:
-            return None, "weight is not a constant"
-        p.activations.append(0)
-        p.weights.append((1, 1 if node.op == "ConvTranspose" else 0))
-        return p, ""
-    if node.op == "Gemm":
-        if _const_values(inputs[0]) is not None:
-            return None, "constant input"
-        p.activations.append(0)
-        if _const_values(inputs[1]) is not None:
-            p.weights.append((1, 0 if node.attrs.get("transB", 0) else 1))
-        else:
-            p.activations.append(1)
-        return p, ""
-    # MatMul
-    a_const, b_const = _const_values(inputs[0]), _const_values(inputs[1])
-    if a_const is not None:
-        return None, "constant first input"
-    m, n = _static_dim(inputs[0], -2), (b_const.shape[-1] if b_const is not None and b_const.ndim >= 1 else _static_dim(inputs[1], -1))
-    if m == 1 or n == 1:
-        return None, "GEMV-shaped MatMul (M or N = 1)"
-    p.activations.append(0)
-    if b_const is not None:
-        if b_const.ndim < 2:
-            return None, "1-d weight"
-        p.weights.append((1, b_const.ndim - 1))
-    else:
-        p.activations.append(1)
-    return p, ""
-
-
-def _plan_node(node: gs.Node, target: str) -> tuple[_NodePlan | None, str]:
-    if node.op == "ConvTranspose" and target == "onnxruntime":
-        # no QDQ selector fuses it (onnxruntime 1.2x-1.3x): DQ -> ConvTranspose -> Q would run in
-        # float, with the weights dequantized at every run, and only add error
-        return None, "ConvTranspose (onnxruntime's CPU provider has no integer kernel for it)"
-    if node.op in WEIGHTED_OPS:
-        return _plan_weighted(node)
-    if target == "tensorrt":
-        if node.op == "Add" and len(node.inputs) == 2 and all(_const_values(t) is None for t in node.inputs):
-            a, b = (_weighted_branch(t) for t in node.inputs)
-            if a and b:  # both from convs: the main path's conv fuses, the shortcut's input is quantized
-                return _NodePlan(activations=[_shortcut_slot(node)]), ""
-            if a or b:
-                return _NodePlan(activations=[1 if a else 0]), ""
-            return None, "Add without a conv branch"
-        return None, ""
-    if node.op == "Resize":
-        mode = node.attrs.get("mode", "nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode != "nearest":  # onnxruntime 1.3x drops the pair only around a nearest Resize (checked on its optimized graph)
-            return None, f"Resize in {mode} mode (onnxruntime interpolates it in float)"
-        return _NodePlan(activations=[0]), ""  # X; roi, scales and sizes are shapes
-    if node.op in ORT_INT8_OPS:
-        slots = [i for i, t in enumerate(node.inputs) if _const_values(t) is None and t.name]
-        if node.op in ("Add", "Mul") and not any(_conv_fed(node.inputs[i]) for i in slots):
-            return None, f"{node.op} outside a conv net (transformer arithmetic stays float)"
-        if node.op in ("Add", "Mul") and len(slots) != 2:
-            scalars = [i for i, t in enumerate(node.inputs) if (v := _const_values(t)) is not None and v.size == 1]
-            if len(slots) == 1 and len(scalars) == 1 and len(node.inputs) == 2:
-                # x * a, x + b: QLinearMul/QLinearAdd with the scalar as a uint8 constant (exact: it
-                # maps to 0 or 255), as onnxruntime's own quantizer does
-                return _NodePlan(activations=slots, constants=scalars), ""
-            return None, f"{node.op} with a constant operand"
-        return _NodePlan(activations=slots), ""
-    return None, ""
-
-
 #: ops that pass a tensor through between the attention MatMuls and the Softmax
 _ATTENTION_PASS = {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Dropout", "Identity"}
 
@@ -287,7 +114,7 @@ def attention_matmuls(graph: gs.Graph) -> set[str]:
     found: set[str] = set()
 
     def two_activations(node: gs.Node) -> bool:
-        return node.op == "MatMul" and len(node.inputs) == 2 and all(_const_values(t) is None for t in node.inputs)
+        return node.op == "MatMul" and len(node.inputs) == 2 and all(const_values(t) is None for t in node.inputs)
 
     for softmax in (n for n in graph.nodes if n.op == "Softmax"):
         # back from the Softmax to the score MatMul, through scale, mask and layout ops
@@ -301,7 +128,7 @@ def attention_matmuls(graph: gs.Graph) -> set[str]:
                 if two_activations(producer):
                     found.add(producer.name)
                 elif producer.op in _ATTENTION_PASS:
-                    step += [t for t in producer.inputs if _const_values(t) is None]
+                    step += [t for t in producer.inputs if const_values(t) is None]
             frontier, steps = step, steps + 1
         # forward from the Softmax to the MatMul with V
         frontier, steps = list(softmax.outputs[0].outputs), 0
@@ -393,7 +220,7 @@ def _with_scalar_op_ranges(ranges: RangeSet, graph: gs.Graph) -> RangeSet:
     for node in graph.nodes:
         if node.op not in ("Add", "Mul") or len(node.inputs) != 2 or not node.outputs or node.outputs[0].name in tensors:
             continue
-        values = [_const_values(t) for t in node.inputs]
+        values = [const_values(t) for t in node.inputs]
         if sum(v is not None for v in values) != 1:
             continue
         k = next(v for v in values if v is not None)
@@ -418,7 +245,7 @@ def _reduces_last_axis(node: gs.Node) -> bool:
     """Whether a ReduceMean reduces only the last axis (its axes attribute, or input from opset 18)."""
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1:
-        axes = _const_values(node.inputs[1])
+        axes = const_values(node.inputs[1])
     if axes is None:
         return False
     axes = [int(a) for a in np.atleast_1d(np.asarray(axes))]
@@ -445,7 +272,7 @@ def layernorm_outputs(graph: gs.Graph) -> set[str]:
         out = node.outputs[0]
         for op in ("Mul", "Add"):  # gamma, then beta: constant operands, single consumer
             nxt = out.outputs[0] if len(out.outputs) == 1 else None
-            if nxt is not None and nxt.op == op and any(_const_values(t) is not None for t in nxt.inputs):
+            if nxt is not None and nxt.op == op and any(const_values(t) is not None for t in nxt.inputs):
                 out = nxt.outputs[0]
         found.add(out.name)
     return found
@@ -504,25 +331,82 @@ def quantize_model(
 ) -> tuple[onnx.ModelProto, QuantizeReport]:
     """Return a Q/DQ copy of ``model`` and the report of what was quantized and what was not.
 
+    A short sequence of passes over one ``_Placement``: prepare the graph, derive the ranges the
+    rewrites need, decide each node from the target's rules (``quantkit.export.rules``), share
+    scales where the runtime wants one, insert the Q/DQ pairs, requantize outputs (onnxruntime),
+    export.
+
     ``weight_bits``: 8, or 7 (weights in [-63, 63]). The default is the target's
     (``default_weight_bits``): 7 for onnxruntime, whose u8 x s8 CPU kernels sum pairs of products
     into int16 on CPUs without VNNI (AVX2), which saturates for 8-bit weights (255 * 127 * 2 >
     32767; on an AVX2 EPYC the demo's INT8 fell from 32 to 13 dB SQNR). 8 for TensorRT.
     """
-    if fmt not in FORMATS:
-        raise QuantkitError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", option="format")
-    if fmt == "fp8" and target != "tensorrt":
-        raise QuantkitError("fp8 is a TensorRT format (Hopper and later GPUs): use --target tensorrt", option="format")
-    weight_bits = default_weight_bits(target) if weight_bits is None else weight_bits
-    if weight_bits not in (7, 8):
-        raise QuantkitError(f"weight_bits must be 7 or 8, got {weight_bits!r}", option="weight_bits")
-    levels = (1 << (weight_bits - 1)) - 1
-    if target not in TARGETS:
-        raise QuantkitError(f"unknown --target '{target}'; choose tensorrt or onnxruntime")
+    weight_bits = _checked_weight_bits(fmt, target, weight_bits)
     method = ranges.method_name(method)
     _check_not_quantized(model.proto if isinstance(model, ModelInfo) else model)
     if check_hash and isinstance(model, ModelInfo):
         ranges.check_model(model.path, model.sha256)
+    p = _prepare(model, ranges, method, plan, target, fmt, weight_bits)
+    p.filters, p.quantize_attention = filters, quantize_attention
+    _decide(p)
+    _check_missing(p, allow_missing)
+    _share_scales(p)
+    _insert_qdq(p)
+    if target == "onnxruntime":
+        _requantize_outputs(p)
+        _rewrite_hardsigmoids(p)
+    return _export(p), p.report
+
+
+def _checked_weight_bits(fmt: str, target: str, weight_bits: int | None) -> int:
+    if fmt not in FORMATS:
+        raise QuantkitError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", option="format")
+    if fmt == "fp8" and target != "tensorrt":
+        raise QuantkitError("fp8 is a TensorRT format (Hopper and later GPUs): use target tensorrt", option="format")
+    weight_bits = default_weight_bits(target) if weight_bits is None else weight_bits
+    if weight_bits not in (7, 8):
+        raise QuantkitError(f"weight_bits must be 7 or 8, got {weight_bits!r}", option="weight_bits")
+    if target not in TARGETS:
+        raise QuantkitError(f"unknown target '{target}'; choose tensorrt or onnxruntime", option="target")
+    return weight_bits
+
+
+@dataclass
+class _Placement:
+    """What the passes of ``quantize_model`` share: the graph being rewritten and the decisions so far."""
+
+    proto: onnx.ModelProto  # the prepared source (named nodes, opset raised)
+    graph: gs.Graph
+    ranges: RangeSet
+    method: str
+    target: str
+    fmt: str
+    levels: int  # largest weight level (127, or 63 for 7-bit weights)
+    report: QuantizeReport
+    plan: PrecisionPlan | None
+    effective_output: dict[str, str]  # node -> the tensor its int8 kernel would requantize
+    rules: Mapping[str, OpRule]
+    filters: NodeFilter | None = None
+    quantize_attention: bool = False
+    plans: dict[str, NodePlan] = field(default_factory=dict)  # node -> its Q/DQ slots
+    range_of: dict[str, str] = field(default_factory=dict)  # tensor -> the tensor whose range it takes
+    act_dq: dict[str, gs.Variable] = field(default_factory=dict)
+    weight_dq: dict[tuple[str, int], gs.Variable] = field(default_factory=dict)
+
+    @property
+    def qtype(self) -> np.dtype:
+        if self.fmt == "fp8":
+            return np.dtype(ml_dtypes.float8_e4m3fn)
+        return np.dtype(np.int8) if self.target == "tensorrt" else np.dtype(np.uint8)
+
+    def precision(self, node: str) -> str:
+        return self.plan.precision_of(node) if self.plan else "int8"
+
+
+def _prepare(
+    model: ModelInfo | onnx.ModelProto, ranges: RangeSet, method: str, plan: PrecisionPlan | None, target: str, fmt: str, weight_bits: int
+) -> _Placement:
+    """The graph to rewrite (named, opset raised, BN folded for onnxruntime, constants folded) and the ranges its rewrites need."""
     proto, converted = prepare_model(model, FP8_OPSET if fmt == "fp8" else MIN_OPSET)
     report = QuantizeReport(target=target, method=method, opset_converted_from=converted, weight_bits=weight_bits, format=fmt)
     if plan is not None:  # validate against the model's own node names, before any folding
@@ -533,200 +417,234 @@ def quantize_model(
     effective_output = {n.name: effective[n.output[0]] for n in proto.graph.node if n.output and n.output[0] in effective}
     if target == "onnxruntime":
         proto, report.folded_batchnorms = fold_batchnorm(proto)
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    graph = gs.import_onnx(inferred)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(proto, strict_mode=False))
     # weights computed from constants (a reshaped bias, a transposed MatMul weight) become
     # plain constants, so they are quantized per channel and never mistaken for activations
     graph.fold_constants(error_ok=True).cleanup()
     if target == "onnxruntime":
         ranges = _with_scalar_op_ranges(_with_gate_ranges(ranges, hardswish_as_gate(graph)), graph)
     ranges, report.layernorm_maxima = _with_layernorm_maxima(ranges, graph, method)
-    precisions = {n.name: plan.precision_of(n.name) if plan else "int8" for n in graph.nodes}
-    attention = set() if quantize_attention else attention_matmuls(graph)
-    attention_reason = (
-        "attention core (TensorRT's MHA kernels choose its precision; --quantize-attention)"
-        if target == "tensorrt"
-        else "attention core (int8 scores and probabilities cost accuracy, little time; --quantize-attention)"
-    )
+    levels = (1 << (weight_bits - 1)) - 1
+    return _Placement(proto, graph, ranges, method, target, fmt, levels, report, plan, effective_output, placement_rules(target, fmt))
 
-    # ---- pass 1: decide, per node, which inputs get Q/DQ -----------------------------------
-    plans: dict[str, _NodePlan] = {}
+
+def _attention_reason(target: str) -> str:
+    if target == "tensorrt":
+        return "attention core (TensorRT's MHA kernels choose its precision; --quantize-attention)"
+    return "attention core (int8 scores and probabilities cost accuracy, little time; --quantize-attention)"
+
+
+def _decide(p: _Placement) -> None:
+    """Pass 1: each node's Q/DQ slots from its rule, or why it stays float (in ``report.kept_float``)."""
     float_ops: Counter[str] = Counter()
-    output_names = {t.name for t in graph.outputs}
-    for node in graph.nodes:
-        node_plan, reason = _plan_node(node, target)
+    attention = set() if p.quantize_attention else attention_matmuls(p.graph)
+    output_names = {t.name for t in p.graph.outputs}
+    for node in p.graph.nodes:
+        rule = p.rules.get(node.op)
+        node_plan, reason = rule.plan(node) if rule is not None else (None, "")
         if node_plan is None:
             if reason:
-                report.kept_float[node.name] = reason
-            elif node.op not in ("Constant",):
+                p.report.kept_float[node.name] = reason
+            elif node.op != "Constant":
                 float_ops[node.op] += 1
             continue
-        if precisions[node.name] != "int8":
-            report.kept_float[node.name] = f"plan: {precisions[node.name]}"
+        reason = _refusal(p, node, node_plan, node.name in attention, output_names)
+        if reason:
+            p.report.kept_float[node.name] = reason
             continue
-        named = plan is not None and plan.names(node.name)  # the plan wins where it speaks
-        if not named and node.name in attention:
-            report.kept_float[node.name] = attention_reason
-            continue
-        if not named and target == "onnxruntime" and node.op == "Gemm" and effective_output.get(node.name) in output_names:
-            # graph outputs stay float, and without a Q after it onnxruntime runs DQ -> Gemm in float,
-            # dequantizing the weights at every run: int8 would only add error and time
-            report.kept_float[node.name] = "Gemm writing a graph output (onnxruntime runs it in float without a Q after it)"
-            continue
-        refusal = filters.refusal(node.name, node.op) if filters is not None and not named else ""
-        if refusal:
-            report.kept_float[node.name] = refusal
-            continue
-        if any(node.inputs[i].dtype not in (None, np.float32) for i in node_plan.activations):
-            report.kept_float[node.name] = "activation is not float32"
-            continue
-        missing = [node.inputs[i].name for i in node_plan.activations if node.inputs[i].name not in ranges.tensors]
-        if missing and node_plan.constants:  # an x * a or x + b whose x has no range: float, as before it had a plan
-            report.kept_float[node.name] = f"{node.op} with a constant operand, no range for its input"
-            continue
-        if missing:
-            report.missing_ranges += [m for m in missing if m not in report.missing_ranges]
-            report.kept_float[node.name] = "no range for an input"
-            continue
-        plans[node.name] = node_plan
-    report.float_op_counts = dict(float_ops)
-    if report.missing_ranges and not allow_missing:
-        shown = ", ".join(report.missing_ranges[:8]) + (" ..." if len(report.missing_ranges) > 8 else "")
+        p.plans[node.name] = node_plan
+    p.report.float_op_counts = dict(float_ops)
+
+
+def _refusal(p: _Placement, node: gs.Node, node_plan: NodePlan, in_attention: bool, output_names: set[str]) -> str:
+    """Why a node that its rule would quantize stays float: the plan, the attention core, a graph
+    output's Gemm (onnxruntime), the node filters, a non-float input, a missing range; else ""."""
+    if p.precision(node.name) != "int8":
+        return f"plan: {p.precision(node.name)}"
+    named = p.plan is not None and p.plan.names(node.name)  # the plan wins where it speaks
+    if not named and in_attention:
+        return _attention_reason(p.target)
+    if not named and p.target == "onnxruntime" and node.op == "Gemm" and p.effective_output.get(node.name) in output_names:
+        # graph outputs stay float, and without a Q after it onnxruntime runs DQ -> Gemm in float,
+        # dequantizing the weights at every run: int8 would only add error and time
+        return "Gemm writing a graph output (onnxruntime runs it in float without a Q after it)"
+    refusal = p.filters.refusal(node.name, node.op) if p.filters is not None and not named else ""
+    if refusal:
+        return refusal
+    if any(node.inputs[i].dtype not in (None, np.float32) for i in node_plan.activations):
+        return "activation is not float32"
+    missing = [node.inputs[i].name for i in node_plan.activations if node.inputs[i].name not in p.ranges.tensors]
+    if missing and node_plan.constants:  # an x * a or x + b whose x has no range: float, as before it had a plan
+        return f"{node.op} with a constant operand, no range for its input"
+    if missing:
+        p.report.missing_ranges += [m for m in missing if m not in p.report.missing_ranges]
+        return "no range for an input"
+    return ""
+
+
+def _check_missing(p: _Placement, allow_missing: bool) -> None:
+    missing = p.report.missing_ranges
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise QuantkitError(
-            f"the ranges have no entry for {len(report.missing_ranges)} tensor(s) that the placement needs: {shown}; "
-            "recalibrate (with --all-tensors if needed) or pass --allow-missing to leave those ops in float"
+            f"the ranges have no entry for {len(missing)} tensor(s) that the placement needs: {shown}; "
+            "recalibrate (with all_tensors if needed) or allow missing ranges to leave those ops in float",
+            option="allow_missing",
         )
 
-    # TensorRT: the inputs of a Concat whose output is quantized share the output's scale, also
-    # where an input is quantized for another reader, so TensorRT never requantizes at the Concat
-    range_of: dict[str, str] = {}
-    if target == "tensorrt":
-        quantized_tensors = {n.inputs[slot].name for n in graph.nodes if n.name in plans for slot in plans[n.name].activations}
-        for node in graph.nodes:
-            if node.op == "Concat" and node.outputs and node.outputs[0].name in quantized_tensors:
+
+def _share_scales(p: _Placement) -> None:
+    """Tensors that take another tensor's range, so the runtime never requantizes between them.
+
+    TensorRT: the inputs of a Concat whose output is quantized share the output's scale, also
+    where an input is quantized for another reader. onnxruntime: an op of a ``same_scale`` rule
+    (MaxPool, nearest Resize) runs in int8 only when its output has its input's scale (the
+    selector drops the pair); neither leaves its input's range, so nothing clips.
+    """
+    if p.target == "tensorrt":
+        quantized = {n.inputs[slot].name for n in p.graph.nodes if n.name in p.plans for slot in p.plans[n.name].activations}
+        for node in p.graph.nodes:
+            if node.op == "Concat" and node.outputs and node.outputs[0].name in quantized:
                 for inp in node.inputs:
-                    if inp.name in quantized_tensors and inp.name != node.outputs[0].name:
-                        range_of[inp.name] = node.outputs[0].name
+                    if inp.name in quantized and inp.name != node.outputs[0].name:
+                        p.range_of[inp.name] = node.outputs[0].name
+        return
+    for node in p.graph.nodes:
+        rule = p.rules.get(node.op)
+        if rule is not None and rule.same_scale and node.name in p.plans and node.outputs:
+            out_name = node.outputs[0].name
+            if p.effective_output.get(node.name) == out_name:
+                p.range_of[out_name] = node.inputs[0].name
 
-    # onnxruntime: a MaxPool runs in int8 only when its output is quantized with its input's scale
-    # (the selector drops the pair); max() never leaves the input's range, so nothing clips
-    if target == "onnxruntime":
-        for node in graph.nodes:
-            if node.op in ORT_SAME_SCALE_OPS and node.name in plans and node.outputs:
-                out_name = node.outputs[0].name
-                if effective_output.get(node.name) == out_name:
-                    range_of[out_name] = node.inputs[0].name
 
-    # ---- pass 2: insert Q/DQ pairs and int8 weights ----------------------------------------
-    act_dq: dict[str, gs.Variable] = {}
-    weight_dq: dict[tuple[str, int], gs.Variable] = {}
-    qtype = np.dtype(ml_dtypes.float8_e4m3fn) if fmt == "fp8" else np.int8 if target == "tensorrt" else np.uint8
+def _activation_dq(p: _Placement, tensor: gs.Variable) -> gs.Variable:
+    """The dequantized copy of an activation (one Q/DQ pair per tensor, shared by its readers)."""
+    if tensor.name in p.act_dq:
+        return p.act_dq[tensor.name]
+    source = p.range_of.get(tensor.name, tensor.name)
+    if p.fmt == "fp8":  # E4M3: amax maps to 448, its largest finite value
+        scale, zp = fp8_scale(p.ranges.tensors[source].amax[p.method]), 0
+    else:
+        scale, zp = _activation_params(p.ranges, source, p.method, p.target)
+    p.report.activation_params[tensor.name] = (scale, zp)
+    s = gs.Constant(f"{tensor.name}_scale", np.array(scale, dtype=np.float32))
+    z = gs.Constant(f"{tensor.name}_zero_point", np.array(zp, dtype=p.qtype))
+    q = gs.Variable(f"{tensor.name}_quantized", dtype=p.qtype, shape=tensor.shape)
+    dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=tensor.shape)
+    p.graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", inputs=[tensor, s, z], outputs=[q]))
+    p.graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[q, s, z], outputs=[dq]))
+    p.act_dq[tensor.name] = dq
+    return dq
 
-    def activation(tensor: gs.Variable) -> gs.Variable:
-        if tensor.name not in act_dq:
-            source = range_of.get(tensor.name, tensor.name)
-            if fmt == "fp8":  # E4M3: amax maps to 448, its largest finite value
-                scale, zp = fp8_scale(ranges.tensors[source].amax[method]), 0
-            else:
-                scale, zp = _activation_params(ranges, source, method, target)
-            report.activation_params[tensor.name] = (scale, zp)
-            s = gs.Constant(f"{tensor.name}_scale", np.array(scale, dtype=np.float32))
-            z = gs.Constant(f"{tensor.name}_zero_point", np.array(zp, dtype=qtype))
-            q = gs.Variable(f"{tensor.name}_quantized", dtype=qtype, shape=tensor.shape)
-            dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=tensor.shape)
-            graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", inputs=[tensor, s, z], outputs=[q]))
-            graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[q, s, z], outputs=[dq]))
-            act_dq[tensor.name] = dq
-        return act_dq[tensor.name]
 
-    def weight(tensor: gs.Tensor, axis: int) -> gs.Variable:
-        key = (tensor.name, axis)
-        if key not in weight_dq:
-            w = np.asarray(_const_values(tensor), dtype=np.float32)
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            if fmt == "fp8":
-                scales = per_channel_scales(w, axis, 1) / np.float32(FP8_MAX)  # max|w| per channel maps to 448
-                q = fp8_values(w / scales.reshape(shape))
-            else:
-                scales = per_channel_scales(w, axis, levels)
-                q = np.clip(np.round(w / scales.reshape(shape)), -levels, levels).astype(np.int8)
-            report.weight_scales[tensor.name] = scales
-            qc = gs.Constant(f"{tensor.name}_quantized", q)
-            s = gs.Constant(f"{tensor.name}_scale", scales)
-            z = gs.Constant(f"{tensor.name}_zero_point", np.zeros(scales.shape, dtype=qtype if fmt == "fp8" else np.int8))
-            dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=list(w.shape))
-            graph.nodes.append(
-                gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq], attrs={"axis": axis})
-            )
-            weight_dq[key] = dq
-        return weight_dq[key]
+def _weight_dq(p: _Placement, tensor: gs.Tensor, axis: int) -> gs.Variable:
+    """A constant weight as DequantizeLinear of its per-channel int8 (or E4M3) values."""
+    key = (tensor.name, axis)
+    if key in p.weight_dq:
+        return p.weight_dq[key]
+    w = np.asarray(const_values(tensor), dtype=np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    if p.fmt == "fp8":
+        scales = per_channel_scales(w, axis, 1) / np.float32(FP8_MAX)  # max|w| per channel maps to 448
+        q = fp8_values(w / scales.reshape(shape))
+    else:
+        scales = per_channel_scales(w, axis, p.levels)
+        q = np.clip(np.round(w / scales.reshape(shape)), -p.levels, p.levels).astype(np.int8)
+    p.report.weight_scales[tensor.name] = scales
+    qc = gs.Constant(f"{tensor.name}_quantized", q)
+    s = gs.Constant(f"{tensor.name}_scale", scales)
+    z = gs.Constant(f"{tensor.name}_zero_point", np.zeros(scales.shape, dtype=p.qtype if p.fmt == "fp8" else np.int8))
+    dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=list(w.shape))
+    p.graph.nodes.append(
+        gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq], attrs={"axis": axis})
+    )
+    p.weight_dq[key] = dq
+    return dq
 
-    for node in list(graph.nodes):
-        node_plan = plans.get(node.name)
+
+def _insert_qdq(p: _Placement) -> None:
+    """Pass 2: Q/DQ pairs on the planned activation slots, int8 weights, exact uint8 scalars."""
+    for node in list(p.graph.nodes):
+        node_plan = p.plans.get(node.name)
         if node_plan is None:
             continue
         for slot in node_plan.activations:
-            node.inputs[slot] = activation(node.inputs[slot])
+            node.inputs[slot] = _activation_dq(p, node.inputs[slot])
         for slot, axis in node_plan.weights:
-            node.inputs[slot] = weight(node.inputs[slot], axis)
+            node.inputs[slot] = _weight_dq(p, node.inputs[slot], axis)
         for slot in node_plan.constants:
-            node.inputs[slot] = _uint8_scalar(graph, node.inputs[slot])
-        report.int8_nodes.append(node.name)
+            node.inputs[slot] = _uint8_scalar(p.graph, node.inputs[slot])
+        p.report.int8_nodes.append(node.name)
 
-    if target == "onnxruntime":
-        # onnxruntime runs an op as an integer kernel only when a QuantizeLinear reads its output:
-        # quantize each int8 op's effective output, for every consumer (except plan-excluded ones).
-        # Graph outputs stay float (users read them; a detector's concatenated boxes and scores
-        # would share one scale), and so does a Concat read by any float op, for the same reason.
-        tensors = graph.tensors()
-        int8 = set(report.int8_nodes)
-        for node in [n for n in graph.nodes if n.name in int8]:
-            name = effective_output.get(node.name)
-            if name is None or name not in tensors or tensors[name] in graph.outputs:
-                continue
-            if name not in ranges.tensors:
-                report.kept_float.setdefault(f"{node.name} (output)", "no range for the output")
-                continue
-            tensor = tensors[name]
-            readers = [c for c in tensor.outputs if c.op != "QuantizeLinear" and precisions.get(c.name, "int8") == "int8"]
-            if not readers or (node.op == "Concat" and any(c.name not in int8 for c in readers)):
-                continue
-            batched = node.op == "MatMul" and node.inputs[0].shape is not None and len(node.inputs[0].shape) >= 3
-            if batched and not any(c.name in int8 for c in readers):
-                # without a Q after it, onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat:
-                # quantizing an output that only float ops read adds error and saves nothing (a
-                # transformer's projections, read by bias Adds and Reshapes). A Gemm needs its Q, and
-                # so does a 2-D MatMul, which onnxruntime first fuses with its bias Add into a Gemm:
-                # DQ -> Gemm -> Q becomes QGemm, DQ -> Gemm stays float (PP-OCR's classifier head)
-                continue
-            dq = activation(tensor)
-            for reader in readers:
-                for slot, inp in enumerate(reader.inputs):
-                    if inp is tensor:
-                        reader.inputs[slot] = dq
 
-        report.hardsigmoids_as_add = _hardsigmoids_as_add(graph)
-        left = report.float_op_counts.get("HardSigmoid", 0) - len(report.hardsigmoids_as_add)
-        report.float_op_counts = {op: n for op, n in {**report.float_op_counts, "HardSigmoid": left}.items() if n > 0}
+def _output_readers(p: _Placement, node: gs.Node, tensors: dict[str, gs.Tensor], int8: set[str]) -> tuple[gs.Tensor, list[gs.Node]] | None:
+    """The effective output of an int8 node that needs a Q (onnxruntime), and the readers that take it."""
+    name = p.effective_output.get(node.name)
+    if name is None or name not in tensors or tensors[name] in p.graph.outputs:
+        return None
+    if name not in p.ranges.tensors:
+        p.report.kept_float.setdefault(f"{node.name} (output)", "no range for the output")
+        return None
+    tensor = tensors[name]
+    readers = [c for c in tensor.outputs if c.op != "QuantizeLinear" and p.precision(c.name) == "int8"]
+    if not readers or (node.op == "Concat" and any(c.name not in int8 for c in readers)):
+        return None
+    batched = node.op == "MatMul" and node.inputs[0].shape is not None and len(node.inputs[0].shape) >= 3
+    if batched and not any(c.name in int8 for c in readers):
+        # without a Q after it, onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat:
+        # quantizing an output that only float ops read adds error and saves nothing (a
+        # transformer's projections, read by bias Adds and Reshapes). A Gemm needs its Q, and
+        # so does a 2-D MatMul, which onnxruntime first fuses with its bias Add into a Gemm:
+        # DQ -> Gemm -> Q becomes QGemm, DQ -> Gemm stays float (PP-OCR's classifier head)
+        return None
+    return tensor, readers
 
-    graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = proto.ir_version
+
+def _requantize_outputs(p: _Placement) -> None:
+    """onnxruntime runs an op as an integer kernel only when a QuantizeLinear reads its output:
+    quantize each ``output_q`` op's effective output, for every consumer (except plan-excluded
+    ones). Graph outputs stay float (users read them; a detector's concatenated boxes and scores
+    would share one scale), and so does a Concat read by any float op, for the same reason."""
+    tensors = p.graph.tensors()
+    int8 = set(p.report.int8_nodes)
+    for node in [n for n in p.graph.nodes if n.name in int8 and p.rules[n.op].output_q]:
+        found = _output_readers(p, node, tensors, int8)
+        if found is None:
+            continue
+        tensor, readers = found
+        dq = _activation_dq(p, tensor)
+        for reader in readers:
+            for slot, inp in enumerate(reader.inputs):
+                if inp is tensor:
+                    reader.inputs[slot] = dq
+
+
+def _rewrite_hardsigmoids(p: _Placement) -> None:
+    p.report.hardsigmoids_as_add = _hardsigmoids_as_add(p.graph)
+    counts = p.report.float_op_counts
+    left = counts.get("HardSigmoid", 0) - len(p.report.hardsigmoids_as_add)
+    p.report.float_op_counts = {op: n for op, n in {**counts, "HardSigmoid": left}.items() if n > 0}
+
+
+def _export(p: _Placement) -> onnx.ModelProto:
+    p.graph.cleanup().toposort()
+    out = gs.export_onnx(p.graph)
+    out.ir_version = p.proto.ir_version
     del out.opset_import[:]
-    out.opset_import.extend(proto.opset_import)
-    record_quantization(out, proto, {"format": fmt, "target": target, "method": method})
+    out.opset_import.extend(p.proto.opset_import)
+    record_quantization(out, p.proto, {"format": p.fmt, "target": p.target, "method": p.method})
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as exc:  # pragma: no cover - would be a quantkit bug
         raise QuantkitError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    return out, report
+    return out
 
 
 def _uint8_scalar(graph: gs.Graph, tensor: gs.Tensor) -> gs.Variable:
     """A scalar constant as DequantizeLinear of a uint8 constant, added to ``graph``: exact, since
     the value maps to 0 or 255 (as onnxruntime's own quantizer writes it)."""
-    c = float(np.asarray(_const_values(tensor)).reshape(()))
+    c = float(np.asarray(const_values(tensor)).reshape(()))
     scale, zp = _uint8_params(min(0.0, c), max(0.0, c))
     q = np.array(np.clip(np.round(c / scale) + zp, 0, 255), dtype=np.uint8)
     qc = gs.Constant(f"{tensor.name}_{len(graph.nodes)}_quantized", q)
@@ -737,7 +655,7 @@ def _uint8_scalar(graph: gs.Graph, tensor: gs.Tensor) -> gs.Variable:
 
 
 def _scalar_param(tensor: gs.Tensor) -> float | None:
-    v = _const_values(tensor)
+    v = const_values(tensor)
     return float(v.reshape(())) if v is not None and v.size == 1 else None
 
 

@@ -204,62 +204,27 @@ def smooth_model(model: ModelInfo, batches: Iterable[Any], alpha: float | str = 
     report = SmoothReport(alpha)
     new_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (inserted Mul, the node it goes before)
     for act, matmuls in groups.items():
-        # other readers (a post-LN transformer's residual Add) need the original X: the MatMuls then
-        # read X/s through an inserted Mul, and the producer keeps its constants
-        shared = {id(r) for r in readers.get(act, [])} != {id(m) for m in matmuls}
-        kn = []  # each MatMul's weight as [K, N]
-        for m in matmuls:
-            w = consts[m.input[1]]
-            transposed = any(a.name == "transB" and a.i for a in m.attribute)
-            kn.append(w.T if transposed else w)
+        kn = [_as_kn(consts[m.input[1]], m) for m in matmuls]  # each MatMul's weight as [K, N]
         w_max = np.max([np.abs(w).max(axis=1) for w in kn], axis=0).astype(np.float64)
         x_max = stats.get(act)
         if x_max is None or x_max.shape != w_max.shape:
             continue
-        rows = samples.get(act)
-        plain = int8_matmul_error(rows, x_max, kn, None) if rows is not None else (float("nan"), float("nan"))
-        if alpha == "auto":
-            if rows is None:
-                continue
-            tried = {a: int8_matmul_error(rows, x_max, kn, smoothing_scale(x_max, w_max, a)) for a in ALPHA_GRID}
-            best = min(tried, key=lambda a: tried[a][0])
-            if tried[best][0] >= plain[0]:
-                report.chosen_alpha[act] = None
-                report.matmul_sqnr[act] = (_sqnr(*plain), _sqnr(*plain))
-                continue
-            chosen, after_err = best, tried[best]
-        else:
-            chosen = alpha
-            after_err = int8_matmul_error(rows, x_max, kn, smoothing_scale(x_max, w_max, alpha)) if rows is not None else plain
-        s = smoothing_scale(x_max, w_max, chosen)
-        report.chosen_alpha[act] = chosen
-        report.matmul_sqnr[act] = (_sqnr(*plain), _sqnr(*after_err))
+        s = _chosen_scale(report, act, samples.get(act), x_max, w_max, kn, alpha)
+        if s is None:
+            continue
+        _scale_weights(proto, matmuls, s, consts, inits, readers)
+        # other readers (a post-LN transformer's residual Add) need the original X: the MatMuls then
+        # read X/s through an inserted Mul, and the producer keeps its constants
+        shared = {id(r) for r in readers.get(act, [])} != {id(m) for m in matmuls}
         inv = (1.0 / s).astype(np.float32)
-        for m in matmuls:  # W' = diag(s) W: each input channel's row grows by s
-            transposed = any(a.name == "transB" and a.i for a in m.attribute)
-            w = consts[m.input[1]].astype(np.float64)
-            scaled = (w * s[None, :]) if transposed else (w * s[:, None])
-            name = m.input[1] if len([r for r in readers.get(m.input[1], [])]) == 1 else f"{m.input[1]}_{m.name}_smoothed"
-            if name == m.input[1]:
-                inits[name].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), name))
-            else:
-                proto.graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), name))
-                m.input[1] = name
         producer = producers.get(act)
         folded = _fold_into(producer, inv, inits, readers) if producer is not None and not shared else None
         if folded is None:
-            scaled_act = f"{act}_smoothed"
-            scale_name = f"{act}_smooth_scale"
-            proto.graph.initializer.append(numpy_helper.from_array(inv, scale_name))
-            mul = helper.make_node("Mul", [act, scale_name], [scaled_act], name=f"{act}_SmoothQuant")
-            for m in matmuls:
-                m.input[0] = scaled_act
-            new_nodes.append((mul, matmuls[0]))
+            new_nodes.append((_divide_input(proto, act, inv, matmuls), matmuls[0]))
             folded = "inserted Mul"
         report.smoothed[act] = [m.name for m in matmuls]
         report.folded_into[act] = folded
-        after = x_max / s
-        report.outlier_ratio[act] = (_ratio(x_max), _ratio(after))
+        report.outlier_ratio[act] = (_ratio(x_max), _ratio(x_max / s))
     if new_nodes:  # each Mul right before the first MatMul that reads it, so the order stays topological
         nodes = list(proto.graph.node)
         for mul, before in new_nodes:
@@ -268,6 +233,62 @@ def smooth_model(model: ModelInfo, batches: Iterable[Any], alpha: float | str = 
         proto.graph.node.extend(nodes)
     onnx.checker.check_model(proto)
     return proto, report
+
+
+def _transposed(m: onnx.NodeProto) -> bool:
+    return any(a.name == "transB" and a.i for a in m.attribute)
+
+
+def _as_kn(w: np.ndarray, m: onnx.NodeProto) -> np.ndarray:
+    return w.T if _transposed(m) else w
+
+
+def _chosen_scale(
+    report: SmoothReport, act: str, rows: np.ndarray | None, x_max: np.ndarray, w_max: np.ndarray, kn: list[np.ndarray], alpha: float | str
+) -> np.ndarray | None:
+    """The smoothing scale for one activation (None: leave it), recording alpha and the MatMuls' SQNR before and after.
+
+    ``alpha="auto"``: the grid's alpha with the smallest INT8 MatMul error on the sampled rows, or
+    none where no alpha beats the unsmoothed error."""
+    plain = int8_matmul_error(rows, x_max, kn, None) if rows is not None else (float("nan"), float("nan"))
+    if alpha == "auto":
+        if rows is None:
+            return None
+        tried = {a: int8_matmul_error(rows, x_max, kn, smoothing_scale(x_max, w_max, a)) for a in ALPHA_GRID}
+        best = min(tried, key=lambda a: tried[a][0])
+        if tried[best][0] >= plain[0]:
+            report.chosen_alpha[act] = None
+            report.matmul_sqnr[act] = (_sqnr(*plain), _sqnr(*plain))
+            return None
+        chosen, after_err = best, tried[best]
+    else:
+        chosen = alpha
+        after_err = int8_matmul_error(rows, x_max, kn, smoothing_scale(x_max, w_max, alpha)) if rows is not None else plain
+    report.chosen_alpha[act] = chosen
+    report.matmul_sqnr[act] = (_sqnr(*plain), _sqnr(*after_err))
+    return smoothing_scale(x_max, w_max, chosen)
+
+
+def _scale_weights(proto: onnx.ModelProto, matmuls: list[onnx.NodeProto], s: np.ndarray, consts: dict, inits: dict, readers: dict) -> None:
+    """W' = diag(s) W: each input channel's row grows by s (a weight shared with other readers is copied first)."""
+    for m in matmuls:
+        w = consts[m.input[1]].astype(np.float64)
+        scaled = (w * s[None, :]) if _transposed(m) else (w * s[:, None])
+        name = m.input[1] if len(readers.get(m.input[1], [])) == 1 else f"{m.input[1]}_{m.name}_smoothed"
+        if name == m.input[1]:
+            inits[name].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), name))
+        else:
+            proto.graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), name))
+            m.input[1] = name
+
+
+def _divide_input(proto: onnx.ModelProto, act: str, inv: np.ndarray, matmuls: list[onnx.NodeProto]) -> onnx.NodeProto:
+    """X / s through an inserted Mul that the MatMuls read instead of X; returns the Mul (not yet placed)."""
+    scaled_act, scale_name = f"{act}_smoothed", f"{act}_smooth_scale"
+    proto.graph.initializer.append(numpy_helper.from_array(inv, scale_name))
+    for m in matmuls:
+        m.input[0] = scaled_act
+    return helper.make_node("Mul", [act, scale_name], [scaled_act], name=f"{act}_SmoothQuant")
 
 
 def _ratio(amax: np.ndarray) -> float:

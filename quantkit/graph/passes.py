@@ -371,53 +371,68 @@ def hardswish_as_gate(graph: gs.Graph) -> list[tuple[str, str, str]]:
     changed = False
     for node in list(graph.nodes):
         if node.op == "HardSwish" and node.outputs and node.inputs:
-            x, y = node.inputs[0], node.outputs[0]
-            gate = gs.Variable(f"{y.name}_gate", dtype=y.dtype, shape=y.shape)
-            node.outputs.clear()
-            node.inputs.clear()
-            graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_gate", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
-            graph.nodes.append(gs.Node("Mul", node.name, inputs=[x, gate], outputs=[y]))  # a plan naming it still speaks
-            derived.append((gate.name, x.name, "hardsigmoid"))
-            derived.append((y.name, x.name, "hardswish"))  # a HardSwish read by no int8 op has no calibrated range
-            continue
-        if node.op != "Add" or len(node.inputs) != 2 or not node.outputs:
-            continue
-        three = [i for i, t in enumerate(node.inputs) if _scalar(t) == 3.0]
-        if len(three) != 1:
-            continue
-        x = node.inputs[1 - three[0]]
-        shifted = node.outputs[0]
-        if not _single_use(shifted, graph) or shifted.outputs[0].op != "Clip":
-            continue
-        clip = shifted.outputs[0]
-        bounds = [_scalar(t) if t.name else None for t in clip.inputs[1:3]] if len(clip.inputs) >= 3 else []
-        if bounds != [0.0, 6.0] or not clip.outputs or not _single_use(clip.outputs[0], graph):
-            continue
-        nxt = clip.outputs[0].outputs[0]
-        if _sixth(nxt, clip.outputs[0]):  # x * (Clip(x + 3, 0, 6) / 6): the gate tensor stays
-            gate = nxt.outputs[0]
-            if not any(c.op == "Mul" and x in c.inputs and gate in c.inputs for c in gate.outputs):
-                continue
-            for n in (node, clip, nxt):
-                n.inputs.clear()
-                n.outputs.clear()
-            graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
-            changed = True
-        elif nxt.op == "Mul" and x in nxt.inputs and _single_use(nxt.outputs[0], graph):  # (x * Clip(x + 3, 0, 6)) / 6
-            last = nxt.outputs[0].outputs[0]
-            if not _sixth(last, nxt.outputs[0]):
-                continue
-            y = last.outputs[0]
-            gate = gs.Variable(f"{y.name}_gate", dtype=y.dtype, shape=y.shape)
-            for n in (node, clip, nxt, last):
-                n.inputs.clear()
-                n.outputs.clear()
-            graph.nodes.append(gs.Node("HardSigmoid", f"{node.name}_hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}, [x], [gate]))
-            graph.nodes.append(gs.Node("Mul", nxt.name, inputs=[x, gate], outputs=[y]))
-            derived += [(gate.name, x.name, "hardsigmoid"), (y.name, x.name, "hardswish")]  # y was a Div's output
+            derived += _split_hardswish(graph, node)
+        elif node.op == "Add" and len(node.inputs) == 2 and node.outputs:
+            changed = _gate_from_add_three(graph, node, derived) or changed
     if derived or changed:
         graph.cleanup().toposort()
     return derived
+
+
+def _hardsigmoid_node(name: str, x: gs.Tensor, gate: gs.Tensor) -> gs.Node:
+    return gs.Node("HardSigmoid", name, {"alpha": 1 / 6, "beta": 0.5}, [x], [gate])
+
+
+def _detach(*nodes: gs.Node) -> None:
+    for n in nodes:
+        n.inputs.clear()
+        n.outputs.clear()
+
+
+def _split_hardswish(graph: gs.Graph, node: gs.Node) -> list[tuple[str, str, str]]:
+    """A HardSwish node as HardSigmoid + Mul; both new tensors' ranges follow from x's."""
+    x, y = node.inputs[0], node.outputs[0]
+    gate = gs.Variable(f"{y.name}_gate", dtype=y.dtype, shape=y.shape)
+    _detach(node)
+    graph.nodes.append(_hardsigmoid_node(f"{node.name}_gate", x, gate))
+    graph.nodes.append(gs.Node("Mul", node.name, inputs=[x, gate], outputs=[y]))  # a plan naming it still speaks
+    # a HardSwish read by no int8 op has no calibrated range
+    return [(gate.name, x.name, "hardsigmoid"), (y.name, x.name, "hardswish")]
+
+
+def _gate_from_add_three(graph: gs.Graph, node: gs.Node, derived: list[tuple[str, str, str]]) -> bool:
+    """Rewrite the decomposed gate that starts at ``x + 3`` (either form); whether the graph changed."""
+    three = [i for i, t in enumerate(node.inputs) if _scalar(t) == 3.0]
+    if len(three) != 1:
+        return False
+    x = node.inputs[1 - three[0]]
+    shifted = node.outputs[0]
+    if not _single_use(shifted, graph) or shifted.outputs[0].op != "Clip":
+        return False
+    clip = shifted.outputs[0]
+    bounds = [_scalar(t) if t.name else None for t in clip.inputs[1:3]] if len(clip.inputs) >= 3 else []
+    if bounds != [0.0, 6.0] or not clip.outputs or not _single_use(clip.outputs[0], graph):
+        return False
+    nxt = clip.outputs[0].outputs[0]
+    if _sixth(nxt, clip.outputs[0]):  # x * (Clip(x + 3, 0, 6) / 6): the gate tensor stays
+        gate = nxt.outputs[0]
+        if not any(c.op == "Mul" and x in c.inputs and gate in c.inputs for c in gate.outputs):
+            return False
+        _detach(node, clip, nxt)
+        graph.nodes.append(_hardsigmoid_node(f"{node.name}_hardsigmoid", x, gate))
+        return True
+    if not (nxt.op == "Mul" and x in nxt.inputs and _single_use(nxt.outputs[0], graph)):
+        return False
+    last = nxt.outputs[0].outputs[0]  # (x * Clip(x + 3, 0, 6)) / 6
+    if not _sixth(last, nxt.outputs[0]):
+        return False
+    y = last.outputs[0]
+    gate = gs.Variable(f"{y.name}_gate", dtype=y.dtype, shape=y.shape)
+    _detach(node, clip, nxt, last)
+    graph.nodes.append(_hardsigmoid_node(f"{node.name}_hardsigmoid", x, gate))
+    graph.nodes.append(gs.Node("Mul", nxt.name, inputs=[x, gate], outputs=[y]))
+    derived += [(gate.name, x.name, "hardsigmoid"), (y.name, x.name, "hardswish")]  # y was a Div's output
+    return False
 
 
 # ---- concat elimination --------------------------------------------------------------------------
@@ -425,56 +440,65 @@ def fold_concats(graph: gs.Graph) -> list[Fusion]:
     """Flatten Concat chains on one axis; a Concat that re-joins all of a Split's outputs in order reads the
     Split's input instead (the whole Concat goes when those are all its inputs)."""
     fusions: list[Fusion] = []
-    changed = True
-    while changed:
-        changed = False
-        for concat in [n for n in graph.nodes if n.op == "Concat" and n.outputs]:
-            axis = concat.attrs.get("axis")
-            for i, inp in enumerate(concat.inputs):
-                inner = inp.inputs[0] if len(inp.inputs) == 1 else None
-                if inner is not None and inner.op == "Concat" and inner.attrs.get("axis") == axis and _single_use(inp, graph):
-                    new_inputs = list(concat.inputs[:i]) + list(inner.inputs) + list(concat.inputs[i + 1 :])
-                    concat.inputs.clear()
-                    concat.inputs.extend(new_inputs)
-                    inner.inputs.clear()
-                    inner.outputs.clear()
-                    fusions.append(Fusion("concat", concat.name, [inner.name, concat.name]))
-                    changed = True
-                    break
-            if changed:
-                break
+    while _flatten_one_concat(graph, fusions):
+        pass
     for concat in [n for n in graph.nodes if n.op == "Concat" and n.outputs]:
         # a run of the Concat's inputs that is all of one Split's outputs, in order, is that Split's input
         for start, inp in enumerate(concat.inputs):
             split = inp.inputs[0] if len(inp.inputs) == 1 else None
             if split is None or split.op != "Split" or not split.outputs or inp is not split.outputs[0]:
                 continue
-            run = list(concat.inputs[start : start + len(split.outputs)])
-            if (
-                run != list(split.outputs)
-                or split.attrs.get("axis", 0) != concat.attrs.get("axis")
-                or not all(_single_use(t, graph) for t in split.outputs)
-            ):
-                continue
-            source = split.inputs[0]
-            if len(run) == len(concat.inputs):
-                out = concat.outputs[0]
-                if out in graph.outputs:
-                    break
-                for reader in list(out.outputs):
-                    for slot, t in enumerate(reader.inputs):
-                        if t is out:
-                            reader.inputs[slot] = source
-                concat.outputs.clear()
-            else:
-                new_inputs = [*concat.inputs[:start], source, *concat.inputs[start + len(run) :]]
-                concat.inputs.clear()
-                concat.inputs.extend(new_inputs)
-            split.outputs.clear()
-            fusions.append(Fusion("concat", source.name, [split.name, concat.name]))
-            break
+            if _rejoins_split(graph, concat, split, start):
+                _read_split_input(graph, concat, split, start, fusions)
+                break
     graph.cleanup().toposort()
     return fusions
+
+
+def _flatten_one_concat(graph: gs.Graph, fusions: list[Fusion]) -> bool:
+    """Merge one single-use inner Concat on the same axis into the Concat that reads it; whether one was found."""
+    for concat in [n for n in graph.nodes if n.op == "Concat" and n.outputs]:
+        axis = concat.attrs.get("axis")
+        for i, inp in enumerate(concat.inputs):
+            inner = inp.inputs[0] if len(inp.inputs) == 1 else None
+            if inner is not None and inner.op == "Concat" and inner.attrs.get("axis") == axis and _single_use(inp, graph):
+                new_inputs = list(concat.inputs[:i]) + list(inner.inputs) + list(concat.inputs[i + 1 :])
+                concat.inputs.clear()
+                concat.inputs.extend(new_inputs)
+                inner.inputs.clear()
+                inner.outputs.clear()
+                fusions.append(Fusion("concat", concat.name, [inner.name, concat.name]))
+                return True
+    return False
+
+
+def _rejoins_split(graph: gs.Graph, concat: gs.Node, split: gs.Node, start: int) -> bool:
+    run = list(concat.inputs[start : start + len(split.outputs)])
+    return (
+        run == list(split.outputs)
+        and split.attrs.get("axis", 0) == concat.attrs.get("axis")
+        and all(_single_use(t, graph) for t in split.outputs)
+    )
+
+
+def _read_split_input(graph: gs.Graph, concat: gs.Node, split: gs.Node, start: int, fusions: list[Fusion]) -> None:
+    """The Concat reads the Split's input in place of its outputs (its readers read it, when that was all of it)."""
+    source = split.inputs[0]
+    if len(split.outputs) == len(concat.inputs):
+        out = concat.outputs[0]
+        if out in graph.outputs:
+            return
+        for reader in list(out.outputs):
+            for slot, t in enumerate(reader.inputs):
+                if t is out:
+                    reader.inputs[slot] = source
+        concat.outputs.clear()
+    else:
+        new_inputs = [*concat.inputs[:start], source, *concat.inputs[start + len(split.outputs) :]]
+        concat.inputs.clear()
+        concat.inputs.extend(new_inputs)
+    split.outputs.clear()
+    fusions.append(Fusion("concat", source.name, [split.name, concat.name]))
 
 
 def inplace_concats(graph: gs.Graph) -> list[str]:

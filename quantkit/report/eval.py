@@ -186,28 +186,21 @@ def to_markdown(result: EvalResult) -> str:
 
 
 # ---- HTML with inline SVG ---------------------------------------------------------------------
-def to_html(result: EvalResult) -> str:
-    rows = _rows(result)
-    base = next((v for v in result.variants if v.name == "fp32"), None)
-    key = _accuracy(result, base)[0]
-    unit = _unit(result)
+def _latency_points(result: EvalResult, key: str) -> list[Point]:
+    """One point a variant that ran and was timed: batch-1 p50 latency against its accuracy."""
     points = []
     for v in result.variants:
         acc = _accuracy(result, v)[1]
-        if not v.error and v.latency and acc is not None:
-            noise = v.noise.get(key)
-            points.append(
-                Point(
-                    v.name,
-                    v.latency.batch1_p50_ms,
-                    acc,
-                    v.latency.batch1_p10_ms or None,
-                    v.latency.batch1_p90_ms,
-                    noise if noise else None,
-                    "FP32 baseline" if v.name == "fp32" else "",
-                )
-            )
-    sizes = [(v.name, v.size_bytes / 1e6) for v in result.variants if v.size_bytes and not v.error]
+        if v.error or not v.latency or acc is None:
+            continue
+        noise = v.noise.get(key)
+        lat = v.latency
+        label = "FP32 baseline" if v.name == "fp32" else ""
+        points.append(Point(v.name, lat.batch1_p50_ms, acc, lat.batch1_p10_ms or None, lat.batch1_p90_ms, noise if noise else None, label))
+    return points
+
+
+def _html_table(rows: list[list[str]]) -> str:
     table = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
     for r in rows[1:]:
         if r[1] == "failed":  # the error spans the row
@@ -215,10 +208,13 @@ def to_html(result: EvalResult) -> str:
             table += f"<tr><td>{html.escape(r[0])}</td><td>failed</td>{error}</tr>"
             continue
         table += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-    table += "</tbody></table>"
-    fidelity_blocks = []
-    outputs = [f.output for f in base.fidelity] if base else []
-    for name in outputs:  # one chart per output, every variant on one axis
+    return table + "</tbody></table>"
+
+
+def _fidelity_charts(result: EvalResult, base: Any) -> list[str]:
+    """One per-slice SQNR chart per output, every variant on one axis."""
+    blocks = []
+    for name in [f.output for f in base.fidelity] if base else []:
         series = [
             (v.name, [_finite(s.sqnr_db) if _finite(s.sqnr_db) is not None else math.inf for s in f.slices[:256]])
             for v in result.variants
@@ -226,9 +222,20 @@ def to_html(result: EvalResult) -> str:
             if f.output == name and f.slices and v.name != "fp32"
         ]
         if series:
-            fidelity_blocks.append(
+            blocks.append(
                 lines(series, "slice index (axis 1)", "SQNR dB", f"{name}: per-slice SQNR against FP32", threshold=COLLAPSE_SQNR_DB)
             )
+    return blocks
+
+
+def to_html(result: EvalResult) -> str:
+    base = next((v for v in result.variants if v.name == "fp32"), None)
+    key = _accuracy(result, base)[0]
+    unit = _unit(result)
+    points = _latency_points(result, key)
+    sizes = [(v.name, v.size_bytes / 1e6) for v in result.variants if v.size_bytes and not v.error]
+    table = _html_table(_rows(result))
+    fidelity_blocks = _fidelity_charts(result, base)
     scatter_y = f"{key} ({'± standard error' if unit == 'points' else 'dB'})"
     accuracy_chart = scatter(points, "batch-1 latency (ms): p50, bars p10-p90", scatter_y, unit == "points", f"{key} vs latency")
     flags = "".join(f"<li>{html.escape(f)}</li>" for f in result.flags) or "<li>none</li>"

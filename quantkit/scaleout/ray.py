@@ -52,7 +52,7 @@ def import_ray() -> ModuleType:
 def ray_cluster(workers: int, address: str | None = None) -> Iterator[ModuleType]:
     """A connected Ray (a local instance with ``workers`` CPUs, or the cluster at ``address``)."""
     if workers < 1:
-        raise QuantkitError(f"--workers must be at least 1, got {workers}")
+        raise QuantkitError(f"workers must be at least 1, got {workers}", option="workers")
     ray = import_ray()
     started = False
     if not ray.is_initialized():

@@ -27,7 +27,7 @@ import onnx
 from quantkit._io import ensure_writable_dir, write_bytes_atomic
 from quantkit.evaluation.check import judge_outputs
 from quantkit.model import ModelInfo
-from quantkit.options import ExportOptions, TuneOptions, split_options
+from quantkit.options import ExportOptions, TuneOptions
 from quantkit.optypes import KNOWN_SENSITIVE_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
@@ -37,8 +37,8 @@ from quantkit.tuning.sensitivity import (
     SensitivityResult,
     SensitivityTimeout,
     TrialExecutor,
-    analyze,
     build_candidate,
+    rank_nodes,
 )
 
 
@@ -78,7 +78,6 @@ class TuneResult:
     target_met: bool
     stopped: str  # "done", "timeout", "max-trials"
     sensitivity: SensitivityResult | None
-    known_start: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)  # outputs of the best model that the fidelity check refuses
@@ -261,7 +260,7 @@ class PrecisionSearch:
         if self.sensitivity is None:
             deadline = self.start + self.options.timeout if self.options.timeout is not None else None
             try:
-                self.sensitivity = analyze(
+                self.sensitivity = rank_nodes(
                     self.model,
                     self.ranges,
                     self.evaluator,
@@ -309,7 +308,7 @@ class PrecisionSearch:
         self.save()
         best = self.best
         plan = self.plan_for(best.fallback) if best else PrecisionPlan()
-        result = TuneResult(plan, best, self.trials, bool(best and best.meets), stopped, self.sensitivity, self.known, self.messages)
+        result = TuneResult(plan, best, self.trials, bool(best and best.meets), stopped, self.sensitivity, self.messages)
         result.max_drop, result.method = self.options.max_drop, self.export.method
         result.files = [self.history_path] + ([self.plan_path] if best else [])
         if best is not None:
@@ -328,7 +327,7 @@ class PrecisionSearch:
         return result
 
 
-def tune(
+def run_search(
     model: ModelInfo,
     ranges: RangeSet,
     evaluator: Evaluator,
@@ -338,16 +337,14 @@ def tune(
     export: ExportOptions | None = None,
     sensitivity: SensitivityResult | None = None,
     executor: TrialExecutor | None = None,
-    **legacy: Any,
 ) -> TuneResult:
     """Search the fewest fallback nodes meeting ``options.max_drop`` (points of the evaluator's accuracy).
 
-    ``export`` gives the method and placement; the old keywords (``max_drop=``, ``method=``,
-    ``target=``, ...) still work. With an ``executor`` of several workers
+    ``export`` gives the method and placement. With an ``executor`` of several workers
     (``quantkit.scaleout.ray.RayExecutor``), each bisection step evaluates as many split points
     at once as there are workers.
     """
-    options, export = split_options(legacy, "tune", options or TuneOptions(), export or ExportOptions(allow_missing=True))
+    options, export = options or TuneOptions(), export or ExportOptions(allow_missing=True)
     executor = executor or LocalExecutor(model, ranges, export.method, export.target)
     out = ensure_writable_dir(out_dir)
     return PrecisionSearch(model, ranges, evaluator, out, options, export, executor, sensitivity).run()

@@ -321,7 +321,7 @@ def _rows_of(values: np.ndarray, data: Sequence[Batch], k: int) -> np.ndarray:
     return values[start : start + len(data[k])]
 
 
-def analyze(
+def rank_nodes(
     model: ModelInfo,
     ranges: RangeSet,
     evaluator: Evaluator,
@@ -362,7 +362,9 @@ def analyze(
         raise QuantkitError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}", option="ranking")
     act = activation_sqnr(model, all_int8_model, chosen, evaluator.data[: max(1, len(evaluator.data) // 4)])
     if ranking == "sqnr" and not act:
-        raise QuantkitError("per-node SQNR is not available for this placement (its tensors are renamed): use --ranking disable-one")
+        raise QuantkitError(
+            "per-node SQNR is not available for this placement (its tensors are renamed): rank by disable-one", option="ranking"
+        )
     executor = executor or LocalExecutor(model, ranges, method, target)
     per_node = ranking != "sqnr"
     plans = [PrecisionPlan(default="fp32", nodes={name: "int8"}) for name in chosen] if enable_one and per_node else []

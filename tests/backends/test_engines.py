@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 from conftest import DEMO_MODEL
 
+import quantkit
 from quantkit.backends.ort import build_ort
 from quantkit.backends.trt import layer_precisions_from_inspector
 from quantkit.backends.trtexec import parse_shapes, shell, trtexec_command
@@ -133,7 +134,9 @@ def _qdq_conv(tmp_path):
 
     path = save(conv_model(), tmp_path / "conv.onnx")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32))
-    q, _ = quantize_model(quantkit.load_model(path), quantkit.calibrate(path, tmp_path / "x.npy", methods="minmax").ranges)
+    q, _ = quantize_model(
+        quantkit.load_model(path), quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="minmax")).ranges
+    )
     return save(q, tmp_path / "conv.qdq.onnx")
 
 
@@ -155,7 +158,11 @@ def test_tensorrt_builds_fp16_int8_from_cache_and_qdq(tmp_path, demo_preprocess)
     caps = capabilities(trt)
     shapes = parse_shapes("image:1x1x28x28/8x1x28x28/32x1x28x28")
     result = quantkit.calibrate(
-        DEMO_MODEL, DEMO_MODEL.parent / "mnist" / "calib", methods="entropy", num_samples=64, preprocess=demo_preprocess, out=tmp_path
+        DEMO_MODEL,
+        DEMO_MODEL.parent / "mnist" / "calib",
+        quantkit.CalibrationOptions(methods="entropy"),
+        out=tmp_path,
+        data_options=quantkit.DataOptions(num_samples=64, preprocess=demo_preprocess),
     )
     q, _ = quantize_model(quantkit.load_model(DEMO_MODEL), result.ranges)
     onnx.save(q, str(tmp_path / "q.onnx"))
@@ -185,18 +192,18 @@ def test_builds_that_would_silently_differ_are_refused(tmp_path, capsys):
 
 
 def test_a_cache_for_another_tensorrt_is_refused_or_restamped(tmp_path):
-    import argparse
+    import dataclasses
 
-    from quantkit.cli.build import _cache_for
+    from quantkit.api.build import _cache_for
     from quantkit.trt_cache import read_trt_cache
 
     cache = tmp_path / "m.cache"
     cache.write_text("TRT-100801-EntropyCalibration2\nimage: 3c010204\n")
-    args = argparse.Namespace(cache=str(cache), restamp=False)
+    args = quantkit.BuildOptions(cache=str(cache), restamp=False)
     assert _cache_for(args, "10.8.1.5", tmp_path / "e.engine")[0] == str(cache)  # same version: used as is
     with pytest.raises(QuantkitError, match="TensorRT would ignore it"):
         _cache_for(args, "10.14.1", tmp_path / "e.engine")
-    args.restamp = True
+    args = dataclasses.replace(args, restamp=True)
     used, note = _cache_for(args, "10.14.1", tmp_path / "e.engine")
     restamped = read_trt_cache(used)
     assert restamped.version == 101401 and restamped.scales == read_trt_cache(cache).scales and "restamped" in note[0]

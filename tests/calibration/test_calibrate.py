@@ -119,7 +119,13 @@ def test_transformer_encoder_with_mask_sentinels_and_int_inputs(tmp_path):
     mask = np.ones((12, 6), np.int64)
     mask[:, 4:] = 0  # padding: the additive mask holds float32-min sentinels there
     np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=mask)
-    result = quantkit.calibrate(path, tmp_path / "calib.npz", methods="all", batch_size=4, out=tmp_path / "out")
+    result = quantkit.calibrate(
+        path,
+        tmp_path / "calib.npz",
+        quantkit.CalibrationOptions(methods="all"),
+        out=tmp_path / "out",
+        data_options=quantkit.DataOptions(batch_size=4),
+    )
     tensors = result.ranges.tensors
     assert "input_ids" not in tensors and "attention_mask" not in tensors  # integers are skipped
     assert {"ln", "q", "kt", "probs", "v", "context", "scores", "mask_bias", "masked"} <= set(tensors)
@@ -132,14 +138,16 @@ def test_transformer_encoder_with_mask_sentinels_and_int_inputs(tmp_path):
     assert any("sentinels" in w for w in result.ranges.warnings)
     cache = read_trt_cache(tmp_path / "out" / "enc.entropy.cache")
     assert all(s is not None and math.isfinite(s) for s in cache.scales.values())
-    everything = quantkit.calibrate(path, tmp_path / "calib.npz", methods="minmax", all_tensors=True).ranges.tensors
+    everything = quantkit.calibrate(
+        path, tmp_path / "calib.npz", quantkit.CalibrationOptions(methods="minmax", all_tensors=True)
+    ).ranges.tensors
     assert everything["masked"].sentinels > 0 and abs(everything["masked"].min) < 1e30
 
 
 def test_constant_tensor_gets_a_valid_scale_and_is_reported(tmp_path):
     path = save(conv_model(constant_branch=True), tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32))
-    result = quantkit.calibrate(path, tmp_path / "x.npy", methods="all")
+    result = quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="all"))
     zeroed = result.ranges.tensors["zeroed"]
     assert zeroed.min == zeroed.max == 0.0
     assert all(zeroed.scale(m) == 1.0 for m in zeroed.amax)
@@ -147,7 +155,12 @@ def test_constant_tensor_gets_a_valid_scale_and_is_reported(tmp_path):
 
 
 def test_api_and_cli_agree(demo_run, demo_preprocess):
-    result = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="all", num_samples=256, batch_size=32, preprocess=demo_preprocess)
+    result = quantkit.calibrate(
+        DEMO_MODEL,
+        DEMO_CALIB,
+        quantkit.CalibrationOptions(methods="all"),
+        data_options=quantkit.DataOptions(num_samples=256, batch_size=32, preprocess=demo_preprocess),
+    )
     assert result.ranges.dumps() == (demo_run / "ranges.json").read_text()
 
 
@@ -222,9 +235,14 @@ def test_interrupt_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
 
 
 def test_interrupt_while_writing_leaves_previous_files_intact(tmp_path, monkeypatch, demo_preprocess):
-    import quantkit.atomic as atomic
+    import quantkit._io as atomic
 
-    result = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="minmax", num_samples=64, preprocess=demo_preprocess)
+    result = quantkit.calibrate(
+        DEMO_MODEL,
+        DEMO_CALIB,
+        quantkit.CalibrationOptions(methods="minmax"),
+        data_options=quantkit.DataOptions(num_samples=64, preprocess=demo_preprocess),
+    )
     write_outputs(result.ranges, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     calls = {"n": 0}
@@ -235,7 +253,12 @@ def test_interrupt_while_writing_leaves_previous_files_intact(tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(atomic.os, "replace", flaky_replace)
-    other = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="minmax", num_samples=32, preprocess=demo_preprocess)
+    other = quantkit.calibrate(
+        DEMO_MODEL,
+        DEMO_CALIB,
+        quantkit.CalibrationOptions(methods="minmax"),
+        data_options=quantkit.DataOptions(num_samples=32, preprocess=demo_preprocess),
+    )
     with pytest.raises(KeyboardInterrupt):
         write_outputs(other.ranges, tmp_path)
     monkeypatch.setattr(atomic.os, "replace", real_replace)

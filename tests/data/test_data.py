@@ -114,8 +114,9 @@ def test_nan_in_a_sample_names_the_sample_and_tensor(tmp_path):
 def test_fewer_samples_than_asked(tmp_path):
     model = load_model(save(conv_model(), tmp_path / "m.onnx"))
     np.savez(tmp_path / "c.npz", x=np.zeros((5, 3, 8, 8), np.float32))
-    with pytest.raises(QuantkitError, match="has only 5 sample.* --num-samples 6"):
+    with pytest.raises(QuantkitError, match="has only 5 sample.* 6 were asked") as refused:
         take(open_source(tmp_path / "c.npz", model), model, 6)
+    assert refused.value.option == "num_samples"
 
 
 def test_empty_and_unreadable_data(tmp_path, demo, demo_preprocess):
@@ -135,8 +136,9 @@ def test_empty_and_unreadable_data(tmp_path, demo, demo_preprocess):
 def test_fixed_batch_model_needs_matching_batch_size(tmp_path):
     model = load_model(save(conv_model(batch=1), tmp_path / "m.onnx"))
     np.savez(tmp_path / "c.npz", x=np.zeros((5, 3, 8, 8), np.float32))
-    with pytest.raises(QuantkitError, match="fixed batch size of 1; use --batch-size 1"):
+    with pytest.raises(QuantkitError, match="fixed batch size of 1; use batch size 1") as refused:
         take(open_source(tmp_path / "c.npz", model), model, None, batch_size=8)
+    assert refused.value.option == "batch_size"
     assert len(take(open_source(tmp_path / "c.npz", model), model, None, batch_size=1)) == 5
 
 

@@ -47,8 +47,9 @@ def test_a_size_the_pyramid_cannot_take_is_caught_before_onnxruntime(tmp_path):
     assert info.inputs[0].stride == 4
     assert load_model(DEMO_MODEL).inputs[0].stride == 1  # a classifier joins no paths of different depth
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 30, 30), np.float32))
-    with pytest.raises(QuantkitError, match=r"30x30, but the model's height and width must be multiples of 4.*--resize 32x32.*--letterbox"):
+    with pytest.raises(QuantkitError, match=r"30x30, but the model's height and width must be multiples of 4.*32x32.*letterbox") as refused:
         list(batches(open_source(tmp_path / "bad.npy", info), info, 2))
+    assert refused.value.option == ("resize", "letterbox")  # the CLI shows (--resize, --letterbox)
     np.save(tmp_path / "good.npy", np.zeros((2, 3, 32, 24), np.float32))
     assert len(list(batches(open_source(tmp_path / "good.npy", info), info, 2))) == 1
 
@@ -66,4 +67,5 @@ def test_build_takes_its_profile_from_calibration_and_warns_without_one(tmp_path
     assert "--minShapes=x:1x3x32x64 --optShapes=x:4x3x32x64 --maxShapes=x:4x3x32x64" in out and "no optimization profile" not in err
     main(["build", str(model), "-o", str(tmp_path / "fpn2.engine")])
     out, err = capsys.readouterr()
-    assert "x[Nx3xHxW] float32 has dynamic dimensions and no optimization profile" in err and "--minShapes" not in out
+    assert "# warning: x[Nx3xHxW] float32 has dynamic dimensions and no optimization profile" in out and "--minShapes" not in out
+    assert len(err.strip().splitlines()) == 1  # the error alone: the warning sits with the trtexec lines it is about

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_PREPROCESS, DEMO_VAL
 
+import quantkit
 from quantkit.backends.ort import runtime_providers
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
@@ -77,11 +78,13 @@ def demo_report(tmp_path_factory, demo_preprocess):
     result = evaluate(
         DEMO_MODEL,
         DEMO_VAL,
-        variants="fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse,int8-tensorrt:entropy,modelopt",
+        quantkit.EvalOptions(
+            variants="fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse,int8-tensorrt:entropy,modelopt",
+            num_calib_samples=256,
+            max_drop=1.0,
+        ),
         calib=DEMO_CALIB,
-        preprocess=demo_preprocess,
-        num_calib_samples=256,
-        max_drop=1.0,
+        data_options=quantkit.DataOptions(preprocess=demo_preprocess),
     )
     write_report(result, out)
     return result, out
@@ -153,14 +156,24 @@ def test_html_report_opens_in_a_real_browser(demo_report, tmp_path):
 
 def test_unlabelled_class_scores_are_judged_by_agreement_with_fp32(tmp_path, demo_preprocess):
     np.save(tmp_path / "val.npy", np.random.default_rng(0).normal(size=(40, 1, 28, 28)).astype(np.float32))
-    result = evaluate(DEMO_MODEL, tmp_path / "val.npy", variants="fp32,fp16", preprocess=demo_preprocess, latency=False)
+    result = evaluate(
+        DEMO_MODEL,
+        tmp_path / "val.npy",
+        quantkit.EvalOptions(variants="fp32,fp16", latency=False),
+        data_options=quantkit.DataOptions(preprocess=demo_preprocess),
+    )
     assert not result.labelled and result.metric_names == ["agreement"]
     assert "class scores" in result.objective and "no labels" in result.objective
     fp16 = result.variant("fp16")
     assert fp16.metrics["agreement"] == pytest.approx(fp16.fidelity[0].top1_agreement) and fp16.metrics["agreement"] >= 0.95
     assert result.variant("fp32").metrics["agreement"] == 1.0
     with pytest.raises(QuantkitError, match="top1 metric needs labels"):  # never silently dropped
-        evaluate(DEMO_MODEL, tmp_path / "val.npy", variants="fp32", preprocess=demo_preprocess, latency=False, metrics=["top1"])
+        evaluate(
+            DEMO_MODEL,
+            tmp_path / "val.npy",
+            quantkit.EvalOptions(variants="fp32", latency=False, metrics=["top1"]),
+            data_options=quantkit.DataOptions(preprocess=demo_preprocess),
+        )
 
 
 def test_bad_inputs(tmp_path, capsys):
@@ -200,11 +213,21 @@ def test_labels_that_do_not_match_the_outputs(tmp_path, demo_preprocess):
     rows = {"image": [np.zeros(784, np.float32).tolist()] * 8, "label": [[1, 2]] * 8}
     pq.write_table(pa.table(rows), tmp_path / "val.parquet")
     with pytest.raises(QuantkitError, match="metric top1 does not fit the outputs of fp32.*one integer per sample"):
-        evaluate(DEMO_MODEL, tmp_path / "val.parquet", variants="fp32", preprocess=demo_preprocess, latency=False)
+        evaluate(
+            DEMO_MODEL,
+            tmp_path / "val.parquet",
+            quantkit.EvalOptions(variants="fp32", latency=False),
+            data_options=quantkit.DataOptions(preprocess=demo_preprocess),
+        )
     rows["label"] = [12] * 8  # class 12 of a 10-class model
     pq.write_table(pa.table(rows), tmp_path / "val.parquet")
     with pytest.raises(QuantkitError, match="output scores 10 classes"):
-        evaluate(DEMO_MODEL, tmp_path / "val.parquet", variants="fp32", preprocess=demo_preprocess, latency=False)
+        evaluate(
+            DEMO_MODEL,
+            tmp_path / "val.parquet",
+            quantkit.EvalOptions(variants="fp32", latency=False),
+            data_options=quantkit.DataOptions(preprocess=demo_preprocess),
+        )
 
 
 def test_eval_exits_non_zero_when_the_fp32_baseline_cannot_run(tmp_path, capsys):

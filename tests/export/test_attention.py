@@ -50,7 +50,7 @@ def block(tmp_path_factory):
     mask = np.where(rng.random((32, 1, S)) < 0.2, -1e4, 0.0).astype(np.float32)
     np.savez(tmp / "calib.npz", x=rng.normal(size=(32, S, D)).astype(np.float32), mask=mask)
     info = quantkit.load_model(path)
-    return tmp, info, quantkit.calibrate(path, tmp / "calib.npz", methods="minmax").ranges
+    return tmp, info, quantkit.calibrate(path, tmp / "calib.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
 
 
 def quantized(info, ranges, **kwargs):
@@ -159,7 +159,7 @@ def test_a_layernorm_output_is_quantized_at_its_observed_max(tmp_path, decompose
     info = quantkit.load_model(path)
     assert ln_out in layernorm_outputs(gs.import_onnx(model))
     assert not layernorm_outputs(gs.import_onnx(decomposed_layernorm_block(axes=(1,))))  # another axis: not a LayerNorm
-    ranges = quantkit.calibrate(path, tmp_path / "x.npz", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "x.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
     t = ranges.tensors[ln_out]
     observed = max(abs(t.min), abs(t.max))
     clipped = dataclasses.replace(ranges, tensors={**ranges.tensors, ln_out: dataclasses.replace(t, amax={"minmax": observed / 4})})

@@ -216,7 +216,12 @@ def test_fp16_of_a_qdq_model_keeps_dequantize_to_op_edges_free_of_casts(demo_pre
     from quantkit.model import load_model
 
     model = load_model(DEMO_MODEL)
-    ranges = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="entropy", num_samples=64, preprocess=demo_preprocess).ranges
+    ranges = quantkit.calibrate(
+        DEMO_MODEL,
+        DEMO_CALIB,
+        quantkit.CalibrationOptions(methods="entropy"),
+        data_options=quantkit.DataOptions(num_samples=64, preprocess=demo_preprocess),
+    ).ranges
     q, _ = quantize_model(model, ranges)
     fp16, report = convert_fp16(q)
     assert report.qdq_fp16 > 0 and fp16.opset_import[0].version >= 19

@@ -22,7 +22,7 @@ def conv_case(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fp8")
     path = save(conv_model(), tmp / "conv.onnx")
     np.save(tmp / "calib.npy", np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32))
-    return quantkit.load_model(path), quantkit.calibrate(path, tmp / "calib.npy", methods="minmax").ranges
+    return quantkit.load_model(path), quantkit.calibrate(path, tmp / "calib.npy", quantkit.CalibrationOptions(methods="minmax")).ranges
 
 
 def test_fp8_scales_and_values(conv_case):
@@ -73,7 +73,12 @@ def test_onnxruntime_runs_fp8_qdq_as_the_arithmetic_by_hand(conv_case):
 
 def test_fp8_demo_keeps_its_fidelity(demo_val, demo_preprocess):
     images, _ = demo_val
-    ranges = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="percentile", num_samples=256, preprocess=demo_preprocess).ranges
+    ranges = quantkit.calibrate(
+        DEMO_MODEL,
+        DEMO_CALIB,
+        quantkit.CalibrationOptions(methods="percentile"),
+        data_options=quantkit.DataOptions(num_samples=256, preprocess=demo_preprocess),
+    ).ranges
     info = quantkit.load_model(DEMO_MODEL)
     fp32 = make_session(info.proto).run(None, {"image": images[:256]})[0]
     fp8, _ = quantize_model(info, ranges, method="percentile", fmt="fp8")

@@ -101,7 +101,7 @@ def test_integer_kernels_run_where_onnxruntime_fuses_them(tmp_path, form):
     path = save(model, tmp_path / "m.onnx")
     x = RNG.normal(size=(64, 3, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
-    ranges = quantkit.calibrate(path, tmp_path / "calib.npz", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "calib.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
     q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
     check = optimized_graph_check(q)
     # the last conv writes the float graph output, so it has no QuantizeLinear to fuse with
@@ -129,7 +129,7 @@ def test_a_constant_mul_folds_into_the_conv_before_it_and_is_an_integer_mul_else
     path = save(model, tmp_path / "m.onnx")
     x = RNG.normal(size=(8, 3, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
     q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
     assert ("conv", "scale") in report.folded_batchnorms and "conv" in report.int8_nodes
     # the Sigmoid's output was not calibrated: the scalar Mul after it stays float, as it always did
@@ -137,7 +137,7 @@ def test_a_constant_mul_folds_into_the_conv_before_it_and_is_an_integer_mul_else
     assert optimized_graph_check(q).integer_kernels.get("QLinearConv") == 1  # conv2 writes the float output
     np.testing.assert_allclose(run(q, x[:1]), run(model, x[:1]), rtol=0.1, atol=0.1)
     # with its input calibrated, x * 0.5 runs as QLinearMul, the 0.5 an exact uint8 constant (255 steps of 0.5/255)
-    everything = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax", all_tensors=True).ranges
+    everything = quantkit.calibrate(path, tmp_path / "c.npz", quantkit.CalibrationOptions(methods="minmax", all_tensors=True)).ranges
     q, report = quantize_model(load_model(path), everything, target="onnxruntime")
     assert "gate_scale" in report.int8_nodes and optimized_graph_check(q).integer_kernels.get("QLinearMul") == 1
     consts = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
@@ -197,7 +197,7 @@ def test_measured_placement_keeps_float_exactly_the_groups_whose_int8_is_slower(
     path = save(hardswish_cnn("paddle"), tmp_path / "m.onnx")
     x = RNG.normal(size=(32, 3, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
     group_of_weight = {"w1": "Conv", "wd": "depthwise Conv", "wse": "1x1 Conv", "w3": "1x1 Conv"}
     cost = {"int8": {"Conv": 1.0, "depthwise Conv": 5.0, "1x1 Conv": 0.5}, "float": {"Conv": 2.0, "depthwise Conv": 1.0, "1x1 Conv": 1.0}}
 
@@ -291,7 +291,7 @@ def test_a_classifier_head_runs_as_an_integer_kernel(tmp_path, op):
     path = save(model, tmp_path / "head.onnx")
     x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
     q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
     assert "fc" in report.int8_nodes
     assert optimized_graph_check(q).integer_kernels.get("QGemm") == 1
@@ -378,7 +378,7 @@ def test_identity_is_absorbed_and_a_hardswish_read_by_no_int8_op_gets_its_range(
     path = save(model, tmp_path / "m.onnx")
     x = RNG.normal(size=(16, 3, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
     assert "r" in ranges.tensors and "cb" not in ranges.tensors and "h" not in ranges.tensors
     q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
     assert {"conv", "conv2", "dropout_scale", "conv3"} <= set(report.int8_nodes) and report.hardsigmoids_as_add
@@ -406,7 +406,7 @@ def test_a_gemm_writing_the_graph_output_stays_float(tmp_path):
     path = save(model, tmp_path / "head.onnx")
     x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
     q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
     assert "fc" not in report.int8_nodes and report.kept_float["fc"].startswith("Gemm writing a graph output")
     check = optimized_graph_check(q)
@@ -430,7 +430,7 @@ def test_convtranspose_stays_float_for_onnxruntime_and_is_quantized_for_tensorrt
     path = save(model, tmp_path / "seg.onnx")
     x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="minmax").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", quantkit.CalibrationOptions(methods="minmax")).ranges
     q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
     assert "up" not in report.int8_nodes and "no integer kernel" in report.kept_float["up"]
     weights = {i.name: i for i in q.graph.initializer}
@@ -457,7 +457,7 @@ def test_resize_runs_on_uint8_with_its_input_scale(tmp_path, mode):
     path = save(model, tmp_path / "fpn.onnx")
     x = RNG.normal(size=(16, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
-    ranges = quantkit.calibrate(path, tmp_path / "c.npz", methods="percentile").ranges
+    ranges = quantkit.calibrate(path, tmp_path / "c.npz", quantkit.CalibrationOptions(methods="percentile")).ranges
     q, report = quantize_model(load_model(path), ranges, target="onnxruntime")
     check = optimized_graph_check(q)
     if mode == "nearest":

@@ -45,9 +45,10 @@ def demo_ranges():
     return quantkit.calibrate(
         DEMO_MODEL,
         DEMO_CALIB,
-        methods="all",
-        num_samples=256,
-        preprocess=quantkit.PreprocessSpec.load(DEMO_MODEL.parent / "mnist" / "preprocess.json"),
+        quantkit.CalibrationOptions(methods="all"),
+        data_options=quantkit.DataOptions(
+            num_samples=256, preprocess=quantkit.PreprocessSpec.load(DEMO_MODEL.parent / "mnist" / "preprocess.json")
+        ),
     ).ranges
 
 
@@ -59,7 +60,9 @@ def demo_model():
 def synthetic_ranges(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path: Path, all_tensors: bool = True) -> RangeSet:
     path = save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", **feeds)
-    return quantkit.calibrate(path, tmp_path / "calib.npz", methods="minmax", all_tensors=all_tensors).ranges, load_model(path)
+    return quantkit.calibrate(
+        path, tmp_path / "calib.npz", quantkit.CalibrationOptions(methods="minmax", all_tensors=all_tensors)
+    ).ranges, load_model(path)
 
 
 # ---- scales are exactly what the ranges and weights say --------------------------------------
@@ -317,8 +320,9 @@ def test_bad_inputs(demo_model, demo_ranges, tmp_path, capsys):
     del doc["tensors"]["/features/features.1/features.1.2/Relu_output_0"]
     (tmp_path / "partial.json").write_text(json.dumps(doc))
     partial = RangeSet.load(tmp_path / "partial.json")
-    with pytest.raises(QuantkitError, match=r"no entry for 1 tensor.*features.1.2/Relu_output_0.*--allow-missing"):
+    with pytest.raises(QuantkitError, match=r"no entry for 1 tensor.*features.1.2/Relu_output_0") as refused:
         quantize_model(demo_model, partial)
+    assert refused.value.option == "allow_missing"  # the CLI shows it as --allow-missing (below)
     q, report = quantize_model(demo_model, partial, allow_missing=True)
     assert report.kept_float["/features/features.2/a/a.0/Conv"] == "no range for an input"
     other = load_model(save(conv_model(), tmp_path / "other.onnx"))
@@ -358,7 +362,10 @@ def test_onnxruntime_target_runs_on_integer_kernels_as_it_does_in_fake_quantizat
     import onnxruntime as ort
 
     ranges = quantkit.calibrate(
-        DEMO_MODEL, DEMO_MODEL.parent / "mnist" / "calib", methods="minmax", num_samples=128, preprocess=demo_preprocess
+        DEMO_MODEL,
+        DEMO_MODEL.parent / "mnist" / "calib",
+        quantkit.CalibrationOptions(methods="minmax"),
+        data_options=quantkit.DataOptions(num_samples=128, preprocess=demo_preprocess),
     ).ranges
     q, report = quantize_model(load_model(DEMO_MODEL), ranges, target="onnxruntime")
     assert report.weight_bits == 7

@@ -91,7 +91,7 @@ def test_int8_after_smoothing_is_closer_to_fp32(tmp_path):
     scores = {}
     for name, p in (("plain", path), ("smoothed", smoothed_path)):
         m = quantkit.load_model(p)
-        ranges = quantkit.calibrate(p, x, methods="minmax").ranges
+        ranges = quantkit.calibrate(p, x, quantkit.CalibrationOptions(methods="minmax")).ranges
         q, _ = quantize_model(m, ranges, method="minmax", target="tensorrt")
         scores[name] = sqnr_db(ref, make_session(q).run(None, feeds)[0])
     print(f"INT8 SQNR against FP32: {scores}")
@@ -137,7 +137,12 @@ def test_the_search_error_is_what_the_quantized_model_computes(tmp_path):
     x = rng.normal(size=(256, D)).astype(np.float32) * np.where(np.arange(D) % 9 == 0, 20.0, 1.0).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     info = quantkit.load_model(path)
-    q, _ = quantize_model(info, quantkit.calibrate(path, tmp_path / "x.npy", methods="minmax").ranges, method="minmax", target="tensorrt")
+    q, _ = quantize_model(
+        info,
+        quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="minmax")).ranges,
+        method="minmax",
+        target="tensorrt",
+    )
     got = make_session(q).run(None, {"x": x})[0].astype(np.float64)
     measured = float(np.sum((got - x.astype(np.float64) @ w.astype(np.float64)) ** 2))
     err, energy = int8_matmul_error(x, np.abs(x).max(axis=0), [w], None)

@@ -205,9 +205,10 @@ def test_demo_layer_counts_and_exactness(demo_val):
 def test_calibration_after_fusion_keeps_the_tensors_tensorrt_keeps(tmp_path, demo_preprocess):
     optimized, _ = optimize_model(load_model(DEMO_MODEL))
     path = save(optimized, tmp_path / "demo.opt.onnx")
-    kwargs = {"methods": "minmax", "num_samples": 128, "preprocess": demo_preprocess}
-    after = quantkit.calibrate(path, DEMO_CALIB, out=tmp_path / "out", **kwargs).ranges
-    before = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, **kwargs).ranges
+    options = quantkit.CalibrationOptions(methods="minmax")
+    data = quantkit.DataOptions(num_samples=128, preprocess=demo_preprocess)
+    after = quantkit.calibrate(path, DEMO_CALIB, options, data_options=data, out=tmp_path / "out").ranges
+    before = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, options, data_options=data).ranges
     split = next(n for n in optimized.graph.node if n.op_type == "Split")
     merged = split.input[0]  # the wider conv's output: new, like TensorRT's merged tensor
     assert set(after.tensors) - {merged} <= set(before.tensors)  # otherwise the original activations' names
@@ -234,7 +235,12 @@ def test_cli_inspect_and_optimize(tmp_path, capsys):
 def test_quantized_model_refused(demo_preprocess):
     from quantkit.export.qdq import quantize_model
 
-    ranges = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, methods="minmax", num_samples=32, preprocess=demo_preprocess).ranges
+    ranges = quantkit.calibrate(
+        DEMO_MODEL,
+        DEMO_CALIB,
+        quantkit.CalibrationOptions(methods="minmax"),
+        data_options=quantkit.DataOptions(num_samples=32, preprocess=demo_preprocess),
+    ).ranges
     q, _ = quantize_model(load_model(DEMO_MODEL), ranges)
     with pytest.raises(QuantkitError, match="already quantized"):
         optimize_model(q)
@@ -250,7 +256,12 @@ def test_optimize_for_tensorrt_then_calibrate_and_quantize(tmp_path, demo_prepro
     # the branches' ReLUs run once, after the merged conv, so Conv+ReLU stays one TensorRT layer
     assert report.tensorrt_estimate == 14 and optimize_model(load_model(DEMO_MODEL), ["fold-bn"])[1].tensorrt_estimate == 15
     path = save(optimized, tmp_path / "demo.trt.onnx")
-    ranges = quantkit.calibrate(path, DEMO_CALIB, methods="entropy", num_samples=256, preprocess=demo_preprocess).ranges
+    ranges = quantkit.calibrate(
+        path,
+        DEMO_CALIB,
+        quantkit.CalibrationOptions(methods="entropy"),
+        data_options=quantkit.DataOptions(num_samples=256, preprocess=demo_preprocess),
+    ).ranges
     q, report = quantize_model(load_model(path), ranges)
     assert len(report.int8_nodes) == 11  # 9 convs left after the merge + the Gemm + the residual Add
     images, labels = demo_val

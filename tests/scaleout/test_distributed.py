@@ -11,8 +11,9 @@ ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "ray>
 
 import quantkit  # noqa: E402
 from quantkit.scaleout.ray import KILL_ONCE_ENV, RayExecutor, ray_cluster, shard_bounds  # noqa: E402
-from quantkit.tuning.search import tune  # noqa: E402
-from quantkit.tuning.sensitivity import Evaluator, analyze  # noqa: E402
+from quantkit.tuning.search import run_search as tune  # noqa: E402
+from quantkit.tuning.sensitivity import Evaluator  # noqa: E402
+from quantkit.tuning.sensitivity import rank_nodes as analyze  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +36,31 @@ def test_sharded_calibration_is_byte_identical(cluster, tmp_path):
     # later samples are larger: the range grows at shard boundaries, and merging must be exact
     data = rng.normal(size=(200, 3, 8, 8)).astype(np.float32) * np.linspace(0.1, 40, 200, dtype=np.float32)[:, None, None, None]
     np.save(tmp_path / "x.npy", data)
-    single = quantkit.calibrate(path, tmp_path / "x.npy", methods="all", batch_size=16, out=tmp_path / "single")
-    sharded = quantkit.calibrate(path, tmp_path / "x.npy", methods="all", batch_size=16, workers=2, out=tmp_path / "sharded")
+    single = quantkit.calibrate(
+        path,
+        tmp_path / "x.npy",
+        quantkit.CalibrationOptions(methods="all"),
+        out=tmp_path / "single",
+        data_options=quantkit.DataOptions(batch_size=16),
+    )
+    sharded = quantkit.calibrate(
+        path,
+        tmp_path / "x.npy",
+        quantkit.CalibrationOptions(methods="all"),
+        out=tmp_path / "sharded",
+        data_options=quantkit.DataOptions(batch_size=16),
+        scale_out=quantkit.ScaleOut(workers=2),
+    )
     for name in sorted(p.name for p in (tmp_path / "single").iterdir()):
         assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
     assert sharded.stats.histograms == single.stats.histograms
 
 
 def test_sharded_image_folder_matches_too(cluster, tmp_path, demo_preprocess):
-    kwargs = {"methods": "entropy,minmax", "num_samples": 160, "preprocess": demo_preprocess}
-    one = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, **kwargs).ranges
-    two = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, workers=2, **kwargs).ranges
+    options = quantkit.CalibrationOptions(methods="entropy,minmax")
+    data = quantkit.DataOptions(num_samples=160, preprocess=demo_preprocess)
+    one = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, options, data_options=data).ranges
+    two = quantkit.calibrate(DEMO_MODEL, DEMO_CALIB, options, data_options=data, scale_out=quantkit.ScaleOut(workers=2)).ranges
     assert two.dumps() == one.dumps()
 
 
@@ -66,11 +81,26 @@ def test_distributed_sensitivity_equals_single_process(cluster, tmp_path):
 def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(cluster, tmp_path):
     r, marker_dir = cluster
     info, ranges, data = _planted(tmp_path)
-    reference = tune(info, ranges, Evaluator(info, data, None, None), tmp_path / "local", max_drop=1.0, method="minmax")
+    reference = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path / "local",
+        quantkit.TuneOptions(max_drop=1.0),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     armed = marker_dir / "armed-later"
     armed.mkdir()  # from now on, the first task to run kills its worker once
     executor = RayExecutor(r, info, ranges, "minmax", "tensorrt", workers=2)
-    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path / "ray", max_drop=1.0, method="minmax", executor=executor)
+    result = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path / "ray",
+        quantkit.TuneOptions(max_drop=1.0),
+        executor=executor,
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert (armed / "killed").exists()
     history = json.loads((tmp_path / "ray" / "tune_history.json").read_text())
     plans = [tuple(sorted(t["fallback"])) for t in history["trials"]]

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 from conftest import planted_case
 
+import quantkit
 from quantkit.cli import main
 from quantkit.evaluation.metrics import METRICS
 from quantkit.export.qdq import quantize_model
 from quantkit.plan import PrecisionPlan
-from quantkit.tuning.search import tune
-from quantkit.tuning.sensitivity import Evaluator, analyze
+from quantkit.tuning.search import run_search as tune
+from quantkit.tuning.sensitivity import Evaluator
+from quantkit.tuning.sensitivity import rank_nodes as analyze
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,14 @@ def test_sensitivity_ranks_the_planted_nodes_first(planted):
 
 def test_tune_falls_back_exactly_the_planted_nodes_not_a_prefix(planted, tmp_path):
     _, info, ranges, data = planted
-    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, method="minmax")
+    result = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path,
+        quantkit.TuneOptions(max_drop=1.0),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert result.target_met and sorted(result.best.fallback) == ["conv3", "conv5"]
     history = json.loads((tmp_path / "tune_history.json").read_text())
     assert len(history["trials"]) == len(result.trials) and history["best_trial"] == result.best.index
@@ -43,22 +52,50 @@ def test_tune_falls_back_exactly_the_planted_nodes_not_a_prefix(planted, tmp_pat
 
 def test_forced_stop_keeps_the_full_history_and_the_best_plan(planted, tmp_path):
     _, info, ranges, data = planted
-    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, method="minmax", max_trials=3)
+    result = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path,
+        quantkit.TuneOptions(max_drop=1.0, max_trials=3),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert result.stopped == "max-trials" and len(result.trials) == 3
     history = json.loads((tmp_path / "tune_history.json").read_text())
     assert [t["trial"] for t in history["trials"]] == [0, 1, 2]
     assert all({"fallback", "accuracy", "drop_points", "meets_target", "latency_ms"} <= set(t) for t in history["trials"])
     best = PrecisionPlan.load(tmp_path / "precision_plan.json")  # the best so far: the all-fallback trial, which meets
     assert result.best.meets and set(best.nodes) == set(result.best.fallback)
-    timed = tune(info, ranges, Evaluator(info, data, None, None), tmp_path / "t", max_drop=1.0, method="minmax", timeout=0.0)
+    timed = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path / "t",
+        quantkit.TuneOptions(max_drop=1.0, timeout=0.0),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert timed.stopped == "timeout" and (tmp_path / "t" / "tune_history.json").exists()
 
 
 def test_target_already_met_and_unreachable(planted, tmp_path):
     _, info, ranges, data = planted
-    easy = tune(info, ranges, Evaluator(info, data, None, None), tmp_path / "a", max_drop=100.0, method="minmax")
+    easy = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path / "a",
+        quantkit.TuneOptions(max_drop=100.0),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert easy.best.fallback == [] and any("already meets" in m for m in easy.messages)
-    hard = tune(info, ranges, Evaluator(info, data, None, None), tmp_path / "b", max_drop=-1.0, method="minmax")
+    hard = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path / "b",
+        quantkit.TuneOptions(max_drop=-1.0),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert not hard.target_met and any("cannot be met" in m for m in hard.messages)
     assert (tmp_path / "b" / "precision_plan.json").exists()  # the best found is still saved
 
@@ -95,7 +132,14 @@ def test_target_finer_than_the_standard_error_warns(planted, tmp_path):
     _, info, ranges, data = planted
     labels = [int(i % 10) for i in range(64)]
     ev = Evaluator(info, data[:1], ("top1", METRICS["top1"]), labels)
-    result = tune(info, ranges, ev, tmp_path, max_drop=0.5, method="minmax", max_trials=1)
+    result = tune(
+        info,
+        ranges,
+        ev,
+        tmp_path,
+        quantkit.TuneOptions(max_drop=0.5, max_trials=1),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert any("standard error" in m and "use more validation samples" in m for m in result.messages)
 
 
@@ -120,7 +164,14 @@ def test_a_broken_best_model_is_never_written(planted, tmp_path, capsys):
 
 def test_timeout_holds_during_sensitivity(planted, tmp_path):
     _, info, ranges, data = planted
-    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, method="minmax", timeout=0.0)
+    result = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path,
+        quantkit.TuneOptions(max_drop=1.0, timeout=0.0),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert result.stopped == "timeout" and any("sensitivity stopped after 0 of" in m for m in result.messages)
     assert len(result.trials) == 1  # the all-INT8 trial, which always runs
 
@@ -133,7 +184,14 @@ def test_sqnr_ranking_finds_the_planted_nodes_with_two_passes(planted, tmp_path)
     by_name = {n.name: n for n in result.nodes}
     # conv5's own error shows although conv3 has already collapsed the all-INT8 signal before it
     assert by_name["conv5"].output_sqnr_db < 1 and by_name["conv5"].local_sqnr_db < 10 < by_name["conv1"].local_sqnr_db
-    tuned = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, method="minmax", ranking="sqnr")
+    tuned = tune(
+        info,
+        ranges,
+        Evaluator(info, data, None, None),
+        tmp_path,
+        quantkit.TuneOptions(max_drop=1.0, ranking="sqnr"),
+        export=quantkit.ExportOptions(method="minmax", allow_missing=True),
+    )
     assert tuned.target_met and sorted(tuned.best.fallback) == ["conv3", "conv5"]
 
 
@@ -142,12 +200,14 @@ def test_choose_method_tunes_the_method_whose_all_int8_scores_best(planted, tmp_
     from quantkit.tuning.sensitivity import build_candidate
 
     tmp, info, _, data = planted
-    ranges = quantkit.calibrate(tmp / "planted.onnx", tmp / "calib.npy", methods="minmax,percentile,entropy").ranges
+    ranges = quantkit.calibrate(
+        tmp / "planted.onnx", tmp / "calib.npy", quantkit.CalibrationOptions(methods="minmax,percentile,entropy")
+    ).ranges
     ev = Evaluator(info, data, None, None)
     plan = PrecisionPlan(default="int8")
     alone = {m: ev.evaluate(build_candidate(info, ranges, plan, method=m, target="tensorrt")).accuracy for m in ranges.methods}
     best = max(ranges.methods, key=lambda m: (alone[m], -list(ranges.methods).index(m)))
-    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, max_drop=1.0, choose_method=True)
+    result = tune(info, ranges, Evaluator(info, data, None, None), tmp_path, quantkit.TuneOptions(max_drop=1.0, choose_method=True))
     assert result.method == best and any(m.startswith("all-INT8 by calibration method") for m in result.messages)
     history = json.loads((tmp_path / "tune_history.json").read_text())
     assert history["method"] == best and history["all_int8_by_method"] == pytest.approx(alone)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
 
 
 def zen_lines() -> list[str]:
@@ -83,6 +82,7 @@ PREPROCESS = {"scale": 1 / 255, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
 def main() -> None:
     model = model_path()
 
+    import quantkit
     from quantkit.data import PreprocessSpec
     from quantkit.evaluation.run import evaluate
     from quantkit.report.eval import to_markdown, write_report
@@ -93,12 +93,14 @@ def main() -> None:
         result = evaluate(
             model,
             val,
-            variants="fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse,int8-tensorrt:percentile,modelopt",
+            quantkit.EvalOptions(
+                variants="fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse,int8-tensorrt:percentile,modelopt",
+                num_calib_samples=400,
+                max_drop=1.0,
+            ),
             calib=calib,
-            preprocess=preprocess,
-            num_calib_samples=400,
-            max_drop=1.0,
             quiet=False,
+            data_options=quantkit.DataOptions(preprocess=preprocess),
         )
     result.data["path"] = "Zen of Python text lines rendered by scripts/ppocr_cls_report.py (1,000 validation, 400 calibration)"
     out = ROOT / "reports" / "ppocr_cls"

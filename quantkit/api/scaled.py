@@ -9,36 +9,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantkit.calibration.pipeline import CalibrationResult
-from quantkit.calibration.pipeline import calibrate as _calibrate
+from quantkit.calibration.pipeline import CalibrationResult, run_calibration
 from quantkit.model import ModelInfo
-from quantkit.options import CalibrationOptions, ExportOptions, ScaleOut, TuneOptions, split_options
+from quantkit.options import CalibrationOptions, DataOptions, ExportOptions, RuntimeOptions, ScaleOut, TuneOptions
 from quantkit.ranges import RangeSet
-from quantkit.tuning.search import TuneResult
-from quantkit.tuning.search import tune as _tune
-from quantkit.tuning.sensitivity import Evaluator, SensitivityResult
-from quantkit.tuning.sensitivity import analyze as _analyze
+from quantkit.tuning.search import TuneResult, run_search
+from quantkit.tuning.sensitivity import Evaluator, SensitivityResult, rank_nodes
 
 
 def calibrate(
     model: str | Path | ModelInfo,
-    data: str | Path,
+    data: str | Path | Any,
     options: CalibrationOptions | None = None,
     *,
+    data_options: DataOptions | None = None,
+    runtime: RuntimeOptions | None = None,
     scale_out: ScaleOut | None = None,
-    **kwargs: Any,
+    out: str | Path | None = None,
+    quiet: bool = True,
 ) -> CalibrationResult:
-    """``quantkit.calibration.pipeline.calibrate``, on Ray workers when ``scale_out`` asks for them.
-
-    The old keywords ``workers=``, ``ray_address=`` and ``gpus_per_worker=`` fill ``scale_out``.
-    """
-    scale_kwargs = {k: kwargs.pop(k) for k in ("workers", "ray_address", "gpus_per_worker") if k in kwargs}
-    (scale_out,) = split_options(scale_kwargs, "calibrate", scale_out or ScaleOut())
-    if scale_out.enabled and "collector" not in kwargs:
+    """Calibrate ``model`` on ``data`` (``quantkit.calibration.pipeline.run_calibration``), on Ray
+    workers when ``scale_out`` asks for them; ranges.json and the caches go to ``out`` if given."""
+    collector = None
+    if scale_out is not None and scale_out.enabled:
         from quantkit.scaleout.ray import RayCollector
 
-        kwargs["collector"] = RayCollector(scale_out)
-    return _calibrate(model, data, options, **kwargs)
+        collector = RayCollector(scale_out)
+    return run_calibration(model, data, options, data_options=data_options, runtime=runtime, out=out, quiet=quiet, collector=collector)
 
 
 def _with_executor(scale_out: ScaleOut | None, model: ModelInfo, ranges: RangeSet, export: ExportOptions, run: Any, quiet: bool) -> Any:
@@ -63,14 +60,14 @@ def analyze(
     subset: int | None = 256,
     quiet: bool = True,
 ) -> SensitivityResult:
-    """Per-node sensitivity (``quantkit.tuning.sensitivity.analyze``), on Ray workers when asked."""
+    """Per-node sensitivity (``quantkit.tuning.sensitivity.rank_nodes``), on Ray workers when asked."""
     export = export or ExportOptions(allow_missing=True)
     return _with_executor(
         scale_out,
         model,
         ranges,
         export,
-        lambda ex: _analyze(model, ranges, evaluator, method=export.method, target=export.target, subset=subset, executor=ex),
+        lambda ex: rank_nodes(model, ranges, evaluator, method=export.method, target=export.target, subset=subset, executor=ex),
         quiet,
     )
 
@@ -82,14 +79,18 @@ def tune(
     out_dir: str | Path,
     options: TuneOptions | None = None,
     *,
+    export: ExportOptions | None = None,
     scale_out: ScaleOut | None = None,
     quiet: bool = True,
-    **kwargs: Any,
 ) -> TuneResult:
-    """``quantkit.tuning.search.tune`` (same arguments; ``export=`` and the old keywords too), on Ray
-    workers when ``scale_out`` asks for them (``quiet`` silences their progress)."""
-    export = kwargs.pop("export", None) or ExportOptions(allow_missing=True)
-    options, export = split_options(kwargs, "tune", options or TuneOptions(), export)
+    """The per-layer precision search (``quantkit.tuning.search.run_search``), on Ray workers when
+    ``scale_out`` asks for them (``quiet`` silences their progress)."""
+    export = export or ExportOptions(allow_missing=True)
     return _with_executor(
-        scale_out, model, ranges, export, lambda ex: _tune(model, ranges, evaluator, out_dir, options, export=export, executor=ex), quiet
+        scale_out,
+        model,
+        ranges,
+        export,
+        lambda ex: run_search(model, ranges, evaluator, out_dir, options, export=export, executor=ex),
+        quiet,
     )

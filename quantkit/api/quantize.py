@@ -1,0 +1,281 @@
+"""``quantize``: an explicitly quantized model, written only after it passes the fidelity check.
+
+The steps, each a short function: the sources (ranges.json, a TensorRT cache, or none for int4
+weights) -> the format (``QuantizeOptions.format``, else the plan's, else int8) and its default
+method -> SmoothQuant (which calibrates the smoothed model itself) -> placement for the target
+(``quantkit.export``), or the fastest placement measured on this CPU -> the fidelity check
+against FP32 (``quantkit.evaluation.check.verify``) -> one atomic write. What the CLI prints is
+``QuantizeResult.summary()``; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from quantkit._io import check_output_file, write_bytes_atomic
+from quantkit.api.scaled import calibrate
+from quantkit.backends.ort import OptimizedGraphCheck, optimized_graph_check
+from quantkit.data.batching import batches, fixed_batch
+from quantkit.data.preprocess import PreprocessSpec
+from quantkit.data.sources import open_source
+from quantkit.errors import QuantkitError
+from quantkit.evaluation.check import FidelityCheck, check_samples, verify
+from quantkit.export.apply import AppliedPlan, apply_plan
+from quantkit.export.fp16 import Fp16Report
+from quantkit.export.int4 import Int4Report, quantize_int4_weights
+from quantkit.export.qdq import QuantizeReport, record_quantization
+from quantkit.export.smoothquant import SmoothReport, check_alpha, smooth_model
+from quantkit.model import ModelInfo, load_model
+from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, QuantizeOptions
+from quantkit.plan import QUANTIZED_FORMATS, PrecisionPlan
+from quantkit.ranges import RangeSet
+from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_cache
+from quantkit.tuning.speed import SpeedChoice, fastest_placement
+
+#: with format fp8 and no method: E4M3 spans about 18 binades, so clipping buys little precision
+#: and costs the clipped values. all-MiniLM-L6-v2 (bench/encoder.py), embedding cosine: max 0.9975,
+#: mse-fp8 0.9974, entropy 0.990, percentile 0.992; ModelOpt's FP8 calibration is max too
+FP8_DEFAULT_METHODS = ("mse-fp8", "minmax")
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` wrote and decided: the file, every node's placement and why, the check's verdict."""
+
+    output: Path
+    model: onnx.ModelProto
+    format: str
+    report: QuantizeReport | Int4Report
+    fidelity: FidelityCheck
+    source_bytes: int  # the FP32 model's size
+    fp16: Fp16Report | None = None
+    smoothquant: SmoothReport | None = None
+    speed: SpeedChoice | None = None
+    ort_graph: OptimizedGraphCheck | None = None  # what onnxruntime's CPU provider runs in int8 (onnxruntime target)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def kept_float(self) -> dict[str, str]:
+        """Node -> why it stays in float (Q/DQ formats)."""
+        return dict(getattr(self.report, "kept_float", {}))
+
+    def summary(self) -> str:
+        """The lines ``quantkit quantize`` prints, in order."""
+        lines = [*self.notes]
+        if self.smoothquant is not None:
+            lines.append(self.smoothquant.summary())
+        if self.fp16 is not None:
+            lines.append(self.fp16.summary())
+        lines += [self.fidelity.summary(), self.report.summary()]
+        if self.ort_graph is not None:
+            lines.append(self.ort_graph.summary())
+        if self.speed is not None:
+            lines.append(self.speed.summary())
+        lines += [f"warning: {w}" for w in self.warnings]
+        if not self.fidelity.ok:
+            lines.append(f"warning: wrote a broken model (forced): {self.fidelity.failure()}")
+        size = self.output.stat().st_size / 1e6
+        extra = f", FP32 was {self.source_bytes / 1e6:.2f} MB" if self.format == "int4-weights" else ""
+        lines.append(f"wrote {self.output} ({size:.2f} MB{extra})")
+        return "\n".join(lines)
+
+
+def quantize(
+    model: str | Path | ModelInfo,
+    output: str | Path,
+    options: QuantizeOptions | None = None,
+    *,
+    data: str | Path | Any = None,
+    data_options: DataOptions | None = None,
+    check: CheckOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Write the quantized ``model`` to ``output`` (see the module docstring) and return what was done.
+
+    ``data`` feeds the fidelity check (default: the calibration data that ranges.json records),
+    SmoothQuant's statistics and calibration, and int4's clip search; ``data_options.preprocess``
+    reads it. ``progress`` receives a line per step of a speed measurement.
+    """
+    options = options or QuantizeOptions()
+    check = check or CheckOptions()
+    preprocess = (data_options or DataOptions()).preprocess
+    model_path = model.path if isinstance(model, ModelInfo) else model
+    out = check_output_file(output, model_path, options.ranges, options.from_cache, options.plan)
+    plan = PrecisionPlan.load(options.plan) if options.plan else None
+    fmt = _resolve_format(options, plan)
+    _check_sources(options, fmt)
+    info = model if isinstance(model, ModelInfo) else load_model(model)
+    job = _Job(info, out, options, fmt, plan, data, preprocess, check, progress)
+    if fmt == "int4-weights":
+        return _int4(job)
+    return _smoothquant(job) if options.smoothquant else _qdq(job)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One ``quantize`` call, resolved: what every path below needs."""
+
+    info: ModelInfo
+    out: Path
+    options: QuantizeOptions
+    fmt: str
+    plan: PrecisionPlan | None
+    data: Any
+    preprocess: PreprocessSpec | None
+    check: CheckOptions
+    progress: Callable[[str], None] | None
+
+    def verify(self, candidate: onnx.ModelProto, ranges: RangeSet | None = None) -> FidelityCheck:
+        """The fidelity check of ``candidate`` against the FP32 model, on the check data."""
+        return verify(self.info, candidate, self.check, data=self.data, preprocess=self.preprocess, ranges=ranges)
+
+    def result(self, model: onnx.ModelProto, report: QuantizeReport | Int4Report, fidelity: FidelityCheck, **extra: Any) -> QuantizeResult:
+        """Write ``model`` atomically (after its check) and describe it."""
+        write_bytes_atomic(self.out, model.SerializeToString())
+        return QuantizeResult(self.out, model, self.fmt, report, fidelity, self.info.path.stat().st_size, **extra)
+
+
+def _resolve_format(options: QuantizeOptions, plan: PrecisionPlan | None) -> str:
+    """The format asked for, else the plan's quantized_format, else int8; a plan made for another format is refused."""
+    plan_format = plan.quantized_format if plan is not None else None
+    if options.format is None:
+        return plan_format or "int8"
+    if plan_format and options.format in QUANTIZED_FORMATS and options.format != plan_format:
+        raise QuantkitError(
+            f"{options.plan} was made for {plan_format} (its quantized_format) but the format is {options.format}: its choices were "
+            f"checked in {plan_format}; tune again for {options.format}, or leave the format out",
+            option="format",
+        )
+    return options.format
+
+
+def _check_sources(options: QuantizeOptions, fmt: str) -> None:
+    """What each format needs, refused before any work."""
+    if options.measure_speed and (options.target != "onnxruntime" or fmt != "int8" or options.smoothquant):
+        raise QuantkitError(
+            "the speed measurement times onnxruntime's CPU kernels: use it with target onnxruntime (int8, without smoothquant)",
+            option="measure_speed",
+        )
+    if fmt == "int4-weights":
+        if options.ranges or options.from_cache or options.plan:
+            raise QuantkitError("int4-weights quantizes weights only: it takes no ranges, cache or plan", option="format")
+        return
+    if options.smoothquant:
+        if options.ranges or options.from_cache:
+            raise QuantkitError("smoothquant calibrates the smoothed model itself: give data, not ranges or a cache", option="smoothquant")
+        check_alpha(options.alpha)
+    elif not (options.ranges or options.from_cache):
+        raise QuantkitError("give the ranges (ranges.json from quantkit calibrate) or a TensorRT cache to migrate", option="ranges")
+
+
+def _calibration_batches(info: ModelInfo, data: Any, preprocess: PreprocessSpec | None) -> Any:
+    """The data as batches, streamed (the statistics that read them keep no sample in memory)."""
+    return batches(open_source(data, info, preprocess, shuffle=False), info, fixed_batch(info) or 16)
+
+
+def _int4(job: _Job) -> QuantizeResult:
+    calibration = _calibration_batches(job.info, job.data, job.preprocess) if job.data else None
+    quantized, report = quantize_int4_weights(job.info, block_size=job.options.block_size, calibration=calibration)
+    return job.result(quantized, report, job.verify(quantized))
+
+
+def _smoothquant(job: _Job) -> QuantizeResult:
+    """Smooth, calibrate the smoothed model on the same data, quantize it, check it against the original FP32 model."""
+    if not job.data:
+        raise QuantkitError("smoothquant calibrates the smoothed model itself: give data", option="data")
+    alpha = check_alpha(job.options.alpha)
+    smoothed, smooth_report = smooth_model(job.info, _calibration_batches(job.info, job.data, job.preprocess), alpha)
+    with tempfile.TemporaryDirectory(prefix="quantkit-sq-") as tmp:
+        path = Path(tmp) / job.info.path.name
+        onnx.save(smoothed, str(path))
+        smoothed_info = load_model(path)
+        method = job.options.method or ("minmax" if job.fmt == "fp8" else "entropy")
+        data_options = DataOptions(preprocess=job.preprocess)
+        ranges = calibrate(smoothed_info, job.data, CalibrationOptions(methods=method), data_options=data_options).ranges
+        applied = apply_plan(smoothed_info, ranges, job.plan, dataclasses.replace(job.options.export(job.fmt), method=method))
+        record_quantization(applied.model, applied.model, {"smoothquant_alpha": alpha})
+        fidelity = job.verify(applied.model)  # against the original FP32 model
+    return job.result(applied.model, applied.quantize, fidelity, fp16=applied.fp16, smoothquant=smooth_report)
+
+
+def _ranges_and_warnings(info: ModelInfo, options: QuantizeOptions, fmt: str) -> tuple[RangeSet, str | None, list[str], list[str]]:
+    """The ranges to place with, the method, notes and warnings: from ranges.json (with the format's
+    default method) or migrated from a TensorRT cache."""
+    if options.from_cache:
+        return (*_cache_ranges(info, options), [])
+    ranges = RangeSet.load(options.ranges)
+    method, notes = options.method, []
+    if fmt == "fp8" and method is None:  # mse-fp8 where calibrated, else each tensor's observed max
+        method = next((m for m in FP8_DEFAULT_METHODS if m in ranges.methods), "minmax")
+        if method == "minmax" and "minmax" not in ranges.methods:
+            ranges = ranges.with_observed_max("minmax")
+        notes.append(f"fp8: {method} ranges (E4M3's range needs no clipping; a method option chooses another)")
+    return ranges, method, _method_format_warning(ranges, method, fmt), notes
+
+
+def _cache_ranges(info: ModelInfo, options: QuantizeOptions) -> tuple[RangeSet, str | None, list[str]]:
+    cache = read_trt_cache(options.from_cache)
+    warnings = []
+    if options.trt_version and cache.version != encode_version(options.trt_version):
+        warnings.append(f"{options.from_cache} was written for TensorRT {cache.version_string}, not {options.trt_version}")
+    ranges = ranges_from_trt_cache(cache, options.from_cache)
+    known = {name for node in info.proto.graph.node for name in [*node.input, *node.output]}
+    if ranges.tensors and not set(ranges.tensors) & known:
+        raise QuantkitError(
+            f"none of the {len(ranges.tensors)} tensors in {options.from_cache} is a tensor of {info.path} "
+            f"(first: {next(iter(ranges.tensors))!r}): is it the cache of another model?",
+            option="from_cache",
+        )
+    return ranges, options.method, warnings
+
+
+def _method_format_warning(ranges: RangeSet, method: str | None, fmt: str) -> list[str]:
+    method = ranges.method_name(method)
+    made_for = ranges.method_format(method)
+    if made_for in ("any", fmt):
+        return []
+    fits = "mse-fp8 or minmax" if fmt == "fp8" else "mse, entropy or percentile"
+    return [f"the {method} ranges were chosen for {made_for}'s grid, not {fmt}'s: {fits} fit {fmt} (quantkit calibrate --method)"]
+
+
+def _qdq(job: _Job) -> QuantizeResult:
+    options = job.options
+    ranges, method, warnings, notes = _ranges_and_warnings(job.info, options, job.fmt)
+    # a cache from TensorRT covers what TensorRT calibrated; the rest stays float, with a warning
+    export = dataclasses.replace(options.export(job.fmt, allow_missing=True if options.from_cache else None), method=method)
+    range_aware_fp16 = bool(options.ranges)
+    speed = None
+    if options.measure_speed:
+        fixed = fixed_batch(job.info)
+        sizes = [fixed] if fixed else list(options.measure_speed)  # a static batch dimension wins
+        feeds, _ = check_samples(job.info, job.data, job.preprocess, ranges, 1)
+        speed = fastest_placement(
+            job.info, ranges, export, feeds[0], sizes, plan=job.plan, progress=job.progress, range_aware_fp16=range_aware_fp16
+        )
+    applied: AppliedPlan = speed.applied if speed else apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16)
+    warnings += _placement_warnings(options, job.fmt, applied.quantize)
+    fidelity = job.verify(applied.model, None if options.from_cache else ranges)
+    ort_graph = optimized_graph_check(applied.model) if options.target == "onnxruntime" and job.fmt == "int8" else None
+    extra = {"fp16": applied.fp16, "speed": speed, "ort_graph": ort_graph, "notes": notes, "warnings": warnings}
+    return job.result(applied.model, applied.quantize, fidelity, **extra)
+
+
+def _placement_warnings(options: QuantizeOptions, fmt: str, report: QuantizeReport) -> list[str]:
+    warnings = []
+    if options.from_cache and report.missing_ranges:
+        shown = ", ".join(report.missing_ranges[:5])
+        warnings.append(f"{len(report.missing_ranges)} tensor(s) have no entry in the cache; their ops stay in float: {shown}")
+    if fmt == "int8" and any(r.startswith("attention core") for r in report.kept_float.values()):
+        warnings.append(
+            "a transformer: --smoothquant (with --data) moves its activations' outlier channels into the weights "
+            "(reports/bench/encoder.md measures what it gains)"
+        )
+    return warnings

@@ -1,0 +1,31 @@
+"""Compare a `quantkit demo` output folder with the golden SHA-256 list (tests/demo/golden/SHA256SUMS).
+
+Usage: python scripts/check_demo_golden.py reports/demo. Exit 1 when a file differs. ranges.json
+comes from onnxruntime's float arithmetic, which may differ in the last bits between CPUs: a
+ranges.json mismatch on another CPU is not a regression by itself; the other files must match
+whenever ranges.json does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "demo" / "golden" / "SHA256SUMS"
+
+
+def main(folder: str) -> int:
+    differ = 0
+    for line in GOLDEN.read_text().splitlines():
+        digest, name = line.split()
+        path = Path(folder) / name
+        got = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+        same = got == digest
+        differ += not same
+        print(f"{'same' if same else 'DIFFERS'}  {name}")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "reports/demo"))
