@@ -27,6 +27,22 @@ class InputSpec:
     # for an image input with free height/width: the total downsampling of the graph behind it,
     # which those sizes must be multiples of (a stride-32 detector concatenates its FPN levels)
     stride: int = 1
+    # the axis samples are stacked along (0 for most; 1 for an RNN state [layers, batch, hidden]);
+    # None for an input every sample shares (a scalar sample rate, a fixed-shape configuration)
+    batch_axis: int | None = 0
+
+    @property
+    def sample_shape(self) -> tuple[int | str | None, ...]:
+        """The shape of one sample: the input's shape without its batch axis."""
+        if self.batch_axis is None:
+            return self.shape
+        return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1 :]
+
+    def batched(self, sample: np.ndarray, count: int = 1) -> np.ndarray:
+        """One sample as a batch of ``count`` copies (an unbatched input as it is)."""
+        if self.batch_axis is None:
+            return sample
+        return np.repeat(np.expand_dims(sample, self.batch_axis), count, axis=self.batch_axis)
 
     @property
     def is_float(self) -> bool:
@@ -47,6 +63,11 @@ class ModelInfo:
     inputs: tuple[InputSpec, ...]
 
     @property
+    def batch_axes(self) -> dict[str, int | None]:
+        """Input name -> the axis its samples are stacked along (None: shared by every sample)."""
+        return {i.name: i.batch_axis for i in self.inputs}
+
+    @property
     def float_inputs(self) -> tuple[InputSpec, ...]:
         return tuple(i for i in self.inputs if i.is_float)
 
@@ -63,6 +84,30 @@ def _dtype(elem_type: int) -> np.dtype:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, TypeError):
         return np.dtype(object)
+
+
+def batch_axes(shapes: list[tuple[int | str | None, ...]]) -> list[int | None]:
+    """Each input's batch axis, read from the graph's symbolic dimensions.
+
+    With every shape fixed (a fixed-batch model), axis 0 of each input of rank >= 1 is its batch.
+    Otherwise the batch dimension is the first dynamic axis 0 (its name, e.g. ``batch_size``): an
+    input that carries that name elsewhere is batched there (a state [layers, batch_size, hidden]),
+    one whose axis 0 is dynamic is batched on it, and a scalar or an input of fixed shape is shared
+    by every sample (a sample rate, a configuration tensor).
+    """
+    dynamic = [s[0] for s in shapes if s and not isinstance(s[0], int)]
+    name = next((d for d in dynamic if isinstance(d, str)), None)
+    axes: list[int | None] = []
+    for shape in shapes:
+        if not shape:
+            axes.append(None)
+        elif not dynamic:
+            axes.append(0)
+        elif name is not None and name in shape:
+            axes.append(shape.index(name))
+        else:
+            axes.append(0 if not isinstance(shape[0], int) else None)
+    return axes
 
 
 def _shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
@@ -222,8 +267,11 @@ def load_model(path: str | Path) -> ModelInfo:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
         raise QuantkitError(f"{path} is not a valid ONNX model: {first}") from None
     initializers = {init.name for init in proto.graph.initializer}
+    graph_inputs = [vi for vi in proto.graph.input if vi.name not in initializers]
+    axes = batch_axes([_shape(vi) for vi in graph_inputs])
     inputs = tuple(
-        InputSpec(vi.name, _shape(vi), _dtype(vi.type.tensor_type.elem_type)) for vi in proto.graph.input if vi.name not in initializers
+        InputSpec(vi.name, _shape(vi), _dtype(vi.type.tensor_type.elem_type), batch_axis=axis)
+        for vi, axis in zip(graph_inputs, axes, strict=True)
     )
     free = [i.name for i in inputs if len(i.shape) == 4 and not all(isinstance(d, int) for d in i.shape[2:])]
     if free:

@@ -27,8 +27,8 @@ DEFAULT_MAX_MEMORY = 1 << 30
 MAX_BINS = 1 << 16
 #: the fidelity check: an output below this SQNR against FP32 has collapsed (see quantkit.evaluation.check)
 MIN_SQNR_DB = 4.0
-#: the fidelity check's samples
-CHECK_SAMPLES = 8
+#: the fidelity check's samples: enough that a task measure (agreement, IoU) is not one sample's noise
+CHECK_SAMPLES = 32
 #: what ``quantkit quantize`` writes: Q/DQ in int8 or fp8, or int4 weights only
 QUANTIZE_FORMATS = ("int8", "fp8", "int4-weights")
 
@@ -219,9 +219,11 @@ class Fp16Options:
     plan: str | Path | None = None  # nodes the plan marks fp32 stay float32
     num_samples: int | None = None  # of the min/max pass over the data (default: all, or what ranges.json used)
     keep_op_types: tuple[str, ...] = ()
+    max_memory: int = DEFAULT_MAX_MEMORY  # activations the min/max pass may hold at once (it picks the batch from it)
 
     def __post_init__(self) -> None:
         _positive_int(self.num_samples, "num_samples")
+        _positive_int(self.max_memory, "max_memory", allow_none=False)
         if isinstance(self.keep_op_types, str):
             raise QuantkitError(
                 f"keep_op_types must be a sequence of op types, got the string {self.keep_op_types!r}", option="keep_op_types"

@@ -10,7 +10,6 @@ import onnx
 
 from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.api.scaled import calibrate
-from quantkit.data.batching import fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import FidelityCheck, data_or_recorded, verify
@@ -88,13 +87,13 @@ def _complete_ranges(
     """ranges.json, with what it lacks from one min/max pass over every float tensor of the data."""
     if data is not None:
         recorded = ranges.calibration.get("num_samples") if ranges is not None else None
+        # streamed, at the batch its memory budget allows: every float tensor is watched, so a fixed
+        # batch of 32 held 15.6 GB of a 10.8 MB model's activations
         observed = calibrate(
             info,
             data,
-            CalibrationOptions(methods="minmax", all_tensors=True),
-            data_options=DataOptions(
-                preprocess=preprocess, num_samples=options.num_samples or recorded, shuffle=False, batch_size=fixed_batch(info) or 32
-            ),
+            CalibrationOptions(methods="minmax", all_tensors=True, max_memory=options.max_memory),
+            data_options=DataOptions(preprocess=preprocess, num_samples=options.num_samples or recorded, shuffle=False),
         ).ranges
         ranges = observed if ranges is None else ranges.with_missing_from(observed)
     if ranges is None:

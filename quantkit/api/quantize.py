@@ -11,6 +11,7 @@ against FP32 (``quantkit.evaluation.check.verify``) -> one atomic write. What th
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from quantkit.data.batching import batches, fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
-from quantkit.evaluation.check import FidelityCheck, check_samples, verify
+from quantkit.evaluation.check import SYNTHETIC, FidelityCheck, check_fidelity, check_samples, verify
 from quantkit.export.apply import AppliedPlan, apply_plan
 from quantkit.export.fp16 import Fp16Report
 from quantkit.export.int4 import Int4Report, quantize_int4_weights
@@ -249,9 +250,12 @@ def _method_format_warning(ranges: RangeSet, method: str | None, fmt: str) -> li
 def _qdq(job: _Job) -> QuantizeResult:
     options = job.options
     ranges, method, warnings, notes = _ranges_and_warnings(job.info, options, job.fmt)
+    range_aware_fp16 = bool(options.ranges)
+    if method is None and job.fmt == "int8" and len(_int8_methods(ranges)) > 1:
+        method, note = _choose_method(job, ranges, range_aware_fp16)
+        notes.append(note)
     # a cache from TensorRT covers what TensorRT calibrated; the rest stays float, with a warning
     export = dataclasses.replace(options.export(job.fmt, allow_missing=True if options.from_cache else None), method=method)
-    range_aware_fp16 = bool(options.ranges)
     speed = None
     if options.measure_speed:
         fixed = fixed_batch(job.info)
@@ -266,6 +270,38 @@ def _qdq(job: _Job) -> QuantizeResult:
     ort_graph = optimized_graph_check(applied.model) if options.target == "onnxruntime" and job.fmt == "int8" else None
     extra = {"fp16": applied.fp16, "speed": speed, "ort_graph": ort_graph, "notes": notes, "warnings": warnings}
     return job.result(applied.model, applied.quantize, fidelity, **extra)
+
+
+def _int8_methods(ranges: RangeSet) -> list[str]:
+    return [m for m in ranges.methods if ranges.method_format(m) in ("int8", "any")]
+
+
+def _choose_method(job: _Job, ranges: RangeSet, range_aware_fp16: bool) -> tuple[str, str]:
+    """Without a method: every calibrated INT8 method's model, judged by the gate on the check
+    samples; the best task measure wins (then SQNR; a tie keeps the ranges' default, listed first).
+    All methods come from one histogram pass, so this costs a build and a check run per method."""
+    feeds, source = check_samples(job.info, job.data, job.preprocess, ranges, job.check.samples)
+    scores = {}
+    for method in _int8_methods(ranges):
+        export = dataclasses.replace(job.options.export(job.fmt), method=method)
+        candidate = apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16).model
+        result = check_fidelity(job.info.proto, candidate, feeds, source=source, min_sqnr_db=job.check.min_sqnr, real=source != SYNTHETIC)
+        scores[method] = (result.ok, *_task_and_sqnr(result))
+    best = max(scores, key=lambda m: scores[m])  # max keeps the first of equal keys: the default method
+    shown = ", ".join(f"{m} {_describe(scores[m])}" for m in scores)
+    return best, f"method: {best}, the best of the calibrated methods on {len(feeds)} check batch(es) from {source} ({shown})"
+
+
+def _task_and_sqnr(result: FidelityCheck) -> tuple[float, float]:
+    """The worst task measure over the outputs (1 where no output has one) and the worst finite SQNR."""
+    tasks = [o.task.value for o in result.outputs if o.task is not None]
+    sqnrs = [o.sqnr_db for o in result.outputs if math.isfinite(o.sqnr_db)]
+    return (min(tasks) if tasks else 1.0), (min(sqnrs) if sqnrs else math.inf)
+
+
+def _describe(score: tuple[bool, float, float]) -> str:
+    ok, task, sqnr = score
+    return f"{'task ' + format(task, '.1%') + ', ' if task < 1.0 else ''}{sqnr:.1f} dB" + ("" if ok else ", refused")
 
 
 def _placement_warnings(options: QuantizeOptions, fmt: str, report: QuantizeReport) -> list[str]:

@@ -142,8 +142,9 @@ def profile_from_shapes(inputs: Sequence[Any], seen: dict[str, list[list[int]]])
             continue
         lo = tuple(min(s[k] for s in shapes) for k in range(len(spec.shape)))
         hi = tuple(max(s[k] for s in shapes) for k in range(len(spec.shape)))
-        if not isinstance(spec.shape[0], int):
-            lo = (1, *lo[1:])
+        axis = spec.batch_axis
+        if axis is not None and not isinstance(spec.shape[axis], int):
+            lo = (*lo[:axis], 1, *lo[axis + 1 :])
         profiles.append(ShapeProfile(spec.name, lo, hi, hi))
     return profiles
 

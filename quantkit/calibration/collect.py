@@ -104,6 +104,12 @@ class CalibrationStats:
         hists = {n: TensorHistogram.from_dict(h) for n, h in d["histograms"].items()}
         return cls(hists, int(d["num_samples"]), int(d["batch_size"]), {k: [list(s) for s in v] for k, v in d["input_shapes"].items()})
 
+    def joined(self, other: CalibrationStats, order: Sequence[str]) -> CalibrationStats:
+        """Statistics of other tensors over the same samples (a second pass over the data), in ``order``."""
+        both = {**self.histograms, **other.histograms}
+        histograms = {name: both[name] for name in order if name in both}
+        return CalibrationStats(histograms, self.num_samples, self.batch_size, self.input_shapes)
+
     def merge(self, other: CalibrationStats) -> CalibrationStats:
         """Statistics of two shards together (exact: equal to collecting both in one run)."""
         names = list(self.histograms) + [n for n in other.histograms if n not in self.histograms]
@@ -244,11 +250,11 @@ _QUEUED_BATCHES = 2
 MAX_AUTO_BATCH = 256
 
 
-def activation_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: Sequence[str]) -> tuple[int, int]:
-    """Bytes of (every intermediate tensor, the calibrated tensors) for one run on ``feeds``.
+def tensor_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """Bytes of every intermediate tensor (and output) for one run on ``feeds``.
 
     From ONNX shape inference with the inputs' concrete shapes; tensors whose shape stays
-    unknown are left out. An upper bound of onnxruntime's activations (it reuses buffers).
+    unknown are left out.
     """
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
@@ -261,9 +267,8 @@ def activation_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tenso
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - best effort: no estimate
-        return 0, 0
-    wanted = set(tensors)
-    total = chosen = 0
+        return {}
+    sizes = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.output]:
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
@@ -273,11 +278,40 @@ def activation_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tenso
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
         except (KeyError, TypeError):
             continue
-        size = int(np.prod(dims, dtype=np.int64)) * itemsize
-        total += size
-        if vi.name in wanted:
-            chosen += size
-    return total, chosen
+        sizes[vi.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    return sizes
+
+
+def activation_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: Sequence[str]) -> tuple[int, int]:
+    """Bytes of (every intermediate tensor, the calibrated tensors) for one run on ``feeds``: an
+    upper bound of onnxruntime's activations (it reuses buffers)."""
+    sizes = tensor_bytes(model, feeds)
+    wanted = set(tensors)
+    return sum(sizes.values()), sum(v for k, v in sizes.items() if k in wanted)
+
+
+def tensor_groups(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Sequence[str], max_memory: int) -> list[list[str]]:
+    """The calibrated tensors in groups, each collected in its own pass over the data, so that one
+    sample's activations stay near ``max_memory`` when they do not fit it in one pass.
+
+    A pass keeps its group's tensors until the run ends (they are the run's outputs) and queues
+    them for the histograms, while onnxruntime frees the others as it goes: a group costs about
+    (1 + queued batches) x its bytes, plus twice the model's largest tensor for the run itself.
+    A tensor too large for any group gets one of its own. Order is kept, so the ranges are the
+    same bytes as one pass's."""
+    specs = {i.name: i for i in model.inputs}
+    sizes = tensor_bytes(model.proto, {k: specs[k].batched(v) for k, v in sample.items()})
+    room = max_memory - 2 * max(sizes.values(), default=0)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in tensors:
+        cost = (1 + _QUEUED_BATCHES) * sizes.get(name, 0)
+        if groups[-1] and used + cost > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += cost
+    return groups
 
 
 def batch_size_for(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Sequence[str], max_memory: int) -> tuple[int, int]:
@@ -287,7 +321,8 @@ def batch_size_for(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Seq
     the batches queued for the histograms. A model with a fixed batch dimension keeps it.
     """
     fixed = fixed_batch(model)
-    one = {k: v[None] if fixed is None else v[None].repeat(fixed, axis=0) for k, v in sample.items()}
+    specs = {i.name: i for i in model.inputs}
+    one = {k: specs[k].batched(v, fixed or 1) for k, v in sample.items()}
     total, chosen = activation_bytes(model.proto, one, tensors)
     per_sample = (total + _QUEUED_BATCHES * chosen) // (fixed or 1)
     if fixed is not None:

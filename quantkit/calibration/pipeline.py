@@ -28,6 +28,7 @@ from quantkit.calibration.collect import (
     SourceSpec,
     batch_size_for,
     select_calibration_tensors,
+    tensor_groups,
 )
 from quantkit.calibration.methods import Calibrator, make_calibrators
 from quantkit.data.batching import check_sample
@@ -142,18 +143,23 @@ def run_calibration(
         raise QuantkitError(f"model {info.path} has no float activations to calibrate")
     collector = collector or LocalCollector(runtime.providers, runtime.threads)
     warnings: list[str] = []
-    batch_size, per_sample = data_options.batch_size, 0
+    batch_size, per_sample, groups = data_options.batch_size, 0, [list(tensors)]
     if batch_size is None:  # the largest batch whose activations fit the memory budget
         first = next(iter(source), None)
         if first is None:
             raise QuantkitError(f"{source.description} yielded no samples", option="data")
         batch_size, per_sample = batch_size_for(info, check_sample(first, info.inputs), tensors, options.max_memory)
+        if per_sample > options.max_memory:
+            groups = _passes(info, check_sample(first, info.inputs), tensors, options.max_memory, from_path, per_sample, warnings)
     total = data_options.num_samples if data_options.num_samples is not None else source.size
-    bar = sample_bar(total, "calibrating", quiet)
+    bar = sample_bar(total * len(groups) if total else None, "calibrating", quiet)
     try:
         with timer.step("collect statistics"):
-            request = CollectRequest(source_spec, tensors, batch_size, data_options.num_samples, options.bins, warnings, bar.update)
-            stats = collector.collect(info, source, request)
+            stats = None
+            for k, group in enumerate(groups):  # a second pass reopens the data (a path: _passes checked)
+                request = CollectRequest(source_spec, group, batch_size, data_options.num_samples, options.bins, warnings, bar.update)
+                found = collector.collect(info, source if k == 0 else source_spec.open(info), request)
+                stats = found if stats is None else stats.joined(found, tensors)
     finally:
         bar.close()
     with timer.step("compute ranges"):
@@ -165,14 +171,39 @@ def run_calibration(
         }
         if per_sample:
             calibration_info["batch_from_memory"] = {"max_memory": options.max_memory, "bytes_per_sample": per_sample}
-        if hasattr(source, "preprocess"):
-            calibration_info["preprocess"] = source.preprocess.to_json()
+        # the preprocessing the images were read with (image folders resolve it; tables and datasets
+        # apply it to their image column), so the fidelity check and eval read the data the same way
+        preprocess = getattr(source, "preprocess", None) or getattr(source, "preprocess_base", None)
+        if preprocess is not None:
+            calibration_info["preprocess"] = preprocess.to_json()
         ranges = compute_ranges(stats, calibrators, info, calibration_info, warnings)
     files: list[Path] = []
     if out_dir is not None:
         with timer.step("write outputs"):
             files = write_outputs(ranges, out_dir, options.trt_version, options.cache_algorithm)
     return CalibrationResult(ranges, stats, files, dict(timer.times), source.description)
+
+
+def _passes(
+    info: ModelInfo, sample: dict[str, Any], tensors: list[str], max_memory: int, reopenable: bool, per_sample: int, warnings: list[str]
+) -> list[list[str]]:
+    """When one sample's activations exceed the budget: the tensor groups of several passes over the
+    data (``tensor_groups``), or one pass and a plain warning where the data cannot be read twice."""
+    mib = per_sample / (1 << 20)
+    if not reopenable:
+        warnings.append(
+            f"one sample's activations take about {mib:.0f} MiB, over max_memory ({max_memory / (1 << 20):.0f} MiB), and the data "
+            "is a Python iterable that cannot be read twice: calibrated in one pass, over the budget; give a path to calibrate "
+            "in several passes within it"
+        )
+        return [tensors]
+    groups = tensor_groups(info, sample, tensors, max_memory)
+    if len(groups) > 1:
+        warnings.append(
+            f"one sample's activations take about {mib:.0f} MiB, over max_memory ({max_memory / (1 << 20):.0f} MiB): "
+            f"calibrated in {len(groups)} passes over the data, one group of tensors each"
+        )
+    return groups
 
 
 def summary_table(result: CalibrationResult) -> str:

@@ -6,7 +6,7 @@ import argparse
 
 from quantkit.api import fp16
 from quantkit.cli.args import add_check_args, check_options_from_args, preprocess_from_args, printing_check
-from quantkit.options import DataOptions, Fp16Options
+from quantkit.options import DEFAULT_MAX_MEMORY, DataOptions, Fp16Options, parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranges", help="ranges.json: nodes whose tensors exceed float16's range stay in float32")
     p.add_argument("--no-ranges", action="store_true", help="convert without knowing any tensor's range (unsafe: overflow goes unnoticed)")
     p.add_argument("--num-samples", type=int, help="with --data: samples of the min/max pass (default: all)")
+    p.add_argument(
+        "--max-memory",
+        type=parse_size,
+        default=DEFAULT_MAX_MEMORY,
+        help="activation memory the min/max pass may hold, which picks its batch size (default 1G; e.g. 512M)",
+    )
     p.add_argument("--keep-op-types", default="", help="comma list of op types to keep in float32, e.g. Softmax,LayerNormalization")
     p.add_argument("-o", "--output", required=True, help="output ONNX file")
     add_check_args(p)
@@ -27,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         plan=args.plan,
         num_samples=args.num_samples,
         keep_op_types=tuple(t.strip() for t in args.keep_op_types.split(",") if t.strip()),
+        max_memory=args.max_memory,
     )
     data_options = DataOptions(preprocess=preprocess_from_args(args)) if args.data else None
     with printing_check(args):

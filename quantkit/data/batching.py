@@ -42,7 +42,7 @@ def check_sample(sample: Sample, inputs: tuple[InputSpec, ...]) -> dict[str, np.
             have = ", ".join(sample.feeds) or "nothing"
             raise QuantkitError(f"sample {sample.id} has no data for model input '{spec.name}' (it has {have})")
         arr = np.asarray(sample.feeds[spec.name])
-        want = spec.shape[1:]
+        want = spec.sample_shape
         if arr.ndim != len(want):
             raise QuantkitError(
                 f"sample {sample.id}: input '{spec.name}' has shape {_dims(arr.shape)} but model input "
@@ -93,9 +93,27 @@ def check_sample(sample: Sample, inputs: tuple[InputSpec, ...]) -> dict[str, np.
 
 
 def fixed_batch(model: ModelInfo) -> int | None:
-    """The batch size every input fixes, if they all fix the same one."""
-    sizes = {i.shape[0] for i in model.inputs if i.shape and isinstance(i.shape[0], int)}
-    return sizes.pop() if len(sizes) == 1 else None
+    """The batch size every batched input fixes, if they all fix the same one."""
+    sizes = {i.shape[i.batch_axis] for i in model.inputs if i.batch_axis is not None}
+    return sizes.pop() if len(sizes) == 1 and all(isinstance(s, int) for s in sizes) else None
+
+
+def _stack(model: ModelInfo, arrays: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Samples as one feed: stacked along each input's batch axis; a shared input once."""
+    feeds = {}
+    for spec in model.inputs:
+        values = [a[spec.name] for a in arrays]
+        feeds[spec.name] = values[0] if spec.batch_axis is None else np.stack(values, axis=spec.batch_axis)
+    return feeds
+
+
+def _joins(model: ModelInfo, arrays: dict[str, np.ndarray], first: dict[str, np.ndarray]) -> bool:
+    """Whether a sample can join a batch: equal shapes, and equal values of every shared input."""
+    for spec in model.inputs:
+        a, b = arrays[spec.name], first[spec.name]
+        if a.shape != b.shape or (spec.batch_axis is None and not np.array_equal(a, b)):
+            return False
+    return True
 
 
 def batches(
@@ -115,9 +133,6 @@ def batches(
         raise QuantkitError(f"batch_size must be at least 1, got {batch_size}", option="batch_size")
     if num_samples is not None and num_samples < 1:
         raise QuantkitError(f"num_samples must be at least 1, got {num_samples}", option="num_samples")
-    for spec in model.inputs:
-        if not spec.shape:
-            raise QuantkitError(f"model input {spec.describe()} is a scalar; quantkit needs a batch axis on every input")
     fixed = fixed_batch(model)
     if fixed is not None and fixed != batch_size:
         raise QuantkitError(f"model {model.path} has a fixed batch size of {fixed}; use batch size {fixed}", option="batch_size")
@@ -126,8 +141,7 @@ def batches(
     seen = 0
 
     def flush() -> Batch:
-        feeds = {name: np.stack([arrays[name] for _, arrays in pending]) for name in pending[0][1]}
-        batch = Batch([s.id for s, _ in pending], feeds, [s.label for s, _ in pending])
+        batch = Batch([s.id for s, _ in pending], _stack(model, [a for _, a in pending]), [s.label for s, _ in pending])
         pending.clear()
         return batch
 
@@ -135,7 +149,7 @@ def batches(
         if num_samples is not None and seen >= num_samples:
             break
         arrays = check_sample(sample, model.inputs)
-        if pending and any(arrays[n].shape != pending[0][1][n].shape for n in arrays):
+        if pending and not _joins(model, arrays, pending[0][1]):
             if fixed is not None:
                 raise QuantkitError(
                     f"sample {sample.id} has another shape than the samples before it; the model's fixed batch needs equal shapes"

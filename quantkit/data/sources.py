@@ -247,7 +247,7 @@ def _row_array(value: Any, spec: InputSpec, sample_id: str) -> np.ndarray:
         arr = np.asarray(value)
     except ValueError:
         raise QuantkitError(f"{sample_id}: column '{spec.name}' holds ragged nested lists; store one array per row") from None
-    per_sample = spec.shape[1:]
+    per_sample = spec.sample_shape
     if arr.ndim == 1 and len(per_sample) > 1 and all(isinstance(d, int) for d in per_sample):
         size = int(np.prod(per_sample))
         if arr.size == size:  # flattened arrays are common in tables
@@ -316,30 +316,42 @@ class ArraySource:
 
 
 def split_arrays(model: ModelInfo, arrays: dict[str, Any], where: str, label: Any = None) -> Iterator[Sample]:
-    """Samples from arrays keyed by input name, each holding one sample or many along axis 0."""
+    """Samples from arrays keyed by input name, each holding one sample or many along the input's
+    batch axis (axis 1 of an RNN state); an input every sample shares is given once."""
     missing = [i.name for i in model.inputs if i.name not in arrays]
     if missing:
         raise QuantkitError(f"{where} has no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays) or 'none'})")
-    batched = {}
-    for spec in model.inputs:
-        arr = arrays[spec.name]
-        if arr.ndim == len(spec.shape):
-            batched[spec.name] = True
-        elif arr.ndim == len(spec.shape) - 1:
-            batched[spec.name] = False
-        else:
-            raise QuantkitError(
-                f"{where}: array '{spec.name}' has shape {arr.shape} but model input {spec.describe()} needs rank "
-                f"{len(spec.shape)} (many samples) or {len(spec.shape) - 1} (one sample)"
-            )
-    counts = {arrays[n].shape[0] for n, b in batched.items() if b}
+    batched = {spec.name: _holds_many(spec, np.asarray(arrays[spec.name]), where) for spec in model.inputs}
+    axes = {spec.name: spec.batch_axis for spec in model.inputs}
+    counts = {np.asarray(arrays[n]).shape[axes[n]] for n, b in batched.items() if b}
     if len(counts) > 1:
         raise QuantkitError(f"{where}: arrays hold different numbers of samples ({sorted(counts)})")
     n = counts.pop() if counts else 1
     for k in range(n):
-        feeds = {name: np.asarray(arrays[name][k] if batched[name] else arrays[name]) for name in batched}
+        feeds = {
+            name: np.take(np.asarray(arrays[name]), k, axis=axes[name]) if batched[name] else np.asarray(arrays[name]) for name in batched
+        }
         labels = label if label is None or not any(batched.values()) or np.ndim(label) == 0 else label[k]
         yield Sample(f"{where}[{k}]" if any(batched.values()) else where, feeds, labels)
+
+
+def _holds_many(spec: InputSpec, arr: np.ndarray, where: str) -> bool:
+    """Whether an array holds many samples along the input's batch axis (else it is one sample)."""
+    if spec.batch_axis is None:
+        if arr.ndim != len(spec.shape):
+            raise QuantkitError(
+                f"{where}: array '{spec.name}' has shape {arr.shape} but model input {spec.describe()} (shared by every sample, "
+                f"no batch axis) needs rank {len(spec.shape)}",
+                option="data",
+            )
+        return False
+    if arr.ndim in (len(spec.shape), len(spec.shape) - 1):
+        return arr.ndim == len(spec.shape)
+    raise QuantkitError(
+        f"{where}: array '{spec.name}' has shape {arr.shape} but model input {spec.describe()} needs rank "
+        f"{len(spec.shape)} (many samples along axis {spec.batch_axis}) or {len(spec.shape) - 1} (one sample)",
+        option="data",
+    )
 
 
 class DatasetSource:

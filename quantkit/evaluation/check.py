@@ -4,8 +4,11 @@
 refuse (exit 3, nothing written) when an output is non-finite or has collapsed, unless forced.
 ``eval`` and ``tune`` judge their variants with the same rule (``judge_outputs``).
 
-An output has collapsed when it is constant where FP32's is not (all zeros included), or when
-its SQNR against FP32 is below ``MIN_SQNR_DB``. The default, 4 dB, is far below any healthy
+An output fails when it is non-finite where FP32 is finite, constant where FP32's is not (all
+zeros included), below ``MIN_SQNR_DB`` of SQNR against FP32, or, on real samples, when it no
+longer does its task: each output's task (class scores, a CTC sequence, a detection head, a
+probability map, ...) is read from its shape and FP32's values, and judged by the decision it
+feeds, against ``TASK_FLOORS`` (``quantkit.evaluation.task``; its docstring gives the rules). The default, 4 dB, is far below any healthy
 INT8 or FP16 model (real detectors' score maps sit at 8 dB and more, classifiers at 20-40 dB)
 and far above the collapses seen on real models (a pooled tensor clipped to its minimum gave
 0.9 dB; an FP16 detector whose BatchNorm variance overflowed gave all zeros).
@@ -35,6 +38,7 @@ from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.metrics import cosine, sqnr_db
+from quantkit.evaluation.task import TaskScore, infer_task, score_task
 from quantkit.model import ModelInfo
 from quantkit.options import CHECK_SAMPLES, MIN_SQNR_DB, CheckOptions
 from quantkit.ranges import RangeSet
@@ -73,6 +77,10 @@ def _real_tokens(value: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
     return value[tokens]
 
 
+#: where the check's samples came from when no data was given and none was recorded
+SYNTHETIC = "synthetic inputs (pass data for a real check)"
+
+
 class FidelityError(QuantkitError):
     """The new model's outputs are non-finite or collapsed: nothing was written."""
 
@@ -89,10 +97,12 @@ class OutputCheck:
     sqnr_db: float
     cosine: float
     problem: str = ""  # "" when healthy
+    task: TaskScore | None = None  # the output's task measure (real samples only)
 
     def line(self) -> str:
         sqnr = "inf" if math.isinf(self.sqnr_db) and self.sqnr_db > 0 else f"{self.sqnr_db:.1f}"
-        return f"{self.name}: SQNR {sqnr} dB, cosine {self.cosine:.4f}" + (f" -- {self.problem}" if self.problem else "")
+        task = f", {self.task.line()}" if self.task is not None else ""
+        return f"{self.name}: SQNR {sqnr} dB, cosine {self.cosine:.4f}{task}" + (f" -- {self.problem}" if self.problem else "")
 
 
 @dataclass
@@ -122,33 +132,45 @@ def judge_outputs(
     outputs: Sequence[np.ndarray],
     min_sqnr_db: float = MIN_SQNR_DB,
     tokens: np.ndarray | None = None,
+    *,
+    real: bool = True,
 ) -> list[OutputCheck]:
-    """Per output: SQNR, cosine, and what is wrong with it, if anything. ``tokens`` (from
-    ``token_positions``) leaves a transformer's padding positions out."""
+    """Per output: SQNR, cosine, the task measure, and what is wrong with it, if anything.
+
+    ``tokens`` (from ``token_positions``) leaves a transformer's padding positions out. ``real``:
+    the samples are real data, so each output's task is judged too (``quantkit.evaluation.task``);
+    on synthetic inputs only the SQNR floor applies."""
     checks = []
     for name, ref, got in zip(names, reference, outputs, strict=True):
         ref, got = np.asarray(ref), np.asarray(got)
-        if ref.shape == got.shape:
-            ref, got = _real_tokens(ref, tokens), _real_tokens(got, tokens)
-        problem = ""
-        if ref.dtype.kind != "f":  # integer outputs (indices, counts) must match exactly
-            same = ref.shape == got.shape and np.array_equal(ref, got)
-            checks.append(
-                OutputCheck(name, math.inf if same else -math.inf, 1.0 if same else 0.0, "" if same else "differs (integer output)")
-            )
-            continue
-        ref_ok = np.isfinite(ref)
-        if np.any(~np.isfinite(got) & ref_ok):
-            problem = f"has {int(np.count_nonzero(~np.isfinite(got) & ref_ok))} non-finite value(s) where FP32 is finite"
-        r, g = np.where(ref_ok, ref, 0), np.where(ref_ok & np.isfinite(got), got, 0)
-        s, c = sqnr_db(r, g), cosine(r, g)
-        if not problem:
-            if ref.size > 1 and np.ptp(g) == 0 and np.ptp(r) > 0:
-                problem = "is constant" + (" (all zeros)" if not np.any(g) else "") + " where FP32 varies"
-            elif s < min_sqnr_db:
-                problem = f"collapsed: SQNR {s:.1f} dB < {min_sqnr_db:g} dB"
-        checks.append(OutputCheck(name, s, c, problem))
+        check = _judge_values(name, ref, got, min_sqnr_db, tokens)
+        if real and tokens is None and not check.problem and ref.shape == got.shape:
+            check.task = score_task(infer_task(ref, len(ref)), ref, got)
+            if check.task is not None and not check.task.ok:
+                check.problem = f"fails its task: {check.task.line()} < {check.task.floor:.0%}"
+        checks.append(check)
     return checks
+
+
+def _judge_values(name: str, ref: np.ndarray, got: np.ndarray, min_sqnr_db: float, tokens: np.ndarray | None) -> OutputCheck:
+    """Non-finite values, a constant output, the SQNR floor; integer outputs must match exactly."""
+    if ref.shape == got.shape:
+        ref, got = _real_tokens(ref, tokens), _real_tokens(got, tokens)
+    if ref.dtype.kind != "f":  # integer outputs (indices, counts) must match exactly
+        same = ref.shape == got.shape and np.array_equal(ref, got)
+        return OutputCheck(name, math.inf if same else -math.inf, 1.0 if same else 0.0, "" if same else "differs (integer output)")
+    problem = ""
+    ref_ok = np.isfinite(ref)
+    if np.any(~np.isfinite(got) & ref_ok):
+        problem = f"has {int(np.count_nonzero(~np.isfinite(got) & ref_ok))} non-finite value(s) where FP32 is finite"
+    r, g = np.where(ref_ok, ref, 0), np.where(ref_ok & np.isfinite(got), got, 0)
+    s, c = sqnr_db(r, g), cosine(r, g)
+    if not problem:
+        if ref.size > 1 and np.ptp(g) == 0 and np.ptp(r) > 0:
+            problem = "is constant" + (" (all zeros)" if not np.any(g) else "") + " where FP32 varies"
+        elif s < min_sqnr_db:
+            problem = f"collapsed: SQNR {s:.1f} dB < {min_sqnr_db:g} dB"
+    return OutputCheck(name, s, c, problem)
 
 
 def float16_tensors(model: onnx.ModelProto) -> list[str]:
@@ -176,8 +198,10 @@ def check_fidelity(
     *,
     source: str = "the data",
     min_sqnr_db: float = MIN_SQNR_DB,
+    real: bool = True,
 ) -> FidelityCheck:
-    """Run both models on ``feeds`` and judge each output of ``candidate`` against ``reference``.
+    """Run both models on ``feeds`` and judge each output of ``candidate`` against ``reference``
+    (``real``: the feeds are real data, so each output's task is judged too).
 
     In a float16 model the intermediate float16 tensors are watched too: onnxruntime's CPU
     provider computes ops without float16 kernels in float32, so an overflow inside the graph
@@ -201,7 +225,7 @@ def check_fidelity(
     if tokens is not None:
         source = f"{source}, at the {int(tokens.sum())} real tokens (padding left out)"
     result = FidelityCheck(
-        judge_outputs(names, ref_values[: len(names)], new_values[: len(names)], min_sqnr_db, tokens),
+        judge_outputs(names, ref_values[: len(names)], new_values[: len(names)], min_sqnr_db, tokens, real=real),
         count,
         source,
         min_sqnr_db,
@@ -253,7 +277,7 @@ def check_samples(
         if not feeds:
             raise QuantkitError(f"{source.description} holds no sample for the fidelity check", option="data")
         return feeds, source.description
-    return [synthetic_feed(model, ranges, count)], "synthetic inputs (pass data for a real check)"
+    return [synthetic_feed(model, ranges, count)], SYNTHETIC
 
 
 def synthetic_feed(model: ModelInfo, ranges: RangeSet | None, count: int) -> dict[str, np.ndarray]:
@@ -263,8 +287,8 @@ def synthetic_feed(model: ModelInfo, ranges: RangeSet | None, count: int) -> dic
     for spec in model.inputs:
         seen = recorded.get(spec.name)
         shape = list(seen[0]) if seen and any(not isinstance(d, int) for d in spec.shape) else list(spec.shape)
-        if shape and not isinstance(spec.shape[0], int):
-            shape[0] = count  # a dynamic batch dimension: the check's sample count
+        if spec.batch_axis is not None and not isinstance(spec.shape[spec.batch_axis], int):
+            shape[spec.batch_axis] = count  # a dynamic batch dimension: the check's sample count
         if any(not isinstance(d, int) for d in shape):
             raise QuantkitError(
                 f"input {spec.describe()} has dynamic dimensions and no samples were given for the fidelity check; pass data (or force)",
@@ -299,7 +323,7 @@ def verify(
     """
     check = check or CheckOptions()
     feeds, source = check_samples(model, data, preprocess, ranges, check.samples)
-    result = check_fidelity(model.proto, candidate, feeds, source=source, min_sqnr_db=check.min_sqnr)
+    result = check_fidelity(model.proto, candidate, feeds, source=source, min_sqnr_db=check.min_sqnr, real=source != SYNTHETIC)
     if not result.ok and not check.force:
         raise FidelityError(f"the new model is broken: {result.failure()}; nothing was written (force writes it anyway)", check=result)
     return result

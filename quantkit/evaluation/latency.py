@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +23,22 @@ class Latency:
     batch1_p10_ms: float = 0.0
 
 
-def batch_of(sample: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """The sample's first item repeated ``size`` times along the batch axis."""
-    return {k: np.repeat(v[:1], size, axis=0) if v.ndim else v for k, v in sample.items()}
+def batch_of(sample: dict[str, np.ndarray], size: int, axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+    """The sample's first item repeated ``size`` times along each input's batch axis (``axes``,
+    default 0; None: an input every sample shares, fed as it is)."""
+    out = {}
+    for k, v in sample.items():
+        axis = (axes or {}).get(k, 0)
+        out[k] = v if axis is None or not v.ndim else np.repeat(np.take(v, [0], axis=axis), size, axis=axis)
+    return out
 
 
-def measure_latency(session: Any, sample: dict[str, np.ndarray], batch: int, runs: int = 50) -> Latency:
+def measure_latency(
+    session: Any, sample: dict[str, np.ndarray], batch: int, runs: int = 50, axes: Mapping[str, int | None] | None = None
+) -> Latency:
     """Batch-1 latency percentiles and throughput at ``batch``, after warm-up."""
-    one = batch_of(sample, 1)
-    many = batch_of(sample, batch)
+    one = batch_of(sample, 1, axes)
+    many = batch_of(sample, batch, axes)
     for _ in range(5):
         session.run(None, one)
     times = []
@@ -49,20 +56,31 @@ def measure_latency(session: Any, sample: dict[str, np.ndarray], batch: int, run
     return Latency(float(p50), float(p90), float(p99), batch, batch * big_runs / elapsed, float(p10))
 
 
-def measure_all(timed: Sequence[tuple[Any, Any]], sample: dict[str, np.ndarray], batch: int, rounds: int = 3) -> None:
+def measure_all(
+    timed: Sequence[tuple[Any, Any]],
+    sample: dict[str, np.ndarray],
+    batch: int,
+    rounds: int = 3,
+    axes: Mapping[str, int | None] | None = None,
+) -> None:
     """Time every variant in interleaved rounds and keep each one's median round, so that drifts
     of the machine (frequency, background load) hit all variants alike."""
     per_variant: dict[int, list[Latency]] = {id(r): [] for r, _ in timed}
     for _ in range(rounds):
         for result, session in timed:
-            per_variant[id(result)].append(measure_latency(session, sample, batch, runs=30))
+            per_variant[id(result)].append(measure_latency(session, sample, batch, runs=30, axes=axes))
     for result, _ in timed:
         measured = sorted(per_variant[id(result)], key=lambda m: m.batch1_p50_ms)
         result.latency = measured[len(measured) // 2]
 
 
 def interleaved_batch_ms(
-    sessions: Sequence[Any], sample: dict[str, np.ndarray], batches: Sequence[int], rounds: int = 3, budget_s: float = 0.3
+    sessions: Sequence[Any],
+    sample: dict[str, np.ndarray],
+    batches: Sequence[int],
+    rounds: int = 3,
+    budget_s: float = 0.3,
+    axes: Mapping[str, int | None] | None = None,
 ) -> list[dict[int, float]]:
     """Median latency (ms) of each session at each batch size, for comparing models batch size by
     batch size: the sessions take turns run by run (A, B, C, A, B, C, ...) for about ``rounds *
@@ -70,7 +88,7 @@ def interleaved_batch_ms(
     all of them alike instead of on whichever was timed in that second."""
     out: list[dict[int, float]] = [{} for _ in sessions]
     for b in batches:
-        feeds = batch_of(sample, b)
+        feeds = batch_of(sample, b, axes)
         for s in sessions:
             for _ in range(3):
                 s.run(None, feeds)

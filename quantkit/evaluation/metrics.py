@@ -38,14 +38,14 @@ METRICS: dict[str, Metric] = {"top1": top_k(1), "top5": top_k(5)}
 
 
 def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
-    """10 log10(signal power / noise power); +inf when identical, -inf when the reference is all zero."""
+    """10 log10(signal power / noise power); +inf when identical, -inf when the reference is all zero or a value is not finite."""
     ref = reference.astype(np.float64)
     noise = float(np.sum((value.astype(np.float64) - ref) ** 2))
     signal = float(np.sum(ref**2))
     if noise == 0.0:
         return math.inf
-    if signal == 0.0:
-        return -math.inf
+    if signal == 0.0 or not math.isfinite(noise) or not math.isfinite(signal):
+        return -math.inf  # all-zero reference, or non-finite values (an FP16 overflow): no signal left to measure
     return 10.0 * math.log10(signal / noise)
 
 
@@ -54,6 +54,8 @@ def cosine(reference: np.ndarray, value: np.ndarray) -> float:
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
+    if not (math.isfinite(na) and math.isfinite(nb)):
+        return 0.0  # non-finite values (an FP16 overflow): nothing left to compare
     return float(np.dot(a, b) / (na * nb))
 
 

@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
+from quantkit.evaluation.detection import decode_detections, detection_layout, match_counts
+from quantkit.evaluation.task import ctc_blank, ctc_strings, infer_task
 
 BOOTSTRAP_ROUNDS = 200
 BOOTSTRAP_SEED = 20231  # fixed: reports are byte-identical on repeat
 SQNR_CAP_DB = 150.0  # identical outputs: finite, so that drops and JSON stay numbers
-MATCH_IOU = 0.5
 
 Stats = Callable[[list[np.ndarray], list[np.ndarray], Sequence | None], np.ndarray]
 
@@ -146,6 +147,25 @@ def _agreement_stats(outputs: list[np.ndarray], reference: list[np.ndarray], lab
     return (_scores(outputs[0]).argmax(1) == _scores(reference[0]).argmax(1)).astype(np.float64)
 
 
+def _sequence(output: np.ndarray) -> np.ndarray:
+    if output.ndim != 3:
+        raise QuantkitError(f"a sequence metric needs [N, T, C] class scores, got shape {list(output.shape)}")
+    return output
+
+
+def _position_stats(outputs: list[np.ndarray], reference: list[np.ndarray], labels: Sequence | None) -> np.ndarray:
+    """Per sample: the share of positions whose argmax class is FP32's."""
+    return (_sequence(outputs[0]).argmax(-1) == _sequence(reference[0]).argmax(-1)).mean(axis=1).astype(np.float64)
+
+
+def _string_stats(outputs: list[np.ndarray], reference: list[np.ndarray], labels: Sequence | None) -> np.ndarray:
+    """Per sample: 1 where the greedy CTC decoding equals FP32's (the blank read from FP32's argmax)."""
+    ref = _sequence(reference[0])
+    blank = ctc_blank(ref.argmax(-1), ref.shape[-1])
+    got, want = ctc_strings(_sequence(outputs[0]), max(blank, 0)), ctc_strings(ref, max(blank, 0))
+    return np.array([a == b for a, b in zip(got, want, strict=True)], np.float64)
+
+
 def _per_sample(outputs: list[np.ndarray], reference: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Every output of a sample as one row (float64)."""
     got = np.concatenate([o.reshape(o.shape[0], -1).astype(np.float64) for o in outputs], axis=1)
@@ -231,81 +251,7 @@ def _mean_iou(means: np.ndarray) -> float:
     return float(np.mean(inter[present] / union[present])) if present.any() else 1.0
 
 
-# ---- detection -----------------------------------------------------------------------------------
-def detection_layout(shape: Sequence[int]) -> str | None:
-    """ "fields-first" ([N, 4+C, A]), "anchors-first" ([N, A, 4+C]) or None for a YOLO-style head shape."""
-    if len(shape) != 3 or any(not isinstance(d, int) or d <= 0 for d in shape):
-        return None
-    a, b = shape[1], shape[2]
-    fields, anchors = min(a, b), max(a, b)
-    if fields < 5 or fields > 4 + 1000 or anchors < 4 * fields or anchors < 256:
-        return None
-    return "fields-first" if a == fields else "anchors-first"
-
-
-def decode_detections(head: np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300, max_candidates: int = 3000) -> list[np.ndarray]:
-    """Per sample, [M, 6] rows of x1, y1, x2, y2, score, class after class-aware NMS over the
-    ``max_candidates`` best-scoring anchors (a low ``conf`` must not make NMS quadratic in 20k anchors)."""
-    layout = detection_layout(head.shape)
-    if layout is None:
-        raise QuantkitError(f"detection-f1 needs a YOLO-style head [N, 4+C, A] or [N, A, 4+C], got shape {list(head.shape)}")
-    rows = head.transpose(0, 2, 1) if layout == "fields-first" else head
-    found = []
-    for sample in rows.astype(np.float64):
-        cls_scores = sample[:, 4:]
-        cls = cls_scores.argmax(1)
-        score = cls_scores[np.arange(len(cls)), cls]
-        keep = np.flatnonzero(score >= conf)
-        keep = keep[np.argsort(-score[keep], kind="stable")[:max_candidates]]
-        box, score, cls = sample[keep, :4], score[keep], cls[keep]
-        xyxy = np.stack([box[:, 0] - box[:, 2] / 2, box[:, 1] - box[:, 3] / 2, box[:, 0] + box[:, 2] / 2, box[:, 1] + box[:, 3] / 2], 1)
-        picked = _nms(xyxy, score, cls, iou)[:max_det]
-        found.append(np.concatenate([xyxy[picked], score[picked, None], cls[picked, None].astype(np.float64)], axis=1))
-    return found
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:4] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:4] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def _nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy class-aware NMS; ties in score keep the earlier anchor (a stable order)."""
-    order = np.argsort(-scores, kind="stable")
-    kept: list[int] = []
-    suppressed = np.zeros(len(order), bool)
-    for rank, i in enumerate(order):
-        if suppressed[rank]:
-            continue
-        kept.append(int(i))
-        rest = order[rank + 1 :]
-        same = classes[rest] == classes[i]
-        overlap = _box_iou(boxes[i : i + 1], boxes[rest])[0] > iou
-        suppressed[rank + 1 :] |= same & overlap
-    return np.array(kept, dtype=np.int64)
-
-
-def match_counts(found: np.ndarray, truth: np.ndarray, iou: float = MATCH_IOU) -> tuple[int, int, int]:
-    """(true positives, false positives, false negatives): greedy by score, same class, IoU >= ``iou``."""
-    if len(found) == 0 or len(truth) == 0:
-        return 0, len(found), len(truth)
-    overlaps = _box_iou(found[:, :4], truth[:, :4])
-    overlaps[found[:, 5][:, None] != truth[:, 5][None, :]] = 0.0
-    taken = np.zeros(len(truth), bool)
-    tp = 0
-    for i in np.argsort(-found[:, 4], kind="stable"):
-        candidates = np.where(~taken & (overlaps[i] >= iou))[0]
-        if len(candidates):
-            taken[candidates[np.argmax(overlaps[i, candidates])]] = True
-            tp += 1
-    return tp, len(found) - tp, len(truth) - tp
-
-
+# ---- detection ----------------------------------------------------------------------------------
 def _box_labels(labels: Sequence, n: int) -> list[np.ndarray]:
     boxes = []
     for i, item in enumerate(labels):
@@ -366,6 +312,10 @@ def _built_in(name: str, conf: float, threshold: float, reason: str) -> Objectiv
                 f"the reference has no detection at conf {conf} on these samples: F1 says nothing; lower --conf or check the data"
             ),
         )  # fmt: skip
+    if name == "position-agreement":
+        return Objective(name, _position_stats, _mean, reason=reason)
+    if name == "string-agreement":
+        return Objective(name, _string_stats, _mean, reason=reason)
     if ":" in name:
         return replace(user_objective(name), spec=name)
     raise QuantkitError(
@@ -373,7 +323,7 @@ def _built_in(name: str, conf: float, threshold: float, reason: str) -> Objectiv
     )
 
 
-BUILT_IN = ("top1", "top5", "agreement", "cosine", "sqnr", "mask-iou", "detection-f1")
+BUILT_IN = ("top1", "top5", "agreement", "position-agreement", "string-agreement", "cosine", "sqnr", "mask-iou", "detection-f1")
 
 
 def _check_fraction(value: float, option: str) -> None:
@@ -442,43 +392,51 @@ def user_objective(spec: str) -> Objective:
 def choose_objective(shapes: Sequence[Sequence[int]], labelled: bool, reference: np.ndarray | None = None, **params: Any) -> Objective:
     """The default objective for outputs of these shapes (the first output decides), with its reason.
 
-    ``reference``: FP32's first output, to tell a probability map (values in [0, 1]) from a feature map.
+    ``reference``: FP32's first output. Class scores [N, C] are judged by top-1 (labels) or
+    agreement; any other output by the task the fidelity check reads in FP32's values
+    (``quantkit.evaluation.task``): a CTC sequence by its decoded strings, a detection head by
+    box F1, a probability or class map by IoU, and the rest by cosine.
     """
     shape = [int(d) for d in shapes[0]]
     squeezed = [shape[0], *[d for d in shape[1:] if d != 1]]
     shown = f"the first output {shape}"
-    in_unit = reference is not None and reference.size and float(reference.min()) >= 0.0 and float(reference.max()) <= 1.0
     if len(squeezed) == 2 and squeezed[1] > 1:
         if labelled:
             return objective("top1", reason=f"{shown} holds class scores and the data has labels", **params)
         return objective("agreement", reason=f"{shown} holds class scores and the data has no labels: argmax agreement with FP32", **params)
-    layout = detection_layout(shape)
-    if layout is not None and (reference is None or in_unit or _class_part_in_unit(reference, layout)):
-        return objective(
-            "detection-f1", reason=f"{shown} looks like a YOLO-style head ({layout}): F1 of its detections against FP32's", **params
-        )
-    spatial = shape[-2:]
-    if len(shape) in (3, 4) and min(spatial) >= 16:
-        channels = shape[1] if len(shape) == 4 else 1
-        # [N, H, W] may as well be a sequence of hidden states: a map only when FP32's values are probabilities
-        if channels == 1 and (in_unit or (reference is None and len(shape) == 4)):
-            return objective("mask-iou", reason=f"{shown} is a probability map: IoU of its mask against FP32's", **params)
-        if 2 <= channels <= 256 and len(shape) == 4 and labelled is False and _looks_like_class_maps(reference):
-            return objective("mask-iou", reason=f"{shown} is a per-class map: mean IoU of its argmax against FP32's", **params)
-    return objective("cosine", reason=f"{shown} has no recognised task structure: per-sample cosine similarity with FP32", **params)
-
-
-def _class_part_in_unit(reference: np.ndarray, layout: str) -> bool:
-    rows = reference.transpose(0, 2, 1) if layout == "fields-first" else reference
-    part = rows[..., 4:]
-    return bool(part.size) and float(part.min()) >= 0.0 and float(part.max()) <= 1.0
-
-
-def _looks_like_class_maps(reference: np.ndarray | None) -> bool:
-    """Softmax or logit maps of a segmenter rather than backbone features: few channels dominate
-    each pixel, which a feature map does not do. Without FP32 values, assume a segmenter."""
     if reference is None:
-        return True
-    probs = np.exp(reference - reference.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    return float(np.mean(probs.max(axis=1))) > 0.5
+        return _objective_from_shape(shape, shown, **params)
+    task = infer_task(reference, len(reference))
+    name = _OBJECTIVE_OF_TASK[task.kind]
+    return objective(name, reason=f"{shown} is a {task.kind} ({task.reason}): {_WHAT[name]}", **params)
+
+
+#: the eval objective of each kind of output the fidelity check reads (quantkit.evaluation.task)
+_OBJECTIVE_OF_TASK = {
+    "class scores": "agreement",
+    "class sequence": "position-agreement",
+    "ctc sequence": "string-agreement",
+    "detection head": "detection-f1",
+    "probability map": "mask-iou",
+    "class maps": "mask-iou",
+    "values": "cosine",
+}
+_WHAT = {
+    "agreement": "argmax agreement with FP32",
+    "position-agreement": "argmax agreement with FP32 at each position",
+    "string-agreement": "share of greedy-decoded strings equal to FP32's",
+    "detection-f1": "F1 of its detections against FP32's",
+    "mask-iou": "IoU of its mask against FP32's",
+    "cosine": "per-sample cosine similarity with FP32",
+}
+
+
+def _objective_from_shape(shape: list[int], shown: str, **params: Any) -> Objective:
+    """Without FP32's values: a YOLO-style head by its shape, a map of 16 pixels or more, else cosine."""
+    layout = detection_layout(shape)
+    if layout is not None:
+        return objective("detection-f1", reason=f"{shown} looks like a YOLO-style head ({layout}): F1 of its detections", **params)
+    if len(shape) == 4 and min(shape[-2:]) >= 16:
+        what = "a probability map" if shape[1] == 1 else "a per-class map"
+        return objective("mask-iou", reason=f"{shown} is {what}: IoU of its mask against FP32's", **params)
+    return objective("cosine", reason=f"{shown} has no recognised task structure: per-sample cosine similarity with FP32", **params)

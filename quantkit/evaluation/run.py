@@ -145,7 +145,7 @@ def evaluate(
             results = [_run_variant(run, spec_, built[spec_.name]) for spec_ in specs]
         if options.latency and run.timed:
             with timer.step("measure latency"):
-                measure_all(run.timed, val[0].feeds, options.throughput_batch)
+                measure_all(run.timed, val[0].feeds, options.throughput_batch, axes=info.batch_axes)
     calibrated = (
         str(calib or ranges_path or "")
         if not callable(getattr(calib, "__iter__", None)) or isinstance(calib, (str, Path))

@@ -48,8 +48,8 @@ def to_json(result: EvalResult) -> dict[str, Any]:
                         "top1_agreement": f.top1_agreement,
                         "cosine": f.cosine,
                         "sqnr_db": _finite(f.sqnr_db),
-                        "max_abs_error": f.max_abs_error,
-                        "mean_abs_error": f.mean_abs_error,
+                        "max_abs_error": _finite(f.max_abs_error),
+                        "mean_abs_error": _finite(f.mean_abs_error),
                         "slices": [
                             {"axis": s.axis, "start": s.start, "stop": s.stop, "sqnr_db": _finite(s.sqnr_db), "collapsed": s.collapsed}
                             for s in f.slices

@@ -59,10 +59,14 @@ def kernel_groups(model: ModelInfo, int8_nodes: Sequence[str]) -> dict[str, list
 
 
 def compare_ms(
-    models: Sequence[onnx.ModelProto], sample: dict[str, np.ndarray], batches: Sequence[int], threads: int | None = None
+    models: Sequence[onnx.ModelProto],
+    sample: dict[str, np.ndarray],
+    batches: Sequence[int],
+    threads: int | None = None,
+    axes: dict[str, int | None] | None = None,
 ) -> list[dict[int, float]]:
     """Median latency (ms) of each model at each batch size, timed interleaved."""
-    return interleaved_batch_ms([make_session(m, threads=threads, spinning=False) for m in models], sample, batches)
+    return interleaved_batch_ms([make_session(m, threads=threads, spinning=False) for m in models], sample, batches, axes=axes)
 
 
 @dataclass
@@ -129,13 +133,13 @@ def fastest_placement(
 
     best = build([])
     groups = kernel_groups(model, best.quantize.int8_nodes)
-    fp32_ms, best_ms = compare_ms([model.proto, best.model], sample, batches, threads=threads)
+    fp32_ms, best_ms = compare_ms([model.proto, best.model], sample, batches, threads=threads, axes=model.batch_axes)
     all_int8_ms = dict(best_ms)
     kept_groups: dict[str, list[str]] = {}
     trials: list[dict] = []
     for group, nodes in groups.items():
         candidate = build([n for g in [*kept_groups, group] for n in groups[g]])
-        best_again, cand_ms = compare_ms([best.model, candidate.model], sample, batches, threads=threads)
+        best_again, cand_ms = compare_ms([best.model, candidate.model], sample, batches, threads=threads, axes=model.batch_axes)
         faster = all(cand_ms[b] < best_again[b] * (1 - margin) for b in batches)
         trials.append({"float": group, "nodes": len(nodes), "ms": cand_ms, "against_ms": best_again, "kept": faster})
         if progress:
@@ -145,6 +149,6 @@ def fastest_placement(
         if faster:
             best, best_ms, kept_groups[group] = candidate, cand_ms, nodes
     if kept_groups:  # the verdict against FP32 from one interleaved measurement of both
-        fp32_ms, best_ms = compare_ms([model.proto, best.model], sample, batches, threads=threads)
+        fp32_ms, best_ms = compare_ms([model.proto, best.model], sample, batches, threads=threads, axes=model.batch_axes)
     chosen = plan_keeping([n for nodes in kept_groups.values() for n in nodes]) if kept_groups else plan
     return SpeedChoice(best, kept_groups, {g: len(n) for g, n in groups.items()}, fp32_ms, all_int8_ms, best_ms, chosen, trials)

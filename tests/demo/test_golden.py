@@ -1,7 +1,8 @@
 """The demo's artifacts, byte for byte: what quantize, fp16 and the caches make from the demo's ranges.
 
 ``golden/SHA256SUMS`` holds the SHA-256 of every artifact ``quantkit demo`` wrote before the
-placement became rules as data (HEAD 6d50b28); ``golden/ranges.json`` is that run's ranges and
+placement became rules as data (HEAD 6d50b28); ranges.json's since it records the preprocessing
+the data was read with. ``golden/ranges.json`` is that run's ranges and
 ``golden/kept_float.json`` every node each placement left in float, with its reason. Calibration
 runs onnxruntime, whose float results may differ in the last bits between CPUs, so this test starts
 from the recorded ranges: everything after calibration is pure graph and NumPy work and must repeat

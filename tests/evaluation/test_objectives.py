@@ -114,7 +114,7 @@ def test_the_default_follows_the_outputs_and_labels():
     logits = head.copy()
     logits[:, 4:] = -5.0  # class logits outside [0, 1]: not a YOLO head with sigmoid scores
     assert name(logits.shape, ref=logits) == "cosine"
-    assert "YOLO" in choose_objective([head.shape], False, head).reason
+    assert "detection head" in choose_objective([head.shape], False, head).reason
 
 
 def test_bad_objective_requests_fail_clearly(tmp_path):
@@ -168,7 +168,7 @@ def test_eval_chooses_and_reports_detection_f1_and_runs_a_user_metric(tmp_path, 
     common += ["--variants", "fp32,int8:minmax", "--no-latency"]
     assert main([*common, "--out-dir", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert "objective: detection-f1 (conf=0.25): the first output [12, 7, 1024] looks like a YOLO-style head" in out
+    assert "objective: detection-f1 (conf=0.25): the first output [12, 7, 1024] is a detection head" in out
     doc = json.loads((tmp_path / "r" / "report.json").read_text())
     assert doc["metrics"] == ["detection-f1"] and doc["schema_version"] == 2
     fp32, int8 = doc["variants"]

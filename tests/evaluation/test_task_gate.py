@@ -1,0 +1,126 @@
+"""The gate judges each output's task, not only its SQNR: each collapse kind of issue 27, built here,
+passes the SQNR floor and is refused by its task measure, while a healthy copy passes."""
+
+import numpy as np
+import pytest
+
+from quantkit.evaluation.check import MIN_SQNR_DB, judge_outputs
+from quantkit.evaluation.metrics import sqnr_db
+from quantkit.evaluation.task import ctc_strings, infer_task, score_task
+
+RNG = np.random.default_rng(7)
+
+
+def ctc_logits(n=32, t=40, classes=60, blank=0):
+    """A CTC head's logits as a real captcha reader's: the blank logit is high everywhere (15-31),
+    a character beats it by 1-5 where one is read (a third of the positions)."""
+    logits = RNG.normal(0.0, 2.0, size=(n, t, classes))
+    logits[..., blank] = RNG.uniform(15, 31, size=(n, t))
+    rows, cols = np.nonzero(RNG.random((n, t)) < 0.35)
+    chars = RNG.integers(1, classes, size=len(rows))
+    logits[rows, cols, chars] = logits[rows, cols, blank] + RNG.uniform(1, 5, size=len(rows))
+    return logits.astype(np.float32)
+
+
+def test_greedy_ctc_decoding_merges_repeats_and_drops_blanks():
+    one_hot = np.eye(6)[[0, 0, 3, 3, 0, 3, 5, 5, 0]][None]
+    assert ctc_strings(one_hot, blank=0) == [(3, 3, 5)]  # a blank between two 3s keeps both
+
+
+def test_a_ctc_head_with_its_blank_clipped_is_refused_though_its_sqnr_passes():
+    ref = ctc_logits()
+    clipped = np.minimum(ref, 14.0)  # an entropy clip at 14: the blank ties every character, and wins the tie
+    task = infer_task(ref, len(ref))
+    assert (task.kind, task.blank) == ("ctc sequence", 0)
+    assert sqnr_db(ref, clipped) > MIN_SQNR_DB  # the SQNR floor alone would pass it
+    [check] = judge_outputs(["logits"], [ref], [clipped])
+    assert "fails its task: string agreement" in check.problem and check.task.value < 0.5
+    healthy = ref + RNG.normal(0, 0.05, ref.shape).astype(np.float32)
+    [fine] = judge_outputs(["logits"], [ref], [healthy])
+    assert fine.problem == "" and fine.task.value > 0.95
+
+
+def test_a_softmax_recogniser_is_a_ctc_sequence_not_a_detection_head():
+    """[N, 40, 300] probabilities: its shape alone reads as a YOLO head (40 fields, 300 anchors)."""
+    logits = ctc_logits(n=8, classes=300).astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    task = infer_task(probs, 8)
+    assert task.kind == "ctc sequence" and "probabilities" in task.reason
+
+
+def yolo_head(n=4, classes=80, anchors=2100):
+    """[N, 4+C, A]: boxes in pixels (cx, cy, w, h), then sigmoid class scores, a few objects."""
+    head = np.zeros((n, 4 + classes, anchors), np.float32)
+    head[:, 0:2] = RNG.uniform(20, 300, size=(n, 2, anchors))
+    head[:, 2:4] = RNG.uniform(8, 60, size=(n, 2, anchors))
+    head[:, 4:] = RNG.uniform(0, 0.05, size=(n, classes, anchors))
+    for k in range(n):
+        for a in RNG.choice(anchors, 6, replace=False):
+            head[k, 4 + RNG.integers(classes), a] = RNG.uniform(0.6, 0.95)
+    return head
+
+
+def test_a_detector_whose_class_scores_collapse_is_refused_though_the_whole_head_keeps_its_sqnr():
+    ref = yolo_head()
+    task = infer_task(ref, len(ref))
+    assert (task.kind, task.layout) == ("detection head", "fields-first")
+    collapsed = ref.copy()
+    collapsed[:, 4:] = 0.1  # every class score flat below the detection threshold: no box survives
+    assert sqnr_db(ref, collapsed) > 20  # the boxes dominate the tensor's power
+    [check] = judge_outputs(["output0"], [ref], [collapsed])
+    assert "fails its task: box F1" in check.problem and check.task.value == 0.0
+    [fine] = judge_outputs(["output0"], [ref], [ref * np.float32(1.001)])
+    assert fine.problem == "" and fine.task.value == 1.0
+
+
+def test_an_audio_model_whose_note_maps_empty_is_refused_on_that_output():
+    """Three [N, T, 88] sigmoid maps (notes, onsets, contours); the quantized notes never reach the
+    threshold FP32's values set, though their SQNR stays above the floor."""
+    names = ["note", "onset", "contour"]
+    maps = []
+    for _ in names:
+        m = RNG.uniform(0, 0.03, size=(4, 172, 88)).astype(np.float32)
+        m[:, 40:80, 30:34] = RNG.uniform(0.55, 0.7, size=(4, 40, 4))
+        maps.append(m)
+    got = [maps[0] * np.float32(0.45), maps[1].copy(), maps[2].copy()]
+    assert all(infer_task(m, 4).kind == "probability map" for m in maps)
+    assert sqnr_db(maps[0], got[0]) > MIN_SQNR_DB
+    checks = judge_outputs(names, maps, got)
+    assert "fails its task: mask IoU" in checks[0].problem and checks[0].task.value == 0.0
+    assert [c.problem for c in checks[1:]] == ["", ""]
+
+
+def test_a_probability_map_a_rounding_above_one_is_still_a_map():
+    prob = RNG.uniform(0, 0.02, size=(2, 1, 64, 64)).astype(np.float32)
+    prob[:, :, 10:30, 10:50] = 0.98
+    prob[0, 0, 0, 0] = np.float32(1.0000001)
+    task = infer_task(prob, 2)
+    assert task.kind == "probability map" and task.threshold == pytest.approx((np.median(prob) + prob.max()) / 2)
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (
+            lambda: np.eye(10, dtype=np.float32)[RNG.integers(10, size=16)] * 12 + RNG.normal(0, 1, (16, 10)).astype(np.float32),
+            "class scores",
+        ),
+        (lambda: RNG.normal(0, 1, (16, 384)).astype(np.float32), "values"),  # an embedding: no class stands out
+        (lambda: RNG.normal(0, 1, (16, 64, 384)).astype(np.float32), "values"),  # hidden states
+        (lambda: RNG.normal(0, 1, (2, 16, 8)).astype(np.float32), "values"),  # an RNN state
+    ],
+)
+def test_what_is_a_decision_and_what_is_not(make, kind):
+    assert infer_task(make(), 16).kind == kind
+
+
+def test_synthetic_samples_are_judged_by_sqnr_alone():
+    ref = ctc_logits(n=4)
+    [check] = judge_outputs(["logits"], [ref], [np.minimum(ref, 14.0)], real=False)
+    assert check.problem == "" and check.task is None
+
+
+def test_score_task_of_an_unjudged_output_is_none():
+    ref = RNG.normal(size=(4, 384)).astype(np.float32)
+    assert score_task(infer_task(ref, 4), ref, ref) is None

@@ -1,0 +1,145 @@
+"""Issue 27's kinds of failure on small models built here: a clipped decision, the default method,
+inputs not batched on axis 0, and activations larger than the memory budget."""
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import float_model, save
+from onnx import TensorProto, helper
+
+import quantkit
+from quantkit.cli import main
+from quantkit.evaluation.check import FidelityError
+from quantkit.export.qdq import quantize_model
+
+RNG = np.random.default_rng(3)
+
+
+def branches_to_output():
+    """Two conv branches joined by a Concat that is the graph output (a detector's head joins so)."""
+    w = [helper.make_tensor(f"w{k}", TensorProto.FLOAT, [4, 3, 3, 3], RNG.normal(size=108)) for k in (1, 2)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+        helper.make_node("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+        helper.make_node("Concat", ["ra", "rb"], ["y"], axis=1, name="join"),
+    ]
+    return float_model(nodes, {"x": ["N", 3, 8, 8]}, {"y": ["N", 8, 8, 8]}, w)
+
+
+def test_what_feeds_an_output_keeps_its_observed_range_whatever_the_method(tmp_path):
+    path = save(branches_to_output(), tmp_path / "m.onnx")
+    x = RNG.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    x[::16] *= 40  # rare outliers: percentile clips them
+    np.save(tmp_path / "x.npy", x)
+    ranges = quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="percentile")).ranges
+    for name in ("ra", "rb"):
+        assert ranges.tensors[name].amax["percentile"] < ranges.tensors[name].max  # the method clips them
+    _, report = quantize_model(quantkit.load_model(path), ranges, target="onnxruntime")
+    assert {"ra", "rb"} <= set(report.decision_maxima)
+    for name in ("ra", "rb"):  # the Concat's uint8 inputs span what FP32 produced: [0, observed max] in 255 steps
+        t = ranges.tensors[name]
+        assert report.activation_params[name] == (pytest.approx(float(np.float32(t.max / 255.0)), rel=1e-6), 0)
+
+
+def prototype_classifier():
+    """x[N, 16] -> MatMul -> logits[N, 10]: samples are noisy class prototypes, so logits are peaked."""
+    protos = RNG.normal(size=(10, 16)).astype(np.float32)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [16, 10], protos.T.copy().ravel())
+    model = float_model([helper.make_node("MatMul", ["x", "w"], ["logits"], name="fc")], {"x": ["N", 16]}, {"logits": ["N", 10]}, [w])
+    labels = RNG.integers(10, size=128)
+    return model, (protos[labels] + RNG.normal(0, 0.3, size=(128, 16))).astype(np.float32)
+
+
+def test_without_a_method_quantize_never_takes_one_that_fails_the_task(tmp_path):
+    model, x = prototype_classifier()
+    path = save(model, tmp_path / "cls.onnx")
+    np.save(tmp_path / "x.npy", x)
+    quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="entropy,minmax,percentile"), out=tmp_path / "cal")
+    doc = json.loads((tmp_path / "cal" / "ranges.json").read_text())
+    doc["tensors"]["x"]["amax"]["entropy"] = 0.05  # the default method now clips the input to nothing
+    (tmp_path / "cal" / "ranges.json").write_text(json.dumps(doc))
+    options = quantkit.QuantizeOptions(ranges=tmp_path / "cal" / "ranges.json")
+    result = quantkit.quantize(path, tmp_path / "q.onnx", options, data=tmp_path / "x.npy")
+    chosen = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}["quantkit.method"]
+    assert chosen in ("minmax", "percentile") and result.notes[0].startswith(f"method: {chosen}, the best")
+    assert "entropy " in result.notes[0] and ", refused" in result.notes[0]
+    with pytest.raises(FidelityError, match="the new model is broken: output logits"):  # an explicit method is obeyed, and checked
+        quantkit.quantize(path, tmp_path / "e.onnx", dataclasses.replace(options, method="entropy"), data=tmp_path / "x.npy")
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def stateful_model():
+    """A voice-activity model's inputs: x[N, 16], a scalar sample rate, a state [2, N, 8] batched on axis 1."""
+    w = helper.make_tensor("W", TensorProto.FLOAT, [16, 8], RNG.normal(size=128))
+    axis = helper.make_tensor("ax", TensorProto.INT64, [1], [0])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["h", "srf"], ["hs"]),
+        helper.make_node("ReduceMean", ["state"], ["sm"], axes=[0], keepdims=0),
+        helper.make_node("Add", ["hs", "sm"], ["y"]),
+        helper.make_node("Unsqueeze", ["y", "ax"], ["ns"]),
+        helper.make_node("Concat", ["ns", "ns"], ["new_state"], axis=0),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+        helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 8]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8]),
+        helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [2, "N", 8]),
+    ]
+    return helper.make_model(helper.make_graph(nodes, "vad", inputs, outputs, [w, axis]), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_scalar_input_and_a_state_batched_on_axis_1_go_through_every_command(tmp_path, capsys):
+    path = save(stateful_model(), tmp_path / "vad.onnx")
+    info = quantkit.load_model(path)
+    assert info.batch_axes == {"x": 0, "sr": None, "state": 1}
+    np.savez(tmp_path / "d.npz", x=RNG.normal(size=(20, 16)).astype(np.float32), sr=np.array(16), state=RNG.normal(size=(2, 20, 8)))
+    from quantkit.data.sources import open_source
+
+    first = next(iter(open_source(tmp_path / "d.npz", info)))
+    assert first.feeds["state"].shape == (2, 8) and first.feeds["sr"].shape == ()
+    data = ["--data", str(tmp_path / "d.npz")]
+    assert main(["calibrate", str(path), *data, "--method", "all", "--out-dir", str(tmp_path / "c"), "-q"]) == 0
+    ranges = str(tmp_path / "c" / "ranges.json")
+    for target in ("tensorrt", "onnxruntime"):
+        assert (
+            main(["quantize", str(path), "--ranges", ranges, "--target", target, *data, "-o", str(tmp_path / f"{target}.onnx"), "-q"]) == 0
+        )
+    assert main(["fp16", str(path), "--ranges", ranges, *data, "-o", str(tmp_path / "f.onnx"), "-q"]) == 0
+    assert (
+        main(["eval", str(path), *data, "--ranges", ranges, "--variants", "fp32,int8:minmax", "--out-dir", str(tmp_path / "e"), "-q"]) == 0
+    )
+    assert capsys.readouterr().err == ""
+
+
+def wide_conv():
+    w = [helper.make_tensor(f"w{k}", TensorProto.FLOAT, [16, c, 3, 3], RNG.normal(size=16 * c * 9)) for k, c in ((1, 3), (2, 16), (3, 16))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="c2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="r2"),
+        helper.make_node("Conv", ["r2", "w3"], ["y"], pads=[1, 1, 1, 1], name="c3"),
+    ]
+    return float_model(nodes, {"x": ["N", 3, 64, 64]}, {"y": ["N", 16, 64, 64]}, w)
+
+
+def test_activations_over_the_budget_are_calibrated_in_passes_with_the_same_ranges(tmp_path):
+    path = save(wide_conv(), tmp_path / "w.onnx")
+    np.save(tmp_path / "x.npy", RNG.normal(size=(6, 3, 64, 64)).astype(np.float32))
+    everything = quantkit.CalibrationOptions(methods="all", all_tensors=True)
+    one = quantkit.calibrate(path, tmp_path / "x.npy", everything).ranges
+    tight = quantkit.calibrate(path, tmp_path / "x.npy", dataclasses.replace(everything, max_memory=900_000)).ranges
+    assert any("passes over the data" in w for w in tight.warnings)
+    assert json.dumps({n: dataclasses.asdict(t) for n, t in tight.tensors.items()}, sort_keys=True) == json.dumps(
+        {n: dataclasses.asdict(t) for n, t in one.tensors.items()}, sort_keys=True
+    )
