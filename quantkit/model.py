@@ -135,6 +135,16 @@ def constant_tensors(graph: onnx.GraphProto) -> set[str]:
     return const
 
 
+def shape_derived_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Tensors computed from constants and tensor shapes alone (Shape -> Gather -> ConstantOfShape -> Mul):
+    their values follow from the input's size, not its contents, so no calibration sees them."""
+    known = constant_tensors(graph)
+    for node in graph.node:
+        if node.op_type in ("Shape", "Size") or (node.input and all(i in known or i == "" for i in node.input)):
+            known.update(o for o in node.output if o)
+    return known
+
+
 def effective_outputs(graph: onnx.GraphProto, op_types: frozenset[str] | set[str] = WEIGHTED_OPS) -> dict[str, str]:
     """Output tensor of each ``op_types`` node -> its effective output, the tensor after the ops
     fused into it.

@@ -143,3 +143,38 @@ def test_activations_over_the_budget_are_calibrated_in_passes_with_the_same_rang
     assert json.dumps({n: dataclasses.asdict(t) for n, t in tight.tensors.items()}, sort_keys=True) == json.dumps(
         {n: dataclasses.asdict(t) for n, t in one.tensors.items()}, sort_keys=True
     )
+
+
+def shape_derived_concat():
+    """A conv's output joined with a tensor built from the input's shape alone (an EEG segmenter's
+    head does this): Shape -> Gather -> Concat -> ConstantOfShape -> Mul -> Concat."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 3, 3, 3], RNG.normal(size=54))
+    consts = [
+        helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+        helper.make_tensor("rest", TensorProto.INT64, [3], [2, 8, 8]),
+        helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+        helper.make_tensor("one_axis", TensorProto.INT64, [1], [0]),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0, name="batch"),
+        helper.make_node("Unsqueeze", ["n", "one_axis"], ["n1"], name="n1"),
+        helper.make_node("Concat", ["n1", "rest"], ["dims"], axis=0, name="dims"),
+        helper.make_node("ConstantOfShape", ["dims"], ["ones"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]), name="ones"),
+        helper.make_node("Mul", ["ones", "half"], ["halves"], name="halves"),
+        helper.make_node("Concat", ["c", "halves"], ["y"], axis=1, name="join"),
+    ]
+    return float_model(nodes, {"x": ["N", 3, 8, 8]}, {"y": ["N", 4, 8, 8]}, [w, *consts])
+
+
+def test_a_tensor_built_from_shapes_needs_no_range(tmp_path):
+    path = save(shape_derived_concat(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", RNG.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    ranges = quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="minmax")).ranges
+    # as the EEG segmenter's calibration did: no range for the shape-built operand
+    ranges = dataclasses.replace(ranges, tensors={k: v for k, v in ranges.tensors.items() if k != "halves"})
+    _, report = quantize_model(quantkit.load_model(path), ranges, target="onnxruntime")
+    assert report.kept_float["join"] == "Concat with an operand computed from shapes alone (no activation, no range)"
+    _, fp16 = quantkit.export.fp16.convert_fp16(onnx.load(str(path)), ranges=ranges)
+    assert fp16.unranged == []

@@ -183,12 +183,14 @@ def float16_tensors(model: onnx.ModelProto) -> list[str]:
     return [o for n in model.graph.node if n.op_type != "Constant" for o in n.output if o in typed]
 
 
-def _run_all(session: Any, names: list[str], feeds: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    per: list[list[np.ndarray]] = [[] for _ in names]
-    for feed in feeds:
-        for k, value in enumerate(session.run(names, feed)):
-            per[k].append(np.asarray(value))
-    return [np.concatenate(v) if v and v[0].ndim else np.stack(v) for v in per]
+def _join(parts: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """Per-run outputs as one array, joined along each run's batch axis: axis 0, or axis 1 for a
+    time-first output ([T, N, C], an RNN's) whose axis 0 is not the run's sample count."""
+    if not parts[0].ndim:
+        return np.stack(parts)
+    first = parts[0]
+    axis = 1 if first.shape[0] != sizes[0] and first.ndim > 1 and first.shape[1] == sizes[0] else 0
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
 def check_fidelity(
@@ -215,31 +217,83 @@ def check_fidelity(
         raise FidelityError(f"the new model's outputs {new_names} differ from the original's {names}")
     watched = [t for t in float16_tensors(candidate) if t not in names]
     known = {o for n in reference.graph.node for o in n.output}
-    ref_session = make_session(with_outputs(reference, [t for t in watched if t in known]))
-    new_session = make_session(with_outputs(candidate, watched), source="the new model")
-    ref_watch = [t for t in watched if t in known]
-    ref_values = _run_all(ref_session, names + ref_watch, feeds)
-    new_values = _run_all(new_session, names + watched, feeds)
+    # without onnxruntime's arena: the session would keep its largest run's memory (every watched
+    # float16 tensor of a detector) for the rest of the check
+    ref_session = make_session(reference)
+    new_session = make_session(with_outputs(candidate, watched), source="the new model", arena=not watched)
+    ref_values, new_values, suspects = _run_pair(ref_session, new_session, names, watched, feeds)
+    overflows = _confirmed_overflows(reference, [t for t in suspects if t in known], suspects)
     count = sum(len(next(iter(f.values()))) for f in feeds) if feeds else 0
     tokens = token_positions(feeds)
     if tokens is not None:
         source = f"{source}, at the {int(tokens.sum())} real tokens (padding left out)"
     result = FidelityCheck(
-        judge_outputs(names, ref_values[: len(names)], new_values[: len(names)], min_sqnr_db, tokens, real=real),
+        judge_outputs(names, ref_values, new_values, min_sqnr_db, tokens, real=real),
         count,
         source,
         min_sqnr_db,
     )
-    ref_by_name = dict(zip(ref_watch, ref_values[len(names) :], strict=True))
-    for name, value in zip(watched, new_values[len(names) :], strict=True):
-        bad = ~np.isfinite(value)
-        if name in ref_by_name:
-            bad &= np.isfinite(ref_by_name[name])
-        if np.any(bad):
-            result.outputs.append(
-                OutputCheck(name, -math.inf, 0.0, f"(inside the graph) overflows float16: {int(np.count_nonzero(bad))} inf/NaN")
-            )
+    for name, bad in overflows.items():
+        result.outputs.append(OutputCheck(name, -math.inf, 0.0, f"(inside the graph) overflows float16: {bad} inf/NaN"))
     return result
+
+
+def _dynamic_batch(session: Any) -> bool:
+    """Whether every input's axis 0 is free (a fixed-batch model must be run on whole batches)."""
+    return all(i.shape and not isinstance(i.shape[0], int) for i in session.get_inputs())
+
+
+def _split(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """A batch as single samples (inputs without a batch of their own, such as scalars, go with each)."""
+    n = len(next(iter(feed.values())))
+    if any(v.ndim == 0 or len(v) != n for v in feed.values()):
+        return [feed]
+    return [{k: v[i : i + 1] for k, v in feed.items()} for i in range(n)]
+
+
+def _run_pair(
+    ref_session: Any, new_session: Any, names: list[str], watched: list[str], feeds: Sequence[dict[str, np.ndarray]]
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[tuple[dict[str, np.ndarray], np.ndarray]]]]:
+    """Both models' outputs on ``feeds``, and the watched float16 tensors that held a non-finite
+    value, with the runs that showed it. Watched tensors are looked at run by run, one sample at a
+    time, and dropped: kept for 32 samples, every intermediate tensor of a 480x480 detector
+    outgrew 24 GB; and FP32's copies are computed only for the suspects (``_confirmed_overflows``)."""
+    ref_out: list[list[np.ndarray]] = [[] for _ in names]
+    new_out: list[list[np.ndarray]] = [[] for _ in names]
+    suspects: dict[str, list[tuple[dict[str, np.ndarray], np.ndarray]]] = {}
+    runs = [part for f in feeds for part in (_split(f) if watched and _dynamic_batch(ref_session) else [f])]
+    sizes = [len(next(iter(f.values()))) if next(iter(f.values())).ndim else 1 for f in runs]
+    for feed in runs:
+        ref = ref_session.run(names, feed)
+        new = new_session.run(names + watched, feed)
+        for k in range(len(names)):
+            ref_out[k].append(np.asarray(ref[k]))
+            new_out[k].append(np.asarray(new[k]))
+        for name, value in zip(watched, new[len(names) :], strict=True):
+            bad = ~np.isfinite(value)
+            if np.any(bad):
+                suspects.setdefault(name, []).append((feed, bad))
+        del new
+    return [_join(p, sizes) for p in ref_out], [_join(p, sizes) for p in new_out], suspects
+
+
+def _confirmed_overflows(
+    reference: onnx.ModelProto, known: list[str], suspects: dict[str, list[tuple[dict[str, np.ndarray], np.ndarray]]]
+) -> dict[str, int]:
+    """Per suspect tensor, its non-finite values where FP32's value is finite (an overflow, not NaN FP32 has too)."""
+    if not suspects:
+        return {}
+    ref_session = make_session(with_outputs(reference, known), arena=False) if known else None
+    out = {}
+    for name, runs in suspects.items():
+        bad = 0
+        for feed, mask in runs:
+            if ref_session is not None and name in known:
+                mask = mask & np.isfinite(ref_session.run([name], feed)[0])
+            bad += int(np.count_nonzero(mask))
+        if bad:
+            out[name] = bad
+    return out
 
 
 def data_or_recorded(
@@ -325,5 +379,5 @@ def verify(
     feeds, source = check_samples(model, data, preprocess, ranges, check.samples)
     result = check_fidelity(model.proto, candidate, feeds, source=source, min_sqnr_db=check.min_sqnr, real=source != SYNTHETIC)
     if not result.ok and not check.force:
-        raise FidelityError(f"the new model is broken: {result.failure()}; nothing was written (force writes it anyway)", check=result)
+        raise FidelityError(f"the new model is broken: {result.failure()}; nothing was written; to write it anyway, force it", check=result)
     return result

@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.errors import QuantkitError
+from quantkit.model import shape_derived_tensors
 from quantkit.optypes import FLOAT32_ONLY_INPUTS, FP16_KEEP_FP32_OPS, QDQ_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
@@ -239,12 +240,13 @@ def _decide_fp16(
     """The nodes that run in float16; the others' reasons go to ``report.kept_fp32``."""
     constants = constant_values(graph)
     bad_constants = {name: why for name, values in constants.items() if (why := constant_problem(values))}
+    derived = shape_derived_tensors(graph)  # from constants and shapes alone (a reshaped weight): parameters, not activations
     fp16: set[str] = set()
     for node in graph.node:
         reason = _keep_reason(node, precisions, ranges, keep, bad_constants)
         if not reason and ranges is not None and node.op_type != "Constant":
             for name in [*node.input, *node.output]:
-                if name and name not in constants and types.get(name, 0) == TensorProto.FLOAT and name not in ranges.tensors:
+                if name and name not in derived and types.get(name, 0) == TensorProto.FLOAT and name not in ranges.tensors:
                     if name not in report.unranged:
                         report.unranged.append(name)
         if reason:

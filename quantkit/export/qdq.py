@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from quantkit.errors import QuantkitError
 from quantkit.export.rules import FORMATS, TARGETS, NodePlan, OpRule, const_values, placement_rules
 from quantkit.graph.passes import fold_batchnorm, hardswish_as_gate
-from quantkit.model import ModelInfo, effective_outputs
+from quantkit.model import ModelInfo, effective_outputs, shape_derived_tensors
 from quantkit.optypes import ALREADY_QUANTIZED_OPS, ORT_INT8_OPS
 from quantkit.plan import NodeFilter, PrecisionPlan
 from quantkit.ranges import RangeSet, TensorRange, amax_to_scale, ranges_from_scales
@@ -434,6 +434,7 @@ class _Placement:
     plan: PrecisionPlan | None
     effective_output: dict[str, str]  # node -> the tensor its int8 kernel would requantize
     rules: Mapping[str, OpRule]
+    shape_derived: set[str] = field(default_factory=set)  # computed from constants and shapes: no activation, no range
     filters: NodeFilter | None = None
     quantize_attention: bool = False
     plans: dict[str, NodePlan] = field(default_factory=dict)  # node -> its Q/DQ slots
@@ -474,7 +475,10 @@ def _prepare(
     ranges, report.layernorm_maxima = _with_layernorm_maxima(ranges, graph, method)
     ranges, report.decision_maxima = _with_decision_maxima(ranges, graph, method)
     levels = (1 << (weight_bits - 1)) - 1
-    return _Placement(proto, graph, ranges, method, target, fmt, levels, report, plan, effective_output, placement_rules(target, fmt))
+    rules = placement_rules(target, fmt)
+    return _Placement(
+        proto, graph, ranges, method, target, fmt, levels, report, plan, effective_output, rules, shape_derived_tensors(proto.graph)
+    )
 
 
 def _attention_reason(target: str) -> str:
@@ -523,6 +527,8 @@ def _refusal(p: _Placement, node: gs.Node, node_plan: NodePlan, in_attention: bo
     if any(node.inputs[i].dtype not in (None, np.float32) for i in node_plan.activations):
         return "activation is not float32"
     missing = [node.inputs[i].name for i in node_plan.activations if node.inputs[i].name not in p.ranges.tensors]
+    if missing and all(m in p.shape_derived for m in missing):
+        return f"{node.op} with an operand computed from shapes alone (no activation, no range)"
     if missing and node_plan.constants:  # an x * a or x + b whose x has no range: float, as before it had a plan
         return f"{node.op} with a constant operand, no range for its input"
     if missing:

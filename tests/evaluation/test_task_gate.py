@@ -124,3 +124,15 @@ def test_synthetic_samples_are_judged_by_sqnr_alone():
 def test_score_task_of_an_unjudged_output_is_none():
     ref = RNG.normal(size=(4, 384)).astype(np.float32)
     assert score_task(infer_task(ref, 4), ref, ref) is None
+
+
+def test_runs_of_single_samples_join_along_each_outputs_batch_axis():
+    """The FP16 check runs one sample at a time (its watched tensors are dropped run by run); a
+    time-first RNN output [T, N, C] joins along axis 1, everything else along axis 0."""
+    from quantkit.evaluation.check import _join
+
+    time_first = [RNG.normal(size=(20, 1, 37)) for _ in range(3)]
+    batch_first = [RNG.normal(size=(1, 40, 6)) for _ in range(3)]
+    assert _join(time_first, [1, 1, 1]).shape == (20, 3, 37)
+    assert np.array_equal(_join(time_first, [1, 1, 1])[:, 2], time_first[2][:, 0])
+    assert _join(batch_first, [1, 1, 1]).shape == (3, 40, 6)

@@ -232,3 +232,24 @@ def test_fp16_of_a_qdq_model_keeps_dequantize_to_op_edges_free_of_casts(demo_pre
     x = np.random.default_rng(0).normal(size=(4, 1, 28, 28)).astype(np.float32)
     a, b = make_session(q).run(None, {"image": x})[0], make_session(fp16).run(None, {"image": x})[0]
     assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
+
+
+def test_tensors_computed_from_constants_need_no_range(tmp_path):
+    """A weight passed through Identity or reshaped at run time is a parameter, not an activation:
+    calibration leaves it out, and fp16 must not ask for its range (a CRNN's LSTM bias, PP-OCR's SE offsets)."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.5, -1.0, 2.0, 0.25])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4])
+    nodes = [
+        helper.make_node("Identity", ["w"], ["w_alias"], name="alias"),
+        helper.make_node("Reshape", ["w_alias", "shape"], ["w_row"], name="row"),
+        helper.make_node("Add", ["x", "w_row"], ["y"], name="add"),
+    ]
+    path = save(float_model(nodes, {"x": ["N", 4]}, {"y": ["N", 4]}, [w, shape]), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32))
+    assert (
+        main(["calibrate", str(path), "--data", str(tmp_path / "x.npy"), "--method", "minmax", "--out-dir", str(tmp_path / "r"), "-q"]) == 0
+    )
+    ranges = RangeSet.load(tmp_path / "r" / "ranges.json")
+    assert "w_row" not in ranges.tensors  # not an activation: never calibrated
+    _, report = convert_fp16(onnx.load(str(path)), ranges=ranges)
+    assert report.unranged == []
