@@ -178,3 +178,21 @@ def test_a_tensor_built_from_shapes_needs_no_range(tmp_path):
     assert report.kept_float["join"] == "Concat with an operand computed from shapes alone (no activation, no range)"
     _, fp16 = quantkit.export.fp16.convert_fp16(onnx.load(str(path)), ranges=ranges)
     assert fp16.unranged == []
+
+
+def test_the_check_holds_out_what_calibration_read(tmp_path):
+    """Without check data, the check reads the recorded calibration data in calibration's own order,
+    past the samples calibration read; with too few left, it says it checks on calibration's samples."""
+    from quantkit.evaluation.check import check_samples
+
+    path = save(prototype_classifier()[0], tmp_path / "m.onnx")
+    x = np.arange(100 * 16, dtype=np.float32).reshape(100, 16) / 1000
+    np.save(tmp_path / "x.npy", x)
+    data = quantkit.DataOptions(num_samples=40)
+    ranges = quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="minmax"), data_options=data).ranges
+    feeds, source = check_samples(quantkit.load_model(path), ranges=ranges, count=32)
+    assert source.endswith("(held out: past the 40 samples calibration read)")
+    assert np.array_equal(np.concatenate([f["x"] for f in feeds]), x[40:72])
+    most = quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="minmax")).ranges  # all 100
+    _, source = check_samples(quantkit.load_model(path), ranges=most, count=32)
+    assert "the samples calibration read: too few were left" in source

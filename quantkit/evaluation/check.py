@@ -22,6 +22,7 @@ and they dominate short texts (76% of the tokens of scikit-learn's docstring sen
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -318,20 +319,41 @@ def check_samples(
     count: int = CHECK_SAMPLES,
 ) -> tuple[list[dict[str, np.ndarray]], str]:
     """Samples for the check: from ``data``; else from the calibration data ``ranges`` records,
-    when it is still there; else synthetic inputs within the recorded (or a unit) range."""
+    when it is still there, held out from calibration where it holds at least ``count`` samples
+    calibration did not read (a check on the samples a method was fitted to flatters it); else
+    synthetic inputs within the recorded (or a unit) range."""
+    recorded = data is None
     data, preprocess = data_or_recorded(data, preprocess, ranges)
-    if data is not None:
+    if data is None:
+        return [synthetic_feed(model, ranges, count)], SYNTHETIC
+    if not recorded or ranges is None:
         source = open_source(data, model, preprocess, shuffle=False)
-        feeds, taken = [], 0
-        for batch in batches(source, model, fixed_batch(model) or count, None, source.description):
-            feeds.append(batch.feeds)
-            taken += len(batch)
-            if taken >= count:
-                break
-        if not feeds:
+        return _take(source, model, 0, count), source.description
+    cal = ranges.calibration
+    source = open_source(data, model, preprocess, shuffle=bool(cal.get("shuffle", False)), seed=int(cal.get("seed", 0)))
+    used = cal.get("num_samples")
+    if isinstance(used, int) and used > 0:  # calibration's own order, past what it read
+        held_out = _take(source, model, used, count, required=False)
+        if sum(len(next(iter(f.values()))) for f in held_out) >= count:
+            return held_out, f"{source.description} (held out: past the {used} samples calibration read)"
+    return _take(source, model, 0, count), f"{source.description} (the samples calibration read: too few were left to hold out)"
+
+
+def _take(source: Any, model: ModelInfo, skip: int, count: int, required: bool = True) -> list[dict[str, np.ndarray]]:
+    """Batches of ``count`` samples from ``source`` after its first ``skip``."""
+    samples = itertools.islice(iter(source), skip, None)
+    first = next(samples, None)
+    if first is None:
+        if required:
             raise QuantkitError(f"{source.description} holds no sample for the fidelity check", option="data")
-        return feeds, source.description
-    return [synthetic_feed(model, ranges, count)], SYNTHETIC
+        return []
+    feeds, taken = [], 0
+    for batch in batches(itertools.chain([first], samples), model, fixed_batch(model) or count, None, source.description):
+        feeds.append(batch.feeds)
+        taken += len(batch)
+        if taken >= count:
+            break
+    return feeds
 
 
 def synthetic_feed(model: ModelInfo, ranges: RangeSet | None, count: int) -> dict[str, np.ndarray]:
