@@ -278,8 +278,10 @@ class EvalOptions:
     num_calib_samples: int | None = None
     conf: float = 0.25  # detection-f1: the class-score threshold of a detection
     mask_threshold: float = 0.5  # mask-iou: where a probability map becomes a mask
+    max_memory: int = DEFAULT_MAX_MEMORY  # activations one run may hold: picks the batch when none is given
 
     def __post_init__(self) -> None:
+        _positive_int(self.max_memory, "max_memory", allow_none=False)
         for name in ("conf", "mask_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:

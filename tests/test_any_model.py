@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import float_model, save
+from conftest import conv_model, float_model, save
 from onnx import TensorProto, helper
 
 import quantkit
@@ -196,3 +196,21 @@ def test_the_check_holds_out_what_calibration_read(tmp_path):
     most = quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="minmax")).ranges  # all 100
     _, source = check_samples(quantkit.load_model(path), ranges=most, count=32)
     assert "the samples calibration read: too few were left" in source
+
+
+def test_eval_takes_the_batch_that_fits_the_model(tmp_path):
+    """A fixed-batch-1 model needs no --batch-size (calibrate picks it too), and a model whose
+    activations are large gets a batch that fits the budget, not 32."""
+    fixed = conv_model(batch=1)
+    path = save(fixed, tmp_path / "one.onnx")
+    np.save(tmp_path / "x.npy", RNG.normal(size=(6, 3, 8, 8)).astype(np.float32))
+    options = quantkit.EvalOptions(variants="fp32,fp16", latency=False)
+    assert quantkit.evaluate(path, tmp_path / "x.npy", options).data["samples"] == 6
+    from quantkit.data.sources import open_source
+    from quantkit.evaluation.run import fitting_batch
+
+    wide = quantkit.load_model(save(wide_conv(), tmp_path / "wide.onnx"))
+    np.save(tmp_path / "big.npy", RNG.normal(size=(4, 3, 64, 64)).astype(np.float32))
+    source = open_source(tmp_path / "big.npy", wide)
+    assert fitting_batch(wide, source, 1 << 30) == 32
+    assert 1 <= fitting_batch(wide, source, 2_000_000) < 4  # about 0.8 MB a sample

@@ -9,7 +9,7 @@ from quantkit.backends.ort import RUNTIMES
 from quantkit.cli.args import add_objective_args, add_out_dir, add_preprocess_args, data_options_from_args, options_from_args, out_dir
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.run import evaluate
-from quantkit.options import DEFAULT_VARIANTS, EvalOptions, RuntimeOptions
+from quantkit.options import DEFAULT_MAX_MEMORY, DEFAULT_VARIANTS, EvalOptions, RuntimeOptions, parse_size
 from quantkit.report.eval import to_json, to_markdown, write_report
 
 
@@ -45,7 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=list(RUNTIMES), default="ort-cpu")
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
     p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size", type=int, help="validation batch (default: the model's fixed batch, else up to 32 that fit --max-memory)"
+    )
+    p.add_argument(
+        "--max-memory",
+        type=parse_size,
+        default=DEFAULT_MAX_MEMORY,
+        help="activation memory one run may hold, which picks the batch size (default 1G; e.g. 512M)",
+    )
     p.add_argument("--max-drop", type=float, help="flag variants losing more than this many points of the first metric")
     p.add_argument("--slice", action="append", help="check fidelity per slice: OUTPUT:AXIS:START-STOP[,...] (repeatable)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")

@@ -41,7 +41,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("--no-labels", action="store_true", help="ignore the labels: compare with FP32 only")
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
     p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
-    p.add_argument("--batch-size", type=int, help="validation batch (default 32; calibration picks its own from memory)")
+    p.add_argument("--batch-size", type=int, help="validation batch (default: the fixed batch, else up to 32 that fit 1 GiB)")
     add_out_dir(p, "output folder")
     if tune:
         p.add_argument(

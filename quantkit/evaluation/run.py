@@ -24,7 +24,8 @@ import numpy as np
 
 from quantkit._io import StepTimer
 from quantkit.backends.ort import make_session, runtime_providers
-from quantkit.data.batching import Batch, batches
+from quantkit.calibration.collect import activation_bytes
+from quantkit.data.batching import Batch, batches, check_sample, fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
@@ -127,7 +128,8 @@ def evaluate(
             seed=data_options.seed,
             label_column=data_options.label_column,
         )
-        val = list(batches(source, info, data_options.batch_size or 32, data_options.num_samples, source.description))
+        batch = data_options.batch_size or fitting_batch(info, source, options.max_memory)
+        val = list(batches(source, info, batch, data_options.num_samples, source.description))
     run = _Run(val, options, runtime, list(runtime.providers or runtime_providers(runtime.runtime)), params, chosen)
     run.labels = _checked_labels(val, options, data_options, chosen, source.description)
     run.tokens = token_positions([b.feeds for b in val])  # a transformer's real tokens: padding is left out of every metric
@@ -145,7 +147,8 @@ def evaluate(
             results = [_run_variant(run, spec_, built[spec_.name]) for spec_ in specs]
         if options.latency and run.timed:
             with timer.step("measure latency"):
-                measure_all(run.timed, val[0].feeds, options.throughput_batch, axes=info.batch_axes)
+                throughput = fixed_batch(info) or min(options.throughput_batch, batch)  # a batch that fits, as the runs'
+                measure_all(run.timed, val[0].feeds, throughput, axes=info.batch_axes)
     calibrated = (
         str(calib or ranges_path or "")
         if not callable(getattr(calib, "__iter__", None)) or isinstance(calib, (str, Path))
@@ -172,6 +175,21 @@ def evaluate(
     )
     evaluation.flags += flags_for(evaluation)
     return evaluation
+
+
+def fitting_batch(info: ModelInfo, source: Any, max_memory: int) -> int:
+    """The model's fixed batch, else the largest batch up to 32 whose activations fit ``max_memory``
+    (as calibration picks its own): a 640x640 detector run 32 at a time held 7 GB in eval."""
+    fixed = fixed_batch(info)
+    if fixed is not None:
+        return fixed
+    first = next(iter(source), None)
+    if first is None:
+        return 32  # no sample: batches() says so with its own message
+    total, _ = activation_bytes(
+        info.proto, {k: spec.batched(v) for spec in info.inputs for k, v in [(spec.name, check_sample(first, info.inputs)[spec.name])]}, []
+    )
+    return max(1, min(32, max_memory // total)) if total > 0 else 32
 
 
 @dataclass

@@ -30,11 +30,12 @@ from quantkit.evaluation.check import token_positions, zero_padding
 from quantkit.evaluation.metrics import sqnr_db, top1_agreement
 from quantkit.evaluation.objectives import BUILT_IN, SQNR_CAP_DB, Measurement, Objective, choose_objective, format_value, from_callable
 from quantkit.evaluation.objectives import objective as objective_named
+from quantkit.evaluation.run import fitting_batch
 from quantkit.evaluation.variants import CalibrationInput
 from quantkit.export.apply import apply_plan
 from quantkit.export.qdq import quantize_model
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import DataOptions, ExportOptions
+from quantkit.options import DEFAULT_MAX_MEMORY, DataOptions, ExportOptions
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 
@@ -446,7 +447,8 @@ def prepare(
     if isinstance(metric, str) and metric != "auto":
         metric = objective_named(metric, **params)  # a bad name fails before the validation pass
     source = open_source(val, info, data_options.preprocess, shuffle=False)
-    batches_ = list(batches(source, info, data_options.batch_size or 32, data_options.num_samples, source.description))
+    batch = data_options.batch_size or fitting_batch(info, source, DEFAULT_MAX_MEMORY)  # a batch that fits, as eval's
+    batches_ = list(batches(source, info, batch, data_options.num_samples, source.description))
     labels = [label for b in batches_ for label in b.labels]
     labelled = use_labels and bool(labels) and all(label is not None for label in labels)
     evaluator = Evaluator(info, batches_, metric, labels if labelled else None, objective_params=params)
