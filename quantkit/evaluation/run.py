@@ -24,7 +24,7 @@ import numpy as np
 
 from quantkit._io import StepTimer
 from quantkit.backends.ort import make_session, runtime_providers
-from quantkit.calibration.collect import activation_bytes
+from quantkit.calibration.collect import batch_size_for
 from quantkit.data.batching import Batch, batches, check_sample, fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
@@ -178,18 +178,13 @@ def evaluate(
 
 
 def fitting_batch(info: ModelInfo, source: Any, max_memory: int) -> int:
-    """The model's fixed batch, else the largest batch up to 32 whose activations fit ``max_memory``
-    (as calibration picks its own): a 640x640 detector run 32 at a time held 7 GB in eval."""
+    """The model's fixed batch, else the batch calibration would pick for ``max_memory``
+    (``batch_size_for``), at most 32: a 640x640 detector run 32 at a time held 7 GB in eval."""
     fixed = fixed_batch(info)
-    if fixed is not None:
-        return fixed
-    first = next(iter(source), None)
+    first = None if fixed else next(iter(source), None)
     if first is None:
-        return 32  # no sample: batches() says so with its own message
-    total, _ = activation_bytes(
-        info.proto, {k: spec.batched(v) for spec in info.inputs for k, v in [(spec.name, check_sample(first, info.inputs)[spec.name])]}, []
-    )
-    return max(1, min(32, max_memory // total)) if total > 0 else 32
+        return fixed or 32  # a fixed batch, or no sample (batches() says so with its own message)
+    return min(32, batch_size_for(info, check_sample(first, info.inputs), [], max_memory)[0])
 
 
 @dataclass
