@@ -58,6 +58,7 @@ BUDGET_MB = 1024  # calibrate's and fp16's default --max-memory
 #: what a quantkit process holds besides the activations its budget bounds: the interpreter,
 #: numpy, onnx and onnxruntime with two sessions (quantkit --version alone is ~100 MB)
 BASELINE_MB = 512
+TUNE_TIMEOUT_S = 240
 
 
 @dataclass
@@ -386,6 +387,10 @@ def run_case(case: Case, work: Path) -> dict:
         print(f"{case.name}: {label}", file=sys.stderr)
         row[label] = quantkit_cmd(*args, "-o", str(out)) if row["calibrate"]["exit"] == 0 else {"exit": None, "error": "not calibrated"}
         row[label]["task"] = score(case, out, work) if out.exists() else None
+    print(f"{case.name}: optimize", file=sys.stderr)
+    row["optimize"] = quantkit_cmd("optimize", str(model), "--data", str(work / "val.npz"), "-o", str(work / "optimized.onnx"))
+    row["optimize"]["task"] = score(case, work / "optimized.onnx", work) if (work / "optimized.onnx").exists() else None
+    row["tune"] = tune(case, model, work) if row["calibrate"]["exit"] == 0 else {"exit": None, "error": "not calibrated"}
     print(f"{case.name}: quantize_static", file=sys.stderr)
     peer = work / "static.onnx"
     row["quantize_static"] = quantize_static_peer(model, calib, peer)
@@ -393,13 +398,27 @@ def run_case(case: Case, work: Path) -> dict:
     return row
 
 
+def tune(case: Case, model: Path, work: Path) -> dict:
+    """tune on the calibration split (no labels: its objective is agreement with FP32, TensorRT
+    target, at most TUNE_TIMEOUT_S), its tuned model scored on the held-out split."""
+    print(f"{case.name}: tune", file=sys.stderr)
+    out = work / "tune"
+    args = ["--ranges", str(work / "r" / "ranges.json"), "--data", str(work / "calib.npz"), "--timeout", str(TUNE_TIMEOUT_S)]
+    step = quantkit_cmd("tune", str(model), *args, "--out-dir", str(out))
+    tuned = sorted(out.glob("*.tuned*.onnx"))
+    step["task"] = score(case, tuned[0], work) if tuned else None
+    if tuned and "misses-target" in tuned[0].name:
+        step["error"] = f"tuned model misses tune's target: {tuned[0].name}"
+    return step
+
+
+#: the commands whose written model is held to the task floor
+WRITERS = ("int8-tensorrt", "int8-onnxruntime", "fp16", "optimize", "tune")
+
+
 def breaks_contract(row: dict) -> list[str]:
     """Commands that exited 0 with a model whose task metric is below the floor."""
-    return [
-        k
-        for k in ("int8-tensorrt", "int8-onnxruntime", "fp16")
-        if row[k].get("exit") == 0 and row[k].get("task") is not None and row[k]["task"] < row["floor"]
-    ]
+    return [k for k in WRITERS if row.get(k, {}).get("exit") == 0 and row[k].get("task") is not None and row[k]["task"] < row["floor"]]
 
 
 def _cell(step: dict) -> str:
@@ -422,16 +441,18 @@ def render(rows: list[dict], command: str) -> str:
         "",
         "Each cell: the task metric against FP32 on held-out data after the model's own decoding, what the command did "
         "(the fidelity check writes or refuses), and the command's peak RSS. quantize runs without --method (quantkit "
-        "chooses among the calibrated methods), its check on the held-out split; calibrate and fp16 at the default 1 GiB budget. "
+        "chooses among the calibrated methods), its check on the held-out split; calibrate and fp16 at the default 1 GiB budget; "
+        f"optimize with its check on the held-out split; tune (TensorRT target, at most {TUNE_TIMEOUT_S} s) searches on the "
+        "calibration split against FP32, its tuned model scored on the held-out split. "
         f"The gate's floor is {FLOOR} for every task measure ({COSINE_FLOOR} embedding cosine for the encoder).",
         "",
-        "| model | kind | metric | calibrate | INT8 TensorRT | INT8 onnxruntime | FP16 | quantize_static |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | kind | metric | calibrate | INT8 TensorRT | INT8 onnxruntime | FP16 | optimize | tune | quantize_static |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cal = r["calibrate"]
         calib = f"exit {cal['exit']}, {cal['rss_mb']:.0f} MB, {cal['seconds']:.0f} s"
-        cells = [_cell(r[k]) for k in ("int8-tensorrt", "int8-onnxruntime", "fp16", "quantize_static")]
+        cells = [_cell(r[k]) if k in r else "not run" for k in (*WRITERS, "quantize_static")]
         lines.append(f"| {r['name']} | {r['kind']} | {r['metric']} | {calib} | " + " | ".join(cells) + " |")
     broken = [(r["name"], k) for r in rows for k in breaks_contract(r)]
     lines += ["", "Contract (no exit 0 below the floor): " + ("held on every model" if not broken else f"BROKEN by {broken}")]
@@ -441,11 +462,10 @@ def render(rows: list[dict], command: str) -> str:
         f"Memory (calibrate and fp16 within the {BUDGET_MB} MB budget + the model's size + {BASELINE_MB} MB): "
         + ("held on every model" if not over else f"over on {over}"),
     ]
-    errors = [
-        (r["name"], k, r[k]["error"]) for r in rows for k in ("calibrate", "int8-tensorrt", "int8-onnxruntime", "fp16") if r[k].get("error")
-    ]
+    errors = [(r["name"], k, r[k]["error"]) for r in rows for k in ("calibrate", *WRITERS) if r.get(k, {}).get("error")]
     if errors:
-        lines += ["", "Messages of the commands that did not write a model:", ""] + [f"- {n} {k}: {e}" for n, k, e in errors]
+        heading = "Messages (the commands that did not write a model, and tuned models that miss tune's target):"
+        lines += ["", heading, ""] + [f"- {n} {k}: {e}" for n, k, e in errors]
     return "\n".join(lines) + "\n"
 
 

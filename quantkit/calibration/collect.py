@@ -247,6 +247,9 @@ class LocalCollector:
 
 #: batches in flight during collection besides the one onnxruntime computes: one queued, one folded
 _QUEUED_BATCHES = 2
+#: copies of its fetched tensors one run holds at its peak: onnxruntime's buffers and the numpy arrays
+#: they are copied into (measured: VmHWM of repeated runs on a real CNN fetching every tensor is 2x them)
+_RUN_COPIES = 2
 MAX_AUTO_BATCH = 256
 
 
@@ -317,7 +320,7 @@ def tensor_groups(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Sequ
 
     A pass keeps its group's tensors until the run ends (they are the run's outputs) and queues
     them for the histograms, while onnxruntime frees the others as it goes: a group costs about
-    (1 + queued batches) x its bytes, plus twice the model's largest tensor for the run itself.
+    (run copies + queued batches) x its bytes, plus twice the model's largest tensor for the run itself.
     A tensor too large for any group gets one of its own. Order is kept, so the ranges are the
     same bytes as one pass's."""
     specs = {i.name: i for i in model.inputs}
@@ -326,7 +329,7 @@ def tensor_groups(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Sequ
     groups: list[list[str]] = [[]]
     used = 0
     for name in tensors:
-        cost = (1 + _QUEUED_BATCHES) * sizes.get(name, 0)
+        cost = (_RUN_COPIES + _QUEUED_BATCHES) * sizes.get(name, 0)
         if groups[-1] and used + cost > room:
             groups.append([])
             used = 0
@@ -338,14 +341,15 @@ def tensor_groups(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Sequ
 def batch_size_for(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Sequence[str], max_memory: int) -> tuple[int, int]:
     """The largest batch whose activations fit ``max_memory``, and the bytes one sample needs.
 
-    A sample costs its intermediate tensors (onnxruntime's run) plus the calibrated tensors of
-    the batches queued for the histograms. A model with a fixed batch dimension keeps it.
+    A sample costs its intermediate tensors (onnxruntime's run), the copy of the calibrated ones
+    the run hands back, and those of the batches queued for the histograms. A model with a fixed
+    batch dimension keeps it.
     """
     fixed = fixed_batch(model)
     specs = {i.name: i for i in model.inputs}
     one = {k: specs[k].batched(v, fixed or 1) for k, v in sample.items()}
     total, chosen = activation_bytes(model.proto, one, tensors)
-    per_sample = (total + _QUEUED_BATCHES * chosen) // (fixed or 1)
+    per_sample = (total + (_RUN_COPIES - 1 + _QUEUED_BATCHES) * chosen) // (fixed or 1)
     if fixed is not None:
         return fixed, per_sample
     if per_sample <= 0:
