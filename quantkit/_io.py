@@ -22,7 +22,11 @@ from quantkit.errors import QuantkitError
 
 #: quantkit's log: step timings and decisions (shown with -v, written in full with --log-file)
 log = logging.getLogger("quantkit")
-_written: list[list[Path]] = []  # stacks of files written while ``recording_writes`` is active
+_written: list[list[Path]] = []
+#: the files a data folder is read from (``quantkit.data.sources``), by suffix
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+TABLE_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+ARRAY_EXTENSIONS = {".npy", ".npz"}  # stacks of files written while ``recording_writes`` is active
 
 
 @contextmanager
@@ -56,26 +60,54 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return out
 
 
-def check_output_file(dest: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse an output file that is one of the inputs (by identity, not by name), a directory,
-    or in a folder that does not exist or cannot be written; before any work starts."""
+def _external_data_files(model: Path) -> list[Path]:
+    """The files an ONNX model's external data names (relative to its folder)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable model: the command reports that where it reads it
+        return []
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    locations = {e.value for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    return [model.parent / loc for loc in sorted(locations)]
+
+
+def _read_as(out: Path, given: Path) -> str | None:
+    """What ``out`` is to the command when writing it would change what reading ``given`` reads:
+    the same file, one of a model's external-data files, or an existing file in a data folder."""
+    if not out.exists():
+        return "an input of this command" if given.exists() and out.resolve() == given.resolve() else None
+    if not given.exists():
+        return None
+    if os.path.samefile(out, given):
+        return "an input of this command"
+    data_file = out.suffix.lower() in IMAGE_EXTENSIONS | TABLE_EXTENSIONS.keys() | ARRAY_EXTENSIONS
+    if given.is_dir() and data_file and out.resolve().is_relative_to(given.resolve()):
+        return f"inside {given}, which this command reads"
+    if given.suffix == ".onnx" and out.resolve().is_relative_to(given.resolve().parent):
+        if any(f.exists() and os.path.samefile(out, f) for f in _external_data_files(given)):
+            return f"the external data of {given}"
+    return None
+
+
+def check_output_file(dest: str | os.PathLike, *inputs: str | os.PathLike | None, option: str = "output") -> Path:
+    """Refuse an output file that is one of the files the command reads (by identity, not by name;
+    a model's external-data files included), a directory, or in a folder that does not exist or
+    cannot be written; before any work starts. ``option``: the field that names ``dest``."""
     out = Path(dest)
     if out.is_dir():
-        raise QuantkitError(f"output {out} is a directory; give a file name", option="output")
+        raise QuantkitError(f"{out} is a directory; give a file name", option=option)
     for given in inputs:
-        if given is None:
-            continue
-        src = Path(given)
-        same = out.exists() and src.exists() and os.path.samefile(out, src)
-        if same or (not out.exists() and out.resolve() == src.resolve()):
-            raise QuantkitError(
-                f"output {out} is the input {src}: quantkit never overwrites an input; choose another name", option="output"
-            )
+        if not isinstance(given, (str, os.PathLike)):
+            continue  # none, or in-memory data: nothing on disk to protect
+        if (what := _read_as(out, Path(given))) is not None:
+            raise QuantkitError(f"{out} is {what}: quantkit never overwrites an input; choose another name", option=option)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise QuantkitError(f"output folder {parent} does not exist; create it first", option="output")
+        raise QuantkitError(f"folder {parent} does not exist; create it first", option=option)
     if not os.access(parent, os.W_OK):
-        raise QuantkitError(f"output folder {parent} is not writable; choose another", option="output")
+        raise QuantkitError(f"folder {parent} is not writable; choose another", option=option)
     return out
 
 
@@ -159,14 +191,43 @@ def write_files_atomic(files: dict[Path, bytes]) -> list[Path]:
                 fh.write(data)
             _public_mode(tmp)
         with _signals_deferred():  # the renames take microseconds: Ctrl-C or SIGTERM waits for all of them
-            for tmp, dest in staged:
-                os.replace(tmp, dest)
+            _replace_all(staged)
         _record(*files)
     finally:
         for tmp, _ in staged:
             if tmp.exists():
                 tmp.unlink()
     return list(files)
+
+
+def _replace_all(staged: list[tuple[Path, Path]]) -> None:
+    """Rename every staged file onto its destination, or, if one rename fails, put back what the
+    earlier ones replaced (from hard-linked backups) so that no set is left half new, half old."""
+    backups: dict[Path, Path | None] = {}
+    try:
+        for _, dest in staged:
+            backups[dest] = None
+            if dest.is_file():
+                backup = dest.with_name(f".{dest.name}.{os.getpid()}.bak")
+                os.link(dest, backup)
+                backups[dest] = backup
+        done: list[Path] = []
+        try:
+            for tmp, dest in staged:
+                os.replace(tmp, dest)
+                done.append(dest)
+        except BaseException:
+            for dest in done:
+                backup = backups[dest]
+                if backup is not None:
+                    os.replace(backup, dest)
+                else:
+                    dest.unlink()
+            raise
+    finally:
+        for backup in backups.values():
+            if backup is not None and backup.exists():
+                backup.unlink()
 
 
 # ---- user-written config files (preprocessing configs, precision plans): JSON or YAML ----
@@ -193,6 +254,15 @@ def read_text_file(path: str | Path, what: str, max_bytes: int) -> str:
         raise QuantkitError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+def _parse_error(exc: Exception) -> str:
+    """A parser's error on one line: YAML's problem and where it is (its own text spans lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
+
+
 def read_mapping_file(path: str | Path, what: str) -> dict[str, Any]:
     """Parse ``path`` as YAML (.yaml/.yml) or JSON; anything but a mapping is a clear error naming ``what``."""
     path = Path(path)
@@ -205,7 +275,7 @@ def read_mapping_file(path: str | Path, what: str) -> dict[str, Any]:
         else:
             doc = json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
-        raise QuantkitError(f"cannot parse {what} {path}: {exc}") from None
+        raise QuantkitError(f"cannot parse {what} {path}: {_parse_error(exc)}") from None
     if not isinstance(doc, dict):
         raise QuantkitError(f"{what} {path} must hold a mapping of options")
     return doc

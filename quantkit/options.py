@@ -7,8 +7,13 @@ field (``option=``), which the CLI shows as its flag.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+import os
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,78 @@ MIN_SQNR_DB = 4.0
 CHECK_SAMPLES = 32
 #: what ``quantkit quantize`` writes: Q/DQ in int8 or fp8, or int4 weights only
 QUANTIZE_FORMATS = ("int8", "fp8", "int4-weights")
+#: the INT4 block sizes TensorRT supports: "The supported block sizes are {64, 128}" (NVIDIA,
+#: TensorRT developer guide, "Quantization Schemes", INT4 block quantization)
+INT4_BLOCK_SIZES = (64, 128)
+#: the largest batch --measure-speed times: kernels' speed per sample is settled long before it
+MAX_SPEED_BATCH = 4096
+
+
+#: calibration methods by name (``quantkit.calibration.methods`` implements one calibrator for each)
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile", "mse", "entropy-trt", "mse-fp8")
+
+
+def _type_name(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(k) for k in typing.get_args(kind))
+    if origin is tuple:
+        return f"a sequence of {_type_name(typing.get_args(kind)[0])}"
+    if kind is Path:
+        return "a path"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return "None" if kind is type(None) else getattr(kind, "__name__", str(kind))
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    """Whether ``value`` fits the annotation ``kind`` (the subset of typing the options use)."""
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, k) for k in typing.get_args(kind))
+    if origin is tuple:  # tuple[T, ...]: any list or tuple of T (a lone string is not a sequence of names)
+        return isinstance(value, (list, tuple)) and all(_is_a(v, typing.get_args(kind)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin is Callable or kind is Callable:
+        return callable(value)
+    if kind is Path:
+        return isinstance(value, (str, os.PathLike))
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if kind is type(None) else isinstance(value, kind)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_types(options: Any) -> None:
+    """Refuse, naming the field, any value whose type is not its field's annotation: options are
+    checked when they are made, not when a stage first uses them."""
+    hints = _hints(type(options))
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if not _is_a(value, hints[f.name]):
+            raise QuantkitError(f"{f.name} must be {_type_name(hints[f.name])}, got {type(value).__name__} {value!r:.80}", option=f.name)
+
+
+T = typing.TypeVar("T")
+
+
+def given(value: T | None, cls: type[T], name: str) -> T:
+    """``value``, or ``cls()`` when it is None; another object in its place (a DataOptions where
+    CalibrationOptions belongs) is refused, naming the parameter."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise QuantkitError(f"{name} must be a {cls.__name__}, got a {type(value).__name__}", option=name)
+    return value
 
 
 def parse_size(text: str | int) -> int:
@@ -56,6 +133,17 @@ def _positive_int(value: Any, name: str, allow_none: bool = True) -> None:
         raise QuantkitError(f"{name} must be a positive integer, got {value!r}", option=name)
 
 
+def _known_methods(methods: str | tuple[str, ...] | None, name: str, allow_all: bool = False) -> None:
+    """Method names (a name, a comma list or a sequence) are calibration methods (or ``all``)."""
+    if methods is None:
+        return
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    known = (*CALIBRATION_METHODS, "all") if allow_all else CALIBRATION_METHODS
+    for n in (n.strip().lower() for n in names):
+        if n not in known:
+            raise QuantkitError(f"unknown calibration method {n!r}; choose from {', '.join(known)}", option=name)
+
+
 def _non_negative(value: Any, name: str) -> None:
     if value is None:
         return
@@ -76,6 +164,7 @@ class DataOptions:
     label_column: str | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         _positive_int(self.num_samples, "num_samples")
         _positive_int(self.batch_size, "batch_size")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -91,6 +180,7 @@ class RuntimeOptions:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.runtime not in RUNTIME_NAMES:
             raise QuantkitError(f"unknown runtime '{self.runtime}'; choose from {', '.join(RUNTIME_NAMES)}", option="runtime")
         _positive_int(self.threads, "threads")
@@ -111,9 +201,11 @@ class CalibrationOptions:
     max_memory: int = DEFAULT_MAX_MEMORY  # bytes of activations in flight, which choose the batch size when none is given
 
     def __post_init__(self) -> None:
+        check_types(self)
         _positive_int(self.max_memory, "max_memory", allow_none=False)
         if not isinstance(self.methods, str):
             object.__setattr__(self, "methods", tuple(self.methods))
+        _known_methods(self.methods, "methods", allow_all=True)
         if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 256 or self.bins & (self.bins - 1):
             raise QuantkitError(f"bins must be a power of two of at least 256, got {self.bins!r}", option="bins")
         if self.bins > MAX_BINS:
@@ -142,6 +234,8 @@ class ExportOptions:
     format: str = "int8"  # or fp8: E4M3 Q/DQ for TensorRT (Hopper and later)
 
     def __post_init__(self) -> None:
+        check_types(self)
+        _known_methods(self.method, "method")
         if self.format not in ("int8", "fp8"):
             raise QuantkitError(f"format must be int8 or fp8, got {self.format!r}", option="format")
         if self.target not in TARGETS:
@@ -159,7 +253,8 @@ class CheckOptions:
     samples: int = CHECK_SAMPLES
 
     def __post_init__(self) -> None:
-        _positive_int(self.samples, "check_samples", allow_none=False)
+        check_types(self)
+        _positive_int(self.samples, "samples", allow_none=False)
         if isinstance(self.min_sqnr, bool) or not isinstance(self.min_sqnr, (int, float)) or not math.isfinite(self.min_sqnr):
             raise QuantkitError(f"min_sqnr must be a finite number of dB, got {self.min_sqnr!r}", option="min_sqnr")
 
@@ -191,6 +286,8 @@ class QuantizeOptions:
     measure_speed: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        check_types(self)
+        _known_methods(self.method, "method")
         if self.target not in TARGETS:
             raise QuantkitError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}", option="target")
         if self.format not in (None, *QUANTIZE_FORMATS):
@@ -199,10 +296,16 @@ class QuantizeOptions:
             raise QuantkitError(f"weight_bits must be 7 or 8, got {self.weight_bits!r}", option="weight_bits")
         if self.ranges is not None and self.from_cache is not None:
             raise QuantkitError("give ranges or from_cache, not both", option="from_cache")
-        _positive_int(self.block_size, "block_size", allow_none=False)
+        if isinstance(self.block_size, bool) or self.block_size not in INT4_BLOCK_SIZES:
+            raise QuantkitError(
+                f"block_size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))} (TensorRT's INT4 block sizes), got {self.block_size!r}",
+                option="block_size",
+            )
         object.__setattr__(self, "measure_speed", tuple(self.measure_speed))
         for b in self.measure_speed:
             _positive_int(b, "measure_speed", allow_none=False)
+            if b > MAX_SPEED_BATCH:
+                raise QuantkitError(f"measure_speed batch sizes must be at most {MAX_SPEED_BATCH}, got {b}", option="measure_speed")
 
     def export(self, fmt: str, allow_missing: bool | None = None) -> ExportOptions:
         """The placement's options for a Q/DQ format."""
@@ -222,6 +325,7 @@ class Fp16Options:
     max_memory: int = DEFAULT_MAX_MEMORY  # activations the min/max pass may hold at once (it picks the batch from it)
 
     def __post_init__(self) -> None:
+        check_types(self)
         _positive_int(self.num_samples, "num_samples")
         _positive_int(self.max_memory, "max_memory", allow_none=False)
         if isinstance(self.keep_op_types, str):
@@ -253,6 +357,7 @@ class BuildOptions:
     timing_cache: str | Path | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.runtime not in BUILD_RUNTIMES:
             raise QuantkitError(f"runtime must be one of {', '.join(BUILD_RUNTIMES)}, got {self.runtime!r}", option="runtime")
         if self.precision not in BUILD_PRECISIONS:
@@ -269,7 +374,7 @@ class EvalOptions:
     variants: str = DEFAULT_VARIANTS
     # names ("auto" chooses from the outputs and labels), module:function, or callables
     # (outputs, reference, labels) -> float; see quantkit.evaluation.objectives
-    metrics: tuple[Any, ...] = ("auto",)
+    metrics: str | Callable[..., float] | tuple[Any, ...] = ("auto",)
     labels: bool = True  # use labels where the data has them
     max_drop: float | None = None
     slices: dict[str, list[tuple[int, int, int]]] | None = None
@@ -281,6 +386,7 @@ class EvalOptions:
     max_memory: int = DEFAULT_MAX_MEMORY  # activations one run may hold: picks the batch when none is given
 
     def __post_init__(self) -> None:
+        check_types(self)
         _positive_int(self.max_memory, "max_memory", allow_none=False)
         for name in ("conf", "mask_threshold"):
             value = getattr(self, name)
@@ -311,6 +417,7 @@ class TuneOptions:
     choose_method: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.ranking not in ("disable-one", "sqnr"):
             raise QuantkitError(f"ranking must be disable-one or sqnr, got {self.ranking!r}", option="ranking")
         if self.fallback not in FALLBACKS:
@@ -330,6 +437,7 @@ class ScaleOut:
     gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
+        check_types(self)
         _positive_int(self.workers, "workers")
         _non_negative(self.gpus_per_worker, "gpus_per_worker")
 

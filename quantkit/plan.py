@@ -68,11 +68,12 @@ class NodeFilter:
         for field_name in ("op_types", "exclude_op_types", "nodes", "exclude_nodes"):
             value = getattr(self, field_name)
             object.__setattr__(self, field_name, tuple([value] if isinstance(value, str) else value))
-        for pattern in (*self.nodes, *self.exclude_nodes):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise QuantkitError(f"node pattern {pattern!r} is not a valid regular expression: {exc}", option="nodes") from None
+        for field_name in ("nodes", "exclude_nodes"):
+            for pattern in getattr(self, field_name):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise QuantkitError(f"node pattern {pattern!r} is not a valid regular expression: {exc}", option=field_name) from None
 
     @property
     def empty(self) -> bool:
@@ -166,6 +167,9 @@ class PrecisionPlan:
         unknown = set(doc) - {"format", "version", "default", "fallback", "quantized_format", "nodes"}
         if unknown:
             raise QuantkitError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+        version = doc.get("version", 1)
+        if isinstance(version, bool) or version != 1:
+            raise QuantkitError(f"{source}: version must be 1 (the only plan version), got {version!r}")
         nodes = doc.get("nodes") or {}
         if not isinstance(nodes, dict):
             raise QuantkitError(f"{source}: 'nodes' must map node names or patterns to precisions")

@@ -102,7 +102,8 @@ class RangeSet:
         if theirs and theirs != sha256:
             raise QuantkitError(
                 f"the ranges were calibrated on another model ({self.model.get('path')}, sha256 {theirs[:12]}...) "
-                f"than {path} (sha256 {sha256[:12]}...); recalibrate this model"
+                f"than {path} (sha256 {sha256[:12]}...); recalibrate this model",
+                option="ranges",
             )
 
     def with_missing_from(self, other: RangeSet) -> RangeSet:

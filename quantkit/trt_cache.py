@@ -47,10 +47,10 @@ def encode_version(version: str) -> int:
     """'10.14.1' -> 101401, '8.6.1' -> 8601 (decimal, never hex)."""
     parts = version.strip().split(".")
     if not 1 <= len(parts) <= 4 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):
-        raise QuantkitError(f"TensorRT version '{version}' is not of the form MAJOR.MINOR.PATCH (e.g. 10.14.1)")
+        raise QuantkitError(f"TensorRT version '{version}' is not of the form MAJOR.MINOR.PATCH (e.g. 10.14.1)", option="trt_version")
     major, minor, patch = (int(p) for p in [*parts, "0", "0"][:3])
     if minor > 99 or patch > 99:
-        raise QuantkitError(f"TensorRT version '{version}': minor and patch must be below 100")
+        raise QuantkitError(f"TensorRT version '{version}': minor and patch must be below 100", option="trt_version")
     return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
 
 

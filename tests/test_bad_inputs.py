@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from conftest import DEMO_CALIB, DEMO_MODEL, conv_model, save
+from onnx import numpy_helper
 
 from quantkit.cli import main
 
@@ -23,6 +25,11 @@ def work(tmp_path_factory):
     np.save(root / "x.npy", np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32))
     assert main(["calibrate", str(model), "--data", str(root / "x.npy"), "--method", "all", "--out-dir", str(root / "cal"), "--quiet"]) == 0
     shutil.copy(DEMO_MODEL, root / "demo.onnx")
+    proto = conv_model()
+    for i, t in enumerate(proto.graph.initializer):  # raw data, so that it can live outside the model file
+        proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+    (root / "ext").mkdir()
+    onnx.save(proto, str(root / "ext" / "model.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
     return root
 
 
@@ -78,6 +85,24 @@ def case_table(work):
     other_cache = write(work / "other.cache", "TRT-101401-EntropyCalibration2\nnot_a_tensor: 3c010204\n")
     (work / "adir").mkdir(exist_ok=True)
     existing_file = write(work / "existing.txt", "x")
+    half_cache = write(work / "half.cache", "TRT-101401-EntropyCalibration2\nc1: 3c010204\nu1: 3c010204\nu2: 3c010204\nu3: 3c010204\n")
+    keyed = {"corrupt": b"\x93NUMPY garbage", "pickled": None}
+    for kind, raw in keyed.items():
+        (work / f"keyed_{kind}").mkdir(exist_ok=True)
+        if raw is None:
+            np.save(work / f"keyed_{kind}" / "x.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        else:
+            (work / f"keyed_{kind}" / "x.npy").write_bytes(raw)
+    metric = write(
+        work / "metrics.py",
+        "import sys\ndef nan(o, r, l): return float('nan')\ndef none(o, r, l): return None\ndef leave(o, r, l): sys.exit(0)\n",
+    )
+    plan_v1_list = write(work / "plan_v.json", json.dumps({"version": [1], "default": "int8"}))
+    bad_yaml = write(work / "bad.yaml", "resize: [1, 2\n  bad: : :\n")
+    garbage_parquet = write(work / "garbage.parquet", "garbage")
+    ev = ["eval", m, "--data", x, "--variants", "fp32", "--no-latency"]
+    other_ranges = str(corrupt_ranges(work, "other_model", lambda d: d["model"].update({"sha256": "0" * 64})))
+    ext_model, ext_data = str(work / "ext" / "model.onnx"), str(work / "ext" / "w.bin")
     return {
         # inputs overwritten
         "quantize -o is the model": ["quantize", m, "--ranges", rng, "-o", m],
@@ -143,7 +168,51 @@ def case_table(work):
         "a flag's value not among its choices": ["quantize", m, "--ranges", rng, "--weight-bits", "9", "-o", out],
         "model file missing": ["inspect", str(work / "missing.onnx")],
         "model is not ONNX": ["inspect", str(existing_file)],
+        # second round (hardening): inputs never touched
+        "quantize -o is the model's external data": ["quantize", ext_model, "--ranges", rng, "-o", ext_data],
+        "fp16 -o is the model's external data": ["fp16", ext_model, "--no-ranges", "-o", ext_data],
+        "--log-file is the model": ["quantize", m, "--ranges", rng, "-o", out, "--log-file", m],
+        "--log-file is the ranges": ["quantize", m, "--ranges", rng, "-o", out, "--log-file", rng],
+        "--log-file in a missing folder": ["quantize", m, "--ranges", rng, "-o", out, "--log-file", str(work / "nope" / "log")],
+        # no exit 0 with a wrong artifact
+        "eval --ranges of another model": [
+            "eval", m, "--data", x, "--variants", "int8:entropy", "--no-latency", "--ranges", other_ranges, "--out-dir", str(work / "r4"),
+        ],
+        "cache of another model, one name matching": ["quantize", m, "--from-cache", str(half_cache), "-o", out],
+        "user metric returns NaN": [*ev, "--metric", f"{metric}:nan", "--out-dir", str(work / "r5")],
+        "user metric returns None": [*ev, "--metric", f"{metric}:none", "--out-dir", str(work / "r6")],
+        "user metric calls sys.exit(0)": [*ev, "--metric", f"{metric}:leave", "--out-dir", str(work / "r7")],
+        "int4 with --quantize-attention": ["quantize", m, "--format", "int4-weights", "--quantize-attention", "-o", out],
+        "int4 --block-size 48": ["quantize", m, "--format", "int4-weights", "--block-size", "48", "-o", out],
+        # exit 2, not an internal error
+        "--measure-speed 100000000": ["quantize", m, "--ranges", rng, "--target", "onnxruntime", "--measure-speed", "100000000", "-o", out],
+        "a corrupt keyed .npy": ["calibrate", m, "--data", str(work / "keyed_corrupt"), "--out-dir", str(work / "o7")],
+        "a pickled keyed .npy": ["calibrate", m, "--data", str(work / "keyed_pickled"), "--out-dir", str(work / "o8")],
+        # one line naming the flag
+        "a YAML parse error": ["calibrate", m, "--data", x, "--preprocess-config", str(bad_yaml), "--out-dir", str(work / "o9")],
+        "a garbage parquet file": ["calibrate", m, "--data", str(garbage_parquet), "--out-dir", str(work / "o10")],
+        "--check-samples 0 names its flag": ["quantize", m, "--ranges", rng, "--check-samples", "0", "-o", out],
+        "a bad --exclude-nodes regex": ["quantize", m, "--ranges", rng, "--exclude-nodes", "(", "-o", out],
+        "plan version [1]": ["quantize", m, "--ranges", rng, "--plan", str(plan_v1_list), "-o", out],
     }  # fmt: skip
+
+
+#: what the one line must say, where the kind is about naming the culprit
+EXPECTED = {
+    "quantize -o is the model's external data": "external data of",
+    "fp16 -o is the model's external data": "external data of",
+    "--log-file is the model": "(--log-file)",
+    "--log-file is the ranges": "(--log-file)",
+    "--log-file in a missing folder": "(--log-file)",
+    "eval --ranges of another model": "another model",
+    "cache of another model, one name matching": "cache of another model",
+    "user metric calls sys.exit(0)": "SystemExit",
+    "--measure-speed 100000000": "(--measure-speed)",
+    "--check-samples 0 names its flag": "--check-samples",
+    "a bad --exclude-nodes regex": "(--exclude-nodes)",
+    "int4 --block-size 48": "--block-size",
+    "a YAML parse error": "line 2, column 6",
+}
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -163,6 +232,11 @@ CASES = [
     "an object-dtype .npy in a data folder", "eval --variants ,", "eval --slice out of range", "eval --labels file missing",
     "fidelity check on no samples", "fidelity threshold NaN", "a required flag missing", "a flag's value not among its choices",
     "model file missing", "model is not ONNX",
+    "quantize -o is the model's external data", "fp16 -o is the model's external data", "--log-file is the model",
+    "--log-file is the ranges", "--log-file in a missing folder", "eval --ranges of another model",
+    "cache of another model, one name matching", "user metric returns NaN", "user metric returns None", "user metric calls sys.exit(0)",
+    "int4 with --quantize-attention", "int4 --block-size 48", "--measure-speed 100000000", "a corrupt keyed .npy", "a pickled keyed .npy",
+    "a YAML parse error", "a garbage parquet file", "--check-samples 0 names its flag", "a bad --exclude-nodes regex", "plan version [1]",
 ]  # fmt: skip
 
 
@@ -175,6 +249,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(work, case):
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert len(err) == 1 and "error:" in err[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert EXPECTED.get(case, "") in err[0], err[0]
     assert after == before, {k: v for k, v in after.items() if before.get(k) != v}
 
 

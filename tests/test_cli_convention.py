@@ -47,6 +47,44 @@ def test_json_document_lists_what_was_written(tmp_path, capsys):
     assert failed["exit_code"] == 2 and "missing.onnx" in failed["error"] and "missing.onnx" in err
 
 
+def _boom(args):
+    raise RuntimeError("planted bug")
+
+
+def _interrupt(args):
+    raise KeyboardInterrupt
+
+
+def _os_error(args):
+    raise PermissionError(13, "Permission denied", "/root/x")
+
+
+@pytest.mark.parametrize(
+    ("argv", "planted", "code"),
+    [
+        (["calibrate", "m.onnx", "--bogus"], None, 2),  # argparse: unknown flag (and required flags missing)
+        (["quantize", "m.onnx", "--ranges", "r.json"], None, 2),  # argparse: -o missing
+        (["no-such-command"], None, 2),
+        ([], None, 2),
+        (["inspect", str(DEMO_MODEL)], _boom, 1),  # a bug in quantkit
+        (["inspect", str(DEMO_MODEL)], _os_error, 2),
+        (["inspect", str(DEMO_MODEL)], _interrupt, 130),
+    ],
+)
+def test_json_is_one_document_on_every_exit(argv, planted, code, capsys, monkeypatch):
+    """--json prints exactly one parseable document on stdout, whatever ends the command, and
+    stderr holds exactly one line."""
+    if planted is not None:
+        import quantkit.cli.inspect
+
+        monkeypatch.setattr(quantkit.cli.inspect, "run", planted)
+    assert main([*argv, "--json"]) == code
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["exit_code"] == code and doc["error"] and doc["outputs"] == []
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_verbose_and_log_file(tmp_path, capsys):
     log = tmp_path / "run.log"
     assert main([*calibrate_args(tmp_path / "c"), "-v", "--log-file", str(log), "--threads", "1"]) == 0
@@ -63,15 +101,12 @@ def test_old_flag_names_are_unknown_flags_not_abbreviations(tmp_path, capsys):
     """0.1's --out/--report/--val are gone: exit 2, one line, and no prefix match onto --out-dir or --data."""
     args = calibrate_args(tmp_path / "c")
     args[args.index("--out-dir")] = "--out"
-    with pytest.raises(SystemExit) as done:
-        main([*args, "--quiet"])
+    assert main([*args, "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert done.value.code == 2 and "unrecognized arguments: --out" in err and len(err.strip().splitlines()) == 1
+    assert "unrecognized arguments: --out" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
     args[args.index("--out")] = "--out-d"  # an abbreviation of --out-dir
-    with pytest.raises(SystemExit) as done:
-        main([*args, "--quiet"])
-    assert done.value.code == 2 and "unrecognized arguments: --out-d" in capsys.readouterr().err
+    assert main([*args, "--quiet"]) == 2 and "unrecognized arguments: --out-d" in capsys.readouterr().err
     assert main(["eval", str(DEMO_MODEL), "--data", str(DEMO_CALIB), "--quiet"]) == 2
     assert "give --out-dir DIR" in capsys.readouterr().err
 

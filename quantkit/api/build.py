@@ -28,7 +28,7 @@ from quantkit.backends.trtexec import (
 from quantkit.errors import QuantkitError
 from quantkit.export.qdq import node_names
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import BuildOptions
+from quantkit.options import BuildOptions, given
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, read_trt_cache
@@ -69,7 +69,7 @@ class BuildReport:
 
 def build(model: str | Path | ModelInfo, output: str | Path, options: BuildOptions | None = None) -> BuildReport:
     """Build ``model`` for ``options.runtime`` into ``output`` (see the module docstring)."""
-    options = options or BuildOptions()
+    options = given(options, BuildOptions, "options")
     model_path = model.path if isinstance(model, ModelInfo) else model
     out = check_output_file(output, model_path, options.cache, options.plan, options.ranges)
     info = model if isinstance(model, ModelInfo) else load_model(model)

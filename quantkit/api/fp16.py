@@ -16,7 +16,7 @@ from quantkit.evaluation.check import FidelityCheck, data_or_recorded, verify
 from quantkit.export.fp16 import Fp16Report, convert_fp16, fp16_precisions
 from quantkit.export.qdq import node_names
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, Fp16Options
+from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, Fp16Options, given
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 
@@ -52,7 +52,7 @@ def fp16(
 ) -> Fp16Result:
     """Write ``model`` in float16 to ``output``: ranges from ``options.ranges`` and, where they lack a
     tensor, one min/max pass over ``data`` (else the calibration data ranges.json records)."""
-    options = options or Fp16Options()
+    options = given(options, Fp16Options, "options")
     model_path = model.path if isinstance(model, ModelInfo) else model
     out = check_output_file(output, model_path, options.ranges, options.plan, data if isinstance(data, (str, Path)) else None)
     info = model if isinstance(model, ModelInfo) else load_model(model)
@@ -61,7 +61,7 @@ def fp16(
     ranges = RangeSet.load(options.ranges) if options.ranges else None
     if ranges is not None:
         ranges.check_model(info.path, info.sha256)
-    data, preprocess = data_or_recorded(data, (data_options or DataOptions()).preprocess, ranges)
+    data, preprocess = data_or_recorded(data, given(data_options, DataOptions, "data_options").preprocess, ranges)
     warnings = []
     if options.use_ranges:
         ranges = _complete_ranges(info, ranges, data, preprocess, options)

@@ -34,7 +34,7 @@ from quantkit.export.int4 import Int4Report, quantize_int4_weights
 from quantkit.export.qdq import QuantizeReport, record_quantization
 from quantkit.export.smoothquant import SmoothReport, check_alpha, smooth_model
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, QuantizeOptions
+from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, QuantizeOptions, given
 from quantkit.plan import QUANTIZED_FORMATS, PrecisionPlan
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_cache
@@ -105,9 +105,9 @@ def quantize(
     SmoothQuant's statistics and calibration, and int4's clip search; ``data_options.preprocess``
     reads it. ``progress`` receives a line per step of a speed measurement.
     """
-    options = options or QuantizeOptions()
-    check = check or CheckOptions()
-    preprocess = (data_options or DataOptions()).preprocess
+    options = given(options, QuantizeOptions, "options")
+    check = given(check, CheckOptions, "check")
+    preprocess = given(data_options, DataOptions, "data_options").preprocess
     model_path = model.path if isinstance(model, ModelInfo) else model
     out = check_output_file(output, model_path, options.ranges, options.from_cache, options.plan)
     plan = PrecisionPlan.load(options.plan) if options.plan else None
@@ -168,6 +168,11 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
     if fmt == "int4-weights":
         if options.ranges or options.from_cache or options.plan:
             raise QuantkitError("int4-weights quantizes weights only: it takes no ranges, cache or plan", option="format")
+        if options.quantize_attention:
+            raise QuantkitError(
+                "int4-weights quantizes constant weights only, and an attention core's MatMuls have none: drop it",
+                option="quantize_attention",
+            )
         return
     if options.smoothquant:
         if options.ranges or options.from_cache:
@@ -184,7 +189,9 @@ def _calibration_batches(info: ModelInfo, data: Any, preprocess: PreprocessSpec 
 
 def _int4(job: _Job) -> QuantizeResult:
     calibration = _calibration_batches(job.info, job.data, job.preprocess) if job.data else None
-    quantized, report = quantize_int4_weights(job.info, block_size=job.options.block_size, calibration=calibration)
+    quantized, report = quantize_int4_weights(
+        job.info, block_size=job.options.block_size, calibration=calibration, filters=job.options.filters
+    )
     return job.result(quantized, report, job.verify(quantized))
 
 
@@ -229,10 +236,13 @@ def _cache_ranges(info: ModelInfo, options: QuantizeOptions) -> tuple[RangeSet, 
         warnings.append(f"{options.from_cache} was written for TensorRT {cache.version_string}, not {options.trt_version}")
     ranges = ranges_from_trt_cache(cache, options.from_cache)
     known = {name for node in info.proto.graph.node for name in [*node.input, *node.output]}
-    if ranges.tensors and not set(ranges.tensors) & known:
+    # TensorRT names the layers it adds itself "(Unnamed Layer* N) [...]": those need not be the model's
+    named = [n for n in ranges.tensors if not n.startswith("(Unnamed Layer")]
+    foreign = [n for n in named if n not in known]
+    if named and 2 * len(foreign) > len(named):
         raise QuantkitError(
-            f"none of the {len(ranges.tensors)} tensors in {options.from_cache} is a tensor of {info.path} "
-            f"(first: {next(iter(ranges.tensors))!r}): is it the cache of another model?",
+            f"{len(foreign)} of the {len(named)} tensors in {options.from_cache} are not tensors of {info.path} "
+            f"(first: {foreign[0]!r}): is it the cache of another model?",
             option="from_cache",
         )
     return ranges, options.method, warnings

@@ -93,6 +93,15 @@ def set_default_threads(threads: int | None) -> None:
     _default_threads = threads
 
 
+def set_ort_verbosity(verbose: bool) -> None:
+    """onnxruntime's own log (its process-wide logger, e.g. "Failed to persist telemetry device ID"
+    in a read-only home): errors only, warnings too with -v. Sessions log errors only either way."""
+    ort.set_default_logger_severity(2 if verbose else 3)
+
+
+set_ort_verbosity(False)
+
+
 def make_session(
     model: onnx.ModelProto | bytes | str | Path,
     providers: Sequence[str] | None = None,

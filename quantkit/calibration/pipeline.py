@@ -35,7 +35,7 @@ from quantkit.data.batching import check_sample
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import CalibrationOptions, DataOptions, RuntimeOptions
+from quantkit.options import CalibrationOptions, DataOptions, RuntimeOptions, given
 from quantkit.ranges import RangeSet, TensorRange
 from quantkit.trt_cache import DEFAULT_ALGORITHM, DEFAULT_TRT_VERSION, format_trt_cache
 
@@ -128,7 +128,11 @@ def run_calibration(
     ``collector`` chooses where the model runs (default: this process). Every failure the user
     can fix raises ``QuantkitError`` before anything is written.
     """
-    options, data_options, runtime = options or CalibrationOptions(), data_options or DataOptions(), runtime or RuntimeOptions()
+    options, data_options, runtime = (
+        given(options, CalibrationOptions, "options"),
+        given(data_options, DataOptions, "data_options"),
+        given(runtime, RuntimeOptions, "runtime"),
+    )
     timer = StepTimer(quiet)
     calibrators = make_calibrators(options.methods, options.percentile)  # fail fast on unknown methods
     out_dir = ensure_writable_dir(out) if out is not None else None

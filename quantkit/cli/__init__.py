@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from quantkit import __version__
+from quantkit.errors import QuantkitError
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
@@ -38,11 +39,26 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+class UsageError(QuantkitError):
+    """A command line argparse refuses: reported by the one error boundary (one line, exit 2, --json)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (flag and problem, then where to look) and exit 2."""
+    """argparse, with its errors raised to the error boundary instead of printed here."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise UsageError(self.prog, message)
+
+    def _get_value(self, action: argparse.Action, arg_string: str):  # type: ignore[no-untyped-def]
+        """A flag's type function may raise QuantkitError (parse_size does): argparse then names the flag."""
+        try:
+            return super()._get_value(action, arg_string)
+        except QuantkitError as exc:
+            raise argparse.ArgumentError(action, str(exc)) from None
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:

@@ -36,6 +36,21 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: all cores)")
 
 
+#: the flags whose value is a file or folder the command reads (an output or log file must be none of them)
+INPUT_FLAGS = (
+    "model", "ranges", "data", "calib", "plan", "preprocess_config", "from_ranges", "from_qdq", "from_cache", "cache", "timing_cache",
+)  # fmt: skip
+
+
+def read_paths(args: argparse.Namespace) -> list[str]:
+    """Every path the command reads: its input flags, and the files named in eval's NAME=file variants."""
+    paths = [v for v in (getattr(args, f, None) for f in INPUT_FLAGS) if isinstance(v, str)]
+    variants = getattr(args, "variants", None)
+    if isinstance(variants, str):
+        paths += [v.split("=", 1)[1] for v in variants.split(",") if "=" in v]
+    return paths
+
+
 def add_out_dir(parser: argparse.ArgumentParser, help: str, *, default: str | None = None) -> None:
     """``--out-dir`` for a command that writes a folder (``-o/--output`` is for one file)."""
     parser.add_argument("--out-dir", default=default, help=help + ("" if default is None else f" (default {default})"))

@@ -14,12 +14,11 @@ from quantkit.cli.args import (
     add_filter_args,
     check_options_from_args,
     filters_from_args,
-    positive_int,
     preprocess_from_args,
     printing_check,
 )
 from quantkit.errors import QuantkitError
-from quantkit.options import TARGETS, DataOptions, QuantizeOptions
+from quantkit.options import INT4_BLOCK_SIZES, TARGETS, DataOptions, QuantizeOptions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="SmoothQuant's migration strength in [0, 1], or auto (default): per activation, the alpha (or none) whose INT8 "
         "MatMul error is smallest on the calibration data",
     )
-    p.add_argument("--block-size", type=positive_int, default=128, help="int4-weights: weights per block along K (default 128)")
+    p.add_argument(
+        "--block-size", type=int, choices=INT4_BLOCK_SIZES, default=128, help="int4-weights: weights per block along K (default 128)"
+    )
     p.add_argument(
         "--measure-speed",
         metavar="BATCHES",

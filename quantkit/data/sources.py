@@ -31,13 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from quantkit._io import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, TABLE_EXTENSIONS
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.errors import QuantkitError
 from quantkit.model import InputSpec, ModelInfo
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-TABLE_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
-ARRAY_EXTENSIONS = {".npy", ".npz"}
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")
 LABEL_COLUMN_NAMES = ("label", "labels", "target", "class")
 
@@ -58,7 +56,8 @@ def _offline() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    # critical only: a failure datasets logs as an error reaches the user as quantkit's one line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
 
 
@@ -255,6 +254,14 @@ def _row_array(value: Any, spec: InputSpec, sample_id: str) -> np.ndarray:
     return arr
 
 
+def _read_npy(f: Path) -> np.ndarray:
+    """A .npy file, memory-mapped (never unpickled); a file numpy cannot read is bad input."""
+    try:
+        return np.load(f, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy's errors for corrupt, pickled or truncated files
+        raise QuantkitError(f"cannot read {f} as NumPy data ({type(exc).__name__}: {exc})") from None
+
+
 class ArraySource:
     """NumPy arrays keyed by input name: .npz / .npy files or a folder of them."""
 
@@ -274,7 +281,7 @@ class ArraySource:
 
     def _count(self) -> int | None:
         if self.keyed_npy:
-            arr = np.load(self.keyed_npy[0], mmap_mode="r")
+            arr = _read_npy(self.keyed_npy[0])
             spec = self.model.input(self.keyed_npy[0].stem)
             return int(arr.shape[0]) if arr.ndim == len(spec.shape) else 1
         return None
@@ -289,7 +296,7 @@ class ArraySource:
     def _load(self, f: Path) -> dict[str, np.ndarray]:
         try:
             if f.suffix.lower() == ".npy":
-                arr = np.load(f, mmap_mode="r", allow_pickle=False)
+                arr = _read_npy(f)
                 floats = self.model.float_inputs or self.model.inputs
                 if len(self.model.inputs) != 1:
                     names = ", ".join(i.name for i in self.model.inputs)
@@ -303,12 +310,7 @@ class ArraySource:
             raise QuantkitError(f"cannot read {f} as NumPy data ({type(exc).__name__}: {exc})") from None
 
     def _iter_keyed(self, files: list[Path]) -> Iterator[Sample]:
-        arrays = {}
-        for f in files:
-            try:
-                arrays[f.stem] = np.load(f, mmap_mode="r", allow_pickle=False)
-            except Exception as exc:  # noqa: BLE001
-                raise QuantkitError(f"cannot read {f} as NumPy data ({type(exc).__name__}: {exc})") from None
+        arrays = {f.stem: _read_npy(f) for f in files}
         yield from split_arrays(self.model, arrays, str(self.path))
 
     def _iter_file(self, f: Path) -> Iterator[Sample]:

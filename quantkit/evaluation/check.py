@@ -41,7 +41,7 @@ from quantkit.errors import QuantkitError
 from quantkit.evaluation.metrics import cosine, sqnr_db
 from quantkit.evaluation.task import TaskScore, infer_task, score_task
 from quantkit.model import ModelInfo
-from quantkit.options import CHECK_SAMPLES, MIN_SQNR_DB, CheckOptions
+from quantkit.options import CHECK_SAMPLES, MIN_SQNR_DB, CheckOptions, given
 from quantkit.ranges import RangeSet
 
 #: a transformer's padding-mask input (1 at real tokens, 0 at padding)
@@ -367,7 +367,8 @@ def synthetic_feed(model: ModelInfo, ranges: RangeSet | None, count: int) -> dic
             shape[spec.batch_axis] = count  # a dynamic batch dimension: the check's sample count
         if any(not isinstance(d, int) for d in shape):
             raise QuantkitError(
-                f"input {spec.describe()} has dynamic dimensions and no samples were given for the fidelity check; pass data (or force)",
+                f"input {spec.describe()} has dynamic dimensions, so the fidelity check needs real samples: "
+                "pass them (--force does not skip the check)",
                 option="data",
             )
         if spec.dtype.kind == "f":
@@ -397,7 +398,7 @@ def verify(
 
     A refused model raises ``FidelityError`` (exit 3), carrying the check, unless ``check.force``.
     """
-    check = check or CheckOptions()
+    check = given(check, CheckOptions, "check")
     feeds, source = check_samples(model, data, preprocess, ranges, check.samples)
     result = check_fidelity(model.proto, candidate, feeds, source=source, min_sqnr_db=check.min_sqnr, real=source != SYNTHETIC)
     if not result.ok and not check.force:

@@ -349,13 +349,17 @@ def from_callable(fn: Callable[..., Any], name: str | None = None) -> Objective:
             result = np.asarray(value, np.float64)
         except QuantkitError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the user's code: its failure is reported as bad input
-            raise QuantkitError(f"metric {label} failed: {type(exc).__name__}: {exc}") from None
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code (sys.exit too) is bad input, not our exit
+            raise QuantkitError(f"metric {label} failed: {type(exc).__name__}: {exc}", option="metrics") from None
+        if not np.all(np.isfinite(result)):
+            raise QuantkitError(f"metric {label} returned {value!r:.60}: it must return finite numbers", option="metrics")
         n = len(outputs[0]) if outputs and outputs[0].ndim else 1
         if result.ndim == 0:
             return np.full((n, 1), float(result))  # one value for the set: no per-sample noise
         if result.shape != (n,):
-            raise QuantkitError(f"metric {label} must return one number, or one per sample ({n}), got shape {list(result.shape)}")
+            raise QuantkitError(
+                f"metric {label} must return one number, or one per sample ({n}), got shape {list(result.shape)}", option="metrics"
+            )
         return result[:, None]
 
     return Objective(label, stats, _mean, needs_labels=legacy, uses_labels=True, unit="points", reason="your metric")
@@ -381,7 +385,7 @@ def user_objective(spec: str) -> Objective:
             module = importlib.import_module(where)
     except QuantkitError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the user's module: any failure is bad input
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's module: any failure is bad input
         raise QuantkitError(f"metric {spec!r}: cannot load {where}: {type(exc).__name__}: {exc}", option="metric") from None
     fn = getattr(module, attr, None)
     if not callable(fn):

@@ -35,7 +35,7 @@ from quantkit.evaluation.metrics import OutputFidelity, fidelity
 from quantkit.evaluation.objectives import Objective, choose_objective, from_callable, objective
 from quantkit.evaluation.variants import CalibrationInput, build_variants, parse_variants
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import DataOptions, EvalOptions, RuntimeOptions
+from quantkit.options import DataOptions, EvalOptions, RuntimeOptions, given
 
 
 @dataclass
@@ -108,13 +108,16 @@ def evaluate(
     ``data`` is what ``calibrate`` takes (a path, ``hf:NAME``, a dataset or an iterable of
     ``{input_name: array}`` dicts). ``calib`` or ``ranges_path`` give int8 variants their ranges.
     """
-    options = options or EvalOptions()
-    data_options = data_options or DataOptions(shuffle=False)
-    runtime = runtime or RuntimeOptions()
+    options = given(options, EvalOptions, "options")
+    data_options = given(data_options, DataOptions, "data_options") if data_options is not None else DataOptions(shuffle=False)
+    runtime = given(runtime, RuntimeOptions, "runtime")
     timer = StepTimer(quiet)
     info = model if isinstance(model, ModelInfo) else load_model(model)
     specs = parse_variants(options.variants, runtime.runtime)
     spec = data_options.preprocess or PreprocessSpec()
+    calibration = CalibrationInput(info, calib, ranges_path, spec, options.num_calib_samples, data_options.batch_size)
+    if ranges_path is not None:  # ranges of another model are refused before any work, as quantize refuses them
+        calibration.ranges().check_model(info.path, info.sha256)
     params = {"conf": options.conf, "threshold": options.mask_threshold}
     # named metrics are checked before any work; "auto" is chosen once FP32's outputs are known
     chosen: list[Objective | str] = [m if m == "auto" else _objective(m, params) for m in options.metrics]
@@ -137,7 +140,6 @@ def evaluate(
         run.notes.append(
             f"padding left out: metrics count the {int(run.tokens.sum())} real tokens of the attention mask, of {run.tokens.size}"
         )
-    calibration = CalibrationInput(info, calib, ranges_path, spec, options.num_calib_samples, data_options.batch_size)
     with tempfile.TemporaryDirectory(prefix="quantkit-eval-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

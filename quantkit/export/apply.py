@@ -12,7 +12,7 @@ import onnx
 from quantkit.export.fp16 import Fp16Report, convert_fp16, fp16_precisions
 from quantkit.export.qdq import QuantizeReport, quantize_model
 from quantkit.model import ModelInfo
-from quantkit.options import ExportOptions
+from quantkit.options import ExportOptions, given
 from quantkit.optypes import QDQ_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
@@ -38,7 +38,7 @@ def apply_plan(
     ``range_aware_fp16``: nodes whose calibrated ranges exceed float16 stay FP32 (off for ranges
     migrated from a TensorRT cache, which hold only the tensors TensorRT calibrated).
     """
-    options = options or ExportOptions()
+    options = given(options, ExportOptions, "options")
     q, report = quantize_model(
         model,
         ranges,

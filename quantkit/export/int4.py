@@ -27,6 +27,8 @@ from quantkit.backends.ort import ActivationRunner
 from quantkit.errors import QuantkitError
 from quantkit.export.qdq import prepare_model, record_quantization
 from quantkit.model import ModelInfo
+from quantkit.options import INT4_BLOCK_SIZES
+from quantkit.plan import NodeFilter
 
 INT4_OPSET = 21  # DequantizeLinear with block_size and the int4 type
 CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
@@ -112,15 +114,17 @@ def _weight_of(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[np.
 
 
 def quantize_int4_weights(
-    model: ModelInfo, *, block_size: int = 128, clip_search: bool = True, calibration: Any = None
+    model: ModelInfo, *, block_size: int = 128, clip_search: bool = True, calibration: Any = None, filters: NodeFilter | None = None
 ) -> tuple[onnx.ModelProto, Int4Report]:
     """The model with its MatMul/Gemm weights in block-wise int4 (see the module docstring).
 
     ``calibration``: batches (``quantkit.data.batches``) for the activation moments of the clip
-    search; None weighs every input channel the same.
+    search; None weighs every input channel the same. ``filters``: the nodes it may quantize.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise QuantkitError(f"block_size must be a power of two of at least 16, got {block_size!r}", option="block_size")
+    if isinstance(block_size, bool) or block_size not in INT4_BLOCK_SIZES:
+        raise QuantkitError(
+            f"block_size must be one of {INT4_BLOCK_SIZES} (TensorRT's INT4 block sizes), got {block_size!r}", option="block_size"
+        )
     proto, _ = prepare_model(model, INT4_OPSET)
     consts = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     report = Int4Report(block_size, clip_search, calibration is not None)
@@ -130,14 +134,21 @@ def quantize_int4_weights(
         if found is None:
             continue
         w, _ = found
-        if w.dtype != np.float32:
+        refused = filters.refusal(node.name, node.op_type) if filters is not None else ""
+        if refused:
+            report.kept_float[node.name] = refused
+        elif w.dtype != np.float32:
             report.kept_float[node.name] = f"weight is {w.dtype}"
         elif w.shape[0] % block_size:
             report.kept_float[node.name] = f"K = {w.shape[0]} is not a multiple of the block size {block_size}"
         else:
             candidates[node.name] = node
     if not candidates:
-        raise QuantkitError(f"{model.path} has no MatMul/Gemm with a constant float32 weight whose K is a multiple of {block_size}")
+        why = "; ".join(sorted({r for r in report.kept_float.values()}))[:200] or "none has a constant 2-D weight"
+        raise QuantkitError(
+            f"{model.path}: no MatMul/Gemm is left to quantize to int4 ({why}); check the node filters and the block size",
+            option="format",
+        )
     moments = activation_moments(model, [n.input[0] for n in candidates.values()], calibration) if calibration is not None else {}
     users: dict[str, int] = {}
     for node in proto.graph.node:

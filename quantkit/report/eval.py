@@ -75,8 +75,7 @@ def to_json(result: EvalResult) -> dict[str, Any]:
         "max_drop": result.max_drop,
         "variants": variants,
         "flags": result.flags,
-        "timings_s": result.timings,
-    }
+    }  # no step timings: without latency the report repeats byte for byte (timings are in the -v / --log-file log)
 
 
 # ---- shared row values ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import onnx
 from quantkit._io import ensure_writable_dir, write_bytes_atomic
 from quantkit.evaluation.check import judge_outputs
 from quantkit.model import ModelInfo
-from quantkit.options import ExportOptions, TuneOptions
+from quantkit.options import ExportOptions, TuneOptions, given
 from quantkit.optypes import KNOWN_SENSITIVE_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
@@ -344,7 +344,7 @@ def run_search(
     (``quantkit.scaleout.ray.RayExecutor``), each bisection step evaluates as many split points
     at once as there are workers.
     """
-    options, export = options or TuneOptions(), export or ExportOptions(allow_missing=True)
+    options, export = given(options, TuneOptions, "options"), export or ExportOptions(allow_missing=True)
     executor = executor or LocalExecutor(model, ranges, export.method, export.target)
     out = ensure_writable_dir(out_dir)
     return PrecisionSearch(model, ranges, evaluator, out, options, export, executor, sensitivity).run()

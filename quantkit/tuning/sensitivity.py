@@ -35,7 +35,7 @@ from quantkit.evaluation.variants import CalibrationInput
 from quantkit.export.apply import apply_plan
 from quantkit.export.qdq import quantize_model
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import DEFAULT_MAX_MEMORY, DataOptions, ExportOptions
+from quantkit.options import DEFAULT_MAX_MEMORY, DataOptions, ExportOptions, given
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
 
@@ -436,7 +436,7 @@ def prepare(
     """What sensitivity and tuning start from: the model, its ranges (loaded, or calibrated with
     ``method`` only) and an evaluator over the validation data with its objective (``metric``: a
     name, ``auto``, a user ``module:function``, a callable or an ``Objective``)."""
-    data_options = data_options or DataOptions()
+    data_options = given(data_options, DataOptions, "data_options")
     info = model if isinstance(model, ModelInfo) else load_model(model)
     if ranges_path is None and calib is None:
         raise QuantkitError("give calibration data (calib) or a ranges file (ranges)", option="calib")

@@ -14,6 +14,7 @@ from quantkit.backends.ort import make_session
 from quantkit.cli import main
 from quantkit.data import batches, open_source
 from quantkit.export.int4 import quantize_blocks, quantize_int4_weights
+from quantkit.plan import NodeFilter
 
 K, H, N = 256, 128, 32
 
@@ -99,3 +100,18 @@ def test_quantize_cli_int4_weights_with_data(tmp_path, capsys):
     ref, got = make_session(info.proto).run(None, feeds)[0], make_session(str(out)).run(None, feeds)[0]
     assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 15
     assert main(["quantize", str(model), "--format", "int4-weights", "--block-size", "48", "-o", str(out)]) == 2
+
+
+def test_int4_honours_the_node_filters_and_refuses_attention(tmp_path):
+    """--exclude-nodes keeps a MatMul float in int4 as in int8; excluding every node leaves nothing
+    to quantize (exit 2, not an unchanged model with exit 0); --quantize-attention has no meaning."""
+    proto, _, _ = mlp()
+    model = save(proto, tmp_path / "mlp.onnx")
+    names = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+    info = quantkit.load_model(model)
+    _, report = quantize_int4_weights(info, block_size=64, clip_search=False, filters=NodeFilter(exclude_nodes=(names[0],)))
+    assert list(report.quantized) == names[1:] and "exclude-nodes" in report.kept_float[names[0]]
+    out = tmp_path / "o.onnx"
+    base = ["quantize", str(model), "--format", "int4-weights", "--block-size", "64", "-o", str(out)]
+    assert main([*base, "--exclude-nodes", ".*"]) == 2 and not out.exists()
+    assert main([*base, "--quantize-attention"]) == 2 and not out.exists()
