@@ -25,6 +25,7 @@ from quantkit.trt_cache import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_TRT_VERSIO
 RUNTIME_NAMES = ("ort-cpu", "ort-cuda", "tensorrt")
 TARGETS = ("tensorrt", "onnxruntime")
 FALLBACKS = ("fp16", "fp32")
+HIGH_PRECISIONS = ("fp16", "fp32")
 DEFAULT_VARIANTS = "fp32,fp16,int8:entropy,int8:minmax,int8:percentile,int8:mse"
 #: activation memory calibration may hold at once (it picks the batch size from it)
 DEFAULT_MAX_MEMORY = 1 << 30
@@ -229,13 +230,19 @@ class ExportOptions:
     weight_bits: int | None = None  # None: the target's default (7 for onnxruntime, 8 for TensorRT)
     filters: NodeFilter | None = None  # which nodes may be quantized (a plan's entries win)
     # TensorRT placement: the attention core (Q.K^T and attention.V MatMuls) stays float by
-    # default, as TensorRT's fused MHA kernels choose their own precision
+    # default, as ModelOpt's placement does (INT8 Q.K^T and attention.V cost accuracy; under
+    # strong typing the high precision, fp16 by default, is what they run in)
     quantize_attention: bool = False
     format: str = "int8"  # or fp8: E4M3 Q/DQ for TensorRT (Hopper and later)
+    # what is not quantized runs in: fp16 (range-safe: what overflows float16 stays float32) or
+    # fp32 (None: fp32; quantize resolves None to its target's default, QuantizeOptions)
+    high_precision: str | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
         _known_methods(self.method, "method")
+        if self.high_precision not in (None, *HIGH_PRECISIONS):
+            raise QuantkitError(f"high_precision must be fp16 or fp32, got {self.high_precision!r}", option="high_precision")
         if self.format not in ("int8", "fp8"):
             raise QuantkitError(f"format must be int8 or fp8, got {self.format!r}", option="format")
         if self.target not in TARGETS:
@@ -284,6 +291,15 @@ class QuantizeOptions:
     alpha: float | str = "auto"
     block_size: int = 128
     measure_speed: tuple[int, ...] = field(default_factory=tuple)
+    # what is not quantized runs in, fp16 or fp32. None: the target's. Under strong typing
+    # (TensorRT 11 always, 10 with --stronglyTyped) the ONNX types decide each layer's precision,
+    # so the TensorRT target writes fp16 (as ModelOpt's high_precision_dtype="fp16" does);
+    # onnxruntime's CPU kernels are fp32, so its target keeps fp32
+    high_precision: str | None = None
+
+    @property
+    def resolved_high_precision(self) -> str:
+        return self.high_precision or ("fp16" if self.target == "tensorrt" else "fp32")
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -296,6 +312,8 @@ class QuantizeOptions:
             raise QuantkitError(f"weight_bits must be 7 or 8, got {self.weight_bits!r}", option="weight_bits")
         if self.ranges is not None and self.from_cache is not None:
             raise QuantkitError("give ranges or from_cache, not both", option="from_cache")
+        if self.high_precision not in (None, *HIGH_PRECISIONS):
+            raise QuantkitError(f"high_precision must be fp16 or fp32, got {self.high_precision!r}", option="high_precision")
         if isinstance(self.block_size, bool) or self.block_size not in INT4_BLOCK_SIZES:
             raise QuantkitError(
                 f"block_size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))} (TensorRT's INT4 block sizes), got {self.block_size!r}",
@@ -310,7 +328,9 @@ class QuantizeOptions:
     def export(self, fmt: str, allow_missing: bool | None = None) -> ExportOptions:
         """The placement's options for a Q/DQ format."""
         missing = self.allow_missing if allow_missing is None else allow_missing
-        return ExportOptions(self.method, self.target, missing, self.weight_bits, self.filters, self.quantize_attention, fmt)
+        return ExportOptions(
+            self.method, self.target, missing, self.weight_bits, self.filters, self.quantize_attention, fmt, self.resolved_high_precision
+        )
 
 
 @dataclass(frozen=True)
@@ -355,6 +375,9 @@ class BuildOptions:
     ranges: str | Path | None = None  # ranges.json: the input shapes calibration saw give the profile (unless shapes)
     workspace: int | None = None  # MiB
     timing_cache: str | Path | None = None
+    # TensorRT 10, a float16 or mixed model: build with precision flags, the ONNX types as hints,
+    # instead of strongly typed (then a layer kept in FP32 against overflow may run in FP16)
+    weak_typing: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)

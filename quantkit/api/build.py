@@ -19,6 +19,7 @@ from quantkit.backends.trtexec import (
     ShapeProfile,
     check_build_request,
     check_qdq_for_tensorrt,
+    has_float16,
     parse_shapes,
     profile_from_shapes,
     qdq_facts,
@@ -77,14 +78,15 @@ def build(model: str | Path | ModelInfo, output: str | Path, options: BuildOptio
         return BuildReport(out, ort=build_ort(info.path, out, options.runtime))
     plan = PrecisionPlan.load(options.plan) if options.plan else None
     facts = qdq_facts(info.proto)
-    qdq = _typed(info, options, plan, facts)
+    typed, typing_warnings = _typed(info, options, plan, facts)
     check_build_request(
-        precision=options.precision, calib_cache=options.cache, qdq=qdq, plan=plan, placeholder_ranges=options.placeholder_ranges
+        precision=options.precision, calib_cache=options.cache, typed=typed, plan=plan, placeholder_ranges=options.placeholder_ranges
     )
     version = tensorrt_version()
     cache, stamp_note = _cache_for(options, version, out) if options.cache else (None, [])
     shapes, warnings = _profile(options, info)
-    lines = stamp_note + _trtexec_lines(info, out, options, cache, qdq, plan, shapes, facts)
+    warnings = typing_warnings + warnings
+    lines = stamp_note + _trtexec_lines(info, out, options, cache, typed, plan, shapes, facts)
     script = out.with_suffix(".trtexec.sh")
     write_bytes_atomic(script, ("#!/bin/sh\n" + "\n".join(lines) + "\n").encode())  # for a GPU machine, built here or not
     if version is None:
@@ -98,7 +100,7 @@ def build(model: str | Path | ModelInfo, output: str | Path, options: BuildOptio
         out,
         precision=options.precision,
         calib_cache=cache,
-        qdq=qdq,
+        typed=typed,
         plan=plan,
         shapes=shapes,
         workspace_mib=options.workspace,
@@ -107,8 +109,9 @@ def build(model: str | Path | ModelInfo, output: str | Path, options: BuildOptio
     return BuildReport(out, engine=engine, script=script, tensorrt=version, warnings=warnings)
 
 
-def _typed(info: ModelInfo, options: BuildOptions, plan: PrecisionPlan | None, facts: QdqFacts) -> bool:
-    """Whether the model's Q/DQ types decide the precision (a strongly typed build, whatever was asked)."""
+def _typed(info: ModelInfo, options: BuildOptions, plan: PrecisionPlan | None, facts: QdqFacts) -> tuple[bool, list[str]]:
+    """Whether the model's own types decide each layer's precision (Q/DQ or float16: a strongly
+    typed build, whatever precision was asked), and the warnings of a weak-typed one."""
     if facts.present:
         check_qdq_for_tensorrt(facts, str(info.path))
         if options.cache:
@@ -121,10 +124,16 @@ def _typed(info: ModelInfo, options: BuildOptions, plan: PrecisionPlan | None, f
     if plan is not None and plan.quantized_format != "int8" and not facts.present:
         raise QuantkitError(
             f"{options.plan} is an {plan.quantized_format} plan: TensorRT's calibration caches hold INT8 scales only; apply it "
-            f"when quantizing (quantkit quantize --format {plan.quantized_format} --plan) and build that model",
+            f"when quantizing (quantkit quantize --format {plan.quantized_format} --plan) and build that",
             option="plan",
         )
-    return facts.present
+    half = has_float16(info.proto)
+    if half and options.weak_typing and not facts.present:
+        return False, [
+            f"{info.path} is a float16 model built weakly typed (--weak-typing): TensorRT 10 reads its types as hints, so the "
+            "layers kept in FP32 against float16 overflow may run in FP16; TensorRT 11 builds it strongly typed regardless"
+        ]
+    return facts.present or half, []
 
 
 def _profile(options: BuildOptions, info: ModelInfo) -> tuple[list[ShapeProfile], list[str]]:
@@ -147,7 +156,7 @@ def _trtexec_lines(
     out: Path,
     options: BuildOptions,
     cache: str | None,
-    qdq: bool,
+    typed: bool,
     plan: PrecisionPlan | None,
     shapes: list[ShapeProfile],
     facts: QdqFacts,
@@ -159,7 +168,7 @@ def _trtexec_lines(
         "layer_info": str(out.with_suffix(".layers.json")),
         "precision": options.precision,
         "calib_cache": cache,
-        "qdq": qdq,
+        "typed": typed,
         "plan": plan,
     }
     layers = node_names(info) if plan else []
@@ -168,7 +177,9 @@ def _trtexec_lines(
         lines.append(f"# {title}")
         try:
             extra = {"layer_names": layers} if major == 10 else {}
-            lines.append(shell(trtexec_command(str(info.path), str(out), trt_major=major, **common, **extra)))
+            if major >= 11:  # always strongly typed: a float16 model's own types decide, --weak-typing or not
+                extra["typed"] = typed or has_float16(info.proto)
+            lines.append(shell(trtexec_command(str(info.path), str(out), trt_major=major, **{**common, **extra})))
         except QuantkitError as exc:
             lines.append(f"# not expressible: {exc}")
     return lines
@@ -179,6 +190,13 @@ def _cache_for(options: BuildOptions, installed: str | None, out: Path) -> tuple
     cache stamped for another version (NVIDIA/TensorRT#1378) and builds without its INT8 scales."""
     given = str(options.cache)
     cache = read_trt_cache(given)
+    if cache.algorithm != "EntropyCalibration2":  # also after --restamp, which keeps the algorithm
+        raise QuantkitError(
+            f"{given} is a {cache.algorithm} cache: trtexec's --calib reads caches into an IInt8EntropyCalibrator2 "
+            "(samples/common/sampleEngines.cpp), which ignores another algorithm's cache and would calibrate on no data; "
+            "write it as EntropyCalibration2 (quantkit cache --cache-algorithm EntropyCalibration2)",
+            option="cache",
+        )
     note = [f"# {given} is stamped for TensorRT {cache.version_string} (TRT-{cache.version}-{cache.algorithm}); "
             "TensorRT ignores it on any other version"]  # fmt: skip
     if installed is None:

@@ -74,7 +74,7 @@ class QuantizeResult:
         if self.smoothquant is not None:
             lines.append(self.smoothquant.summary())
         if self.fp16 is not None:
-            lines.append(self.fp16.summary())
+            lines.append("outside the Q/DQ (mixed precision, --high-precision fp16): " + self.fp16.summary())
         lines += [self.fidelity.summary(), self.report.summary()]
         if self.ort_graph is not None:
             lines.append(self.ort_graph.summary())

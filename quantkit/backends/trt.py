@@ -24,6 +24,7 @@ from quantkit._io import write_bytes_atomic
 from quantkit.backends.trtexec import LayerFacts, ShapeProfile, constraint_for, plan_constraints
 from quantkit.errors import QuantkitError
 from quantkit.plan import PrecisionPlan
+from quantkit.trt_cache import parse_trt_cache
 
 INSTALL_HINT = install_hint("tensorrt")
 
@@ -70,12 +71,32 @@ def _logger(trt: ModuleType, lines: list[str]) -> Any:
     return CollectingLogger()
 
 
-def cache_calibrator(trt: ModuleType, cache: bytes) -> Any:
-    """An IInt8EntropyCalibrator2 that hands TensorRT quantkit's cache and has no batches."""
+#: the calibrator class TensorRT pairs with each cache header's algorithm: it reads a cache only
+#: when the header names its own algorithm (NvInfer.h: IInt8Calibrator::getAlgorithm; trtexec's
+#: sampleEngines.cpp hands --calib caches to an IInt8EntropyCalibrator2)
+CALIBRATOR_CLASSES = {
+    "EntropyCalibration2": "IInt8EntropyCalibrator2",
+    "EntropyCalibration": "IInt8EntropyCalibrator",
+    "MinMaxCalibration": "IInt8MinMaxCalibrator",
+}
 
-    class CacheCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+
+def cache_calibrator(trt: ModuleType, cache: bytes) -> Any:
+    """The calibrator of the cache header's algorithm, handing TensorRT quantkit's cache and no
+    batches: a cache given to a calibrator of another algorithm would be ignored, and TensorRT
+    would calibrate on no data."""
+    algorithm = parse_trt_cache(cache.decode("utf-8", "replace")).algorithm
+    if algorithm not in CALIBRATOR_CLASSES:
+        raise QuantkitError(
+            f"the cache's algorithm is {algorithm}: TensorRT reads it only into an IInt8LegacyCalibrator, which needs "
+            "histograms quantkit does not have; write the cache as EntropyCalibration2 (quantkit cache --cache-algorithm)",
+            option="cache",
+        )
+    base = getattr(trt, CALIBRATOR_CLASSES[algorithm])
+
+    class CacheCalibrator(base):  # type: ignore[misc,valid-type]
         def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)  # required: a missing base __init__ segfaults
+            base.__init__(self)  # required: a missing base __init__ segfaults
 
         def get_batch_size(self) -> int:
             return 1
@@ -135,7 +156,7 @@ def build_engine(
     *,
     precision: str = "fp16",
     calib_cache: str | Path | None = None,
-    qdq: bool = False,
+    typed: bool = False,
     plan: PrecisionPlan | None = None,
     shapes: list[ShapeProfile] | None = None,
     workspace_mib: int | None = None,
@@ -147,7 +168,7 @@ def build_engine(
     log_lines: list[str] = []
     logger = _logger(trt, log_lines)
     builder = trt.Builder(logger)
-    strongly_typed = qdq or not caps.implicit_int8
+    strongly_typed = typed or not caps.implicit_int8
     flags = 0
     if strongly_typed and caps.strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -163,7 +184,7 @@ def build_engine(
 
     if not strongly_typed:
         _set_weak_precision(trt, caps, config, network, precision, calib_cache, plan)
-    elif precision in ("fp16", "int8", "best") and not qdq:
+    elif precision in ("fp16", "int8", "best") and not typed:
         raise QuantkitError(
             f"this TensorRT is strongly typed only: precision {precision} has no flag. Build the Q/DQ model "
             "from 'quantkit quantize' or the FP16 model from 'quantkit fp16'",
@@ -237,10 +258,12 @@ _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 
 
 def _tensor_type(tensor: Any) -> str | None:
-    """A tensor's data type from the inspector: 11.x's "DataType" field, or 10.x's "Format/Datatype" text."""
+    """A tensor's data type from the inspector: 10.x's one "Format/Datatype" text, or 11.x's type
+    field beside "Format", read as "Datatype" (NVIDIA's 11.1 trex tooling) or "DataType" (the
+    IEngineInspector migration page's I/O tensors): whichever the engine wrote."""
     if not isinstance(tensor, dict):
         return None
-    text = str(tensor.get("DataType") or tensor.get("Format/Datatype") or "").lower()
+    text = str(next((tensor[k] for k in ("Datatype", "DataType", "Format/Datatype") if tensor.get(k)), "")).lower()
     return next((name for word, name in _TYPE_WORDS if word in text), None)
 
 

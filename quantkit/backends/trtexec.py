@@ -83,6 +83,17 @@ def qdq_facts(model: onnx.ModelProto) -> QdqFacts:
     return QdqFacts(tuple(sorted(types)), asymmetric)
 
 
+def has_float16(model: onnx.ModelProto) -> bool:
+    """Whether the model computes in float16 anywhere (a quantkit fp16 or mixed model): float16
+    weights, a Cast to float16, or a float16 graph input or output."""
+    graph = model.graph
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
+        return True
+    if any(n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute) for n in graph.node):
+        return True
+    return any(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in [*graph.input, *graph.output])
+
+
 def check_qdq_for_tensorrt(facts: QdqFacts, source: str) -> None:
     """Refuse Q/DQ that TensorRT does not build: uint8 and asymmetric quantization (onnxruntime's format)."""
     if "uint8" in facts.types or "uint4" in facts.types or facts.nonzero_zero_points:
@@ -219,23 +230,24 @@ def layer_precisions(plan: PrecisionPlan, layer_names: Sequence[str]) -> str:
 
 
 def check_build_request(
-    *, precision: str, calib_cache: str | None, qdq: bool, plan: PrecisionPlan | None, placeholder_ranges: bool = False
+    *, precision: str, calib_cache: str | None, typed: bool, plan: PrecisionPlan | None, placeholder_ranges: bool = False
 ) -> None:
     """Refuse the builds whose result would silently be something else than asked (both the Python
-    build and the printed trtexec commands go through this)."""
-    if qdq and plan is not None:
+    build and the printed trtexec commands go through this). ``typed``: the ONNX types decide each
+    layer's precision (a Q/DQ, FP16 or mixed model, built strongly typed)."""
+    if typed and plan is not None:
         raise QuantkitError(
-            "a precision plan with a Q/DQ model: the Q/DQ nodes already fix each layer's precision, and TensorRT 10 would "
-            "drop the plan silently; apply it when quantizing (quantkit quantize --plan) and build that",
+            "a precision plan with a typed (Q/DQ or float16) model: its ONNX types already fix each layer's precision, and "
+            "TensorRT 10 would drop the plan silently; apply it when quantizing (quantkit quantize/fp16 --plan) and build that",
             option="plan",
         )
-    if plan is not None and not qdq and precision not in ("int8", "best") and (plan.default == "int8" or "int8" in plan.nodes.values()):
+    if plan is not None and not typed and precision not in ("int8", "best") and (plan.default == "int8" or "int8" in plan.nodes.values()):
         raise QuantkitError(
             f"the plan asks for int8 nodes but the precision is {precision}: INT8 is not enabled, so OBEY would fail; "
             "build int8 with a cache",
             option="precision",
         )
-    if precision in ("int8", "best") and not calib_cache and not qdq and not placeholder_ranges:
+    if precision in ("int8", "best") and not calib_cache and not typed and not placeholder_ranges:
         raise QuantkitError(
             f"precision {precision} without a calibration cache or a Q/DQ model has no INT8 ranges: TensorRT would use "
             "placeholder scales and the engine's accuracy would be meaningless; give a cache, build a Q/DQ model, "
@@ -251,7 +263,7 @@ def trtexec_command(
     trt_major: int = 10,
     precision: str = "fp32",
     calib_cache: str | None = None,
-    qdq: bool = False,
+    typed: bool = False,
     plan: PrecisionPlan | None = None,
     layer_names: Sequence[str] = (),
     shapes: Sequence[ShapeProfile] = (),
@@ -259,7 +271,11 @@ def trtexec_command(
     timing_cache: str | None = None,
     layer_info: str | None = None,
 ) -> list[str]:
-    """The argument list of the equivalent trtexec call (``shlex.join`` it for a shell)."""
+    """The argument list of the equivalent trtexec call (``shlex.join`` it for a shell).
+
+    ``typed``: the ONNX types decide (Q/DQ, FP16 or mixed model): ``--stronglyTyped`` on 10.x
+    (without it 10.x reads the types as hints and may run a layer kept in FP32 in FP16), no
+    precision flag on 11.x, whose networks are always strongly typed."""
     if precision not in PRECISIONS:
         raise QuantkitError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}", option="precision")
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
@@ -273,14 +289,14 @@ def trtexec_command(
             raise QuantkitError(
                 "TensorRT 11 has no per-layer precision flags: apply the plan in the ONNX (quantkit quantize/fp16 --plan) and build that"
             )
-        if precision in ("fp16", "int8", "best") and not qdq:
+        if precision in ("fp16", "int8", "best") and not typed:
             raise QuantkitError(
                 f"TensorRT 11 removed --{precision}: precision comes from the ONNX types. "
                 "Build the model from 'quantkit quantize' (INT8) or 'quantkit fp16' (FP16), strongly typed"
             )
         # 11.x networks are always strongly typed; no precision flags
-    elif qdq:
-        cmd.append("--stronglyTyped")  # explicit quantization: types come from the Q/DQ graph
+    elif typed:
+        cmd.append("--stronglyTyped")  # the ONNX types decide: Q/DQ and float16 as written
     else:
         if precision == "best":
             cmd.append("--best")

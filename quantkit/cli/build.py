@@ -17,6 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--cache", help="TensorRT calibration cache for implicit INT8 (TensorRT 10)")
     src.add_argument("--qdq", action="store_true", help="the model carries Q/DQ: build strongly typed (detected from the model too)")
+    p.add_argument(
+        "--weak-typing",
+        action="store_true",
+        help="TensorRT 10, a float16 or mixed model: build with --fp16 hints instead of strongly typed (the default for any typed "
+        "model); layers kept in FP32 against overflow may then run in FP16",
+    )
     p.add_argument("--plan", help="precision plan for per-layer constraints (TensorRT 10)")
     p.add_argument(
         "--restamp",
@@ -51,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
         ranges=args.ranges,
         workspace=args.workspace,
         timing_cache=args.timing_cache,
+        weak_typing=args.weak_typing,
     )
     try:
         report = build(args.model, args.output, options)
     except EngineNotBuilt as exc:
-        print("\n".join(exc.commands))  # what to run on a machine with TensorRT; the error line follows
+        if not args.quiet:
+            print("\n".join(exc.commands))  # what to run on a machine with TensorRT; the error line follows
         raise
     if not args.quiet:
         print(report.summary())

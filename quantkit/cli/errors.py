@@ -119,14 +119,13 @@ def _failure(exc: BaseException, debug: bool) -> tuple[int, str]:
     )
 
 
-def _run_command(args: Any, as_json: bool) -> int:
+def _run_command(args: Any, as_json: bool, captured: io.StringIO, written: list) -> int:
     from quantkit.cli import COMMANDS
 
     module = importlib.import_module(f"quantkit.cli.{COMMANDS[args.command][0]}")
-    with _logging(args), recording_writes() as written:
+    with _logging(args):
         if not as_json:
             return int(module.run(args) or 0)
-        captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
             code = int(module.run(args) or 0)
         _print_json(args.command, code, written, getattr(args, "result", None), captured.getvalue())
@@ -135,26 +134,30 @@ def _run_command(args: Any, as_json: bool) -> int:
 
 def run_guarded(argv: Sequence[str]) -> int:
     """Parse and run one command. Every way it ends is an exit code and one stderr line, and with
-    ``--json`` one document on stdout (argparse's refusals, OS and internal errors, Ctrl-C too)."""
+    ``--json`` one document on stdout (argparse's refusals, OS and internal errors, Ctrl-C too),
+    listing what was written and printed before it ended."""
     command = "quantkit"
     as_json = "--json" in argv
     debug = "--debug" in argv
-    try:
-        from quantkit.cli import build_parser
+    captured = io.StringIO()
+    with recording_writes() as written:
+        try:
+            from quantkit.cli import build_parser
 
-        args = build_parser(argv).parse_args(argv)
-        command = f"quantkit {args.command}"
-        as_json = bool(getattr(args, "json", False))
-        return _run_command(args, as_json)
-    except BrokenPipeError:  # the reader went away (quantkit doctor | head): nothing is wrong, and nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except SystemExit:  # --help and --version
-        raise
-    except BaseException as exc:  # noqa: BLE001 - the boundary: every other ending becomes one line
-        code, line = _failure(exc, debug)
-        prog = getattr(exc, "prog", None) or command
-        print(f"{prog}: {line}", file=sys.stderr)
-        if as_json:
-            _print_json(prog.removeprefix("quantkit").strip(), code, [], None, "", error=line.removeprefix("error: "))
-        return code
+            args = build_parser(argv).parse_args(argv)
+            command = f"quantkit {args.command}"
+            as_json = bool(getattr(args, "json", False))
+            return _run_command(args, as_json, captured, written)
+        except BrokenPipeError:  # the reader went away (quantkit doctor | head): nothing is wrong, and nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except SystemExit:  # --help and --version
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the boundary: every other ending becomes one line
+            code, line = _failure(exc, debug)
+            prog = getattr(exc, "prog", None) or command
+            print(f"{prog}: {line}", file=sys.stderr)
+            if as_json:
+                error = line.removeprefix("error: ")
+                _print_json(prog.removeprefix("quantkit").strip(), code, written, None, captured.getvalue(), error=error)
+            return code

@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "no ranges needed (--data weighs the clip search)",
     )
     p.add_argument(
+        "--high-precision",
+        choices=["fp16", "fp32"],
+        help="what is not quantized runs in (default: fp16 for --target tensorrt, where strong typing makes the ONNX types "
+        "decide each layer's precision, range-safe: what overflows float16 stays float32; fp32 for onnxruntime)",
+    )
+    p.add_argument(
         "--smoothquant",
         action="store_true",
         help="SmoothQuant before INT8/FP8: needs --data (channel maxima, then calibration of the smoothed model with --method)",
@@ -100,6 +106,7 @@ def _quantize_options(args: argparse.Namespace) -> QuantizeOptions:
         weight_bits=args.weight_bits,
         filters=filters_from_args(args),
         quantize_attention=args.quantize_attention,
+        high_precision=args.high_precision,
         smoothquant=args.smoothquant,
         alpha=args.alpha,
         block_size=args.block_size,

@@ -238,7 +238,7 @@ def _run_variant(run: _Run, spec: Any, target: str | Path) -> VariantResult:
             raise QuantkitError(f"the FP32 baseline cannot be loaded: {target}")
         return result
     result.size_bytes = Path(target).stat().st_size
-    if spec.kind == "int8" and spec.target == "tensorrt" and run.runtime.runtime != "tensorrt":
+    if spec.kind in ("int8", "int8-mixed", "fp8", "int8-sq") and spec.target == "tensorrt" and run.runtime.runtime != "tensorrt":
         result.notes.append("TensorRT-format Q/DQ (symmetric int8): accuracy is what TensorRT computes; its CPU latency is not TensorRT's")
     try:
         # sessions stay alive to be timed in interleaved rounds: idle ones must not spin on the cores

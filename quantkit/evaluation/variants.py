@@ -24,12 +24,13 @@ from quantkit.data.batching import batches
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
+from quantkit.export.apply import apply_plan
 from quantkit.export.fp16 import convert_fp16
 from quantkit.export.int4 import quantize_int4_weights
 from quantkit.export.qdq import quantize_model
 from quantkit.export.smoothquant import smooth_model
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import CalibrationOptions, DataOptions
+from quantkit.options import CalibrationOptions, DataOptions, ExportOptions
 from quantkit.ranges import RangeSet
 
 MODELOPT_MISSING = f"nvidia-modelopt is not installed: {install_hint('modelopt')} to compare with ModelOpt"
@@ -59,7 +60,7 @@ def parse_variants(text: str, runtime: str) -> list[VariantSpec]:
             specs.append(VariantSpec(name, "file", path=Path(path)))
         elif item in ("fp32", "fp16", "modelopt", "int4w"):
             specs.append(VariantSpec(item, item))
-        elif item.partition(":")[0] in ("fp8", "int8-sq"):  # TensorRT formats: one placement, a method's ranges
+        elif item.partition(":")[0] in ("fp8", "int8-sq", "int8-mixed"):  # TensorRT formats: one placement, a method's ranges
             kind, _, method = item.partition(":")
             if (method or "entropy") not in METHOD_NAMES:
                 raise QuantkitError(f"variant '{item}': use {kind}:<{'|'.join(METHOD_NAMES)}>")
@@ -133,6 +134,10 @@ def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path
             elif spec.kind in ("int8", "fp8"):
                 q, _ = quantize_model(model, calibration.ranges(), method=spec.method, target=spec.target or "tensorrt", fmt=spec.kind)
                 onnx.save(q, str(path))
+                built[spec.name] = path
+            elif spec.kind == "int8-mixed":  # what quantize writes for TensorRT: fp16 outside the Q/DQ
+                export = ExportOptions(spec.method, "tensorrt", high_precision="fp16")
+                onnx.save(apply_plan(model, calibration.ranges(), None, export).model, str(path))
                 built[spec.name] = path
             elif spec.kind == "int8-sq":
                 built[spec.name] = _smoothquant_variant(model, path, spec.method or "entropy", calibration)

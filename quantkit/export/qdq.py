@@ -483,7 +483,10 @@ def _prepare(
 
 def _attention_reason(target: str) -> str:
     if target == "tensorrt":
-        return "attention core (TensorRT's MHA kernels choose its precision; --quantize-attention)"
+        return (
+            "attention core: kept in high precision, as ModelOpt's placement does (under strong typing its ONNX type, "
+            "fp16 by default, decides; --quantize-attention)"
+        )
     return "attention core (int8 scores and probabilities cost accuracy, little time; --quantize-attention)"
 
 
@@ -548,11 +551,16 @@ def _check_missing(p: _Placement, allow_missing: bool) -> None:
         )
 
 
+#: pooling that picks one of its input's values: its output may share its input's scale
+MAX_POOLS = ("MaxPool", "GlobalMaxPool")
+
+
 def _share_scales(p: _Placement) -> None:
     """Tensors that take another tensor's range, so the runtime never requantizes between them.
 
     TensorRT: the inputs of a Concat whose output is quantized share the output's scale, also
-    where an input is quantized for another reader. onnxruntime: an op of a ``same_scale`` rule
+    where an input is quantized for another reader; a max pooling's quantized output shares its
+    quantized input's scale. onnxruntime: an op of a ``same_scale`` rule
     (MaxPool, nearest Resize) runs in int8 only when its output has its input's scale (the
     selector drops the pair); neither leaves its input's range, so nothing clips.
     """
@@ -563,6 +571,12 @@ def _share_scales(p: _Placement) -> None:
                 for inp in node.inputs:
                     if inp.name in quantized and inp.name != node.outputs[0].name:
                         p.range_of[inp.name] = node.outputs[0].name
+        for node in p.graph.nodes:  # after Concat's: a pooled tensor that a Concat joins keeps the Concat's scale
+            if node.op in MAX_POOLS and node.outputs and {node.inputs[0].name, node.outputs[0].name} <= quantized:
+                out = node.outputs[0].name
+                # max commutes with quantization: one scale on both sides, so TensorRT runs the pooling in
+                # int8 with no requantize (as ModelOpt's placement does); its output never leaves the input's range
+                p.range_of.setdefault(out, p.range_of.get(node.inputs[0].name, node.inputs[0].name))
         return
     for node in p.graph.nodes:
         rule = p.rules.get(node.op)

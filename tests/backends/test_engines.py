@@ -58,7 +58,7 @@ def test_trtexec_10x_plan_and_dynamic_shapes():
 
 
 def test_trtexec_qdq_for_10x_and_11x():
-    assert trtexec_command("q.onnx", "q.engine", trt_major=10, qdq=True) == [
+    assert trtexec_command("q.onnx", "q.engine", trt_major=10, typed=True) == [
         "trtexec",
         "--onnx=q.onnx",
         "--saveEngine=q.engine",
@@ -66,7 +66,7 @@ def test_trtexec_qdq_for_10x_and_11x():
         "--skipInference",
     ]
     # 11.x is always strongly typed and has no precision flags at all
-    assert trtexec_command("q.onnx", "q.engine", trt_major=11, qdq=True, precision="int8") == [
+    assert trtexec_command("q.onnx", "q.engine", trt_major=11, typed=True, precision="int8") == [
         "trtexec",
         "--onnx=q.onnx",
         "--saveEngine=q.engine",
@@ -81,7 +81,7 @@ def test_trtexec_11x_refuses_what_it_removed():
     with pytest.raises(QuantkitError, match="removed --fp16"):
         trtexec_command("m.onnx", "m.engine", trt_major=11, precision="fp16")
     with pytest.raises(QuantkitError, match="no per-layer precision flags"):
-        trtexec_command("m.onnx", "m.engine", trt_major=11, qdq=True, plan=PrecisionPlan())
+        trtexec_command("m.onnx", "m.engine", trt_major=11, typed=True, plan=PrecisionPlan())
     with pytest.raises(QuantkitError, match="min <= opt <= max"):
         parse_shapes("x:8x3/1x3/16x3")
 
@@ -144,7 +144,7 @@ def test_a_plan_with_a_qdq_model_is_refused_before_tensorrt_is_needed(tmp_path, 
     plan = tmp_path / "plan.json"
     plan.write_text('{"default": "int8"}')
     assert main(["build", str(_qdq_conv(tmp_path)), "--plan", str(plan), "-o", str(tmp_path / "q.engine")]) == 2
-    assert "a precision plan with a Q/DQ model" in capsys.readouterr().err
+    assert "a precision plan with a typed (Q/DQ or float16) model" in capsys.readouterr().err
 
 
 # ---- the TensorRT path itself: runs where TensorRT and a GPU exist ------------------------------
@@ -166,7 +166,7 @@ def test_tensorrt_builds_fp16_int8_from_cache_and_qdq(tmp_path, demo_preprocess)
     )
     q, _ = quantize_model(quantkit.load_model(DEMO_MODEL), result.ranges)
     onnx.save(q, str(tmp_path / "q.onnx"))
-    built = build_engine(tmp_path / "q.onnx", tmp_path / "q.engine", qdq=True, shapes=shapes)
+    built = build_engine(tmp_path / "q.onnx", tmp_path / "q.engine", typed=True, shapes=shapes)
     assert built.engine.stat().st_size > 0 and "int8" in built.layer_precisions.values()
     if caps.implicit_int8:
         cached = build_engine(
@@ -183,7 +183,7 @@ def test_builds_that_would_silently_differ_are_refused(tmp_path, capsys):
     plan.write_text('{"default": "int8"}')
     qdq_model = _qdq_conv(tmp_path)
     assert main(["build", str(qdq_model), "--plan", str(plan), "-o", out]) == 2
-    assert "a precision plan with a Q/DQ model" in capsys.readouterr().err
+    assert "a precision plan with a typed (Q/DQ or float16) model" in capsys.readouterr().err
     assert main(["build", str(DEMO_MODEL), "--precision", "int8", "-o", out]) == 2
     err = capsys.readouterr().err
     assert "placeholder scales" in err and "--placeholder-ranges" in err
@@ -239,7 +239,7 @@ def test_int8_nodes_under_another_default_and_int8_plans_without_int8_are_refuse
     with pytest.raises(QuantkitError, match="cannot leave them to INT8"):
         plan_constraints(PrecisionPlan(default="fp16", nodes={"a": "int8"}), ["a", "b"])
     with pytest.raises(QuantkitError, match="INT8 is not enabled"):
-        check_build_request(precision="fp16", calib_cache=None, qdq=False, plan=PrecisionPlan(default="int8"))
+        check_build_request(precision="fp16", calib_cache=None, typed=False, plan=PrecisionPlan(default="int8"))
 
 
 def test_inspector_reads_the_10x_and_11x_schemas_and_compute_precision():
@@ -270,6 +270,9 @@ def test_inspector_reads_the_10x_and_11x_schemas_and_compute_precision():
                 "Metadata": "[ONNX Layer: /attn/MatMul]\x1f[ONNX Layer: /attn/Div]\x1f[ONNX Layer: /attn/Softmax]",
             },
             {"Name": "/head/Gemm", "Inputs": [{"DataType": "Float"}], "Outputs": [{"DataType": "Float"}]},
+            # "Datatype" beside "Format", as NVIDIA's 11.1 trt-engine-explorer reads it; kgen type words
+            # ("Half", "Float", "Int8") as trex's activations.py maps them
+            {"Name": "/neck/Conv", "Inputs": [{"Datatype": "Int8", "Format": "Channel major"}], "Outputs": [{"Datatype": "Half"}]},
             {"Name": "{ForeignNode[/x/A.../x/B]}", "Inputs": [{"DataType": "Int8"}], "Outputs": []},  # no metadata: no names
         ]
     }
@@ -278,6 +281,7 @@ def test_inspector_reads_the_10x_and_11x_schemas_and_compute_precision():
         "/attn/Div": "fp16",
         "/attn/Softmax": "fp16",
         "/head/Gemm": "fp32",
+        "/neck/Conv": "int8",
     }
     assert layer_precisions_from_inspector({"Layers": ["/a/Conv + /a/Relu"]}) == {"/a/Conv": "unknown", "/a/Relu": "unknown"}
 
@@ -300,3 +304,34 @@ def test_doctor_names_tensorrt_wheels_the_driver_cannot_run():
     problem = cuda_problem([13], (12, 4))
     assert "built for CUDA 13 but the driver supports CUDA 12.4" in problem and "pip install tensorrt-cu12" in problem
     assert "installed for CUDA 12 and 13 together" in cuda_problem([12, 13], (13, 0))
+
+
+def test_a_cache_of_another_algorithm_is_refused_before_any_build(tmp_path, capsys):
+    """trtexec's --calib hands the cache to an IInt8EntropyCalibrator2 (TensorRT
+    samples/common/sampleEngines.cpp), and a calibrator reads a cache only when the header names its
+    own algorithm: a MinMaxCalibration cache would be ignored, also after --restamp (which keeps the
+    algorithm). The Python build pairs each algorithm with its calibrator class."""
+    from conftest import conv_model, save
+
+    from quantkit.backends.trt import cache_calibrator
+
+    model = save(conv_model(), tmp_path / "m.onnx")
+    cache = tmp_path / "mm.cache"
+    cache.write_text("TRT-101401-MinMaxCalibration\nc1: 3c010204\n")
+    for extra in ([], ["--restamp"]):
+        argv = ["build", str(model), "--precision", "int8", "--cache", str(cache), *extra, "-o", str(tmp_path / "e.engine")]
+        assert main(argv) == 2
+        assert "IInt8EntropyCalibrator2" in capsys.readouterr().err
+    assert not (tmp_path / "e.trtexec.sh").exists()
+
+    class Base:
+        def __init__(self) -> None:
+            pass
+
+    classes = ("IInt8EntropyCalibrator2", "IInt8EntropyCalibrator", "IInt8MinMaxCalibrator")
+    fake = type("trt", (), {n: type(n, (Base,), {}) for n in classes})
+    for algorithm, base in (("EntropyCalibration2", "IInt8EntropyCalibrator2"), ("MinMaxCalibration", "IInt8MinMaxCalibrator")):
+        calibrator = cache_calibrator(fake, f"TRT-101401-{algorithm}\nc1: 3c010204\n".encode())
+        assert isinstance(calibrator, getattr(fake, base)) and calibrator.read_calibration_cache().startswith(b"TRT-")
+    with pytest.raises(QuantkitError, match="IInt8LegacyCalibrator"):
+        cache_calibrator(fake, b"TRT-101401-LegacyCalibration\nc1: 3c010204\n")
