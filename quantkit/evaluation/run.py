@@ -15,12 +15,14 @@ A variant that fails to build or run is recorded with its error, and the others 
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from quantkit._io import StepTimer
 from quantkit.backends.ort import make_session, runtime_providers
@@ -33,7 +35,7 @@ from quantkit.evaluation.check import judge_outputs, token_positions, zero_paddi
 from quantkit.evaluation.latency import Latency, hardware, measure_all
 from quantkit.evaluation.metrics import OutputFidelity, fidelity
 from quantkit.evaluation.objectives import Objective, choose_objective, from_callable, objective
-from quantkit.evaluation.variants import CalibrationInput, build_variants, parse_variants
+from quantkit.evaluation.variants import CalibrationInput, build_variants, layer_precisions, parse_variants
 from quantkit.model import ModelInfo, load_model
 from quantkit.options import DataOptions, EvalOptions, RuntimeOptions, given
 
@@ -49,6 +51,7 @@ class VariantResult:
     notes: list[str] = field(default_factory=list)
     collapsed: list[str] = field(default_factory=list)  # outputs the fidelity check finds broken
     noise: dict[str, float] = field(default_factory=dict)  # bootstrap standard error of each metric, in its unit
+    precisions: dict[str, int] = field(default_factory=dict)  # layers by the precision their ONNX types give them
 
 
 @dataclass
@@ -229,6 +232,15 @@ def _checked_labels(
     return sample_labels if labelled else None
 
 
+def _precision_counts(path: Path) -> dict[str, int]:
+    """How many layers run in each precision (by the ONNX types); empty where the graph cannot be read."""
+    try:
+        found = layer_precisions(onnx.load(str(path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - a report detail: a model shape inference cannot type still gets evaluated
+        return {}
+    return dict(sorted(Counter(found.values()).items()))
+
+
 def _run_variant(run: _Run, spec: Any, target: str | Path) -> VariantResult:
     """One variant's outputs on the validation data, measured against FP32's (which runs first)."""
     result = VariantResult(spec.name)
@@ -238,6 +250,7 @@ def _run_variant(run: _Run, spec: Any, target: str | Path) -> VariantResult:
             raise QuantkitError(f"the FP32 baseline cannot be loaded: {target}")
         return result
     result.size_bytes = Path(target).stat().st_size
+    result.precisions = _precision_counts(Path(target))
     if spec.kind in ("int8", "int8-mixed", "fp8", "int8-sq") and spec.target == "tensorrt" and run.runtime.runtime != "tensorrt":
         result.notes.append("TensorRT-format Q/DQ (symmetric int8): accuracy is what TensorRT computes; its CPU latency is not TensorRT's")
     try:

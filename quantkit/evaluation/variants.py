@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from quantkit._deps import install_hint, optional
 from quantkit.calibration.methods import METHOD_NAMES
@@ -113,6 +114,31 @@ class CalibrationInput:
             raise QuantkitError("the modelopt variant needs calibration data", option="calib")
         got = list(batches(open_source(self.calib, self.model, self.preprocess), self.model, self.batch_size or 32, self.num_samples))
         return {k: np.concatenate([b.feeds[k] for b in got]) for k in got[0].feeds}
+
+
+_QUANTIZED_TYPES = {TensorProto.INT8: "int8", TensorProto.UINT8: "int8", TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT4: "int4"}
+_FLOAT_NAMES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
+
+
+def layer_precisions(model: onnx.ModelProto) -> dict[str, str]:
+    """Node -> the precision its ONNX types give it, as a strongly typed TensorRT build reads them:
+    a node fed by a DequantizeLinear computes in the quantized type; any other in its float type.
+    Q/DQ nodes, Casts and nodes without a float tensor are left out."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    dq_from = {n.output[0]: types.get(n.input[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    out: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast"):
+            continue
+        quantized = [_QUANTIZED_TYPES.get(dq_from[t]) for t in node.input if t in dq_from]
+        floats = [_FLOAT_NAMES[types[t]] for t in [*node.output, *node.input] if types.get(t) in _FLOAT_NAMES]
+        if quantized and quantized[0]:
+            out[node.name] = quantized[0]
+        elif floats:
+            out[node.name] = floats[0]
+    return out
 
 
 def build_variants(model: ModelInfo, specs: Sequence[VariantSpec], workdir: Path, calibration: CalibrationInput) -> dict[str, Path | str]:

@@ -59,6 +59,7 @@ def to_json(result: EvalResult) -> dict[str, Any]:
                 ],
                 "error": v.error,
                 "notes": v.notes,
+                "layer_precisions": v.precisions,
             }
         )
     return {
@@ -164,6 +165,10 @@ def to_markdown(result: EvalResult) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     if result.flags:
         lines += ["", "## Flags", ""] + [f"- {f}" for f in result.flags]
+    counted = [v for v in result.variants if v.precisions]
+    if counted:
+        lines += ["", "## Layer precisions (from the ONNX types, as a strongly typed TensorRT build reads them)", ""]
+        lines += [f"- {v.name}: " + ", ".join(f"{p} {n}" for p, n in v.precisions.items()) for v in counted]
     lines += ["", "## Per-output fidelity", ""]
     for v in result.variants:
         for f in v.fidelity:

@@ -14,6 +14,7 @@ from onnx import TensorProto
 
 import quantkit
 from quantkit.cli import main
+from quantkit.evaluation.variants import layer_precisions
 from quantkit.export.fp16 import FP16_SAFE_MAX
 from quantkit.options import CheckOptions, QuantizeOptions
 
@@ -69,6 +70,10 @@ def test_the_tensorrt_target_is_fp16_outside_the_qdq_except_what_fp16_cannot_hol
     assert all(types[v.name] == TensorProto.FLOAT for v in [*written.graph.input, *written.graph.output] if v.name != "mask")
     if case is encoder_case:
         assert result.fp16.kept_fp32, "the -3.4e4 mask Add must stay float32"
+    # eval's per-layer report reads the same from the types: quantized nodes in int8/fp8, the rest fp16 or kept fp32
+    precisions = layer_precisions(written)
+    assert {n for n, p in precisions.items() if p == fmt} == set(result.report.int8_nodes)
+    assert {n for n, p in precisions.items() if p == "fp32"} == set(result.fp16.kept_fp32) - set(result.report.int8_nodes)
     # the build: strongly typed on 10.x, no precision flag on 11.x (TensorRT is not installed here: exit 2)
     assert main(["build", str(out), "--shapes", _shapes(path), "-o", str(tmp_path / "e.engine")]) == 2
     lines = (tmp_path / "e.trtexec.sh").read_text().splitlines()
