@@ -33,6 +33,8 @@ DEFAULT_MAX_MEMORY = 1 << 30
 MAX_BINS = 1 << 16
 #: the fidelity check: an output below this SQNR against FP32 has collapsed (see quantkit.evaluation.check)
 MIN_SQNR_DB = 4.0
+#: eval flags a variant that loses more than this many points (dB for sqnr) of the first metric
+DEFAULT_MAX_DROP = 1.0
 #: the fidelity check's samples: enough that a task measure (agreement, IoU) is not one sample's noise
 CHECK_SAMPLES = 32
 #: what ``quantkit quantize`` writes: Q/DQ in int8 or fp8, or int4 weights only
@@ -163,9 +165,14 @@ class DataOptions:
     num_samples: int | None = None  # None: all
     batch_size: int | None = None  # None: calibration picks it from its memory budget, evaluation uses 32
     label_column: str | None = None
+    # an image folder's label folders name these classes, in the model's order (default: the
+    # model's metadata, else numbers, else alphabetical; see quantkit.data.sources.folder_labels)
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(self.class_names))
         _positive_int(self.num_samples, "num_samples")
         _positive_int(self.batch_size, "batch_size")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -399,7 +406,9 @@ class EvalOptions:
     # (outputs, reference, labels) -> float; see quantkit.evaluation.objectives
     metrics: str | Callable[..., float] | tuple[Any, ...] = ("auto",)
     labels: bool = True  # use labels where the data has them
-    max_drop: float | None = None
+    # flag a variant losing more than this of the first metric (points; dB for sqnr): a large
+    # loss is always flagged; None flags none
+    max_drop: float | None = DEFAULT_MAX_DROP
     slices: dict[str, list[tuple[int, int, int]]] | None = None
     latency: bool = True
     throughput_batch: int = 32

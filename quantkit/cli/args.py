@@ -51,6 +51,15 @@ def read_paths(args: argparse.Namespace) -> list[str]:
     return paths
 
 
+def add_class_names_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--class-names",
+        help="comma list of the model's classes in its output order, naming the label folders of an image folder "
+        "(default: the model's metadata; else folder names that are integers are the class indices; else alphabetical, "
+        "printed and in report.json)",
+    )
+
+
 def add_out_dir(parser: argparse.ArgumentParser, help: str, *, default: str | None = None) -> None:
     """``--out-dir`` for a command that writes a folder (``-o/--output`` is for one file)."""
     parser.add_argument("--out-dir", default=default, help=help + ("" if default is None else f" (default {default})"))
@@ -162,6 +171,7 @@ def data_options_from_args(args: argparse.Namespace, **overrides: object) -> Dat
         "seed": getattr(args, "seed", 0),
         "num_samples": getattr(args, "num_samples", None),
         "batch_size": getattr(args, "batch_size", None),
+        "class_names": tuple(n.strip() for n in args.class_names.split(",")) if getattr(args, "class_names", None) else None,
     }
     values.update(overrides)
     return DataOptions(**values)  # type: ignore[arg-type]

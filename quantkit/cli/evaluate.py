@@ -6,11 +6,19 @@ import argparse
 
 from quantkit._io import ensure_writable_dir
 from quantkit.backends.ort import RUNTIMES
-from quantkit.cli.args import add_objective_args, add_out_dir, add_preprocess_args, data_options_from_args, options_from_args, out_dir
+from quantkit.cli.args import (
+    add_class_names_arg,
+    add_objective_args,
+    add_out_dir,
+    add_preprocess_args,
+    data_options_from_args,
+    options_from_args,
+    out_dir,
+)
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.run import evaluate
-from quantkit.options import DEFAULT_MAX_MEMORY, DEFAULT_VARIANTS, EvalOptions, RuntimeOptions, parse_size
-from quantkit.report.eval import to_json, to_markdown, write_report
+from quantkit.options import DEFAULT_MAX_DROP, DEFAULT_MAX_MEMORY, DEFAULT_VARIANTS, EvalOptions, RuntimeOptions, parse_size
+from quantkit.report.eval import decision_lines, to_json, to_markdown, write_report
 
 
 def _slices(specs: list[str] | None) -> dict[str, list[tuple[int, int, int]]] | None:
@@ -41,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--labels", default=None, help="label column of a table (default: label/labels/target/class, or image-folder names)")
     p.add_argument("--no-labels", action="store_true", help="ignore labels: fidelity against FP32 only")
+    add_class_names_arg(p)
     add_objective_args(p, several=True)
     p.add_argument("--runtime", choices=list(RUNTIMES), default="ort-cpu")
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
@@ -54,7 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_MEMORY,
         help="activation memory one run may hold, which picks the batch size (default 1G; e.g. 512M)",
     )
-    p.add_argument("--max-drop", type=float, help="flag variants losing more than this many points of the first metric")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=DEFAULT_MAX_DROP,
+        help=f"flag variants losing more than this many points (dB for sqnr) of the first metric (default {DEFAULT_MAX_DROP})",
+    )
     p.add_argument("--slice", action="append", help="check fidelity per slice: OUTPUT:AXIS:START-STOP[,...] (repeatable)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     add_out_dir(p, "output folder of report.json/.md/.html, e.g. reports/mymodel")
@@ -85,7 +99,12 @@ def run(args: argparse.Namespace) -> int:
     args.result = to_json(result)
     if not args.quiet:
         print(f"objective: {result.objective}")
+        mapping = result.data.get("class_mapping")
+        if mapping:
+            shown = ", ".join(f"{k} -> {v}" for k, v in sorted(mapping["folders"].items(), key=lambda kv: kv[1])[:12])
+            print(f"labels: folder names -> class indices by {mapping['source']}: {shown}")
         print(to_markdown(result).split("## Per-output fidelity")[0].rstrip())
+        print("\n".join(decision_lines(result)).strip())
         print()
         for f in files:
             print(f"wrote {f}")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from quantkit.cli.args import (
+    add_class_names_arg,
     add_data_arg,
     add_objective_args,
     add_out_dir,
@@ -39,6 +40,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("--target", choices=TARGETS, default="tensorrt", help="Q/DQ placement (default tensorrt)")
     add_objective_args(p, several=False)
     p.add_argument("--no-labels", action="store_true", help="ignore the labels: compare with FP32 only")
+    add_class_names_arg(p)
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
     p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
     p.add_argument("--batch-size", type=int, help="validation batch (default: the fixed batch, else up to 32 that fit 1 GiB)")

@@ -112,10 +112,77 @@ def _single_image_input(model: ModelInfo, input_name: str | None, what: str) -> 
     )
 
 
-class ImageFolderSource:
-    """Images under a folder (by-label subfolders or flat), via datasets' imagefolder builder."""
+#: ONNX metadata keys that list a classifier's class names, in the order tried: JSON or Python
+#: literals (a list, or {index: name} as Ultralytics writes "names"), or one name per line
+#: (PaddleOCR's "character", e.g. 0/90/180/270 for an orientation classifier), or a comma list
+CLASS_NAME_KEYS = ("class_names", "classes", "labels", "names", "character")
 
-    def __init__(self, root: Path, model: ModelInfo, preprocess: PreprocessSpec, input_name: str | None, shuffle: bool, seed: int) -> None:
+
+def class_names_from_metadata(proto: Any) -> tuple[list[str], str] | None:
+    """The model's class names from its metadata, and the key they came from."""
+    import ast
+
+    props = {p.key: p.value for p in getattr(proto, "metadata_props", [])}
+    for key in CLASS_NAME_KEYS:
+        text = props.get(key, "").strip()
+        if not text:
+            continue
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text.splitlines() if "\n" in text else text.split(",")
+        if isinstance(value, dict) and all(isinstance(k, int) for k in value):
+            value = [value[k] for k in sorted(value)]
+        if isinstance(value, (list, tuple)) and len(value) >= 2:
+            return [str(v).strip() for v in value], f"the model's metadata ({key!r})"
+    return None
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """How label folder names become class indices, and what said so."""
+
+    index: dict[str, int]
+    source: str
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{k} -> {v}" for k, v in sorted(self.index.items(), key=lambda kv: kv[1])[:12])
+        return f"folder names -> class indices by {self.source}: {shown}" + (", ..." if len(self.index) > 12 else "")
+
+
+def folder_labels(folders: list[str], names: tuple[list[str], str] | None) -> LabelMap:
+    """Class indices for label folders: by the class names (given, or the model's metadata), else
+    numerically when every folder name is an integer, else alphabetically (datasets' imagefolder
+    rule, which numbers "0, 180, 270, 90" as 0, 1, 2, 3: printed, so a mismatch is visible)."""
+    if names is not None:
+        listed, source = names
+        unknown = sorted(set(folders) - set(listed))
+        if unknown:
+            raise QuantkitError(
+                f"label folder(s) {', '.join(unknown[:5])} are not among the class names of {source} "
+                f"({', '.join(listed[:8])}{', ...' if len(listed) > 8 else ''}); rename the folders or give the class names",
+                option="class_names",
+            )
+        return LabelMap({f: listed.index(f) for f in folders}, source)
+    if all(f.lstrip("-").isdigit() for f in folders):
+        return LabelMap({f: int(f) for f in folders}, "their numbers (every folder name is an integer)")
+    return LabelMap({f: i for i, f in enumerate(sorted(folders))}, "alphabetical order (no class names given or in the model)")
+
+
+class ImageFolderSource:
+    """Images under a folder (by-label subfolders or flat), via datasets' imagefolder builder;
+    labels from the subfolder names (``folder_labels``)."""
+
+    def __init__(
+        self,
+        root: Path,
+        model: ModelInfo,
+        preprocess: PreprocessSpec,
+        input_name: str | None,
+        shuffle: bool,
+        seed: int,
+        class_names: tuple[str, ...] | None = None,
+    ) -> None:
         self.root = root
         self.input = _single_image_input(model, input_name, f"image folder {root}")
         self.preprocess = preprocess.resolved(self.input)
@@ -125,6 +192,13 @@ class ImageFolderSource:
         self.files = files
         self.size: int | None = len(files)
         self.description = f"image folder {root} ({len(files)} images)"
+        folders = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+        given = (list(class_names), "--class-names") if class_names else class_names_from_metadata(model.proto)
+        self.labels: LabelMap | None = folder_labels(folders, given) if folders else None
+
+    def _label(self, path: Path) -> int | None:
+        parts = path.relative_to(self.root).parts
+        return self.labels.index[parts[0]] if self.labels is not None and len(parts) > 1 else None
 
     def __iter__(self) -> Iterator[Sample]:
         _offline()
@@ -134,7 +208,7 @@ class ImageFolderSource:
         ds = ds.cast_column("image", datasets.Image(decode=False))
         for path, row in zip(self.files, ds, strict=True):
             image = _decode_image(row["image"], str(path))
-            yield Sample(str(path), {self.input.name: self.preprocess.apply(image)}, row.get("label"))
+            yield Sample(str(path), {self.input.name: self.preprocess.apply(image)}, self._label(path))
 
 
 class TableSource:
@@ -467,6 +541,7 @@ def open_source(
     shuffle: bool = True,
     seed: int = 0,
     label_column: str | None = None,
+    class_names: tuple[str, ...] | None = None,
 ) -> ImageFolderSource | TableSource | ArraySource | DatasetSource | IterableSource:
     """Pick the source for ``path`` (see the module docstring); bad paths are clear errors.
 
@@ -502,8 +577,7 @@ def open_source(
         raise QuantkitError(f"cannot list data directory {path}: {exc.strerror}") from None
     suffixes = {p.suffix.lower() for p in entries}
     if suffixes & IMAGE_EXTENSIONS:
-        source = ImageFolderSource(path, model, preprocess, input_name, shuffle, seed)
-        return source
+        return ImageFolderSource(path, model, preprocess, input_name, shuffle, seed, class_names)
     tables = sorted(p for p in entries if p.suffix.lower() in TABLE_EXTENSIONS)
     if tables:
         builders = {TABLE_EXTENSIONS[p.suffix.lower()] for p in tables}

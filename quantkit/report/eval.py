@@ -76,6 +76,7 @@ def to_json(result: EvalResult) -> dict[str, Any]:
         "max_drop": result.max_drop,
         "variants": variants,
         "flags": result.flags,
+        "decision": [asdict(d) for d in result.decisions],
     }  # no step timings: without latency the report repeats byte for byte (timings are in the -v / --log-file log)
 
 
@@ -146,6 +147,16 @@ def _rows(result: EvalResult) -> list[list[str]]:
     return rows
 
 
+def decision_lines(result: EvalResult) -> list[str]:
+    """The report's last section: what to ship for each target, and how to make and build it."""
+    if not result.decisions:
+        return []
+    lines = ["", "## Decision", ""]
+    for d in result.decisions:
+        lines += d.lines()
+    return lines
+
+
 # ---- Markdown ---------------------------------------------------------------------------------
 def to_markdown(result: EvalResult) -> str:
     rows = _rows(result)
@@ -186,6 +197,7 @@ def to_markdown(result: EvalResult) -> str:
     notes = [(v.name, n) for v in result.variants for n in v.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {name}: {n}" for name, n in notes]
+    lines += decision_lines(result)
     return "\n".join(lines) + "\n"
 
 

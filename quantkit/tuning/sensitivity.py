@@ -446,7 +446,7 @@ def prepare(
     params = {"conf": conf, "threshold": mask_threshold}
     if isinstance(metric, str) and metric != "auto":
         metric = objective_named(metric, **params)  # a bad name fails before the validation pass
-    source = open_source(val, info, data_options.preprocess, shuffle=False)
+    source = open_source(val, info, data_options.preprocess, shuffle=False, class_names=data_options.class_names)
     batch = data_options.batch_size or fitting_batch(info, source, DEFAULT_MAX_MEMORY)  # a batch that fits, as eval's
     batches_ = list(batches(source, info, batch, data_options.num_samples, source.description))
     labels = [label for b in batches_ for label in b.labels]

@@ -110,10 +110,13 @@ def test_report_covers_every_variant_and_validates(demo_report):
     assert fp32 == pytest.approx(0.981)
     for name in ["fp16", "int8:entropy", "int8:minmax", "int8:percentile", "int8:mse", "int8-tensorrt:entropy"]:
         v = by_name[name]
-        assert v["error"] is None and v["metrics"]["top1"] >= fp32 - 0.01
-        assert v["latency"]["batch1_p50_ms"] > 0 and v["size_bytes"] < by_name["fp32"]["size_bytes"]
+        assert v["error"] is None and v["metrics"]["top1"] >= fp32 - 0.01 and v["size_bytes"] < by_name["fp32"]["size_bytes"]
+        # TensorRT's format is fake quantization on a CPU: measured for accuracy only, never timed as a CPU candidate
+        assert (v["latency"] is None) == (name == "int8-tensorrt:entropy")
+        assert name != "int8-tensorrt:entropy" or v["latency"] is None and "not timed" in v["notes"][0]
+        assert name == "int8-tensorrt:entropy" or v["latency"]["batch1_p50_ms"] > 0
     assert by_name["modelopt"]["error"].startswith('nvidia-modelopt is not installed: pip install ".[modelopt]"')
-    assert any("int8-tensorrt:entropy is not faster than fp16" in f for f in doc["flags"])
+    assert not any("int8-tensorrt:entropy is not faster" in f for f in doc["flags"])
     md = (out / "report.md").read_text()
     assert "| int8:mse |" in md and "modelopt" in md
 
