@@ -113,7 +113,7 @@ def test_report_covers_every_variant_and_validates(demo_report):
         assert v["error"] is None and v["metrics"]["top1"] >= fp32 - 0.01 and v["size_bytes"] < by_name["fp32"]["size_bytes"]
         # TensorRT's format is fake quantization on a CPU: measured for accuracy only, never timed as a CPU candidate
         assert (v["latency"] is None) == (name == "int8-tensorrt:entropy")
-        assert name != "int8-tensorrt:entropy" or v["latency"] is None and "not timed" in v["notes"][0]
+        assert name != "int8-tensorrt:entropy" or (v["latency"] is None and "not timed" in v["notes"][0])
         assert name == "int8-tensorrt:entropy" or v["latency"]["batch1_p50_ms"] > 0
     assert by_name["modelopt"]["error"].startswith('nvidia-modelopt is not installed: pip install ".[modelopt]"')
     assert not any("int8-tensorrt:entropy is not faster" in f for f in doc["flags"])
