@@ -295,6 +295,14 @@ def sample_bar(total: int | None, desc: str, quiet: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="sample", disable=not interactive(quiet), leave=False, dynamic_ncols=True)
 
 
+def step_bar(total: int | None, desc: str, unit: str, quiet: bool) -> Any:
+    """A tqdm bar over units of work (evaluations, trials, variants): count, rate and ETA on a
+    terminal; silent with --quiet or when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not interactive(quiet), leave=False, dynamic_ncols=True)
+
+
 class StepTimer:
     """Per-step wall times, reported in the summary (and to stderr as each step ends, on a TTY)."""
 

@@ -49,6 +49,7 @@ def fp16(
     data: str | Path | Any = None,
     data_options: DataOptions | None = None,
     check: CheckOptions | None = None,
+    quiet: bool = True,
 ) -> Fp16Result:
     """Write ``model`` in float16 to ``output``: ranges from ``options.ranges`` and, where they lack a
     tensor, one min/max pass over ``data`` (else the calibration data ranges.json records)."""
@@ -64,7 +65,7 @@ def fp16(
     data, preprocess = data_or_recorded(data, given(data_options, DataOptions, "data_options").preprocess, ranges)
     warnings = []
     if options.use_ranges:
-        ranges = _complete_ranges(info, ranges, data, preprocess, options)
+        ranges = _complete_ranges(info, ranges, data, preprocess, options, quiet)
     else:
         ranges = None
         warnings.append("converted without ranges: a tensor beyond float16's range becomes inf unnoticed")
@@ -82,7 +83,7 @@ def fp16(
 
 
 def _complete_ranges(
-    info: ModelInfo, ranges: RangeSet | None, data: Any, preprocess: PreprocessSpec | None, options: Fp16Options
+    info: ModelInfo, ranges: RangeSet | None, data: Any, preprocess: PreprocessSpec | None, options: Fp16Options, quiet: bool = True
 ) -> RangeSet:
     """ranges.json, with what it lacks from one min/max pass over every float tensor of the data."""
     if data is not None:
@@ -94,6 +95,7 @@ def _complete_ranges(
             data,
             CalibrationOptions(methods="minmax", all_tensors=True, max_memory=options.max_memory),
             data_options=DataOptions(preprocess=preprocess, num_samples=options.num_samples or recorded, shuffle=False),
+            quiet=quiet,  # its progress bar on a terminal: a pass over every float tensor of the data
         ).ranges
         ranges = observed if ranges is None else ranges.with_missing_from(observed)
     if ranges is None:

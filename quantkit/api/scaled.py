@@ -67,7 +67,9 @@ def analyze(
         model,
         ranges,
         export,
-        lambda ex: rank_nodes(model, ranges, evaluator, method=export.method, target=export.target, subset=subset, executor=ex),
+        lambda ex: rank_nodes(
+            model, ranges, evaluator, method=export.method, target=export.target, subset=subset, executor=ex, quiet=quiet
+        ),
         quiet,
     )
 
@@ -91,6 +93,6 @@ def tune(
         model,
         ranges,
         export,
-        lambda ex: run_search(model, ranges, evaluator, out_dir, options, export=export, executor=ex),
+        lambda ex: run_search(model, ranges, evaluator, out_dir, options, export=export, executor=ex, quiet=quiet),
         quiet,
     )

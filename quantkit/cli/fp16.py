@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     )
     data_options = DataOptions(preprocess=preprocess_from_args(args)) if args.data else None
     with printing_check(args):
-        result = fp16(args.model, args.output, options, data=args.data, data_options=data_options, check=check_options_from_args(args))
+        check = check_options_from_args(args)
+        result = fp16(args.model, args.output, options, data=args.data, data_options=data_options, check=check, quiet=args.quiet)
     if not args.quiet:
         print(result.summary())
     return 0

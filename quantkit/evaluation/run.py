@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantkit._io import StepTimer
+from quantkit._io import StepTimer, step_bar
 from quantkit.backends.ort import make_session, runtime_providers
 from quantkit.calibration.collect import batch_size_for
 from quantkit.data.batching import Batch, batches, check_sample, fixed_batch
@@ -152,7 +152,13 @@ def evaluate(
         with timer.step("build variants"):
             built = build_variants(info, specs, work, calibration)
         with timer.step("run variants"):
-            results = [_run_variant(run, spec_, built[spec_.name]) for spec_ in specs]
+            bar = step_bar(len(specs), "eval", "variant", quiet)
+            results = []
+            for spec_ in specs:
+                bar.set_postfix_str(spec_.name, refresh=False)
+                results.append(_run_variant(run, spec_, built[spec_.name]))
+                bar.update(1)
+            bar.close()
         if options.latency and run.timed:
             with timer.step("measure latency"):
                 throughput = fixed_batch(info) or min(options.throughput_batch, batch)  # a batch that fits, as the runs'

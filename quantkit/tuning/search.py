@@ -24,7 +24,7 @@ from typing import Any
 
 import onnx
 
-from quantkit._io import ensure_writable_dir, write_bytes_atomic
+from quantkit._io import ensure_writable_dir, step_bar, write_bytes_atomic
 from quantkit.evaluation.check import judge_outputs
 from quantkit.model import ModelInfo
 from quantkit.options import ExportOptions, TuneOptions, given
@@ -111,10 +111,12 @@ class PrecisionSearch:
         export: ExportOptions,
         executor: TrialExecutor,
         sensitivity: SensitivityResult | None = None,
+        quiet: bool = True,
     ) -> None:
         self.model, self.ranges, self.evaluator, self.out = model, ranges, evaluator, out
         self.options, self.export, self.executor = options, export, executor
-        self.sensitivity = sensitivity
+        self.sensitivity, self.quiet = sensitivity, quiet
+        self.bar = step_bar(options.max_trials, "tune", "trial", quiet)  # trial k, the best so far
         self.base = evaluator.baseline.accuracy
         self.trials: list[Trial] = []
         self.best: Trial | None = None
@@ -184,6 +186,10 @@ class PrecisionSearch:
             self.trials.append(t)
             if self.better(t, self.best):
                 self.best = t
+            self.bar.update(1)
+            if self.best is not None:
+                shown = self.evaluator.objective.show(self.best.accuracy)
+                self.bar.set_postfix_str(f"best {shown}, {len(self.best.fallback)} node(s) kept float", refresh=False)
         if new:
             self.save()
         if any(self.cached(c) is None for c in candidates):  # the trial budget ran out part-way through this step
@@ -270,6 +276,7 @@ class PrecisionSearch:
                     deadline=deadline,
                     enable_one=False,  # the search ranks by disable-one: half the cost
                     ranking=self.options.ranking,
+                    quiet=self.quiet,
                 )
             except SensitivityTimeout as stop:
                 self.messages.append(str(stop))
@@ -337,6 +344,7 @@ def run_search(
     export: ExportOptions | None = None,
     sensitivity: SensitivityResult | None = None,
     executor: TrialExecutor | None = None,
+    quiet: bool = True,
 ) -> TuneResult:
     """Search the fewest fallback nodes meeting ``options.max_drop`` (points of the evaluator's accuracy).
 
@@ -347,7 +355,11 @@ def run_search(
     options, export = given(options, TuneOptions, "options"), export or ExportOptions(allow_missing=True)
     executor = executor or LocalExecutor(model, ranges, export.method, export.target)
     out = ensure_writable_dir(out_dir)
-    return PrecisionSearch(model, ranges, evaluator, out, options, export, executor, sensitivity).run()
+    search = PrecisionSearch(model, ranges, evaluator, out, options, export, executor, sensitivity, quiet)
+    try:
+        return search.run()
+    finally:
+        search.bar.close()
 
 
 def summary(result: TuneResult, evaluator: Evaluator) -> str:

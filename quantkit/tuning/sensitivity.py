@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from quantkit._io import step_bar
 from quantkit.backends.ort import make_session, with_outputs
 from quantkit.data.batching import Batch, batches
 from quantkit.data.sources import open_source
@@ -335,6 +336,7 @@ def rank_nodes(
     deadline: float | None = None,
     enable_one: bool = True,
     ranking: str = "disable-one",
+    quiet: bool = True,
 ) -> SensitivityResult:
     """Enable-one / disable-one / output SQNR for every quantized node, ranked by disable-one gain.
 
@@ -372,10 +374,16 @@ def rank_nodes(
     plans += [PrecisionPlan(default="int8", nodes={name: "fp32"}) for name in chosen] if per_node else []
     group = max(1, executor.workers) * 4
     scores: list[Score] = []
-    for start_at in range(0, len(plans), group):
-        if deadline is not None and time.perf_counter() > deadline:
-            raise SensitivityTimeout(f"sensitivity stopped after {len(scores)} of {len(plans)} evaluations: the time is up")
-        scores += executor.map(evaluator, plans[start_at : start_at + group])
+    bar = step_bar(len(plans), "sensitivity", "evaluation", quiet)
+    try:
+        for start_at in range(0, len(plans), group):
+            if deadline is not None and time.perf_counter() > deadline:
+                raise SensitivityTimeout(f"sensitivity stopped after {len(scores)} of {len(plans)} evaluations: the time is up")
+            bar.set_postfix_str(next(iter(plans[start_at].nodes)), refresh=False)  # the node being evaluated
+            scores += executor.map(evaluator, plans[start_at : start_at + group])
+            bar.update(len(plans[start_at : start_at + group]))
+    finally:
+        bar.close()
     result = []
     objective = evaluator.objective
     with_enable = enable_one and per_node
