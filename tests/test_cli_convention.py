@@ -31,6 +31,16 @@ def test_every_command_has_the_common_flags_and_one_output_rule(command):
         assert "--data" in text
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_says_what_it_does(command):
+    import argparse
+
+    parser = build_parser([command])
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    silent = [a.option_strings or a.dest for a in sub._actions if a.help is None and not isinstance(a, argparse._HelpAction)]
+    assert silent == []
+
+
 def calibrate_args(out):
     return ["calibrate", str(DEMO_MODEL), "--data", str(DEMO_CALIB), "--preprocess-config", str(DEMO_PREPROCESS), "--method", "minmax",
             "--num-samples", "32", "--out-dir", str(out)]  # fmt: skip

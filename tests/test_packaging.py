@@ -38,3 +38,34 @@ def test_the_sdist_holds_what_make_test_needs(tmp_path):
     for needed in ("Makefile", "tests/conftest.py", "tests/fakequant.py", "calib_data/demo_cnn.onnx", "quantkit/demo/calib.parquet"):
         assert needed in names, needed
     assert any(n.startswith("calib_data/mnist/calib/") for n in names)
+
+
+def test_the_readme_example_runs_from_the_wheel_outside_the_repository(tmp_path):
+    """The README's Python example in a fresh virtualenv holding only the wheel (its dependencies
+    come from this environment's site-packages as a plain path: no editable install of the clone),
+    run from a folder outside the repository."""
+    import re
+    import sysconfig
+    import venv
+    from pathlib import Path
+
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "-o", str(tmp_path / "dist"), str(ROOT)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    env = tmp_path / "env"
+    venv.create(env, with_pip=False)
+    python = env / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True)
+    target = site.stdout.strip()
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, str(wheel)], check=True, timeout=600)
+    # the dependencies, not quantkit: a path entry is not scanned for .pth files, so the clone's editable finder stays out
+    (Path(target) / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    block = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)[0]
+    script = tmp_path / "outside" / "example.py"
+    script.parent.mkdir()
+    script.write_text(block + "\nimport quantkit as q\nprint('FROM', q.__file__)\n")
+    done = subprocess.run([python, str(script)], cwd=script.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"FROM {target}" in done.stdout  # the wheel's quantkit ran, not the clone's

@@ -12,7 +12,12 @@ from quantkit.options import BuildOptions
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model (FP32, or Q/DQ / FP16 from quantkit quantize / fp16)")
-    p.add_argument("--runtime", choices=["tensorrt", *ORT_RUNTIMES], default="tensorrt")
+    p.add_argument(
+        "--runtime",
+        choices=["tensorrt", *ORT_RUNTIMES],
+        default="tensorrt",
+        help="tensorrt: an engine (default); ort-*: an optimized onnxruntime model for that provider",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT 10 builder precision (ignored for Q/DQ models)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--cache", help="TensorRT calibration cache for implicit INT8 (TensorRT 10)")

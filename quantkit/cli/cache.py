@@ -18,9 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--from-ranges", help="ranges.json from quantkit calibrate")
     src.add_argument("--from-qdq", help="a TensorRT-style Q/DQ ONNX model (int8 per-tensor activation scales)")
     p.add_argument("--method", help="with --from-ranges: which method (default: the first)")
-    p.add_argument("--trt-version", default=DEFAULT_TRT_VERSION)
-    p.add_argument("--cache-algorithm", default=DEFAULT_ALGORITHM, choices=ALGORITHMS)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--trt-version", default=DEFAULT_TRT_VERSION, help=f"TensorRT version stamped in the header (default {DEFAULT_TRT_VERSION})"
+    )
+    p.add_argument(
+        "--cache-algorithm",
+        default=DEFAULT_ALGORITHM,
+        choices=ALGORITHMS,
+        help=f"calibrator name in the header (default {DEFAULT_ALGORITHM}, what trtexec's --calib reads)",
+    )
+    p.add_argument("-o", "--output", required=True, help="output cache file")
 
 
 def run(args: argparse.Namespace) -> int:

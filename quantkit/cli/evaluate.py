@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-labels", action="store_true", help="ignore labels: fidelity against FP32 only")
     add_class_names_arg(p)
     add_objective_args(p, several=True)
-    p.add_argument("--runtime", choices=list(RUNTIMES), default="ort-cpu")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="ort-cpu", help="where the variants run (default ort-cpu)")
     p.add_argument("--num-samples", type=int, help="validation samples (default: all)")
     p.add_argument("--num-calib-samples", type=int, help="calibration samples (default: all)")
     p.add_argument(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from quantkit.cli.args import (
     add_class_names_arg,
@@ -83,7 +82,5 @@ def tuning_inputs(args: argparse.Namespace) -> tuple[ModelInfo, RangeSet, Evalua
         conf=args.conf,
         mask_threshold=args.mask_threshold,
     )
-    if not args.quiet:
-        print(f"objective: {evaluator.objective.describe()}", file=sys.stderr)
     method = None if auto else args.method if args.method in ranges.methods else None
     return model, ranges, evaluator, ExportOptions(method, args.target, allow_missing=True)

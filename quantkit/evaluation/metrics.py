@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-COLLAPSE_SQNR_DB = 10.0  # below this, a slice's signal is no longer above its quantization noise by much
+from quantkit.options import MIN_SQNR_DB
+
+#: a slice below this has collapsed: the fidelity check's own floor, so the report and the check agree
+COLLAPSE_SQNR_DB = MIN_SQNR_DB
 MAX_AUTO_SLICES = 256
 
 Metric = Callable[[list[np.ndarray], Sequence], float]  # (outputs of every sample batch concatenated, labels) -> value

@@ -222,7 +222,7 @@ def plan_arithmetic(node: gs.Node) -> tuple[NodePlan | None, str]:
     quantizer writes it. Transformer arithmetic stays float."""
     slots = _activation_slots(node)
     if not any(_conv_fed(node.inputs[i]) for i in slots):
-        return None, f"{node.op} outside a conv net (transformer arithmetic stays float)"
+        return None, f"{node.op} not fed by a Conv (arithmetic outside conv blocks, e.g. a transformer's, stays float)"
     if len(slots) == 2:
         return NodePlan(activations=slots), ""
     scalars = [i for i, t in enumerate(node.inputs) if (v := const_values(t)) is not None and v.size == 1]

@@ -238,9 +238,8 @@ def _fidelity_charts(result: EvalResult, base: Any) -> list[str]:
             if f.output == name and f.slices and v.name != "fp32"
         ]
         if series:
-            blocks.append(
-                lines(series, "slice index (axis 1)", "SQNR dB", f"{name}: per-slice SQNR against FP32", threshold=COLLAPSE_SQNR_DB)
-            )
+            title = f"{name}: per-slice SQNR against FP32"
+            blocks.append(lines(series, "slice index (axis 1)", "SQNR dB", title, threshold=COLLAPSE_SQNR_DB, joined=False))
     return blocks
 
 

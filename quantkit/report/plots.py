@@ -156,8 +156,16 @@ def bars(items: Sequence[tuple[str, float]], unit: str, title: str, xmax: float 
     return _svg(fig, title)
 
 
-def lines(series: Sequence[tuple[str, Sequence[float]]], xlabel: str, ylabel: str, title: str, threshold: float | None = None) -> str:
-    """One line per series over a shared index axis and one shared y axis from zero."""
+def lines(
+    series: Sequence[tuple[str, Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    threshold: float | None = None,
+    joined: bool = True,
+) -> str:
+    """One line per series over a shared index axis and one shared y axis from zero; ``joined``
+    False draws markers only (the index is categorical: classes, not a sequence)."""
     if not series:
         return "<p>Nothing to plot.</p>"
     Figure = _mpl()
@@ -169,7 +177,7 @@ def lines(series: Sequence[tuple[str, Sequence[float]]], xlabel: str, ylabel: st
     cap = (max(finite) if finite else 1.0) * 1.1 or 1.0
     for name, ys in series:
         shown = [min(v, cap) if not math.isnan(v) else math.nan for v in ys]
-        ax.plot(range(len(shown)), shown, marker="o", markersize=3, linewidth=1, label=name)
+        ax.plot(range(len(shown)), shown, marker="o", markersize=3, linewidth=1 if joined else 0, label=name)
     if threshold is not None:
         ax.axhline(threshold, color=RED, linestyle="--", linewidth=1, label=f"collapse ({threshold:g} {ylabel.split()[-1]})")
     ax.set_ylim(min(0.0, min(finite, default=0.0)), cap)

@@ -58,8 +58,18 @@ def tune_files(out: Path, result: TuneResult, evaluator: Evaluator) -> dict[Path
             f"{'yes' if t.meets else 'no'} | {lat} |"
         )
     best = result.best.index if result.best else None
+    # one label per fallback count (the first trial there, or the chosen one): trials of equal
+    # count sit on one vertical line, and labelling each made them unreadable
+    labelled = {len(t.fallback): t.index for t in reversed(result.trials)}
+    labelled.update({len(t.fallback): t.index for t in result.trials if t.index == best})
     points = [
-        Point(f"#{t.index}", float(len(t.fallback)), t.accuracy, y_err=t.noise or None, marked="chosen" if t.index == best else "")
+        Point(
+            f"#{t.index}" if labelled.get(len(t.fallback)) == t.index else "",
+            float(len(t.fallback)),
+            t.accuracy,
+            y_err=t.noise or None,
+            marked="chosen" if t.index == best else "",
+        )
         for t in result.trials
     ]
     objective = evaluator.objective

@@ -375,6 +375,7 @@ def summary(result: TuneResult, evaluator: Evaluator) -> str:
             f"{objective.show(best.accuracy)} ± {best.noise:.2f} ({best.drop:+.2f} {objective.unit} drop), "
             f"{'meets' if best.meets else 'misses'} the target"
         )
-        lines += [f"  - {n}" for n in best.fallback]
+        if best.fallback:
+            lines.append(f"kept in {result.plan.fallback or 'fp32'}: " + ", ".join(best.fallback))
     lines += result.messages
     return "\n".join(lines)

@@ -109,7 +109,7 @@ def test_onnxruntime_placement_of_an_encoder_block(block):
     q, report = quantize_model(info, ranges, target="onnxruntime")
     assert set(report.int8_nodes) == PROJECTIONS
     assert all(report.kept_float[n].startswith("attention core") for n in ATTENTION)
-    assert report.kept_float["residual"].startswith("Add outside a conv net")
+    assert report.kept_float["residual"].startswith("Add not fed by a Conv")
     quantized_tensors = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
     assert quantized_tensors == {"h", "ctx"}  # the projections' inputs only; q, k, v and o stay float
     assert ATTENTION <= set(quantize_model(info, ranges, target="onnxruntime", quantize_attention=True)[1].int8_nodes)
