@@ -42,6 +42,8 @@ QUANTIZE_FORMATS = ("int8", "fp8", "int4-weights")
 #: the INT4 block sizes TensorRT supports: "The supported block sizes are {64, 128}" (NVIDIA,
 #: TensorRT developer guide, "Quantization Schemes", INT4 block quantization)
 INT4_BLOCK_SIZES = (64, 128)
+#: what quantize may apply besides the placement (quantkit.export.equalize, .bias_correction)
+QUANTIZE_ALGORITHMS = ("cle", "bias-correction")
 #: the largest batch --measure-speed times: kernels' speed per sample is settled long before it
 MAX_SPEED_BATCH = 4096
 
@@ -303,6 +305,9 @@ class QuantizeOptions:
     # so the TensorRT target writes fp16 (as ModelOpt's high_precision_dtype="fp16" does);
     # onnxruntime's CPU kernels are fp32, so its target keeps fp32
     high_precision: str | None = None
+    # accuracy algorithms before or after the placement: "cle" (cross-layer equalization of the
+    # FP32 model, then calibration of the equalized model on the data), "bias-correction"
+    algorithms: tuple[str, ...] = ()
 
     @property
     def resolved_high_precision(self) -> str:
@@ -321,6 +326,10 @@ class QuantizeOptions:
             raise QuantkitError("give ranges or from_cache, not both", option="from_cache")
         if self.high_precision not in (None, *HIGH_PRECISIONS):
             raise QuantkitError(f"high_precision must be fp16 or fp32, got {self.high_precision!r}", option="high_precision")
+        object.__setattr__(self, "algorithms", tuple(dict.fromkeys(self.algorithms)))
+        unknown = [a for a in self.algorithms if a not in QUANTIZE_ALGORITHMS]
+        if unknown:
+            raise QuantkitError(f"unknown algorithm {unknown[0]!r}; choose from {', '.join(QUANTIZE_ALGORITHMS)}", option="algorithms")
         if isinstance(self.block_size, bool) or self.block_size not in INT4_BLOCK_SIZES:
             raise QuantkitError(
                 f"block_size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))} (TensorRT's INT4 block sizes), got {self.block_size!r}",

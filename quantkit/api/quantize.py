@@ -27,8 +27,10 @@ from quantkit.data.batching import batches, fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
-from quantkit.evaluation.check import SYNTHETIC, FidelityCheck, check_fidelity, check_samples, verify
+from quantkit.evaluation.check import SYNTHETIC, FidelityCheck, check_fidelity, check_samples, data_or_recorded, verify
 from quantkit.export.apply import AppliedPlan, apply_plan
+from quantkit.export.bias_correction import correct_biases
+from quantkit.export.equalize import equalize
 from quantkit.export.fp16 import Fp16Report
 from quantkit.export.int4 import Int4Report, quantize_int4_weights
 from quantkit.export.qdq import QuantizeReport, record_quantization
@@ -117,6 +119,8 @@ def quantize(
     job = _Job(info, out, options, fmt, plan, data, preprocess, check, progress)
     if fmt == "int4-weights":
         return _int4(job)
+    if "cle" in options.algorithms:
+        return _equalized(job)
     return _smoothquant(job) if options.smoothquant else _qdq(job)
 
 
@@ -165,6 +169,14 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
             "the speed measurement times onnxruntime's CPU kernels: use it with target onnxruntime (int8, without smoothquant)",
             option="measure_speed",
         )
+    if options.algorithms and (fmt == "int4-weights" or options.smoothquant or options.measure_speed):
+        raise QuantkitError("the algorithms apply to int8/fp8 Q/DQ models without smoothquant or a speed measurement", option="algorithms")
+    if "cle" in options.algorithms and (options.ranges or options.from_cache):
+        raise QuantkitError(
+            "cle equalizes the model, so its activation ranges change: give data (it calibrates the equalized model), "
+            "not ranges or a cache",
+            option="algorithms",
+        )
     if fmt == "int4-weights":
         if options.ranges or options.from_cache or options.plan:
             raise QuantkitError("int4-weights quantizes weights only: it takes no ranges, cache or plan", option="format")
@@ -178,7 +190,7 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
         if options.ranges or options.from_cache:
             raise QuantkitError("smoothquant calibrates the smoothed model itself: give data, not ranges or a cache", option="smoothquant")
         check_alpha(options.alpha)
-    elif not (options.ranges or options.from_cache):
+    elif not (options.ranges or options.from_cache or "cle" in options.algorithms):
         raise QuantkitError("give the ranges (ranges.json from quantkit calibrate) or a TensorRT cache to migrate", option="ranges")
 
 
@@ -274,12 +286,51 @@ def _qdq(job: _Job) -> QuantizeResult:
         speed = fastest_placement(
             job.info, ranges, export, feeds[0], sizes, plan=job.plan, progress=job.progress, range_aware_fp16=range_aware_fp16
         )
-    applied: AppliedPlan = speed.applied if speed else apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16)
+    adjust = _bias_correction(job, ranges, notes) if "bias-correction" in options.algorithms else None
+    applied: AppliedPlan = (
+        speed.applied if speed else apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16, adjust=adjust)
+    )
+    if options.algorithms:
+        record_quantization(applied.model, applied.model, {"algorithms": ",".join(options.algorithms)})
     warnings += _placement_warnings(options, job.fmt, applied.quantize)
     fidelity = job.verify(applied.model, None if options.from_cache else ranges)
     ort_graph = optimized_graph_check(applied.model) if options.target == "onnxruntime" and job.fmt == "int8" else None
     extra = {"fp16": applied.fp16, "speed": speed, "ort_graph": ort_graph, "notes": notes, "warnings": warnings}
     return job.result(applied.model, applied.quantize, fidelity, **extra)
+
+
+def _bias_correction(job: _Job, ranges: RangeSet, notes: list[str]) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    """The Q/DQ model's rewrite that corrects its biases on the calibration data (given, or recorded)."""
+    data, preprocess = data_or_recorded(job.data, job.preprocess, ranges)
+    if data is None:
+        raise QuantkitError("bias correction needs the calibration data: give data", option="data")
+
+    def corrected(model: onnx.ModelProto) -> onnx.ModelProto:
+        out, report = correct_biases(model, job.info, _calibration_batches(job.info, data, preprocess))
+        notes.append(report.summary())
+        return out
+
+    return corrected
+
+
+def _equalized(job: _Job) -> QuantizeResult:
+    """Cross-layer equalization of the FP32 model, then the equalized model calibrated on the data
+    and quantized as usual (its FP32 outputs are the original's: the check compares with either)."""
+    if not job.data:
+        raise QuantkitError("cle calibrates the equalized model: give data", option="data")
+    equalized, report = equalize(job.info.proto)
+    methods = job.options.method or ("all" if job.fmt == "int8" else "minmax")
+    with tempfile.TemporaryDirectory(prefix="quantkit-cle-") as tmp:
+        path = Path(tmp) / job.info.path.name
+        onnx.save(equalized, str(path))
+        info = load_model(path)
+        data_options = DataOptions(preprocess=job.preprocess)
+        calibrate(info, job.data, CalibrationOptions(methods=methods), data_options=data_options, out=tmp)
+        options = dataclasses.replace(job.options, ranges=Path(tmp) / "ranges.json")
+        result = _qdq(dataclasses.replace(job, info=info, options=options))
+    result.notes.insert(0, report.summary())
+    result.source_bytes = job.info.path.stat().st_size
+    return result
 
 
 def _int8_methods(ranges: RangeSet) -> list[str]:

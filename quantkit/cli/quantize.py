@@ -50,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "no ranges needed (--data weighs the clip search)",
     )
     p.add_argument(
+        "--algorithms",
+        default="",
+        help="comma list of accuracy algorithms: cle (cross-layer equalization of Conv pairs, then calibration of the "
+        "equalized model on --data, instead of --ranges), bias-correction (each quantized Conv/Gemm's bias corrected "
+        "for the mean shift of its quantized weights, on --data or the recorded calibration data)",
+    )
+    p.add_argument(
         "--high-precision",
         choices=["fp16", "fp32"],
         help="what is not quantized runs in (default: fp16 for --target tensorrt, where strong typing makes the ONNX types "
@@ -107,6 +114,7 @@ def _quantize_options(args: argparse.Namespace) -> QuantizeOptions:
         filters=filters_from_args(args),
         quantize_attention=args.quantize_attention,
         high_precision=args.high_precision,
+        algorithms=tuple(a.strip() for a in args.algorithms.split(",") if a.strip()),
         smoothquant=args.smoothquant,
         alpha=args.alpha,
         block_size=args.block_size,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
@@ -32,6 +33,7 @@ def apply_plan(
     options: ExportOptions | None = None,
     *,
     range_aware_fp16: bool = True,
+    adjust: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
 ) -> AppliedPlan:
     """The model with ``plan`` applied: Q/DQ on its int8 nodes, FP16 where it says fp16.
 
@@ -51,6 +53,8 @@ def apply_plan(
         quantize_attention=options.quantize_attention,
         fmt=options.format,
     )
+    if adjust is not None:
+        q = adjust(q)
     names = [n.name for n in q.graph.node if n.op_type not in QDQ_OPS]
     if options.high_precision == "fp16":  # a mixed model: float16 wherever the plan does not say fp32
         wanted = {n: "fp32" if plan is not None and plan.precision_of(n) == "fp32" else "fp16" for n in names}

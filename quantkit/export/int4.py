@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quantkit.backends.ort import ActivationRunner
 from quantkit.errors import QuantkitError
 from quantkit.export.qdq import prepare_model, record_quantization
+from quantkit.export.statistics import channel_moments
 from quantkit.model import ModelInfo
 from quantkit.options import INT4_BLOCK_SIZES
 from quantkit.plan import NodeFilter
@@ -82,21 +82,7 @@ def quantize_blocks(w: np.ndarray, block_size: int, moments: np.ndarray | None, 
 
 def activation_moments(model: ModelInfo, tensors: Sequence[str], batches: Any) -> dict[str, np.ndarray]:
     """E[x_k^2] over the last axis of each tensor, streamed over ``batches`` (one FP32 pass)."""
-    wanted = list(dict.fromkeys(tensors))
-    if not wanted:
-        return {}
-    runner = ActivationRunner(model, wanted)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = dict.fromkeys(wanted, 0)
-    try:
-        for batch in batches:
-            for name, value in runner.run(batch.feeds, batch.ids).items():
-                rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-                sums[name] = sums.get(name, 0.0) + np.sum(rows**2, axis=0)
-                counts[name] += len(rows)
-    finally:
-        runner.close()
-    return {n: sums[n] / counts[n] for n in wanted if counts[n]}
+    return channel_moments(model, dict.fromkeys(tensors, -1), batches, power=2)
 
 
 def _weight_of(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[np.ndarray, bool] | None:

@@ -1,0 +1,155 @@
+"""Cross-layer equalization (Nagel et al., 2019, "Data-Free Quantization"): rescale the output
+channels of one Conv and the matching input channels of the next so that both weight tensors have
+the same per-channel range, which per-tensor and per-channel INT8 then both represent better.
+
+For a pair Conv1 -> f -> Conv2 with f positively homogeneous (f(x / s) = f(x) / s for s > 0:
+ReLU, LeakyReLU, PReLU, or nothing), output channel i of Conv1 (weights and bias) is divided by
+
+    s_i = sqrt(r1_i / r2_i),    r1_i = max |W1[i, ...]|,  r2_i = max |W2[:, i, ...]|
+
+and input channel i of Conv2 multiplied by it, so that both ranges become sqrt(r1_i * r2_i). The
+network computes the same function in exact arithmetic (float32 rounding aside). ReLU6 / Clip is
+not homogeneous (clipping at 6 / s_i would need a per-channel bound), so such pairs are left as
+they are rather than changed into ReLU as the paper does. Conv2 may be depthwise (its input
+channel i is its weight W2[i]); grouped Convs otherwise, and Convs with a shared or non-constant
+weight, are skipped. BatchNormalization is folded into its Conv first. Sweeps repeat until the
+scales stop changing (chains of several pairs converge together, as in the paper's algorithm).
+High-bias absorption is not done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from quantkit.graph.passes import fold_batchnorm
+
+#: ops between the two Convs through which the equalization stays exact
+HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
+SWEEPS = 20
+#: sweeps stop once every scale is within this of 1
+CONVERGED = 1e-4
+
+
+@dataclass
+class EqualizeReport:
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # Conv -> why it has no partner
+    folded: int = 0
+    sweeps: int = 0
+
+    def summary(self) -> str:
+        line = f"cross-layer equalization: {len(self.pairs)} Conv pair(s) equalized in {self.sweeps} sweep(s)"
+        if self.folded:
+            line += f", after folding {self.folded} BatchNormalization node(s)"
+        return line
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _input_slices(w2: np.ndarray, depthwise: bool) -> np.ndarray:
+    """max |W2| per input channel: over dims 0, 2.. (group 1) or per output channel (depthwise)."""
+    if depthwise:
+        return np.abs(w2).reshape(w2.shape[0], -1).max(axis=1)
+    return np.abs(w2).transpose(1, 0, *range(2, w2.ndim)).reshape(w2.shape[1], -1).max(axis=1)
+
+
+def _pairs(model: onnx.ModelProto, report: EqualizeReport) -> list[tuple[onnx.NodeProto, onnx.NodeProto, bool]]:
+    """(Conv1, Conv2, Conv2 is depthwise) for every pair joined by at most one homogeneous op."""
+    graph = model.graph
+    consts = {i.name for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    outputs = {o.name for o in graph.output}
+    weight_uses = {t: len(r) for t, r in readers.items() if t in consts}
+    found = []
+    for conv in (n for n in graph.node if n.op_type == "Conv"):
+        reason = _pair_refusal(conv, consts, weight_uses)
+        nxt = readers.get(conv.output[0], [])
+        if not reason and (len(nxt) != 1 or conv.output[0] in outputs):
+            reason = "its output has other readers"
+        if not reason and nxt[0].op_type in HOMOGENEOUS:
+            act = nxt[0]
+            after = readers.get(act.output[0], [])
+            if act.op_type == "PRelu" and act.input[1] not in consts:
+                reason = "PRelu with a non-constant slope"
+            elif len(after) != 1 or act.output[0] in outputs:
+                reason = f"its {act.op_type} output has other readers"
+            nxt = after
+        if not reason:
+            reason = _partner_refusal(nxt[0], consts, weight_uses)
+        if reason:
+            report.skipped[conv.name] = reason
+            continue
+        depthwise = _attr(nxt[0], "group", 1) > 1
+        found.append((conv, nxt[0], depthwise))
+    return found
+
+
+def _pair_refusal(conv: onnx.NodeProto, consts: set[str], uses: dict[str, int]) -> str:
+    if len(conv.input) < 2 or conv.input[1] not in consts:
+        return "its weight is not a constant"
+    if uses.get(conv.input[1], 0) != 1:
+        return "its weight is shared"
+    return ""
+
+
+def _partner_refusal(node: onnx.NodeProto, consts: set[str], uses: dict[str, int]) -> str:
+    if node.op_type != "Conv":
+        return f"its output goes to {node.op_type}, not a Conv (through ReLU/LeakyReLU/PRelu at most)"
+    refused = _pair_refusal(node, consts, uses)
+    if refused:
+        return "the next Conv: " + refused
+    return ""
+
+
+def _equalize_pair(inits: dict[str, onnx.TensorProto], conv1: onnx.NodeProto, conv2: onnx.NodeProto, depthwise: bool) -> float:
+    """Rescale one pair in place; returns how far the scales were from 1 (max |log s|)."""
+    w1 = numpy_helper.to_array(inits[conv1.input[1]]).astype(np.float64)
+    w2 = numpy_helper.to_array(inits[conv2.input[1]]).astype(np.float64)
+    if depthwise and (w2.shape[1] != 1 or w2.shape[0] != w1.shape[0]):
+        return 0.0  # grouped, or depthwise with a channel multiplier: an input channel is not one weight slice
+    r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
+    r2 = _input_slices(w2, depthwise)
+    if r1.shape != r2.shape:
+        return 0.0
+    usable = (r1 > 0) & (r2 > 0)
+    s = np.ones_like(r1)
+    s[usable] = np.sqrt(r1[usable] / r2[usable])
+    shape1 = (-1,) + (1,) * (w1.ndim - 1)
+    w1 /= s.reshape(shape1)
+    if depthwise:
+        w2 *= s.reshape(shape1)
+    else:
+        w2 *= s.reshape((1, -1) + (1,) * (w2.ndim - 2))
+    dtype = numpy_helper.to_array(inits[conv1.input[1]]).dtype
+    inits[conv1.input[1]].CopyFrom(numpy_helper.from_array(w1.astype(dtype), conv1.input[1]))
+    inits[conv2.input[1]].CopyFrom(numpy_helper.from_array(w2.astype(dtype), conv2.input[1]))
+    if len(conv1.input) > 2 and conv1.input[2] in inits:
+        b1 = numpy_helper.to_array(inits[conv1.input[2]]).astype(np.float64) / s
+        inits[conv1.input[2]].CopyFrom(numpy_helper.from_array(b1.astype(dtype), conv1.input[2]))
+    return float(np.max(np.abs(np.log(s)))) if s.size else 0.0
+
+
+def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, EqualizeReport]:
+    """The model with BatchNorm folded and every eligible Conv pair equalized (a copy)."""
+    folded, fusions = fold_batchnorm(model)
+    report = EqualizeReport(folded=len(fusions))
+    out = onnx.ModelProto()
+    out.CopyFrom(folded)
+    pairs = _pairs(out, report)
+    report.pairs = [(a.name, b.name) for a, b, _ in pairs]
+    inits = {i.name: i for i in out.graph.initializer}
+    for sweep in range(1, SWEEPS + 1):
+        moved = max((_equalize_pair(inits, a, b, dw) for a, b, dw in pairs), default=0.0)
+        report.sweeps = sweep
+        if moved < CONVERGED:
+            break
+    return out, report
