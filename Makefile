@@ -28,7 +28,7 @@ demo: install
 
 # Side-by-side benchmarks against the peers; results in reports/bench/. One target per benchmark
 # (make bench-quantize, ...); make bench runs them all.
-BENCHMARKS = calibration quantize ort_speed optimize tuning distributed trust detector encoder zoo
+BENCHMARKS = calibration quantize ort_speed optimize tuning distributed trust detector encoder zoo accuracy
 
 bench-deps: install
 	$(PY) -m pip install -q -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
