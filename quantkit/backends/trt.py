@@ -145,9 +145,16 @@ def _set_weak_precision(
         p = constraint_for(constraints, layer_facts(layer))
         if p is not None:
             layer.precision = types[p]
-            for j in range(layer.num_outputs):
-                if not layer.get_output(j).is_shape_tensor:
-                    layer.set_output_type(j, types[p])
+            set_float_output_types(layer, types[p], (trt.float32, trt.float16))
+
+
+def set_float_output_types(layer: Any, dtype: Any, floats: tuple[Any, ...]) -> None:
+    """Output types on a layer's float outputs only: NvInfer.h's ILayer::setOutputType is ignored,
+    with an error in the log, on an output of another type (TopK's INT32 indices) and on shape tensors."""
+    for j in range(layer.num_outputs):
+        out = layer.get_output(j)
+        if not out.is_shape_tensor and out.dtype in floats:
+            layer.set_output_type(j, dtype)
 
 
 def build_engine(

@@ -335,3 +335,18 @@ def test_a_cache_of_another_algorithm_is_refused_before_any_build(tmp_path, caps
         assert isinstance(calibrator, getattr(fake, base)) and calibrator.read_calibration_cache().startswith(b"TRT-")
     with pytest.raises(QuantkitError, match="IInt8LegacyCalibrator"):
         cache_calibrator(fake, b"TRT-101401-LegacyCalibration\nc1: 3c010204\n")
+
+
+def test_output_types_are_set_on_float_outputs_only():
+    """NvInfer.h: ILayer::setOutputType on a non-float output (TopK's INT32 indices) is ignored
+    with an error message, so the Python build never asks for it."""
+    from types import SimpleNamespace
+
+    from quantkit.backends.trt import set_float_output_types
+
+    outputs = [SimpleNamespace(is_shape_tensor=False, dtype="float32"), SimpleNamespace(is_shape_tensor=False, dtype="int32"),
+               SimpleNamespace(is_shape_tensor=True, dtype="float32")]  # fmt: skip
+    set_calls = []
+    layer = SimpleNamespace(num_outputs=3, get_output=outputs.__getitem__, set_output_type=lambda j, t: set_calls.append((j, t)))
+    set_float_output_types(layer, "float16", ("float32", "float16"))
+    assert set_calls == [(0, "float16")]
