@@ -124,7 +124,7 @@ def render(rows: list[dict], command: str) -> str:
         "",
         "Each cell: the task metric against FP32 on held-out data (after the model's own decoding), the wall time as a multiple "
         "of one FP32 pass over the calibration data, and the peak RSS. TensorRT-format INT8, FP32 outside the Q/DQ, no float "
-        "fallback; quantkit chooses its method among the calibrated ones (no --method) and writes with --force (\"refused\": "
+        'fallback; quantkit chooses its method among the calibrated ones (no --method) and writes with --force ("refused": '
         "its fidelity check would have refused the model). quantkit's time includes its calibration.",
         "",
         "| model | kind | metric | " + " | ".join(labels) + " |",
