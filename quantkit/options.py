@@ -43,7 +43,7 @@ QUANTIZE_FORMATS = ("int8", "fp8", "int4-weights")
 #: TensorRT developer guide, "Quantization Schemes", INT4 block quantization)
 INT4_BLOCK_SIZES = (64, 128)
 #: what quantize may apply besides the placement (quantkit.export.equalize, .bias_correction)
-QUANTIZE_ALGORITHMS = ("cle", "bias-correction")
+QUANTIZE_ALGORITHMS = ("cle", "gptq", "bias-correction")
 #: the largest batch --measure-speed times: kernels' speed per sample is settled long before it
 MAX_SPEED_BATCH = 4096
 
@@ -306,7 +306,8 @@ class QuantizeOptions:
     # onnxruntime's CPU kernels are fp32, so its target keeps fp32
     high_precision: str | None = None
     # accuracy algorithms before or after the placement: "cle" (cross-layer equalization of the
-    # FP32 model, then calibration of the equalized model on the data), "bias-correction"
+    # FP32 model, then calibration of the equalized model on the data), "gptq" (the int8 weights'
+    # rounding that minimises each layer's output error), "bias-correction"
     algorithms: tuple[str, ...] = ()
 
     @property

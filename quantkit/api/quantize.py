@@ -34,6 +34,7 @@ from quantkit.export.equalize import equalize
 from quantkit.export.fp16 import Fp16Report
 from quantkit.export.int4 import Int4Report, quantize_int4_weights
 from quantkit.export.qdq import QuantizeReport, record_quantization
+from quantkit.export.rounding import optimize_rounding
 from quantkit.export.smoothquant import SmoothReport, check_alpha, smooth_model
 from quantkit.model import ModelInfo, load_model
 from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, QuantizeOptions, given
@@ -286,7 +287,7 @@ def _qdq(job: _Job) -> QuantizeResult:
         speed = fastest_placement(
             job.info, ranges, export, feeds[0], sizes, plan=job.plan, progress=job.progress, range_aware_fp16=range_aware_fp16
         )
-    adjust = _bias_correction(job, ranges, notes) if "bias-correction" in options.algorithms else None
+    adjust = _weight_algorithms(job, ranges, notes) if {"gptq", "bias-correction"} & set(options.algorithms) else None
     applied: AppliedPlan = (
         speed.applied if speed else apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16, adjust=adjust)
     )
@@ -299,18 +300,23 @@ def _qdq(job: _Job) -> QuantizeResult:
     return job.result(applied.model, applied.quantize, fidelity, **extra)
 
 
-def _bias_correction(job: _Job, ranges: RangeSet, notes: list[str]) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
-    """The Q/DQ model's rewrite that corrects its biases on the calibration data (given, or recorded)."""
+def _weight_algorithms(job: _Job, ranges: RangeSet, notes: list[str]) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    """The Q/DQ model's rewrite on the calibration data (given, or recorded): the weights' rounding
+    first (gptq), then the biases (bias-correction), which correct for the weights as rounded."""
     data, preprocess = data_or_recorded(job.data, job.preprocess, ranges)
     if data is None:
-        raise QuantkitError("bias correction needs the calibration data: give data", option="data")
+        raise QuantkitError("gptq and bias correction read the calibration data: give data", option="data")
 
-    def corrected(model: onnx.ModelProto) -> onnx.ModelProto:
-        out, report = correct_biases(model, job.info, _calibration_batches(job.info, data, preprocess))
-        notes.append(report.summary())
-        return out
+    def rewritten(model: onnx.ModelProto) -> onnx.ModelProto:
+        if "gptq" in job.options.algorithms:
+            model, rounding = optimize_rounding(model, job.info, _calibration_batches(job.info, data, preprocess))
+            notes.append(rounding.summary())
+        if "bias-correction" in job.options.algorithms:
+            model, report = correct_biases(model, job.info, _calibration_batches(job.info, data, preprocess))
+            notes.append(report.summary())
+        return model
 
-    return corrected
+    return rewritten
 
 
 def _equalized(job: _Job) -> QuantizeResult:

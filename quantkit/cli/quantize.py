@@ -53,8 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--algorithms",
         default="",
         help="comma list of accuracy algorithms: cle (cross-layer equalization of Conv pairs, then calibration of the "
-        "equalized model on --data, instead of --ranges), bias-correction (each quantized Conv/Gemm's bias corrected "
-        "for the mean shift of its quantized weights, on --data or the recorded calibration data)",
+        "equalized model on --data, instead of --ranges), gptq (each Conv/Gemm's int8 weights rounded to minimise its "
+        "output error on the calibration data), bias-correction (each quantized Conv/Gemm's bias corrected for the mean "
+        "shift of its quantized weights); gptq and bias-correction read --data or the recorded calibration data",
     )
     p.add_argument(
         "--high-precision",
