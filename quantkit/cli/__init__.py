@@ -83,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from quantkit.cli.errors import run_guarded
 
-    return run_guarded(argv)
+    try:
+        return run_guarded(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first was being reported: still 130, not death by SIGINT
+        return 130
 
 
 if __name__ == "__main__":
