@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantkit.export.fp16 import constant_values
 from quantkit.export.statistics import channel_moments
 from quantkit.model import ModelInfo
 
@@ -77,7 +78,7 @@ def _targets(qdq: onnx.ModelProto, fp32: ModelInfo, report: BiasReport) -> list[
     consts = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     producer = {o: n for n in qdq.graph.node for o in n.output}
     originals = {n.name: n for n in fp32.proto.graph.node}
-    fp32_consts = {i.name: numpy_helper.to_array(i) for i in fp32.proto.graph.initializer}
+    fp32_consts = constant_values(fp32.proto.graph)  # initializers and Constant nodes (opset-11 exports keep weights there)
     found = []
     for node in qdq.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:

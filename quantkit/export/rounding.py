@@ -33,6 +33,7 @@ from onnx import helper, numpy_helper
 
 from quantkit._io import step_bar
 from quantkit.backends.ort import ActivationRunner
+from quantkit.export.fp16 import constant_values
 from quantkit.model import ModelInfo
 
 #: rows of at most this many weights are rounded by exhaustive search (2^n floor/ceil choices)
@@ -128,6 +129,7 @@ class _Layer:
     shape: tuple[int, ...]
     groups: int
     qmax: int  # the placement's weight levels: 127 (8 bits) or 63 (onnxruntime's 7)
+    fp32_weight: np.ndarray
     hessians: list[np.ndarray] = field(default_factory=list)  # one per group
     samples: int = 0
 
@@ -136,10 +138,14 @@ def _layers(qdq: onnx.ModelProto, fp32: ModelInfo, report: RoundingReport) -> li
     consts = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     producer = {o: n for n in qdq.graph.node for o in n.output}
     originals = {n.name: n for n in fp32.proto.graph.node}
+    fp32_consts = constant_values(fp32.proto.graph)  # initializers and Constant nodes (opset-11 exports keep weights there)
     found = []
     for node in qdq.graph.node:
         dq = producer.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 else None
         if dq is None or dq.op_type != "DequantizeLinear" or node.name not in originals or dq.input[0] not in consts:
+            continue
+        if originals[node.name].input[1] not in fp32_consts:
+            report.skipped[node.name] = "its FP32 weight is not a constant"
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         q, scale = consts[dq.input[0]], consts.get(dq.input[1])
@@ -152,8 +158,11 @@ def _layers(qdq: onnx.ModelProto, fp32: ModelInfo, report: RoundingReport) -> li
         if k > MAX_K:
             report.skipped[node.name] = f"{k} weights per row: its H would be too large"
             continue
-        qmax = int(np.abs(q).max())
-        found.append(_Layer(node, originals[node.name].input[0], dq.input[0], scale.astype(np.float64), q.shape, groups, qmax))
+        qmax, w = int(np.abs(q).max()), fp32_consts[originals[node.name].input[1]]
+        if w.shape != q.shape:
+            report.skipped[node.name] = "its FP32 weight has another shape (a rewritten layer)"
+            continue
+        found.append(_Layer(node, originals[node.name].input[0], dq.input[0], scale.astype(np.float64), q.shape, groups, qmax, w))
     return found
 
 
@@ -206,12 +215,9 @@ def optimize_rounding(qdq: onnx.ModelProto, fp32: ModelInfo, batches: Any, *, qu
         finally:
             runner.close()
     weights = {i.name: i for i in out.graph.initializer}
-    originals = {n.name: n for n in fp32.proto.graph.node}
-    fp32_consts = {i.name: i for i in fp32.proto.graph.initializer}
     bar = step_bar(len(layers), "rounding", "layer", quiet)
     for layer in layers:
-        w = numpy_helper.to_array(fp32_consts[originals[layer.node.name].input[1]]).astype(np.float64).reshape(layer.shape[0], -1)
-        _round_layer(layer, w, weights, report)
+        _round_layer(layer, layer.fp32_weight.astype(np.float64).reshape(layer.shape[0], -1), weights, report)
         bar.update(1)
     bar.close()
     report.seconds = time.perf_counter() - start
