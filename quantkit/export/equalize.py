@@ -138,9 +138,28 @@ def _equalize_pair(inits: dict[str, onnx.TensorProto], conv1: onnx.NodeProto, co
     return float(np.max(np.abs(np.log(s)))) if s.size else 0.0
 
 
+def _lifted_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with Constant nodes' tensors as initializers (opset-11 exports keep Conv weights there)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = []
+    for node in out.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None:
+            kept.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        out.graph.initializer.append(tensor)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    return out
+
+
 def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, EqualizeReport]:
     """The model with BatchNorm folded and every eligible Conv pair equalized (a copy)."""
-    folded, fusions = fold_batchnorm(model)
+    folded, fusions = fold_batchnorm(_lifted_constants(model))
     report = EqualizeReport(folded=len(fusions))
     out = onnx.ModelProto()
     out.CopyFrom(folded)
