@@ -129,3 +129,16 @@ def test_quantize_with_cle_and_bias_correction(tmp_path, capsys):
     assert sqnr(tuned) > sqnr(plain) + 10
     assert main([*base, "--ranges", str(tmp_path / "r" / "ranges.json"), "--algorithms", "cle", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "cle equalizes the model" in capsys.readouterr().err
+
+
+def test_weights_in_constant_nodes_are_equalized_too():
+    """Opset-11 exports (PaddlePaddle's) keep Conv weights in Constant nodes, not initializers."""
+    model = chain_model("Relu")
+    for init in list(model.graph.initializer):
+        model.graph.node.insert(0, helper.make_node("Constant", [], [init.name], value=init, name=f"const_{init.name}"))
+    del model.graph.initializer[:]
+    equalized, report = equalize(model)
+    assert report.pairs == [("conv1", "dw"), ("dw", "pw")]
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    ref, got = (make_session(m).run(None, {"x": x})[0] for m in (model, equalized))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
