@@ -92,10 +92,10 @@ def _quantize_command(model: str, ranges: str, variant: str) -> list[str]:
 
 
 def _fastest_then_most_accurate(result: Any, timed: list[Any]) -> Any:
-    """The most accurate of the variants tied with the fastest (its p10 no slower than the fastest's
-    p50: within the timing noise), so that two runs on a noisy machine choose the same one."""
-    fastest = min(v.latency.batch1_p50_ms for v in timed)
-    tied = [v for v in timed if v.latency.batch1_p10_ms <= fastest]
+    """The most accurate of the variants tied with the fastest (its p10-p90 range overlaps the
+    fastest's: within the timing noise), so that two runs on a noisy machine choose the same one."""
+    fastest = min(timed, key=lambda v: v.latency.batch1_p50_ms).latency
+    tied = [v for v in timed if v.latency.batch1_p10_ms <= max(fastest.batch1_p90_ms, fastest.batch1_p50_ms)]
     return min(tied, key=lambda v: (_drop(result, v) or 0.0, v.size_bytes or 0))
 
 
@@ -107,7 +107,7 @@ def _cpu(result: Any, model: str, ranges: str) -> Decision:
     base = result.variant("fp32")
     if best.latency and base.latency and best is not base:
         why += f", batch-1 p50 {best.latency.batch1_p50_ms:.3f} ms vs FP32's {base.latency.batch1_p50_ms:.3f} ms"
-    why += ": the fastest here within the budget" if timed else ": latency not measured, FP32 is the safe choice"
+    why += ": the fastest here within the budget (ties within the timing noise go by accuracy)" if timed else ": latency not measured, FP32 is the safe choice"
     return Decision("onnxruntime on this CPU", best.name, why, _quantize_command(model, ranges, best.name))
 
 
