@@ -107,7 +107,10 @@ def _cpu(result: Any, model: str, ranges: str) -> Decision:
     base = result.variant("fp32")
     if best.latency and base.latency and best is not base:
         why += f", batch-1 p50 {best.latency.batch1_p50_ms:.3f} ms vs FP32's {base.latency.batch1_p50_ms:.3f} ms"
-    why += ": the fastest here within the budget (ties within the timing noise go by accuracy)" if timed else ": latency not measured, FP32 is the safe choice"
+    if timed:
+        why += ": the fastest here within the budget (ties within the timing noise go by accuracy)"
+    else:
+        why += ": latency not measured, FP32 is the safe choice"
     return Decision("onnxruntime on this CPU", best.name, why, _quantize_command(model, ranges, best.name))
 
 
