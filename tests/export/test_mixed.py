@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import conv_model, save
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 import quantkit
 from quantkit.cli import main
@@ -120,3 +120,24 @@ def test_an_fp16_model_builds_strongly_typed_unless_weak_typing_is_asked(tmp_pat
     assert "--fp16" in weak and "may run in FP16" in weak
     v11 = weak.split("# TensorRT 11")[1].splitlines()[1]
     assert v11.startswith("trtexec ") and "--fp16" not in v11
+
+
+def test_scales_below_float16s_normal_range_stay_float32(tmp_path):
+    """A quiet weight channel (|w| ~ 1e-4, scale ~ 1e-6) has a float16 scale in the subnormal range,
+    off by several percent: that Q/DQ keeps float32 scales, so the mixed model is as accurate as
+    the one with float32 outside (measured on saral's DB detector: 15.7 dB before, 26.7 dB after)."""
+    proto = conv_model(channels=3)
+    w1 = next(i for i in proto.graph.initializer if i.name == "w1")
+    values = numpy_helper.to_array(w1).copy()
+    values[1] *= 3e-4  # one quiet output channel
+    w1.CopyFrom(numpy_helper.from_array(values.astype(np.float32), "w1"))
+    path = save(proto, tmp_path / "quiet.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(2).normal(size=(64, 3, 8, 8)).astype(np.float32))
+    quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="minmax"), out=tmp_path / "r")
+    options = QuantizeOptions(ranges=tmp_path / "r" / "ranges.json", method="minmax")
+    result = quantkit.quantize(path, tmp_path / "m.onnx", options, data=tmp_path / "x.npy")
+    assert any("keep float32 scales" in n for n in result.fp16.notes)
+    written = onnx.load(str(tmp_path / "m.onnx"))
+    scales = {i.name: i.data_type for i in written.graph.initializer}
+    dq = next(n for n in written.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w1"))
+    assert scales[dq.input[1]] == TensorProto.FLOAT
