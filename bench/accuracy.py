@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import REPORT_DIR, cpu_int8_flags
-from bench.zoo import CASES, PEAK, Case, model_file, outputs, quantize_static_peer, quantkit_cmd, score
+from bench.zoo import CASES, PEAK, Case, model_file, outputs, peer_process, quantize_static_peer, quantkit_cmd, score
 from quantkit.evaluation.latency import hardware
 
 #: the models of the issue's benchmark: two depthwise CNNs, a DB detector, a YOLO detector, a CTC
@@ -55,13 +54,7 @@ def nncf_peer(model: Path, calib: dict[str, np.ndarray], out: Path, transformer:
         "q = nncf.quantize(onnx.load(sys.argv[1]), nncf.Dataset(items), subset_size=n, **kw)\n"
         "onnx.save(q, sys.argv[3])\n" + PEAK
     )
-    np.savez(out.with_suffix(".calib.npz"), **calib)
-    start = time.perf_counter()
-    args = [sys.executable, "-c", code, str(model), str(out.with_suffix(".calib.npz")), str(out), "1" if transformer else "0"]
-    done = subprocess.run(args, capture_output=True, text=True)
-    rss = next((int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0)
-    error = (done.stderr.strip().splitlines() or [""])[-1][:240] if done.returncode else ""
-    return {"exit": done.returncode, "error": error, "rss_mb": rss / 1024, "seconds": time.perf_counter() - start}
+    return peer_process(code, model, calib, out, "1" if transformer else "0")
 
 
 def fp32_pass_seconds(model: Path, calib: dict[str, np.ndarray]) -> float:

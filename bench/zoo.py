@@ -335,11 +335,16 @@ def quantize_static_peer(model: Path, calib: dict[str, np.ndarray], out: Path) -
         "quantize_static(sys.argv[1], sys.argv[3], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,\n"
         "                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)\n" + PEAK
     )
+    return peer_process(code, model, calib, out)
+
+
+def peer_process(code: str, model: Path, calib: dict[str, np.ndarray], out: Path, *extra: str) -> dict:
+    """Run a peer's quantizer (``code``, called with the model, the calibration arrays' .npz, the
+    output and ``extra``) in a process of its own: exit code, last error line, peak RSS, seconds."""
     np.savez(out.with_suffix(".calib.npz"), **calib)
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(model), str(out.with_suffix(".calib.npz")), str(out)], capture_output=True, text=True
-    )
+    args = [sys.executable, "-c", code, str(model), str(out.with_suffix(".calib.npz")), str(out), *extra]
+    done = subprocess.run(args, capture_output=True, text=True)
     rss = next((int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0)
     error = (done.stderr.strip().splitlines() or [""])[-1][:240] if done.returncode else ""
     return {"exit": done.returncode, "error": error, "rss_mb": rss / 1024, "seconds": time.perf_counter() - start}

@@ -23,8 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantkit.export.fp16 import constant_values
-from quantkit.export.statistics import channel_moments
+from quantkit.export.statistics import channel_moments, quantized_layers
 from quantkit.model import ModelInfo
 
 
@@ -76,21 +75,14 @@ def _rounding_only(delta: np.ndarray, step: np.ndarray, w: np.ndarray) -> bool:
 def _targets(qdq: onnx.ModelProto, fp32: ModelInfo, report: BiasReport) -> list[tuple[onnx.NodeProto, np.ndarray, str, int]]:
     """(node in the Q/DQ model, dW, FP32 input tensor, channel axis) for every correctable layer."""
     consts = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-    producer = {o: n for n in qdq.graph.node for o in n.output}
-    originals = {n.name: n for n in fp32.proto.graph.node}
-    fp32_consts = constant_values(fp32.proto.graph)  # initializers and Constant nodes (opset-11 exports keep weights there)
     found = []
-    for node in qdq.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
-            continue
-        dq, original = producer.get(node.input[1]), originals.get(node.name)
-        if dq is None or dq.op_type != "DequantizeLinear" or original is None or original.input[1] not in fp32_consts:
-            continue  # a weight left float, or a node the placement renamed
+    for layer in quantized_layers(qdq, fp32)[0]:
+        node, dq = layer.node, layer.dq
         if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
             report.skipped[node.name] = "Gemm with transA"
             continue
         read = _dequantized(dq, consts)
-        w = fp32_consts[original.input[1]].astype(np.float64)
+        w = layer.fp32_weight.astype(np.float64)
         if read is None or read[0].shape != w.shape:
             report.skipped[node.name] = "its weight is not a constant of the FP32 model's shape"
             continue
@@ -98,7 +90,7 @@ def _targets(qdq: onnx.ModelProto, fp32: ModelInfo, report: BiasReport) -> list[
         if not _rounding_only(delta, read[1], w):
             report.skipped[node.name] = "its quantized weight is not the FP32 weight rounded (folded into by the placement)"
             continue
-        found.append((node, delta, original.input[0], 1 if node.op_type == "Conv" else -1))
+        found.append((node, delta, layer.fp32_input, 1 if node.op_type == "Conv" else -1))
     return found
 
 

@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from quantkit._io import step_bar
 from quantkit.backends.ort import ActivationRunner
-from quantkit.export.fp16 import constant_values
+from quantkit.export.statistics import quantized_layers
 from quantkit.model import ModelInfo
 
 #: rows of at most this many weights are rounded by exhaustive search (2^n floor/ceil choices)
@@ -136,16 +136,12 @@ class _Layer:
 
 def _layers(qdq: onnx.ModelProto, fp32: ModelInfo, report: RoundingReport) -> list[_Layer]:
     consts = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-    producer = {o: n for n in qdq.graph.node for o in n.output}
-    originals = {n.name: n for n in fp32.proto.graph.node}
-    fp32_consts = constant_values(fp32.proto.graph)  # initializers and Constant nodes (opset-11 exports keep weights there)
+    layers, not_constant = quantized_layers(qdq, fp32)
+    report.skipped.update(dict.fromkeys(not_constant, "its FP32 weight is not a constant"))
     found = []
-    for node in qdq.graph.node:
-        dq = producer.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 else None
-        if dq is None or dq.op_type != "DequantizeLinear" or node.name not in originals or dq.input[0] not in consts:
-            continue
-        if originals[node.name].input[1] not in fp32_consts:
-            report.skipped[node.name] = "its FP32 weight is not a constant"
+    for layer in layers:
+        node, dq = layer.node, layer.dq
+        if dq.input[0] not in consts:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         q, scale = consts[dq.input[0]], consts.get(dq.input[1])
@@ -158,11 +154,11 @@ def _layers(qdq: onnx.ModelProto, fp32: ModelInfo, report: RoundingReport) -> li
         if k > MAX_K:
             report.skipped[node.name] = f"{k} weights per row: its H would be too large"
             continue
-        qmax, w = int(np.abs(q).max()), fp32_consts[originals[node.name].input[1]]
+        qmax, w = int(np.abs(q).max()), layer.fp32_weight
         if w.shape != q.shape:
             report.skipped[node.name] = "its FP32 weight has another shape (a rewritten layer)"
             continue
-        found.append(_Layer(node, originals[node.name].input[0], dq.input[0], scale.astype(np.float64), q.shape, groups, qmax, w))
+        found.append(_Layer(node, layer.fp32_input, dq.input[0], scale.astype(np.float64), q.shape, groups, qmax, w))
     return found
 
 

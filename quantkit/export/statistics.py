@@ -4,11 +4,14 @@ biases by E[x])."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 
 from quantkit.backends.ort import ActivationRunner
+from quantkit.export.fp16 import constant_values
 from quantkit.model import ModelInfo
 
 
@@ -30,3 +33,34 @@ def channel_moments(model: ModelInfo, axes: dict[str, int], batches: Any, power:
     finally:
         runner.close()
     return {n: sums[n] / counts[n] for n in axes if counts[n]}
+
+
+@dataclass
+class QuantizedLayer:
+    """A Conv/Gemm of a Q/DQ model whose weight comes through a DequantizeLinear, with what its
+    FP32 original reads (the weight algorithms compare the two)."""
+
+    node: onnx.NodeProto  # in the Q/DQ model
+    dq: onnx.NodeProto  # the DequantizeLinear of its weight
+    fp32_input: str  # its activation input in the FP32 model
+    fp32_weight: np.ndarray
+
+
+def quantized_layers(qdq: onnx.ModelProto, fp32: ModelInfo) -> tuple[list[QuantizedLayer], list[str]]:
+    """Every Conv/Gemm with a dequantized weight and an FP32 original of the same name, and the
+    names of those whose FP32 weight is not a constant (initializers and Constant nodes count:
+    opset-11 exports keep weights in Constant nodes)."""
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    originals = {n.name: n for n in fp32.proto.graph.node}
+    fp32_consts = constant_values(fp32.proto.graph)
+    found, not_constant = [], []
+    for node in qdq.graph.node:
+        dq = producer.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 else None
+        original = originals.get(node.name)
+        if dq is None or dq.op_type != "DequantizeLinear" or original is None:
+            continue  # a weight left float, or a node the placement renamed
+        if original.input[1] not in fp32_consts:
+            not_constant.append(node.name)
+            continue
+        found.append(QuantizedLayer(node, dq, original.input[0], fp32_consts[original.input[1]]))
+    return found, not_constant
