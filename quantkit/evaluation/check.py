@@ -145,9 +145,10 @@ def judge_outputs(
     for name, ref, got in zip(names, reference, outputs, strict=True):
         ref, got = np.asarray(ref), np.asarray(got)
         check = _judge_values(name, ref, got, min_sqnr_db, tokens)
-        if real and tokens is None and not check.problem and ref.shape == got.shape:
+        # the task is measured on a collapsed output too: choosing among failed candidates ranks by it
+        if real and tokens is None and ref.shape == got.shape:
             check.task = score_task(infer_task(ref, len(ref)), ref, got)
-            if check.task is not None and not check.task.ok:
+            if check.task is not None and not check.task.ok and not check.problem:
                 check.problem = f"fails its task: {check.task.line()} < {check.task.floor:.0%}"
         checks.append(check)
     return checks

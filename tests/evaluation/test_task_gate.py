@@ -136,3 +136,14 @@ def test_runs_of_single_samples_join_along_each_outputs_batch_axis():
     assert _join(time_first, [1, 1, 1]).shape == (20, 3, 37)
     assert np.array_equal(_join(time_first, [1, 1, 1])[:, 2], time_first[2][:, 0])
     assert _join(batch_first, [1, 1, 1]).shape == (3, 40, 6)
+
+
+def test_a_collapsed_output_keeps_its_collapse_and_is_still_scored_on_its_task():
+    """Choosing among candidates that all fail ranks them by the task: a collapsed one must carry its
+    (lower) task measure, not none (a none read as 'no task' once beat every scored candidate)."""
+    ref = ctc_logits()
+    collapsed = ref * np.float32(0.1) + RNG.normal(0, 8.0, ref.shape).astype(np.float32)  # SQNR below the floor
+    [check] = judge_outputs(["logits"], [ref], [collapsed])
+    assert "collapsed" in check.problem and check.task is not None
+    agreement = np.mean([a == b for a, b in zip(ctc_strings(ref, 0), ctc_strings(collapsed, 0), strict=True)])
+    assert check.task.value == pytest.approx(agreement)
