@@ -44,6 +44,7 @@ QUANTIZE_FORMATS = ("int8", "fp8", "int4-weights")
 INT4_BLOCK_SIZES = (64, 128)
 #: what quantize may apply besides the placement (quantkit.export.equalize, .bias_correction)
 QUANTIZE_ALGORITHMS = ("cle", "gptq", "bias-correction")
+AUTO_ALGORITHMS = "auto"
 #: the largest batch --measure-speed times: kernels' speed per sample is settled long before it
 MAX_SPEED_BATCH = 4096
 
@@ -307,8 +308,19 @@ class QuantizeOptions:
     high_precision: str | None = None
     # accuracy algorithms before or after the placement: "cle" (cross-layer equalization of the
     # FP32 model, then calibration of the equalized model on the data), "gptq" (the int8 weights'
-    # rounding that minimises each layer's output error), "bias-correction"
-    algorithms: tuple[str, ...] = ()
+    # rounding that minimises each layer's output error), "bias-correction"; "auto" (the default)
+    # tries the weight algorithms where the check finds the model short of FP32 and keeps what the
+    # check shows helps; () applies none
+    algorithms: tuple[str, ...] = ("auto",)
+
+    @property
+    def chosen_algorithms(self) -> tuple[str, ...]:
+        """The algorithms asked for by name (none with "auto")."""
+        return tuple(a for a in self.algorithms if a != AUTO_ALGORITHMS)
+
+    @property
+    def auto_algorithms(self) -> bool:
+        return self.algorithms == (AUTO_ALGORITHMS,)
 
     @property
     def resolved_high_precision(self) -> str:
@@ -328,9 +340,12 @@ class QuantizeOptions:
         if self.high_precision not in (None, *HIGH_PRECISIONS):
             raise QuantkitError(f"high_precision must be fp16 or fp32, got {self.high_precision!r}", option="high_precision")
         object.__setattr__(self, "algorithms", tuple(dict.fromkeys(self.algorithms)))
-        unknown = [a for a in self.algorithms if a not in QUANTIZE_ALGORITHMS]
+        unknown = [a for a in self.algorithms if a not in (*QUANTIZE_ALGORITHMS, AUTO_ALGORITHMS)]
         if unknown:
-            raise QuantkitError(f"unknown algorithm {unknown[0]!r}; choose from {', '.join(QUANTIZE_ALGORITHMS)}", option="algorithms")
+            choices = ", ".join((*QUANTIZE_ALGORITHMS, AUTO_ALGORITHMS))
+            raise QuantkitError(f"unknown algorithm {unknown[0]!r}; choose from {choices}", option="algorithms")
+        if AUTO_ALGORITHMS in self.algorithms and len(self.algorithms) > 1:
+            raise QuantkitError("auto chooses the algorithms itself: give auto alone, or the algorithms by name", option="algorithms")
         if isinstance(self.block_size, bool) or self.block_size not in INT4_BLOCK_SIZES:
             raise QuantkitError(
                 f"block_size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))} (TensorRT's INT4 block sizes), got {self.block_size!r}",

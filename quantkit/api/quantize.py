@@ -37,7 +37,7 @@ from quantkit.export.qdq import QuantizeReport, record_quantization
 from quantkit.export.rounding import optimize_rounding
 from quantkit.export.smoothquant import SmoothReport, check_alpha, smooth_model
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, QuantizeOptions, given
+from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, ExportOptions, QuantizeOptions, given
 from quantkit.plan import QUANTIZED_FORMATS, PrecisionPlan
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_cache
@@ -47,6 +47,15 @@ from quantkit.tuning.speed import SpeedChoice, fastest_placement
 #: and costs the clipped values. all-MiniLM-L6-v2 (bench/encoder.py), embedding cosine: max 0.9975,
 #: mse-fp8 0.9974, entropy 0.990, percentile 0.992; ModelOpt's FP8 calibration is max too
 FP8_DEFAULT_METHODS = ("mse-fp8", "minmax")
+#: the algorithms that rewrite the Q/DQ model's weights (gptq) and biases (bias-correction)
+WEIGHT_ALGORITHMS = ("gptq", "bias-correction")
+#: what "auto" tries, cheapest first: bias correction costs one FP32 pass over the data, gptq about
+#: half a calibration more (reports/bench/accuracy.md)
+AUTO_TRIALS = (("bias-correction",), ("gptq", "bias-correction"))
+#: a model that passes the check with every task measure at least this is left as it is
+AUTO_GOOD_TASK = 0.99
+#: with equal task measures, a trial is kept only for an SQNR gain above this (the check's noise)
+AUTO_MIN_GAIN_DB = 0.1
 
 
 @dataclass
@@ -120,7 +129,7 @@ def quantize(
     job = _Job(info, out, options, fmt, plan, data, preprocess, check, progress)
     if fmt == "int4-weights":
         return _int4(job)
-    if "cle" in options.algorithms:
+    if "cle" in options.chosen_algorithms:
         return _equalized(job)
     return _smoothquant(job) if options.smoothquant else _qdq(job)
 
@@ -170,9 +179,9 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
             "the speed measurement times onnxruntime's CPU kernels: use it with target onnxruntime (int8, without smoothquant)",
             option="measure_speed",
         )
-    if options.algorithms and (fmt == "int4-weights" or options.smoothquant or options.measure_speed):
+    if options.chosen_algorithms and (fmt == "int4-weights" or options.smoothquant or options.measure_speed):
         raise QuantkitError("the algorithms apply to int8/fp8 Q/DQ models without smoothquant or a speed measurement", option="algorithms")
-    if "cle" in options.algorithms and (options.ranges or options.from_cache):
+    if "cle" in options.chosen_algorithms and (options.ranges or options.from_cache):
         raise QuantkitError(
             "cle equalizes the model, so its activation ranges change: give data (it calibrates the equalized model), "
             "not ranges or a cache",
@@ -191,7 +200,7 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
         if options.ranges or options.from_cache:
             raise QuantkitError("smoothquant calibrates the smoothed model itself: give data, not ranges or a cache", option="smoothquant")
         check_alpha(options.alpha)
-    elif not (options.ranges or options.from_cache or "cle" in options.algorithms):
+    elif not (options.ranges or options.from_cache or "cle" in options.chosen_algorithms):
         raise QuantkitError("give the ranges (ranges.json from quantkit calibrate) or a TensorRT cache to migrate", option="ranges")
 
 
@@ -287,12 +296,16 @@ def _qdq(job: _Job) -> QuantizeResult:
         speed = fastest_placement(
             job.info, ranges, export, feeds[0], sizes, plan=job.plan, progress=job.progress, range_aware_fp16=range_aware_fp16
         )
-    adjust = _weight_algorithms(job, ranges, notes) if {"gptq", "bias-correction"} & set(options.algorithms) else None
+    weights = tuple(a for a in options.chosen_algorithms if a in WEIGHT_ALGORITHMS)
+    adjust = _weight_algorithms(job, ranges, weights, notes) if weights else None
     applied: AppliedPlan = (
         speed.applied if speed else apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16, adjust=adjust)
     )
-    if options.algorithms:
-        record_quantization(applied.model, applied.model, {"algorithms": ",".join(options.algorithms)})
+    recorded = options.chosen_algorithms
+    if options.auto_algorithms and speed is None and job.fmt == "int8":
+        applied, recorded = _automatic(job, ranges, export, applied, notes, range_aware_fp16=range_aware_fp16)
+    if recorded:
+        record_quantization(applied.model, applied.model, {"algorithms": ",".join(recorded)})
     warnings += _placement_warnings(options, job.fmt, applied.quantize)
     fidelity = job.verify(applied.model, None if options.from_cache else ranges)
     ort_graph = optimized_graph_check(applied.model) if options.target == "onnxruntime" and job.fmt == "int8" else None
@@ -300,7 +313,9 @@ def _qdq(job: _Job) -> QuantizeResult:
     return job.result(applied.model, applied.quantize, fidelity, **extra)
 
 
-def _weight_algorithms(job: _Job, ranges: RangeSet, notes: list[str]) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+def _weight_algorithms(
+    job: _Job, ranges: RangeSet, algorithms: tuple[str, ...], notes: list[str]
+) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
     """The Q/DQ model's rewrite on the calibration data (given, or recorded): the weights' rounding
     first (gptq), then the biases (bias-correction), which correct for the weights as rounded."""
     data, preprocess = data_or_recorded(job.data, job.preprocess, ranges)
@@ -308,10 +323,10 @@ def _weight_algorithms(job: _Job, ranges: RangeSet, notes: list[str]) -> Callabl
         raise QuantkitError("gptq and bias correction read the calibration data: give data", option="data")
 
     def rewritten(model: onnx.ModelProto) -> onnx.ModelProto:
-        if "gptq" in job.options.algorithms:
+        if "gptq" in algorithms:
             model, rounding = optimize_rounding(model, job.info, _calibration_batches(job.info, data, preprocess))
             notes.append(rounding.summary())
-        if "bias-correction" in job.options.algorithms:
+        if "bias-correction" in algorithms:
             model, report = correct_biases(model, job.info, _calibration_batches(job.info, data, preprocess))
             notes.append(report.summary())
         return model
@@ -352,11 +367,62 @@ def _choose_method(job: _Job, ranges: RangeSet, range_aware_fp16: bool) -> tuple
     for method in _int8_methods(ranges):
         export = dataclasses.replace(job.options.export(job.fmt), method=method)
         candidate = apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16).model
-        result = check_fidelity(job.info.proto, candidate, feeds, source=source, min_sqnr_db=job.check.min_sqnr, real=source != SYNTHETIC)
-        scores[method] = (result.ok, *_task_and_sqnr(result))
+        scores[method] = _judge(job, candidate, feeds, source)
     best = max(scores, key=lambda m: scores[m])  # max keeps the first of equal keys: the default method
     shown = ", ".join(f"{m} {_describe(scores[m])}" for m in scores)
     return best, f"method: {best}, the best of the calibrated methods on {len(feeds)} check batch(es) from {source} ({shown})"
+
+
+def _judge(job: _Job, candidate: onnx.ModelProto, feeds: list, source: str) -> tuple[bool, float, float]:
+    """A candidate's standing on the check samples: passing, its worst task measure, its worst SQNR."""
+    result = check_fidelity(job.info.proto, candidate, feeds, source=source, min_sqnr_db=job.check.min_sqnr, real=source != SYNTHETIC)
+    return (result.ok, *_task_and_sqnr(result))
+
+
+def _automatic(
+    job: _Job, ranges: RangeSet, export: ExportOptions, applied: AppliedPlan, notes: list[str], *, range_aware_fp16: bool
+) -> tuple[AppliedPlan, tuple[str, ...]]:
+    """ "auto": where the check finds the model short of FP32 (refused, or a task measure under
+    ``AUTO_GOOD_TASK``), the weight algorithms are tried in order of cost (``AUTO_TRIALS``) and the
+    best model by the check is kept (passing, then the task, then the SQNR). Each trial and the
+    choice are noted; without data (given or recorded) nothing is tried."""
+    if data_or_recorded(job.data, job.preprocess, ranges)[0] is None:
+        return applied, ()
+    feeds, source = check_samples(job.info, job.data, job.preprocess, ranges, job.check.samples)
+    base = best_score = _judge(job, applied.model, feeds, source)
+    if _good_enough(base):
+        return applied, ()
+    chosen: tuple[str, ...] = ()
+    tried, chosen_notes = [], []
+    for algorithms in AUTO_TRIALS:
+        trial_notes: list[str] = []
+        adjust = _weight_algorithms(job, ranges, algorithms, trial_notes)
+        candidate = apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16, adjust=adjust)
+        score = _judge(job, candidate.model, feeds, source)
+        tried.append(f"+{'+'.join(algorithms)} {_describe(score)}")
+        if _better(score, best_score):
+            applied, best_score, chosen, chosen_notes = candidate, score, algorithms, trial_notes
+        if _good_enough(best_score):
+            break
+    verdict = f"applied {','.join(chosen)}" if chosen else "none applied, as none improved on the check"
+    notes.append(
+        f"algorithms (auto): {verdict} (default {_describe(base)}, {', '.join(tried)}; on {len(feeds)} check batch(es) "
+        f"from {source}; --algorithms none skips the trials, a list names the algorithms)"
+    )
+    notes.extend(chosen_notes)
+    return applied, chosen
+
+
+def _good_enough(score: tuple[bool, float, float]) -> bool:
+    return score[0] and score[1] >= AUTO_GOOD_TASK
+
+
+def _better(a: tuple[bool, float, float], b: tuple[bool, float, float]) -> bool:
+    """``a`` passes where ``b`` does not, or has the higher task measure, or (equal tasks) the SQNR
+    higher by more than ``AUTO_MIN_GAIN_DB``: a trial must earn its change of the weights."""
+    if a[:2] != b[:2]:
+        return a[:2] > b[:2]
+    return a[2] > b[2] + AUTO_MIN_GAIN_DB
 
 
 def _task_and_sqnr(result: FidelityCheck) -> tuple[float, float]:

@@ -51,11 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--algorithms",
-        default="",
-        help="comma list of accuracy algorithms: cle (cross-layer equalization of Conv pairs, then calibration of the "
-        "equalized model on --data, instead of --ranges), gptq (each Conv/Gemm's int8 weights rounded to minimise its "
-        "output error on the calibration data), bias-correction (each quantized Conv/Gemm's bias corrected for the mean "
-        "shift of its quantized weights); gptq and bias-correction read --data or the recorded calibration data",
+        default="auto",
+        help="auto (default: where the check finds the model short of FP32, bias-correction, then gptq with it, are tried "
+        "and kept if the check shows they help), none, or a comma list of accuracy algorithms: cle (cross-layer "
+        "equalization of Conv pairs, then calibration of the equalized model on --data, instead of --ranges), gptq "
+        "(each Conv/Gemm's int8 weights rounded to minimise its output error on the calibration data), bias-correction "
+        "(each quantized Conv/Gemm's bias corrected for the mean shift of its quantized weights); gptq and bias-"
+        "correction read --data or the recorded calibration data",
     )
     p.add_argument(
         "--high-precision",
@@ -115,7 +117,7 @@ def _quantize_options(args: argparse.Namespace) -> QuantizeOptions:
         filters=filters_from_args(args),
         quantize_attention=args.quantize_attention,
         high_precision=args.high_precision,
-        algorithms=tuple(a.strip() for a in args.algorithms.split(",") if a.strip()),
+        algorithms=tuple(a.strip() for a in args.algorithms.split(",") if a.strip() and a.strip() != "none"),
         smoothquant=args.smoothquant,
         alpha=args.alpha,
         block_size=args.block_size,

@@ -1,0 +1,83 @@
+"""quantize's default "auto" algorithms: where the check finds the model short of FP32 it tries
+bias correction, then GPTQ with it, keeps a trial only when the check scores it higher, says what
+it tried, and records what it kept; a model the check passes in full is left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import float_model, save
+from onnx import helper, numpy_helper
+from test_equalize import chain_model
+
+from quantkit.api.quantize import _better
+from quantkit.backends.ort import make_session
+from quantkit.cli import main
+
+
+@pytest.fixture()
+def calibrated(tmp_path):
+    model = save(chain_model(), tmp_path / "chain.onnx")
+    x = np.random.default_rng(5).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert (
+        main(["calibrate", str(model), "--data", str(tmp_path / "x.npy"), "--method", "all", "--out-dir", str(tmp_path / "r"), "-q"]) == 0
+    )
+    return model, x, tmp_path
+
+
+def sqnr(model, path, x) -> float:
+    ref = make_session(str(model)).run(None, {"x": x})[0]
+    got = make_session(str(path)).run(None, {"x": x})[0]
+    return float(10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)))
+
+
+def test_a_model_short_of_fp32_gets_the_trials_and_keeps_only_what_the_check_scores_higher(calibrated, capsys):
+    model, x, tmp = calibrated
+    base = ["quantize", str(model), "--ranges", str(tmp / "r" / "ranges.json"), "--method", "minmax", "--high-precision", "fp32"]
+    capsys.readouterr()
+    assert main([*base, "--force", "-o", str(tmp / "auto.onnx")]) == 0
+    out = capsys.readouterr().out
+    [line] = [ln for ln in out.splitlines() if ln.startswith("algorithms (auto):")]
+    assert "+bias-correction" in line and "refused" in line  # the default is refused on the chain's spread channels
+    assert main([*base, "--force", "--algorithms", "none", "-q", "-o", str(tmp / "none.onnx")]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(tmp / "auto.onnx")).metadata_props}
+    kept = meta.get("quantkit.algorithms")
+    assert ("applied " + kept in line) if kept else ("none applied" in line)
+    # the check's samples are the data's first; over all of them the kept trial is no worse
+    assert sqnr(model, tmp / "auto.onnx", x) >= sqnr(model, tmp / "none.onnx", x) - 0.1
+    assert "quantkit.algorithms" not in {p.key for p in onnx.load(str(tmp / "none.onnx")).metadata_props}
+
+
+def test_a_model_the_check_passes_in_full_is_left_alone(tmp_path, capsys):
+    """A Gemm of normal data: all-INT8 keeps about 35 dB and its embedding-like output has no task
+    to fall short of, so nothing is tried (and nothing recorded)."""
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=(64, 16)).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc")]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    model = save(float_model(nodes, {"x": ["N", 16]}, {"y": ["N", 64]}, inits), tmp_path / "fc.onnx")
+    np.save(tmp_path / "x.npy", rng.normal(size=(64, 16)).astype(np.float32))
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "x.npy"), "--out-dir", str(tmp_path / "r"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(model), "--ranges", str(tmp_path / "r" / "ranges.json"), "-o", str(tmp_path / "q.onnx")]) == 0
+    assert "algorithms (auto)" not in capsys.readouterr().out
+    assert "quantkit.algorithms" not in {p.key for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+
+
+def test_auto_is_given_alone():
+    assert main(["quantize", "m.onnx", "--ranges", "r.json", "--algorithms", "auto,gptq", "-o", "q.onnx"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "better"),
+    [
+        ((True, 0.5, 10.0), (False, 0.9, 30.0), True),  # passing beats any failing
+        ((False, 0.6, 5.0), (False, 0.5, 30.0), True),  # then the task
+        ((True, 1.0, 20.05), (True, 1.0, 20.0), False),  # an SQNR gain within the check's noise is no gain
+        ((True, 1.0, 20.5), (True, 1.0, 20.0), True),
+    ],
+)
+def test_a_trial_must_earn_its_change(a, b, better):
+    assert _better(a, b) is better
