@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_OUT ?= reports/demo
 BENCH_SAMPLES ?= 128,512,1024
 
-.PHONY: install test demo bench bench-deps $(addprefix bench-,$(BENCHMARKS)) lint format clean train-demo-model demo-data third-party-report docs
+.PHONY: install test demo bench bench-deps peers-env $(addprefix bench-,$(BENCHMARKS)) lint format clean train-demo-model demo-data third-party-report docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,22 @@ bench-deps: install
 	$(PY) -m pip install -q -e ".[dev,bench]" 2>&1 | grep -v "^WARNING: Location" || true
 	@# only the model files are used: --no-deps keeps OpenCV and the OCR pipeline's needs out
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
+
+# AMD Quark and aimet-onnx, for bench-accuracy, in a virtualenv of their own: both need torch (CPU
+# here), which quantkit never does. aimet-onnx goes in without its dependencies, then they follow
+# without onnx2torch's torchvision, which would pull a CUDA torch of several GB
+PEERS_VENV = build/peers-venv
+AIMET_DEPS = Jinja2 PyYAML "bokeh>=3.3.0" "hvplot>=0.10.0" jsonschema "onnx_ir>=0.1.16" "onnxscript>=0.4.0" osqp pandas psutil \
+	pybind11 scikit-learn scipy tqdm
+peers-env: $(PEERS_VENV)/bin/python
+$(PEERS_VENV)/bin/python:
+	python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+	$(PEERS_VENV)/bin/pip install -q amd-quark==0.13 onnx onnxruntime numpy 2>&1 | grep -v "^WARNING: Location" || true
+	$(PEERS_VENV)/bin/pip install -q --no-deps aimet-onnx==2.42.0 onnx2torch 2>&1 | grep -v "^WARNING: Location" || true
+	$(PEERS_VENV)/bin/pip install -q $(AIMET_DEPS) 2>&1 | grep -v "^WARNING: Location" || true
+
+bench-accuracy: peers-env
 
 bench-calibration: bench-deps
 	$(PY) -m bench.calibration --samples $(BENCH_SAMPLES)

