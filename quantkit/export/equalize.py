@@ -14,7 +14,13 @@ they are rather than changed into ReLU as the paper does. Conv2 may be depthwise
 channel i is its weight W2[i]); grouped Convs otherwise, and Convs with a shared or non-constant
 weight, are skipped. BatchNormalization is folded into its Conv first. Sweeps repeat until the
 scales stop changing (chains of several pairs converge together, as in the paper's algorithm).
-High-bias absorption is not done.
+
+High-bias absorption (the paper's section 4.1) follows: where BatchNorm was folded into Conv1, its
+output channel i is about N(beta_i, gamma_i^2), so it is at least c_i = max(0, beta_i - 3|gamma_i|)
+(scaled by the equalization). Every op allowed between the pair is the identity on [0, inf), so
+c_i moves from Conv1's bias into Conv2's (b2 += W2 c): the activation after Conv1 loses c_i of its
+range, and the function is unchanged wherever the channel stays above c_i, which is what the paper
+assumes. Conv2 must be unpadded: a padded border would read zeros where it read c_i.
 """
 
 from __future__ import annotations
@@ -40,11 +46,14 @@ class EqualizeReport:
     skipped: dict[str, str] = field(default_factory=dict)  # Conv -> why it has no partner
     folded: int = 0
     sweeps: int = 0
+    absorbed: dict[str, int] = field(default_factory=dict)  # Conv1 -> channels whose high bias moved on
 
     def summary(self) -> str:
         line = f"cross-layer equalization: {len(self.pairs)} Conv pair(s) equalized in {self.sweeps} sweep(s)"
         if self.folded:
             line += f", after folding {self.folded} BatchNormalization node(s)"
+        if self.absorbed:
+            line += f"; high biases absorbed on {sum(self.absorbed.values())} channel(s) of {len(self.absorbed)} Conv(s)"
         return line
 
 
@@ -110,8 +119,11 @@ def _partner_refusal(node: onnx.NodeProto, consts: set[str], uses: dict[str, int
     return ""
 
 
-def _equalize_pair(inits: dict[str, onnx.TensorProto], conv1: onnx.NodeProto, conv2: onnx.NodeProto, depthwise: bool) -> float:
-    """Rescale one pair in place; returns how far the scales were from 1 (max |log s|)."""
+def _equalize_pair(
+    inits: dict[str, onnx.TensorProto], conv1: onnx.NodeProto, conv2: onnx.NodeProto, depthwise: bool, scales: dict[str, np.ndarray]
+) -> float:
+    """Rescale one pair in place (``scales``: each Conv1's output channels' divisors so far);
+    returns how far the scales were from 1 (max |log s|)."""
     w1 = numpy_helper.to_array(inits[conv1.input[1]]).astype(np.float64)
     w2 = numpy_helper.to_array(inits[conv2.input[1]]).astype(np.float64)
     if depthwise and (w2.shape[1] != 1 or w2.shape[0] != w1.shape[0]):
@@ -123,6 +135,7 @@ def _equalize_pair(inits: dict[str, onnx.TensorProto], conv1: onnx.NodeProto, co
     usable = (r1 > 0) & (r2 > 0)
     s = np.ones_like(r1)
     s[usable] = np.sqrt(r1[usable] / r2[usable])
+    scales[conv1.name] = scales.get(conv1.name, 1.0) * s
     shape1 = (-1,) + (1,) * (w1.ndim - 1)
     w1 /= s.reshape(shape1)
     if depthwise:
@@ -166,9 +179,69 @@ def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, EqualizeReport]:
     pairs = _pairs(out, report)
     report.pairs = [(a.name, b.name) for a, b, _ in pairs]
     inits = {i.name: i for i in out.graph.initializer}
+    scales: dict[str, np.ndarray] = {}
     for sweep in range(1, SWEEPS + 1):
-        moved = max((_equalize_pair(inits, a, b, dw) for a, b, dw in pairs), default=0.0)
+        moved = max((_equalize_pair(inits, a, b, dw, scales) for a, b, dw in pairs), default=0.0)
         report.sweeps = sweep
         if moved < CONVERGED:
             break
+    statistics = _batchnorm_statistics(model, fusions)
+    for conv1, conv2, depthwise in pairs:
+        if conv1.name in statistics:
+            beta, gamma = statistics[conv1.name]
+            s = scales.get(conv1.name, 1.0)
+            absorbed = _absorb_high_bias(out.graph, inits, conv1, conv2, depthwise, np.maximum(0.0, (beta - 3 * gamma) / s))
+            if absorbed:
+                report.absorbed[conv1.name] = absorbed
     return out, report
+
+
+def _batchnorm_statistics(model: onnx.ModelProto, fusions: list[tuple[str, str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Conv -> (beta, |gamma|) of the BatchNormalization folded into it: its output's per-channel
+    mean and standard deviation as the trained network saw them."""
+    lifted = _lifted_constants(model)
+    inits = {i.name: i for i in lifted.graph.initializer}
+    nodes = {n.name: n for n in lifted.graph.node}
+    found = {}
+    for conv, bn in fusions:
+        node = nodes.get(bn)
+        if node is None or node.op_type != "BatchNormalization" or not {node.input[1], node.input[2]} <= inits.keys():
+            continue
+        gamma, beta = (numpy_helper.to_array(inits[node.input[k]]).astype(np.float64) for k in (1, 2))
+        found[conv] = (beta, np.abs(gamma))
+    return found
+
+
+def _absorb_high_bias(
+    graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], conv1: onnx.NodeProto, conv2: onnx.NodeProto, depthwise: bool, c: np.ndarray
+) -> int:
+    """Move c from Conv1's bias into Conv2's (b2 += W2 c); the number of channels moved."""
+    unpadded = not any(_attr_list(conv2, "pads")) and _attr_str(conv2, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+    if not unpadded or len(conv1.input) < 3 or conv1.input[2] not in inits or not np.any(c > 0):
+        return 0
+    w2 = numpy_helper.to_array(inits[conv2.input[1]]).astype(np.float64)
+    if c.shape != (w2.shape[0] if depthwise else w2.shape[1],):
+        return 0
+    dtype = numpy_helper.to_array(inits[conv1.input[2]]).dtype
+    taps = w2.reshape(w2.shape[0], -1).sum(axis=1) * c if depthwise else np.einsum("oik,i->o", w2.reshape(w2.shape[0], w2.shape[1], -1), c)
+    b1 = numpy_helper.to_array(inits[conv1.input[2]]).astype(np.float64) - c
+    inits[conv1.input[2]].CopyFrom(numpy_helper.from_array(b1.astype(dtype), conv1.input[2]))
+    if len(conv2.input) > 2 and conv2.input[2] in inits:
+        b2 = numpy_helper.to_array(inits[conv2.input[2]]).astype(np.float64) + taps
+        inits[conv2.input[2]].CopyFrom(numpy_helper.from_array(b2.astype(dtype), conv2.input[2]))
+    else:
+        name = f"{conv2.name}_absorbed_bias"
+        tensor = numpy_helper.from_array(taps.astype(dtype), name)
+        graph.initializer.append(tensor)
+        inits[name] = graph.initializer[-1]
+        conv2.input.extend([""] * (2 - len(conv2.input)) + [name])
+    return int(np.sum(c > 0))
+
+
+def _attr_list(node: onnx.NodeProto, name: str) -> list[int]:
+    return list(next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), []))
+
+
+def _attr_str(node: onnx.NodeProto, name: str, default: str) -> str:
+    value = next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+    return value.decode() if isinstance(value, bytes) else value

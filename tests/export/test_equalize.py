@@ -142,3 +142,54 @@ def test_weights_in_constant_nodes_are_equalized_too():
     x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
     ref, got = (make_session(m).run(None, {"x": x})[0] for m in (model, equalized))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def high_bias_model(pads: int = 0) -> onnx.ModelProto:
+    """Conv(1x1) -> BN -> Relu -> Conv: BN's beta puts half the channels far above zero (5 to 8),
+    with gamma 0.5; inputs within +-1 keep BN's outputs within beta +- 0.3, above beta - 3 gamma,
+    the paper's bound. The weights' ranges are equal already (0.1 both sides once BN is folded), so
+    the equalization leaves the scales at 1 and the absorption is seen alone."""
+    rng = np.random.default_rng(4)
+    beta = np.array([5.0, 0.2, 8.0, -1.0, 6.0, 0.0, 7.0, 0.5])
+    w1 = 0.2 * np.sqrt(1 + 1e-5) * np.sign(rng.normal(size=(C, 3, 1, 1)))  # x0.5 by the folded BN: 0.1
+    w2 = 0.1 * np.sign(rng.normal(size=(4, C, 1 + 2 * pads, 1 + 2 * pads)))
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+        ("w1", w1), ("b1", np.zeros(C)), ("gamma", np.full(C, 0.5)),
+        ("beta", beta), ("mean", np.zeros(C)), ("var", np.ones(C)), ("w2", w2),
+    )]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1"),
+        helper.make_node("BatchNormalization", ["a", "gamma", "beta", "mean", "var"], ["bn"], name="bn1"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], pads=[pads] * 4, name="conv2"),
+    ]
+    return float_model(nodes, {"x": ["N", 3, 6, 6]}, {"y": ["N", 4, 6, 6]}, inits)
+
+
+def test_high_bias_absorption_moves_the_bound_into_the_next_conv_and_keeps_the_function():
+    """Nagel et al. 2019, section 4.1: c = max(0, beta - 3 gamma) leaves the ReLU's channels and
+    reaches the next Conv's bias as W2 c; the network's outputs stay the same where the channels
+    stay above c, and the ReLU output's range (what its activation Q/DQ spans) shrinks by c."""
+    model = high_bias_model()
+    equalized, report = equalize(model)
+    assert report.absorbed == {"conv1": 4}  # beta 5, 8, 6 and 7 exceed 3 gamma = 1.5
+    x = np.random.default_rng(1).uniform(-1, 1, size=(8, 3, 6, 6)).astype(np.float32)
+    ref = make_session(model).run(None, {"x": x})[0]
+    got = make_session(equalized).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+    def relu_max(m: onnx.ModelProto) -> float:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(m)
+        probe.graph.output.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None))
+        return float(make_session(probe).run(["r"], {"x": x})[0].max())
+
+    # the per-tensor range was set by the channel at beta 8 (8.3 at most); less its c = 6.5, the
+    # channels top out at 1.8 (beta - 3 gamma = 1.5, plus the data's 0.3)
+    assert relu_max(model) == pytest.approx(8.3, abs=0.05) and relu_max(equalized) == pytest.approx(1.8, abs=0.05)
+
+
+def test_a_padded_next_conv_takes_no_absorbed_bias():
+    """Its border would read zeros where the ReLU's channel read c."""
+    _, report = equalize(high_bias_model(pads=1))
+    assert report.absorbed == {}
