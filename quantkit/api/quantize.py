@@ -179,8 +179,10 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
             "the speed measurement times onnxruntime's CPU kernels: use it with target onnxruntime (int8, without smoothquant)",
             option="measure_speed",
         )
-    if options.chosen_algorithms and (fmt == "int4-weights" or options.smoothquant or options.measure_speed):
-        raise QuantkitError("the algorithms apply to int8/fp8 Q/DQ models without smoothquant or a speed measurement", option="algorithms")
+    if fmt == "int4-weights" and set(options.chosen_algorithms) - {"gptq"}:
+        raise QuantkitError("int4-weights takes gptq (its blocks' rounding) alone among the algorithms", option="algorithms")
+    if options.chosen_algorithms and (options.smoothquant or options.measure_speed):
+        raise QuantkitError("the algorithms apply to Q/DQ models without smoothquant or a speed measurement", option="algorithms")
     if "cle" in options.chosen_algorithms and (options.ranges or options.from_cache):
         raise QuantkitError(
             "cle equalizes the model, so its activation ranges change: give data (it calibrates the equalized model), "
@@ -210,10 +212,19 @@ def _calibration_batches(info: ModelInfo, data: Any, preprocess: PreprocessSpec 
 
 
 def _int4(job: _Job) -> QuantizeResult:
+    gptq = "gptq" in job.options.chosen_algorithms
+    if gptq and not job.data:
+        raise QuantkitError("gptq reads the calibration data: give data", option="data")
     calibration = _calibration_batches(job.info, job.data, job.preprocess) if job.data else None
     quantized, report = quantize_int4_weights(
-        job.info, block_size=job.options.block_size, calibration=calibration, filters=job.options.filters
+        job.info,
+        block_size=job.options.block_size,
+        calibration=calibration,
+        filters=job.options.filters,
+        rounding=_calibration_batches(job.info, job.data, job.preprocess) if gptq else None,
     )
+    if gptq:
+        record_quantization(quantized, quantized, {"algorithms": "gptq"})
     return job.result(quantized, report, job.verify(quantized))
 
 

@@ -11,6 +11,11 @@ moments m_k = E[x_k^2] (from ``activation_moments``, one pass over calibration d
 expected squared output error of a column is sum_k m_k (w_k - q_k)^2 for uncorrelated channels,
 so channels that carry large activations are kept accurate first. Without data every channel
 weighs the same (plain weight MSE).
+
+With ``rounding`` data, the integers are chosen by GPTQ (``quantkit.export.rounding``) on the
+scales the clip search chose: H = E[x x^T] of each MatMul's input from one more FP32 pass, each
+input row rounded on its own block's scale and its error spread over the rows not yet rounded;
+per output column the result is kept only where its output error is below round-to-nearest's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.errors import QuantkitError
 from quantkit.export.qdq import prepare_model, record_quantization
+from quantkit.export.rounding import input_hessians, round_rows
 from quantkit.export.statistics import channel_moments
 from quantkit.model import ModelInfo
 from quantkit.options import INT4_BLOCK_SIZES
@@ -44,6 +50,7 @@ class Int4Report:
     weight_error_db: dict[str, float] = field(default_factory=dict)  # node -> SQNR of the dequantized weight
     bytes_before: int = 0
     bytes_after: int = 0
+    rounding: dict[str, tuple[float, float]] = field(default_factory=dict)  # node -> (RTN output error, GPTQ's)
 
     def summary(self) -> str:
         how = "clip search weighted by activations" if self.weighted_by_activations else "clip search" if self.clip_search else "rounding"
@@ -55,6 +62,12 @@ class Int4Report:
         if self.weight_error_db:
             worst = min(self.weight_error_db, key=self.weight_error_db.get)  # type: ignore[arg-type]
             lines.append(f"worst weight SQNR {self.weight_error_db[worst]:.1f} dB ({worst})")
+        if self.rounding:
+            gains = [10 * np.log10(a / b) for a, b in self.rounding.values() if a > 0 and b > 0]
+            lines.append(
+                f"optimized rounding (GPTQ): {len(self.rounding)} weight(s), output error "
+                f"{np.mean(gains or [0.0]):.1f} dB below round-to-nearest on average"
+            )
         if self.kept_float:
             lines += [f"left in float: {n} ({r})" for n, r in list(self.kept_float.items())[:10]]
         return "\n".join(lines)
@@ -80,6 +93,21 @@ def quantize_blocks(w: np.ndarray, block_size: int, moments: np.ndarray | None, 
     return q.reshape(k, n), scale32
 
 
+def _gptq_blocks(
+    w: np.ndarray, q: np.ndarray, scales: np.ndarray, hessian: tuple[np.ndarray, int], report: Int4Report, name: str
+) -> np.ndarray:
+    """GPTQ's integers for w [K, N] on the block scales [K / block, N], never worse than ``q`` (round-to-nearest)."""
+    total, rows = hessian
+    if not rows or total.shape[0] != w.shape[0]:
+        return q
+    per_weight = np.repeat(scales.astype(np.float64), w.shape[0] // scales.shape[0], axis=0)  # [K, N]
+    found, before, after = round_rows(w.T.astype(np.float64), per_weight.T, total / rows, qmax=7, qmin=-8)
+    if after >= before:
+        return q
+    report.rounding[name] = (before, after)
+    return found.T.astype(np.int8)
+
+
 def activation_moments(model: ModelInfo, tensors: Sequence[str], batches: Any) -> dict[str, np.ndarray]:
     """E[x_k^2] over the last axis of each tensor, streamed over ``batches`` (one FP32 pass)."""
     return channel_moments(model, dict.fromkeys(tensors, -1), batches, power=2)
@@ -100,12 +128,19 @@ def _weight_of(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[np.
 
 
 def quantize_int4_weights(
-    model: ModelInfo, *, block_size: int = 128, clip_search: bool = True, calibration: Any = None, filters: NodeFilter | None = None
+    model: ModelInfo,
+    *,
+    block_size: int = 128,
+    clip_search: bool = True,
+    calibration: Any = None,
+    filters: NodeFilter | None = None,
+    rounding: Any = None,
 ) -> tuple[onnx.ModelProto, Int4Report]:
     """The model with its MatMul/Gemm weights in block-wise int4 (see the module docstring).
 
     ``calibration``: batches (``quantkit.data.batches``) for the activation moments of the clip
     search; None weighs every input channel the same. ``filters``: the nodes it may quantize.
+    ``rounding``: batches for GPTQ's H (a second pass); None rounds to nearest.
     """
     if isinstance(block_size, bool) or block_size not in INT4_BLOCK_SIZES:
         raise QuantkitError(
@@ -136,6 +171,7 @@ def quantize_int4_weights(
             option="format",
         )
     moments = activation_moments(model, [n.input[0] for n in candidates.values()], calibration) if calibration is not None else {}
+    hessians = input_hessians(model, list(dict.fromkeys(n.input[0] for n in candidates.values())), rounding) if rounding else {}
     users: dict[str, int] = {}
     for node in proto.graph.node:
         for t in node.input:
@@ -144,6 +180,8 @@ def quantize_int4_weights(
     for name, node in candidates.items():
         w, transposed = _weight_of(node, consts)  # type: ignore[misc]
         q, scales = quantize_blocks(w, block_size, moments.get(node.input[0]), clip_search)
+        if node.input[0] in hessians:
+            q = _gptq_blocks(w, q, scales, hessians[node.input[0]], report, name)
         back = (q.reshape(-1, block_size, w.shape[1]).astype(np.float32) * scales[:, None, :]).reshape(w.shape)
         noise = float(np.sum((back.astype(np.float64) - w) ** 2))
         report.weight_error_db[name] = 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / noise) if noise > 0 else float("inf")

@@ -67,22 +67,28 @@ def quadratic_error(delta: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.einsum("ik,kl,il->i", delta, h, delta)
 
 
-def exact_rounding(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
+def _per_weight(scale: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A per-row scale [rows] (int8 per channel) or a per-weight one [rows, K] (int4 blocks), as [rows, K]."""
+    return np.broadcast_to(scale[:, None] if scale.ndim == 1 else scale, w.shape)
+
+
+def exact_rounding(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, qmin: int | None = None) -> np.ndarray:
     """The integer rows minimising the quadratic error among floor/ceil choices (exhaustive)."""
-    k = w.shape[1]
-    low = np.floor(w / scale[:, None])
+    k, scale, qmin = w.shape[1], _per_weight(scale, w), -qmax if qmin is None else qmin
+    low = np.floor(w / scale)
     choices = np.array(list(itertools.product((0.0, 1.0), repeat=k)))  # [2^k, k]
     best = np.empty_like(w)
     for r in range(w.shape[0]):
-        q = np.clip(low[r][None, :] + choices, -qmax, qmax)
+        q = np.clip(low[r][None, :] + choices, qmin, qmax)
         delta = w[r][None, :] - q * scale[r]
         best[r] = q[np.argmin(quadratic_error(delta, h))]
     return best
 
 
-def gptq(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
-    """GPTQ's column-by-column rounding of ``w`` [rows, K] on the fixed per-row ``scale``."""
-    k = w.shape[1]
+def gptq(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, qmin: int | None = None) -> np.ndarray:
+    """GPTQ's column-by-column rounding of ``w`` [rows, K] on the fixed ``scale`` (per row, or per
+    weight for block-wise formats: each column is rounded on its own block's scale)."""
+    k, scale, qmin = w.shape[1], _per_weight(scale, w), -qmax if qmin is None else qmin
     h = h.copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -91,19 +97,20 @@ def gptq(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarr
     work = w.astype(np.float64).copy()
     q = np.zeros_like(work)
     for i in range(k):
-        q[:, i] = np.clip(np.round(work[:, i] / scale), -qmax, qmax)
-        err = (work[:, i] - q[:, i] * scale) / hinv[i, i]
+        q[:, i] = np.clip(np.round(work[:, i] / scale[:, i]), qmin, qmax)
+        err = (work[:, i] - q[:, i] * scale[:, i]) / hinv[i, i]
         work[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
     return q
 
 
-def round_rows(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int) -> tuple[np.ndarray, float, float]:
+def round_rows(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, qmin: int | None = None) -> tuple[np.ndarray, float, float]:
     """The integers for ``w`` (exact when small, else GPTQ), never worse than round-to-nearest per
     row; with the total errors (round-to-nearest's, the result's)."""
-    nearest = np.clip(np.round(w / scale[:, None]), -qmax, qmax)
-    found = exact_rounding(w, scale, h, qmax) if w.shape[1] <= EXACT_MAX else gptq(w, scale, h, qmax)
-    e_near = quadratic_error(w - nearest * scale[:, None], h)
-    e_found = quadratic_error(w - found * scale[:, None], h)
+    full, qmin = _per_weight(scale, w), -qmax if qmin is None else qmin
+    nearest = np.clip(np.round(w / full), qmin, qmax)
+    found = exact_rounding(w, scale, h, qmax, qmin) if w.shape[1] <= EXACT_MAX else gptq(w, scale, h, qmax, qmin)
+    e_near = quadratic_error(w - nearest * full, h)
+    e_found = quadratic_error(w - found * full, h)
     keep = e_found < e_near
     chosen = np.where(keep[:, None], found, nearest)
     return chosen, float(e_near.sum()), float(np.minimum(e_found, e_near).sum())
@@ -189,6 +196,25 @@ def _accumulate(layer: _Layer, x: np.ndarray, rng: np.random.Generator) -> None:
         rows = r[picked].astype(np.float64)
         layer.hessians[g] += rows.T @ rows
     layer.samples += min(n, ROWS_PER_BATCH)
+
+
+def input_hessians(model: ModelInfo, tensors: list[str], batches: Any) -> dict[str, tuple[np.ndarray, int]]:
+    """E[x x^T] over the last axis of each tensor (a MatMul's input rows), from one streamed FP32
+    pass, at most ``ROWS_PER_BATCH`` rows sampled per batch: tensor -> (sum of x x^T, rows)."""
+    sums: dict[str, tuple[np.ndarray, int]] = {}
+    runner, rng = ActivationRunner(model, tensors), np.random.default_rng(0)
+    try:
+        for batch in batches:
+            for name, value in runner.run(batch.feeds, batch.ids).items():
+                rows = np.asarray(value).reshape(-1, np.shape(value)[-1])
+                if len(rows) > ROWS_PER_BATCH:
+                    rows = rows[rng.choice(len(rows), ROWS_PER_BATCH, replace=False)]
+                rows = rows.astype(np.float64)
+                total, count = sums.get(name, (np.zeros((rows.shape[1], rows.shape[1])), 0))
+                sums[name] = (total + rows.T @ rows, count + len(rows))
+    finally:
+        runner.close()
+    return sums
 
 
 def optimize_rounding(qdq: onnx.ModelProto, fp32: ModelInfo, batches: Any, *, quiet: bool = True) -> tuple[onnx.ModelProto, RoundingReport]:
