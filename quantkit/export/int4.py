@@ -127,6 +127,28 @@ def _weight_of(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[np.
     return None
 
 
+def _candidates(
+    proto: onnx.ModelProto, consts: dict[str, np.ndarray], block_size: int, filters: NodeFilter | None, report: Int4Report
+) -> dict[str, onnx.NodeProto]:
+    """The MatMul/Gemm nodes whose weights can go to int4; why each other one stays float."""
+    candidates = {}
+    for node in proto.graph.node:
+        found = _weight_of(node, consts)
+        if found is None:
+            continue
+        w, _ = found
+        refused = filters.refusal(node.name, node.op_type) if filters is not None else ""
+        if refused:
+            report.kept_float[node.name] = refused
+        elif w.dtype != np.float32:
+            report.kept_float[node.name] = f"weight is {w.dtype}"
+        elif w.shape[0] % block_size:
+            report.kept_float[node.name] = f"K = {w.shape[0]} is not a multiple of the block size {block_size}"
+        else:
+            candidates[node.name] = node
+    return candidates
+
+
 def quantize_int4_weights(
     model: ModelInfo,
     *,
@@ -149,21 +171,7 @@ def quantize_int4_weights(
     proto, _ = prepare_model(model, INT4_OPSET)
     consts = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     report = Int4Report(block_size, clip_search, calibration is not None)
-    candidates = {}
-    for node in proto.graph.node:
-        found = _weight_of(node, consts)
-        if found is None:
-            continue
-        w, _ = found
-        refused = filters.refusal(node.name, node.op_type) if filters is not None else ""
-        if refused:
-            report.kept_float[node.name] = refused
-        elif w.dtype != np.float32:
-            report.kept_float[node.name] = f"weight is {w.dtype}"
-        elif w.shape[0] % block_size:
-            report.kept_float[node.name] = f"K = {w.shape[0]} is not a multiple of the block size {block_size}"
-        else:
-            candidates[node.name] = node
+    candidates = _candidates(proto, consts, block_size, filters, report)
     if not candidates:
         why = "; ".join(sorted({r for r in report.kept_float.values()}))[:200] or "none has a constant 2-D weight"
         raise QuantkitError(
