@@ -186,6 +186,7 @@ def main() -> int:
             ("quantkit fp8 TensorRT, mse-fp8", [*ranges, "--method", "mse-fp8", "--format", "fp8"]),
             ("quantkit fp8 TensorRT, SmoothQuant (alpha auto) + minmax", [*data, "--smoothquant", "--method", "minmax", "--format", "fp8"]),
             ("quantkit int4 weights (block 128, AWQ-style clip)", [*data, "--format", "int4-weights"]),
+            ("quantkit int4 weights (block 128, AWQ-style clip) + GPTQ", [*data, "--format", "int4-weights", "--algorithms", "gptq"]),
             ("quantkit int8 onnxruntime, mse", [*ranges, "--method", "mse", "--target", "onnxruntime"]),
             (
                 "quantkit int8 onnxruntime, SmoothQuant (alpha auto) + mse",
