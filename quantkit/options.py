@@ -43,7 +43,7 @@ QUANTIZE_FORMATS = ("int8", "fp8", "int4-weights")
 #: TensorRT developer guide, "Quantization Schemes", INT4 block quantization)
 INT4_BLOCK_SIZES = (64, 128)
 #: what quantize may apply besides the placement (quantkit.export.equalize, .bias_correction)
-QUANTIZE_ALGORITHMS = ("cle", "gptq", "bias-correction")
+QUANTIZE_ALGORITHMS = ("cle", "depthwise-equalization", "gptq", "bias-correction")
 AUTO_ALGORITHMS = "auto"
 #: the largest batch --measure-speed times: kernels' speed per sample is settled long before it
 MAX_SPEED_BATCH = 4096

@@ -30,7 +30,7 @@ from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import SYNTHETIC, FidelityCheck, check_fidelity, check_samples, data_or_recorded, verify
 from quantkit.export.apply import AppliedPlan, apply_plan
 from quantkit.export.bias_correction import correct_biases
-from quantkit.export.equalize import equalize
+from quantkit.export.equalize import equalize, equalize_depthwise_inputs, has_depthwise_convs
 from quantkit.export.fp16 import Fp16Report
 from quantkit.export.int4 import Int4Report, quantize_int4_weights
 from quantkit.export.qdq import QuantizeReport, record_quantization
@@ -47,10 +47,13 @@ from quantkit.tuning.speed import SpeedChoice, fastest_placement
 #: and costs the clipped values. all-MiniLM-L6-v2 (bench/encoder.py), embedding cosine: max 0.9975,
 #: mse-fp8 0.9974, entropy 0.990, percentile 0.992; ModelOpt's FP8 calibration is max too
 FP8_DEFAULT_METHODS = ("mse-fp8", "minmax")
+#: the algorithms that rewrite the FP32 model before its calibration (cle, depthwise-equalization)
+REWRITE_ALGORITHMS = ("cle", "depthwise-equalization")
 #: the algorithms that rewrite the Q/DQ model's weights (gptq) and biases (bias-correction)
 WEIGHT_ALGORITHMS = ("gptq", "bias-correction")
-#: what "auto" tries, cheapest first: bias correction costs one FP32 pass over the data, gptq about
-#: half a calibration more (reports/bench/accuracy.md)
+#: the weight algorithms "auto" tries, cheapest first: bias correction costs one FP32 pass over the
+#: data, gptq about half a calibration more (reports/bench/accuracy.md); before them, on a model
+#: with depthwise Convs, depthwise-equalization (a pass and a calibration)
 AUTO_TRIALS = (("bias-correction",), ("gptq", "bias-correction"))
 #: a model that passes the check with every task measure at least this is left as it is
 AUTO_GOOD_TASK = 0.99
@@ -129,7 +132,7 @@ def quantize(
     job = _Job(info, out, options, fmt, plan, data, preprocess, check, progress)
     if fmt == "int4-weights":
         return _int4(job)
-    if "cle" in options.chosen_algorithms:
+    if set(REWRITE_ALGORITHMS) & set(options.chosen_algorithms):
         return _equalized(job)
     return _smoothquant(job) if options.smoothquant else _qdq(job)
 
@@ -183,10 +186,11 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
         raise QuantkitError("int4-weights takes gptq (its blocks' rounding) alone among the algorithms", option="algorithms")
     if options.chosen_algorithms and (options.smoothquant or options.measure_speed):
         raise QuantkitError("the algorithms apply to Q/DQ models without smoothquant or a speed measurement", option="algorithms")
-    if "cle" in options.chosen_algorithms and (options.ranges or options.from_cache):
+    rewrites = [a for a in options.chosen_algorithms if a in REWRITE_ALGORITHMS]
+    if rewrites and (options.ranges or options.from_cache):
         raise QuantkitError(
-            "cle equalizes the model, so its activation ranges change: give data (it calibrates the equalized model), "
-            "not ranges or a cache",
+            f"{rewrites[0]} rewrites the model, so its activation ranges change: give data (it calibrates the rewritten "
+            "model), not ranges or a cache",
             option="algorithms",
         )
     if fmt == "int4-weights":
@@ -202,7 +206,7 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
         if options.ranges or options.from_cache:
             raise QuantkitError("smoothquant calibrates the smoothed model itself: give data, not ranges or a cache", option="smoothquant")
         check_alpha(options.alpha)
-    elif not (options.ranges or options.from_cache or "cle" in options.chosen_algorithms):
+    elif not (options.ranges or options.from_cache or rewrites):
         raise QuantkitError("give the ranges (ranges.json from quantkit calibrate) or a TensorRT cache to migrate", option="ranges")
 
 
@@ -346,23 +350,36 @@ def _weight_algorithms(
 
 
 def _equalized(job: _Job) -> QuantizeResult:
-    """Cross-layer equalization of the FP32 model, then the equalized model calibrated on the data
-    and quantized as usual (its FP32 outputs are the original's: the check compares with either)."""
+    """The FP32 model rewritten (cle, then depthwise-equalization), calibrated on the data and
+    quantized as usual (its FP32 outputs are the original's: the check compares with either)."""
+    algorithms = job.options.chosen_algorithms
     if not job.data:
-        raise QuantkitError("cle calibrates the equalized model: give data", option="data")
-    equalized, report = equalize(job.info.proto)
+        raise QuantkitError(f"{' and '.join(a for a in algorithms if a in REWRITE_ALGORITHMS)} rewrite the model: give data", option="data")
     methods = job.options.method or ("all" if job.fmt == "int8" else "minmax")
-    with tempfile.TemporaryDirectory(prefix="quantkit-cle-") as tmp:
-        path = Path(tmp) / job.info.path.name
-        onnx.save(equalized, str(path))
-        info = load_model(path)
+    with tempfile.TemporaryDirectory(prefix="quantkit-eq-") as tmp:
+        info, notes = _rewritten(job, algorithms, Path(tmp))
         data_options = DataOptions(preprocess=job.preprocess)
         calibrate(info, job.data, CalibrationOptions(methods=methods), data_options=data_options, out=tmp)
         options = dataclasses.replace(job.options, ranges=Path(tmp) / "ranges.json")
         result = _qdq(dataclasses.replace(job, info=info, options=options))
-    result.notes.insert(0, report.summary())
+    result.notes[:0] = notes
     result.source_bytes = job.info.path.stat().st_size
     return result
+
+
+def _rewritten(job: _Job, algorithms: tuple[str, ...], folder: Path) -> tuple[ModelInfo, list[str]]:
+    """The FP32 model with the rewrite algorithms applied, saved in ``folder``, and their notes."""
+    path, proto, notes = folder / job.info.path.name, job.info.proto, []
+    if "cle" in algorithms:
+        proto, report = equalize(proto)
+        notes.append(report.summary())
+    if "depthwise-equalization" in algorithms:
+        onnx.save(proto, str(path))
+        batches_ = _calibration_batches(job.info, job.data, job.preprocess)
+        proto, depthwise = equalize_depthwise_inputs(load_model(path), batches_)
+        notes.append(depthwise.summary())
+    onnx.save(proto, str(path))
+    return load_model(path), notes
 
 
 def _int8_methods(ranges: RangeSet) -> list[str]:
@@ -390,38 +407,74 @@ def _judge(job: _Job, candidate: onnx.ModelProto, feeds: list, source: str) -> t
     return (result.ok, *_task_and_sqnr(result))
 
 
+@dataclass
+class _Base:
+    """What a weight trial starts from: the FP32 model (the original, or a rewritten one), its ranges, its Q/DQ model."""
+
+    info: ModelInfo
+    ranges: RangeSet
+    export: ExportOptions
+    applied: AppliedPlan
+
+
 def _automatic(
     job: _Job, ranges: RangeSet, export: ExportOptions, applied: AppliedPlan, notes: list[str], *, range_aware_fp16: bool
 ) -> tuple[AppliedPlan, tuple[str, ...]]:
     """ "auto": where the check finds the model short of FP32 (refused, or a task measure under
-    ``AUTO_GOOD_TASK``), the weight algorithms are tried in order of cost (``AUTO_TRIALS``) and the
-    best model by the check is kept (passing, then the task, then the SQNR). Each trial and the
-    choice are noted; without data (given or recorded) nothing is tried."""
-    if data_or_recorded(job.data, job.preprocess, ranges)[0] is None:
+    ``AUTO_GOOD_TASK``), depthwise-equalization (on a model with depthwise Convs, from ranges.json),
+    then the weight algorithms in order of cost (``AUTO_TRIALS``), on the best model so far, are
+    tried; the best model by the check is kept (passing, then the task, then the SQNR). Each trial
+    and the choice are noted; without data (given or recorded) nothing is tried."""
+    data, preprocess = data_or_recorded(job.data, job.preprocess, ranges)
+    if data is None:
         return applied, ()
     feeds, source = check_samples(job.info, job.data, job.preprocess, ranges, job.check.samples)
-    base = best_score = _judge(job, applied.model, feeds, source)
-    if _good_enough(base):
+    base_score = best_score = _judge(job, applied.model, feeds, source)
+    if _good_enough(base_score):
         return applied, ()
-    chosen: tuple[str, ...] = ()
-    tried, chosen_notes = [], []
-    for algorithms in AUTO_TRIALS:
-        trial_notes: list[str] = []
-        adjust = _weight_algorithms(job, ranges, algorithms, trial_notes)
-        candidate = apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16, adjust=adjust)
-        score = _judge(job, candidate.model, feeds, source)
-        tried.append(f"+{'+'.join(algorithms)} {_describe(score)}")
-        if _better(score, best_score):
-            applied, best_score, chosen, chosen_notes = candidate, score, algorithms, trial_notes
-        if _good_enough(best_score):
-            break
+    best, chosen, tried, chosen_notes = _Base(job.info, ranges, export, applied), (), [], []
+    with tempfile.TemporaryDirectory(prefix="quantkit-auto-") as tmp:
+        if job.options.ranges and has_depthwise_convs(job.info.proto):
+            trial_notes: list[str] = []
+            with_data = dataclasses.replace(job, data=data, preprocess=preprocess)
+            rewritten = _depthwise_base(with_data, ranges, Path(tmp), trial_notes, range_aware_fp16)
+            score = _judge(job, rewritten.applied.model, feeds, source)
+            tried.append(f"+depthwise-equalization {_describe(score)}")
+            if _better(score, best_score):
+                best, best_score, chosen, chosen_notes = rewritten, score, ("depthwise-equalization",), trial_notes
+        rewrite, rewrite_notes = chosen, chosen_notes  # each weight trial starts from this model, not from another trial
+        for algorithms in AUTO_TRIALS if not _good_enough(best_score) else ():
+            trial_notes = []
+            adjust = _weight_algorithms(dataclasses.replace(job, info=best.info), best.ranges, algorithms, trial_notes)
+            candidate = apply_plan(best.info, best.ranges, job.plan, best.export, range_aware_fp16=range_aware_fp16, adjust=adjust)
+            score = _judge(job, candidate.model, feeds, source)
+            tried.append(f"+{'+'.join((*rewrite, *algorithms))} {_describe(score)}")
+            if _better(score, best_score):
+                best = dataclasses.replace(best, applied=candidate)
+                best_score, chosen, chosen_notes = score, (*rewrite, *algorithms), [*rewrite_notes, *trial_notes]
+            if _good_enough(best_score):
+                break
     verdict = f"applied {','.join(chosen)}" if chosen else "none applied, as none improved on the check"
     notes.append(
-        f"algorithms (auto): {verdict} (default {_describe(base)}, {', '.join(tried)}; on {len(feeds)} check batch(es) "
+        f"algorithms (auto): {verdict} (default {_describe(base_score)}, {', '.join(tried)}; on {len(feeds)} check batch(es) "
         f"from {source}; --algorithms none skips the trials, a list names the algorithms)"
     )
     notes.extend(chosen_notes)
-    return applied, chosen
+    return best.applied, chosen
+
+
+def _depthwise_base(job: _Job, ranges: RangeSet, folder: Path, notes: list[str], range_aware_fp16: bool) -> _Base:
+    """depthwise-equalization as a trial: the rewritten model, calibrated with the ranges' methods
+    in one pass, its method chosen as the default's was."""
+    info, rewrite_notes = _rewritten(job, ("depthwise-equalization",), folder)
+    methods = _int8_methods(ranges)
+    options = CalibrationOptions(methods=",".join(methods))
+    rewritten = calibrate(info, job.data, options, data_options=DataOptions(preprocess=job.preprocess)).ranges
+    job = dataclasses.replace(job, info=info)
+    method, note = _choose_method(job, rewritten, range_aware_fp16) if len(methods) > 1 else (methods[0], "")
+    notes.extend([*rewrite_notes, *([note] if note else [])])
+    export = dataclasses.replace(job.options.export(job.fmt), method=method)
+    return _Base(info, rewritten, export, apply_plan(info, rewritten, job.plan, export, range_aware_fp16=range_aware_fp16))
 
 
 def _good_enough(score: tuple[bool, float, float]) -> bool:

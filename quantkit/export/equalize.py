@@ -21,21 +21,34 @@ output channel i is about N(beta_i, gamma_i^2), so it is at least c_i = max(0, b
 c_i moves from Conv1's bias into Conv2's (b2 += W2 c): the activation after Conv1 loses c_i of its
 range, and the function is unchanged wherever the channel stays above c_i, which is what the paper
 assumes. Conv2 must be unpadded: a padded border would read zeros where it read c_i.
+
+Depthwise equalization (``equalize_depthwise_inputs``, with data; its own algorithm): a depthwise Conv's output channel c
+reads its input channel c alone, and its weights are quantized per output channel, so multiplying
+input channel c by t_c and dividing weight slice c by t_c costs the weights nothing and changes no
+output. With t_c = M / m_c (m_c = max |x_c| over the data, M the largest), every channel reaches
+the per-tensor INT8 range instead of the few widest ones: a depthwise Conv fed by a non-homogeneous
+activation (hardswish, SiLU: what CLE cannot pass) loses its small channels no more. The product
+is an inserted Mul by a constant, which TensorRT fuses into the producer's pointwise epilogue.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantkit.export.statistics import channel_maxima
 from quantkit.graph.passes import fold_batchnorm
+from quantkit.model import ModelInfo
 
 #: ops between the two Convs through which the equalization stays exact
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
 SWEEPS = 20
+#: a depthwise input channel is raised by at most this factor (a near-silent channel stays near silent)
+MAX_GAIN = 256.0
 #: sweeps stop once every scale is within this of 1
 CONVERGED = 1e-4
 
@@ -55,6 +68,19 @@ class EqualizeReport:
         if self.absorbed:
             line += f"; high biases absorbed on {sum(self.absorbed.values())} channel(s) of {len(self.absorbed)} Conv(s)"
         return line
+
+
+@dataclass
+class DepthwiseReport:
+    spread: dict[str, float] = field(default_factory=dict)  # depthwise Conv -> its input's widest / median channel before
+
+    def summary(self) -> str:
+        if not self.spread:
+            return "depthwise equalization: no depthwise Conv input to equalize"
+        return (
+            f"depthwise equalization: {len(self.spread)} depthwise Conv input(s) brought to one range per channel "
+            f"(widest / median channel was {np.median(list(self.spread.values())):.1f}x, the median over them)"
+        )
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -245,3 +271,55 @@ def _attr_list(node: onnx.NodeProto, name: str) -> list[int]:
 def _attr_str(node: onnx.NodeProto, name: str, default: str) -> str:
     value = next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _depthwise_convs(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Depthwise Convs (one input channel per output channel) with a constant weight of their own."""
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for t in node.input:
+            uses[t] = uses.get(t, 0) + 1
+    found = []
+    for node in (n for n in graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits):
+        dims = list(inits[node.input[1]].dims)
+        if len(dims) == 4 and dims[1] == 1 and _attr(node, "group", 1) == dims[0] > 1 and uses[node.input[1]] == 1:
+            found.append(node)
+    return found
+
+
+def has_depthwise_convs(model: onnx.ModelProto) -> bool:
+    return bool(_depthwise_convs(_lifted_constants(model).graph))
+
+
+def equalize_depthwise_inputs(model: ModelInfo, batches: Any) -> tuple[onnx.ModelProto, DepthwiseReport]:
+    """A copy of the model whose depthwise Convs read their input channels brought to one range
+    (see the module docstring), from one FP32 pass over ``batches``; Constant weights are lifted."""
+    out = _lifted_constants(model.proto)
+    report = DepthwiseReport()
+    convs = _depthwise_convs(out.graph)
+    maxima = channel_maxima(model, {c.input[0]: 1 for c in convs}, batches)
+    inits = {i.name: i for i in out.graph.initializer}
+    inserted = {}
+    for conv in convs:
+        x_max, w = maxima.get(conv.input[0]), numpy_helper.to_array(inits[conv.input[1]])
+        if x_max is None or x_max.shape != (w.shape[0],) or not np.any(x_max > 0):
+            continue
+        gain = np.ones_like(x_max)
+        alive = x_max > 0
+        gain[alive] = np.minimum(x_max.max() / x_max[alive], MAX_GAIN)
+        if np.all(gain < 1.01):
+            continue
+        report.spread[conv.name] = float(x_max.max() / max(np.median(x_max), 1e-30))
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array((w / gain.reshape(-1, 1, 1, 1)).astype(w.dtype), conv.input[1]))
+        name = f"{conv.name}_input_gain"
+        out.graph.initializer.append(numpy_helper.from_array(gain.reshape(1, -1, 1, 1).astype(w.dtype), name))
+        inserted[f"{name}_out"] = helper.make_node("Mul", [conv.input[0], name], [f"{name}_out"], name=f"{conv.name}_InputGain")
+        conv.input[0] = f"{name}_out"
+    nodes = list(out.graph.node)
+    del out.graph.node[:]
+    for node in nodes:  # each Mul just before its Conv: the order stays topological
+        if node.op_type == "Conv" and node.input[0] in inserted:
+            out.graph.node.append(inserted[node.input[0]])
+        out.graph.node.append(node)
+    return out, report

@@ -35,6 +35,23 @@ def channel_moments(model: ModelInfo, axes: dict[str, int], batches: Any, power:
     return {n: sums[n] / counts[n] for n in axes if counts[n]}
 
 
+def channel_maxima(model: ModelInfo, axes: dict[str, int], batches: Any) -> dict[str, np.ndarray]:
+    """max |x_c| per channel c of each tensor (``axes`` as in ``channel_moments``), over every batch."""
+    if not axes:
+        return {}
+    runner = ActivationRunner(model, list(axes))
+    found: dict[str, np.ndarray] = {}
+    try:
+        for batch in batches:
+            for name, value in runner.run(batch.feeds, batch.ids).items():
+                rows = np.moveaxis(np.abs(np.asarray(value, np.float64)), axes[name], -1)
+                amax = rows.reshape(-1, rows.shape[-1]).max(axis=0)
+                found[name] = np.maximum(found[name], amax) if name in found else amax
+    finally:
+        runner.close()
+    return found
+
+
 @dataclass
 class QuantizedLayer:
     """A Conv/Gemm of a Q/DQ model whose weight comes through a DequantizeLinear, with what its

@@ -128,7 +128,7 @@ def test_quantize_with_cle_and_bias_correction(tmp_path, capsys):
 
     assert sqnr(tuned) > sqnr(plain) + 10
     assert main([*base, "--ranges", str(tmp_path / "r" / "ranges.json"), "--algorithms", "cle", "-o", str(tmp_path / "x.onnx")]) == 2
-    assert "cle equalizes the model" in capsys.readouterr().err
+    assert "cle rewrites the model" in capsys.readouterr().err
 
 
 def test_weights_in_constant_nodes_are_equalized_too():
@@ -193,3 +193,84 @@ def test_a_padded_next_conv_takes_no_absorbed_bias():
     """Its border would read zeros where the ReLU's channel read c."""
     _, report = equalize(high_bias_model(pads=1))
     assert report.absorbed == {}
+
+
+def depthwise_model() -> onnx.ModelProto:
+    """Conv(1x1) -> HardSwish -> depthwise Conv(3x3, padded) -> Conv(1x1): the HardSwish (not
+    homogeneous: CLE cannot pass it) carries channels four decades apart into the depthwise Conv."""
+    rng = np.random.default_rng(6)
+    spread = 10.0 ** rng.uniform(-2, 2, size=C)
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+        ("w1", rng.normal(size=(C, 3, 1, 1)) * spread[:, None, None, None]), ("b1", rng.normal(size=C)),
+        ("wd", rng.normal(size=(C, 1, 3, 3))), ("bd", rng.normal(size=C)), ("w3", rng.normal(size=(4, C, 1, 1))),
+    )]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1"),
+        helper.make_node("HardSwish", ["a"], ["h"], name="hswish"),
+        helper.make_node("Conv", ["h", "wd", "bd"], ["d"], pads=[1, 1, 1, 1], group=C, name="dw"),
+        helper.make_node("Conv", ["d", "w3"], ["y"], name="pw"),
+    ]
+    return float_model(nodes, {"x": ["N", 3, 8, 8]}, {"y": ["N", 4, 8, 8]}, inits)
+
+
+def test_depthwise_equalization_keeps_the_function_and_gives_every_input_channel_the_full_range(tmp_path):
+    """The depthwise Conv reads x * t (t_c = M / m_c) with its weights / t: exact in FP32; every
+    input channel then spans the widest one's range, and a per-tensor INT8 input with per-channel
+    INT8 weights loses far less of the depthwise output (its output channel c sees only input c)."""
+    from conftest import save
+
+    from quantkit.data import batches, open_source
+    from quantkit.export.equalize import equalize_depthwise_inputs
+    from quantkit.model import load_model
+
+    path = save(depthwise_model(), tmp_path / "dw.onnx")
+    x = np.random.default_rng(7).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    info = load_model(path)
+    equalized, report = equalize_depthwise_inputs(info, batches(open_source(tmp_path / "x.npy", info), info, 8))
+    assert list(report.spread) == ["dw"] and report.spread["dw"] > 10
+    ref = make_session(info.proto).run(None, {"x": x})[0]
+    np.testing.assert_allclose(make_session(equalized).run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+    def dw_io(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dw = next(n for n in model.graph.node if n.name == "dw")
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend([helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in (dw.input[0], "d")])
+        inputs, out = make_session(probe).run([dw.input[0], "d"], {"x": x})
+        weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}[dw.input[1]]
+        return inputs, weights, out
+
+    before, after = dw_io(info.proto), dw_io(equalized)
+    from quantkit.export.equalize import MAX_GAIN
+
+    # every channel at the widest's range, but for a gain of at most MAX_GAIN (this model spreads four decades)
+    was = np.abs(before[0]).max(axis=(0, 2, 3))
+    np.testing.assert_allclose(np.abs(after[0]).max(axis=(0, 2, 3)), np.minimum(was.max(), was * MAX_GAIN), rtol=1e-5)
+
+    def int8_dw_sqnr(inputs: np.ndarray, weights: np.ndarray, out: np.ndarray) -> float:
+        step = np.abs(inputs).max() / 127
+        wstep = np.abs(weights).reshape(C, -1).max(axis=1).reshape(-1, 1, 1, 1) / 127
+        bias = {i.name: numpy_helper.to_array(i) for i in info.proto.graph.initializer}["bd"]
+        node = helper.make_node("Conv", ["i", "w", "b"], ["o"], pads=[1, 1, 1, 1], group=C)
+        conv = float_model([node], {"i": ["N", C, 8, 8]}, {"o": ["N", C, 8, 8]}, [numpy_helper.from_array(bias, "b")])
+        conv.graph.initializer.append(numpy_helper.from_array((np.round(weights / wstep) * wstep).astype(np.float32), "w"))
+        got = make_session(conv).run(None, {"i": (np.round(inputs / step) * step).astype(np.float32)})[0]
+        per_channel = np.sum(out**2, axis=(0, 2, 3)) / np.sum((got - out) ** 2, axis=(0, 2, 3))
+        return float(10 * np.log10(per_channel.min()))  # the worst output channel: the quiet channels' loss
+
+    assert int8_dw_sqnr(*after) > int8_dw_sqnr(*before) + 20
+
+
+def test_quantize_with_depthwise_equalization(tmp_path, capsys):
+    from conftest import save
+
+    from quantkit.cli import main
+
+    model = save(depthwise_model(), tmp_path / "dw.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(8).normal(size=(32, 3, 8, 8)).astype(np.float32))
+    args = ["quantize", str(model), "--algorithms", "depthwise-equalization", "--high-precision", "fp32", "--force", "-q"]
+    assert main([*args, "--data", str(tmp_path / "x.npy"), "-o", str(tmp_path / "q.onnx")]) == 0
+    assert {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}["quantkit.algorithms"] == "depthwise-equalization"
+    assert main([*args, "--ranges", str(tmp_path / "r.json"), "-o", str(tmp_path / "r.onnx")]) == 2
+    assert "depthwise-equalization rewrites the model" in capsys.readouterr().err
