@@ -169,7 +169,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma list of model names")
     parser.add_argument("--render", action="store_true", help="write accuracy.md again from the last run's accuracy.json")
-    parser.add_argument("--reuse-peers", action="store_true", help="the peers' cells from the last run's accuracy.json (quantkit's are run)")
+    parser.add_argument("--reuse-peers", action="store_true", help="the peers' cells from the last accuracy.json (quantkit's are run)")
     args = parser.parse_args()
     saved = REPORT_DIR / "accuracy.json"
     if args.render:
