@@ -22,6 +22,7 @@ batch. Conv with auto_pad or a rank other than 2-D is left to round-to-nearest.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,8 @@ ROWS_PER_BATCH = 2048
 DAMP = 0.01
 #: layers whose H is larger than this (K x K float64) are left to round-to-nearest
 MAX_K = 4608
+#: a layer's GPTQ stops after this many seconds, and the layer keeps round-to-nearest
+LAYER_SECONDS = 60.0
 
 
 @dataclass
@@ -85,9 +88,12 @@ def exact_rounding(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, q
     return best
 
 
-def gptq(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, qmin: int | None = None) -> np.ndarray:
+def gptq(
+    w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, qmin: int | None = None, deadline: float = math.inf
+) -> np.ndarray | None:
     """GPTQ's column-by-column rounding of ``w`` [rows, K] on the fixed ``scale`` (per row, or per
-    weight for block-wise formats: each column is rounded on its own block's scale)."""
+    weight for block-wise formats: each column is rounded on its own block's scale); None when
+    ``time.monotonic()`` passes ``deadline`` first."""
     k, scale, qmin = w.shape[1], _per_weight(scale, w), -qmax if qmin is None else qmin
     h = h.copy()
     dead = np.diag(h) == 0
@@ -97,18 +103,27 @@ def gptq(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, qmin: int |
     work = w.astype(np.float64).copy()
     q = np.zeros_like(work)
     for i in range(k):
+        if i % 64 == 0 and time.monotonic() > deadline:
+            return None
         q[:, i] = np.clip(np.round(work[:, i] / scale[:, i]), qmin, qmax)
         err = (work[:, i] - q[:, i] * scale[:, i]) / hinv[i, i]
         work[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
     return q
 
 
-def round_rows(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, qmin: int | None = None) -> tuple[np.ndarray, float, float]:
-    """The integers for ``w`` (exact when small, else GPTQ), never worse than round-to-nearest per
-    row; with the total errors (round-to-nearest's, the result's)."""
+def round_rows(
+    w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmax: int, qmin: int | None = None, seconds: float = LAYER_SECONDS
+) -> tuple[np.ndarray, float, float]:
+    """The integers for ``w`` (exact when small, else GPTQ within ``seconds``), never worse than
+    round-to-nearest per row; with the total errors (round-to-nearest's, the result's)."""
     full, qmin = _per_weight(scale, w), -qmax if qmin is None else qmin
     nearest = np.clip(np.round(w / full), qmin, qmax)
-    found = exact_rounding(w, scale, h, qmax, qmin) if w.shape[1] <= EXACT_MAX else gptq(w, scale, h, qmax, qmin)
+    if w.shape[1] <= EXACT_MAX:
+        found = exact_rounding(w, scale, h, qmax, qmin)
+    else:
+        found = gptq(w, scale, h, qmax, qmin, deadline=time.monotonic() + seconds)
+        if found is None:  # out of time: round-to-nearest, and both errors equal
+            found = nearest
     e_near = quadratic_error(w - nearest * full, h)
     e_found = quadratic_error(w - found * full, h)
     keep = e_found < e_near

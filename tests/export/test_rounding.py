@@ -139,3 +139,13 @@ def test_quantize_int4_with_gptq_records_it_and_refuses_the_other_algorithms(tmp
     assert {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}["quantkit.algorithms"] == "gptq"
     assert main([*base, "--algorithms", "bias-correction", "-o", str(tmp_path / "b.onnx")]) == 2
     assert "int4-weights takes gptq" in capsys.readouterr().err and not (tmp_path / "b.onnx").exists()
+
+
+def test_a_layer_out_of_time_keeps_round_to_nearest():
+    rng = np.random.default_rng(5)
+    x = correlated_inputs(rng, 500, 48)
+    w = rng.normal(size=(8, 48))
+    scale = np.abs(w).max(axis=1) / 127 * 20
+    q, before, after = round_rows(w, scale, x.T @ x / len(x), 127, seconds=-1.0)
+    np.testing.assert_array_equal(q, np.clip(np.round(w / scale[:, None]), -127, 127))
+    assert before == after
