@@ -136,7 +136,7 @@ def run_case(case: Case, work: Path, reused: dict | None = None) -> dict:
 
 def _cell(step: dict, fp32_s: float) -> str:
     if step.get("task") is None:
-        why = step.get("error") or ("exit 0, but no model written" if step.get("exit") == 0 else "no model")
+        why = step.get("error") or ("exit 0, but no model onnxruntime runs" if step.get("exit") == 0 else "no model")
         return f"— ({why})"[:120]
     fp32_s = step.get("fp32_pass_s", fp32_s)  # a reused peer's own run
     return f"{step['task']:.3f}, {step['seconds'] / max(fp32_s, 1e-9):.0f}x, {step['rss_mb']:.0f} MB"
