@@ -54,6 +54,14 @@ PEERS = {
     f"AMD Quark A8W8 +CLE +AdaRound ({ADAROUND_ITERATIONS} it.)": f"-m bench.peers.quark_ptq adaround {ADAROUND_ITERATIONS}",
     "aimet-onnx +CLE (tf_enhanced)": "-m bench.peers.aimet_ptq",
 }
+PEER_NOTES = (
+    "AMD Quark's A8W8 preset is its TensorRT-like format (symmetric INT8 activations and weights) and calibrates by "
+    "MinMax; its percentile presets write asymmetric activations, which are not TensorRT's format.",
+    "aimet-onnx runs on inputs fixed to the data's sizes (its export fails on dynamic ones) and its written model gets "
+    "the original's dynamic inputs back (bench/peers/aimet_ptq.py); its collapse on three models may come from that "
+    "or from its ranges: it was not investigated further.",
+    "quantkit's onnxruntime-target row is U8S8 with 7-bit weights (onnxruntime's CPU kernels), the others TensorRT's S8S8.",
+)
 NOT_RUN = {
     "aimet-onnx AdaRound": "not run: each of its layer optimisations runs in torch on the CPU, and the session's time "
     "went to Quark's AdaRound, the peer the issue measured ahead",
@@ -162,6 +170,7 @@ def render(rows: list[dict], command: str) -> str:
     for label in labels:
         cells = [_cell(r["cells"][label], r["fp32_pass_s"]) if label in r["cells"] else "not run" for r in rows]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in PEER_NOTES]
     lines += ["", "Not run:", ""] + [f"- {k}: {v}" for k, v in NOT_RUN.items()]
     return "\n".join(lines) + "\n"
 
