@@ -23,7 +23,8 @@ import onnx
 from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.api.scaled import calibrate
 from quantkit.backends.ort import OptimizedGraphCheck, optimized_graph_check
-from quantkit.data.batching import batches, fixed_batch
+from quantkit.calibration.collect import batch_size_for, select_calibration_tensors
+from quantkit.data.batching import batches, check_sample, fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
@@ -37,7 +38,7 @@ from quantkit.export.qdq import QuantizeReport, record_quantization
 from quantkit.export.rounding import optimize_rounding
 from quantkit.export.smoothquant import SmoothReport, check_alpha, smooth_model
 from quantkit.model import ModelInfo, load_model
-from quantkit.options import CalibrationOptions, CheckOptions, DataOptions, ExportOptions, QuantizeOptions, given
+from quantkit.options import DEFAULT_MAX_MEMORY, CalibrationOptions, CheckOptions, DataOptions, ExportOptions, QuantizeOptions, given
 from quantkit.plan import QUANTIZED_FORMATS, PrecisionPlan
 from quantkit.ranges import RangeSet
 from quantkit.trt_cache import encode_version, ranges_from_trt_cache, read_trt_cache
@@ -211,8 +212,15 @@ def _check_sources(options: QuantizeOptions, fmt: str) -> None:
 
 
 def _calibration_batches(info: ModelInfo, data: Any, preprocess: PreprocessSpec | None) -> Any:
-    """The data as batches, streamed (the statistics that read them keep no sample in memory)."""
-    return batches(open_source(data, info, preprocess, shuffle=False), info, fixed_batch(info) or 16)
+    """The data as batches, streamed (the statistics that read them keep no sample in memory), of
+    the size calibration would choose for its activations in the default memory budget: the
+    statistics passes fetch about the same tensors (the quantized layers' inputs)."""
+    source = open_source(data, info, preprocess, shuffle=False)
+    first = next(iter(source), None)
+    if first is None:
+        raise QuantkitError(f"{source.description} yielded no samples", option="data")
+    size, _ = batch_size_for(info, check_sample(first, info.inputs), select_calibration_tensors(info.proto), DEFAULT_MAX_MEMORY)
+    return batches(open_source(data, info, preprocess, shuffle=False), info, fixed_batch(info) or min(size, 16))
 
 
 def _int4(job: _Job) -> QuantizeResult:

@@ -131,15 +131,24 @@ def round_rows(
     return chosen, float(e_near.sum()), float(np.minimum(e_found, e_near).sum())
 
 
-def conv_patches(x: np.ndarray, attrs: dict[str, Any], kernel: tuple[int, int]) -> np.ndarray:
-    """im2col of an NCHW input: [rows, C, kh * kw], one row per output position."""
+def conv_patches(
+    x: np.ndarray, attrs: dict[str, Any], kernel: tuple[int, int], rows: int | None = None, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """im2col of an NCHW input: [rows, C, kh * kw], one row per output position; with ``rows``, at
+    most that many positions drawn by ``rng`` (gathered from a view: the full im2col of a large
+    activation is never built)."""
     kh, kw = kernel
     pads = list(attrs.get("pads", [0, 0, 0, 0]))
     sh, sw = attrs.get("strides", [1, 1])
     dh, dw = attrs.get("dilations", [1, 1])
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     windows = sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], kh * kw)
+    n, _, oh, ow = windows.shape[:4]
+    if rows is None or n * oh * ow <= rows:
+        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], kh * kw)
+    picked = (rng or np.random.default_rng(0)).choice(n * oh * ow, rows, replace=False)
+    b, rest = np.divmod(picked, oh * ow)
+    return windows[b, :, rest // ow, rest % ow].reshape(rows, x.shape[1], kh * kw)
 
 
 @dataclass
@@ -200,7 +209,7 @@ def _accumulate(layer: _Layer, x: np.ndarray, rng: np.random.Generator) -> None:
         groups = [x.reshape(-1, x.shape[-1])]
     else:
         attrs = {a.name: helper.get_attribute_value(a) for a in layer.node.attribute}
-        patches = conv_patches(x, attrs, layer.shape[2:])  # [rows, C, kh * kw]
+        patches = conv_patches(x, attrs, layer.shape[2:], ROWS_PER_BATCH, rng)  # [rows, C, kh * kw], sampled
         cg = layer.shape[1]
         groups = [patches[:, g * cg : (g + 1) * cg, :].reshape(len(patches), -1) for g in range(layer.groups)]
     n = len(groups[0])

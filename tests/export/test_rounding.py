@@ -149,3 +149,13 @@ def test_a_layer_out_of_time_keeps_round_to_nearest():
     q, before, after = round_rows(w, scale, x.T @ x / len(x), 127, seconds=-1.0)
     np.testing.assert_array_equal(q, np.clip(np.round(w / scale[:, None]), -127, 127))
     assert before == after
+
+
+def test_sampled_conv_patches_are_rows_of_the_full_im2col():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(3, 4, 9, 7)).astype(np.float32)
+    attrs = {"pads": [1, 0, 1, 2], "strides": [2, 1], "dilations": [1, 2]}
+    full = conv_patches(x, attrs, (3, 3))
+    sampled = conv_patches(x, attrs, (3, 3), rows=20, rng=np.random.default_rng(1))
+    picked = np.random.default_rng(1).choice(len(full), 20, replace=False)
+    np.testing.assert_array_equal(sampled, full[picked])
