@@ -362,7 +362,8 @@ def _equalized(job: _Job) -> QuantizeResult:
     quantized as usual (its FP32 outputs are the original's: the check compares with either)."""
     algorithms = job.options.chosen_algorithms
     if not job.data:
-        raise QuantkitError(f"{' and '.join(a for a in algorithms if a in REWRITE_ALGORITHMS)} rewrite the model: give data", option="data")
+        names = " and ".join(a for a in algorithms if a in REWRITE_ALGORITHMS)
+        raise QuantkitError(f"the model rewritten by {names} is calibrated on data: give data", option="data")
     methods = job.options.method or ("all" if job.fmt == "int8" else "minmax")
     with tempfile.TemporaryDirectory(prefix="quantkit-eq-") as tmp:
         info, notes = _rewritten(job, algorithms, Path(tmp))

@@ -83,7 +83,7 @@ class DepthwiseReport:
         )
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
@@ -242,7 +242,7 @@ def _absorb_high_bias(
     graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], conv1: onnx.NodeProto, conv2: onnx.NodeProto, depthwise: bool, c: np.ndarray
 ) -> int:
     """Move c from Conv1's bias into Conv2's (b2 += W2 c); the number of channels moved."""
-    unpadded = not any(_attr_list(conv2, "pads")) and _attr_str(conv2, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+    unpadded = not any(_attr(conv2, "pads", [])) and _attr(conv2, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID")
     if not unpadded or len(conv1.input) < 3 or conv1.input[2] not in inits or not np.any(c > 0):
         return 0
     w2 = numpy_helper.to_array(inits[conv2.input[1]]).astype(np.float64)
@@ -262,15 +262,6 @@ def _absorb_high_bias(
         inits[name] = graph.initializer[-1]
         conv2.input.extend([""] * (2 - len(conv2.input)) + [name])
     return int(np.sum(c > 0))
-
-
-def _attr_list(node: onnx.NodeProto, name: str) -> list[int]:
-    return list(next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), []))
-
-
-def _attr_str(node: onnx.NodeProto, name: str, default: str) -> str:
-    value = next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _depthwise_convs(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
