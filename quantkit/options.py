@@ -309,8 +309,9 @@ class QuantizeOptions:
     # accuracy algorithms before or after the placement: "cle" (cross-layer equalization of the
     # FP32 model, then calibration of the equalized model on the data), "gptq" (the int8 weights'
     # rounding that minimises each layer's output error), "bias-correction"; "auto" (the default)
-    # tries the weight algorithms where the check finds the model short of FP32 and keeps what the
-    # check shows helps; () applies none
+    # tries the rewrites that fit the model (depthwise-equalization, SmoothQuant), then the weight
+    # algorithms, where the check finds the model short of FP32, and keeps what the check shows
+    # helps; () applies none
     algorithms: tuple[str, ...] = ("auto",)
 
     @property

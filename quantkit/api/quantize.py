@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 
@@ -36,7 +36,7 @@ from quantkit.export.fp16 import Fp16Report
 from quantkit.export.int4 import Int4Report, quantize_int4_weights
 from quantkit.export.qdq import QuantizeReport, record_quantization
 from quantkit.export.rounding import optimize_rounding
-from quantkit.export.smoothquant import SmoothReport, check_alpha, smooth_model
+from quantkit.export.smoothquant import SmoothReport, check_alpha, smooth_model, smoothable
 from quantkit.model import ModelInfo, load_model
 from quantkit.options import DEFAULT_MAX_MEMORY, CalibrationOptions, CheckOptions, DataOptions, ExportOptions, QuantizeOptions, given
 from quantkit.plan import QUANTIZED_FORMATS, PrecisionPlan
@@ -53,8 +53,9 @@ REWRITE_ALGORITHMS = ("cle", "depthwise-equalization")
 #: the algorithms that rewrite the Q/DQ model's weights (gptq) and biases (bias-correction)
 WEIGHT_ALGORITHMS = ("gptq", "bias-correction")
 #: the weight algorithms "auto" tries, cheapest first: bias correction costs one FP32 pass over the
-#: data, gptq about half a calibration more (reports/bench/accuracy.md); before them, on a model
-#: with depthwise Convs, depthwise-equalization (a pass and a calibration)
+#: data, gptq about half a calibration more (reports/bench/accuracy.md); before them, each rewrite
+#: that fits the model (a pass and a calibration each): depthwise-equalization on depthwise Convs,
+#: SmoothQuant on MatMuls with constant weights (a transformer's projections)
 AUTO_TRIALS = (("bias-correction",), ("gptq", "bias-correction"))
 #: a model that passes the check with every task measure at least this is left as it is
 AUTO_GOOD_TASK = 0.99
@@ -329,7 +330,7 @@ def _qdq(job: _Job) -> QuantizeResult:
         applied, recorded = _automatic(job, ranges, export, applied, notes, range_aware_fp16=range_aware_fp16)
     if recorded:
         record_quantization(applied.model, applied.model, {"algorithms": ",".join(recorded)})
-    warnings += _placement_warnings(options, job.fmt, applied.quantize)
+    warnings += _placement_warnings(options, job.fmt, applied.quantize, smoothed="smoothquant" in recorded)
     fidelity = job.verify(applied.model, None if options.from_cache else ranges)
     ort_graph = optimized_graph_check(applied.model) if options.target == "onnxruntime" and job.fmt == "int8" else None
     extra = {"fp16": applied.fp16, "speed": speed, "ort_graph": ort_graph, "notes": notes, "warnings": warnings}
@@ -377,7 +378,8 @@ def _equalized(job: _Job) -> QuantizeResult:
 
 
 def _rewritten(job: _Job, algorithms: tuple[str, ...], folder: Path) -> tuple[ModelInfo, list[str]]:
-    """The FP32 model with the rewrite algorithms applied, saved in ``folder``, and their notes."""
+    """The FP32 model with the rewrite algorithms applied, saved in ``folder``, and their notes
+    ("smoothquant" comes from the automatic recipe: asked for by name, it is ``--smoothquant``)."""
     path, proto, notes = folder / job.info.path.name, job.info.proto, []
     if "cle" in algorithms:
         proto, report = equalize(proto)
@@ -387,6 +389,10 @@ def _rewritten(job: _Job, algorithms: tuple[str, ...], folder: Path) -> tuple[Mo
         batches_ = _calibration_batches(job.info, job.data, job.preprocess)
         proto, depthwise = equalize_depthwise_inputs(load_model(path), batches_)
         notes.append(depthwise.summary())
+    if "smoothquant" in algorithms:
+        onnx.save(proto, str(path))
+        proto, smooth = smooth_model(load_model(path), _calibration_batches(job.info, job.data, job.preprocess), job.options.alpha)
+        notes.append(smooth.summary())
     onnx.save(proto, str(path))
     return load_model(path), notes
 
@@ -406,14 +412,45 @@ def _choose_method(job: _Job, ranges: RangeSet, range_aware_fp16: bool) -> tuple
         candidate = apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16).model
         scores[method] = _judge(job, candidate, feeds, source)
     best = max(scores, key=lambda m: scores[m])  # max keeps the first of equal keys: the default method
-    shown = ", ".join(f"{m} {_describe(scores[m])}" for m in scores)
+    shown = ", ".join(f"{m} {scores[m]}" for m in scores)
     return best, f"method: {best}, the best of the calibrated methods on {len(feeds)} check batch(es) from {source} ({shown})"
 
 
-def _judge(job: _Job, candidate: onnx.ModelProto, feeds: list, source: str) -> tuple[bool, float, float]:
-    """A candidate's standing on the check samples: passing, its worst task measure, its worst SQNR."""
+class _Score(NamedTuple):
+    """A candidate's standing on the check samples, compared as a tuple: passing, then its worst
+    task measure (the worst cosine where no output has a task: an embedding's), then its worst SQNR."""
+
+    ok: bool
+    task: float
+    sqnr: float
+    cosine_only: bool = False  # no output has a task measure: ``task`` is the worst cosine
+
+    def __str__(self) -> str:
+        measure = f"cosine {self.task:.4f}, " if self.cosine_only else f"task {self.task:.1%}, " if self.task < 1.0 else ""
+        return f"{measure}{self.sqnr:.1f} dB" + ("" if self.ok else ", refused")
+
+    @property
+    def good_enough(self) -> bool:
+        return self.ok and self.task >= AUTO_GOOD_TASK
+
+    def better_than(self, other: _Score) -> bool:
+        """Passes where ``other`` does not, or has the higher task measure, or (equal tasks) the SQNR
+        higher by more than ``AUTO_MIN_GAIN_DB``: a trial must earn its change of the model."""
+        if self[:2] != other[:2]:
+            return self[:2] > other[:2]
+        return self.sqnr > other.sqnr + AUTO_MIN_GAIN_DB
+
+
+def _judge(job: _Job, candidate: onnx.ModelProto, feeds: list, source: str) -> _Score:
+    """A candidate's standing on the check samples (``_Score``)."""
     result = check_fidelity(job.info.proto, candidate, feeds, source=source, min_sqnr_db=job.check.min_sqnr, real=source != SYNTHETIC)
-    return (result.ok, *_task_and_sqnr(result))
+    tasks = [o.task.value for o in result.outputs if o.task is not None]
+    cosines = [o.cosine for o in result.outputs if math.isfinite(o.cosine)]
+    sqnrs = [o.sqnr_db for o in result.outputs if math.isfinite(o.sqnr_db)]
+    worst_sqnr = min(sqnrs) if sqnrs else math.inf
+    if tasks or not cosines:
+        return _Score(result.ok, min(tasks) if tasks else 1.0, worst_sqnr)
+    return _Score(result.ok, min(cosines), worst_sqnr, cosine_only=True)
 
 
 @dataclass
@@ -430,53 +467,69 @@ def _automatic(
     job: _Job, ranges: RangeSet, export: ExportOptions, applied: AppliedPlan, notes: list[str], *, range_aware_fp16: bool
 ) -> tuple[AppliedPlan, tuple[str, ...]]:
     """ "auto": where the check finds the model short of FP32 (refused, or a task measure under
-    ``AUTO_GOOD_TASK``), depthwise-equalization (on a model with depthwise Convs, from ranges.json),
-    then the weight algorithms in order of cost (``AUTO_TRIALS``), on the best model so far, are
-    tried; the best model by the check is kept (passing, then the task, then the SQNR). Each trial
-    and the choice are noted; without data (given or recorded) nothing is tried."""
+    ``AUTO_GOOD_TASK``), the rewrites that fit the model (``_auto_rewrites``, from ranges.json),
+    then the weight algorithms in order of cost (``AUTO_TRIALS``) on the best model so far are
+    tried; the best model by the check is kept (``_Score``). Each trial and the choice are noted;
+    without data (given or recorded) nothing is tried."""
     data, preprocess = data_or_recorded(job.data, job.preprocess, ranges)
     if data is None:
         return applied, ()
     feeds, source = check_samples(job.info, job.data, job.preprocess, ranges, job.check.samples)
     base_score = best_score = _judge(job, applied.model, feeds, source)
-    if _good_enough(base_score):
+    if base_score.good_enough:
         return applied, ()
     best, chosen, tried, chosen_notes = _Base(job.info, ranges, export, applied), (), [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-auto-") as tmp:
-        if job.options.ranges and has_depthwise_convs(job.info.proto):
+        with_data = dataclasses.replace(job, data=data, preprocess=preprocess)
+        for rewrite in _auto_rewrites(job):
             trial_notes: list[str] = []
-            with_data = dataclasses.replace(job, data=data, preprocess=preprocess)
-            rewritten = _depthwise_base(with_data, ranges, Path(tmp), trial_notes, range_aware_fp16)
+            rewritten = _rewrite_base(with_data, rewrite, ranges, Path(tmp) / rewrite, trial_notes, range_aware_fp16)
             score = _judge(job, rewritten.applied.model, feeds, source)
-            tried.append(f"+depthwise-equalization {_describe(score)}")
-            if _better(score, best_score):
-                best, best_score, chosen, chosen_notes = rewritten, score, ("depthwise-equalization",), trial_notes
-        rewrite, rewrite_notes = chosen, chosen_notes  # each weight trial starts from this model, not from another trial
-        for algorithms in AUTO_TRIALS if not _good_enough(best_score) else ():
+            tried.append(f"+{rewrite} {score}")
+            if score.better_than(best_score):
+                best, best_score, chosen, chosen_notes = rewritten, score, (rewrite,), trial_notes
+        rewrite_chosen, rewrite_notes = chosen, chosen_notes  # each weight trial starts from this model, not from another trial
+        for algorithms in AUTO_TRIALS if not best_score.good_enough else ():
             trial_notes = []
             adjust = _weight_algorithms(dataclasses.replace(job, info=best.info), best.ranges, algorithms, trial_notes)
             candidate = apply_plan(best.info, best.ranges, job.plan, best.export, range_aware_fp16=range_aware_fp16, adjust=adjust)
             score = _judge(job, candidate.model, feeds, source)
-            tried.append(f"+{'+'.join((*rewrite, *algorithms))} {_describe(score)}")
-            if _better(score, best_score):
+            tried.append(f"+{'+'.join((*rewrite_chosen, *algorithms))} {score}")
+            if score.better_than(best_score):
                 best = dataclasses.replace(best, applied=candidate)
-                best_score, chosen, chosen_notes = score, (*rewrite, *algorithms), [*rewrite_notes, *trial_notes]
-            if _good_enough(best_score):
+                best_score, chosen, chosen_notes = score, (*rewrite_chosen, *algorithms), [*rewrite_notes, *trial_notes]
+            if best_score.good_enough:
                 break
     verdict = f"applied {','.join(chosen)}" if chosen else "none applied, as none improved on the check"
     notes.append(
-        f"algorithms (auto): {verdict} (default {_describe(base_score)}, {', '.join(tried)}; on {len(feeds)} check batch(es) "
+        f"algorithms (auto): {verdict} (default {base_score}, {', '.join(tried)}; on {len(feeds)} check batch(es) "
         f"from {source}; --algorithms none skips the trials, a list names the algorithms)"
     )
     notes.extend(chosen_notes)
     return best.applied, chosen
 
 
-def _depthwise_base(job: _Job, ranges: RangeSet, folder: Path, notes: list[str], range_aware_fp16: bool) -> _Base:
-    """depthwise-equalization as a trial: the rewritten model, calibrated with the ranges' methods
-    in one pass, its method chosen as the default's was."""
-    info, rewrite_notes = _rewritten(job, ("depthwise-equalization",), folder)
-    methods = _int8_methods(ranges)
+def _auto_rewrites(job: _Job) -> list[str]:
+    """The FP32 rewrites that fit the model, each calibrated anew (so only from ranges.json, whose
+    methods it repeats): depthwise-equalization where there are depthwise Convs, SmoothQuant where
+    MatMuls read activations with a constant weight (a transformer's projections; a classifier's
+    Gemm head alone does not count)."""
+    if not job.options.ranges:
+        return []
+    proto = job.info.proto
+    fits = {
+        "depthwise-equalization": has_depthwise_convs(proto),
+        "smoothquant": any(n.op_type == "MatMul" for group in smoothable(proto).values() for n in group),
+    }
+    return [name for name, fit in fits.items() if fit]
+
+
+def _rewrite_base(job: _Job, rewrite: str, ranges: RangeSet, folder: Path, notes: list[str], range_aware_fp16: bool) -> _Base:
+    """A rewrite as a trial: the rewritten model, calibrated with the method asked for, else the
+    ranges' methods in one pass and its method chosen as the default's was."""
+    folder.mkdir()
+    info, rewrite_notes = _rewritten(job, (rewrite,), folder)
+    methods = [ranges.method_name(job.options.method)] if job.options.method else _int8_methods(ranges)
     options = CalibrationOptions(methods=",".join(methods))
     rewritten = calibrate(info, job.data, options, data_options=DataOptions(preprocess=job.preprocess)).ranges
     job = dataclasses.replace(job, info=info)
@@ -486,36 +539,12 @@ def _depthwise_base(job: _Job, ranges: RangeSet, folder: Path, notes: list[str],
     return _Base(info, rewritten, export, apply_plan(info, rewritten, job.plan, export, range_aware_fp16=range_aware_fp16))
 
 
-def _good_enough(score: tuple[bool, float, float]) -> bool:
-    return score[0] and score[1] >= AUTO_GOOD_TASK
-
-
-def _better(a: tuple[bool, float, float], b: tuple[bool, float, float]) -> bool:
-    """``a`` passes where ``b`` does not, or has the higher task measure, or (equal tasks) the SQNR
-    higher by more than ``AUTO_MIN_GAIN_DB``: a trial must earn its change of the weights."""
-    if a[:2] != b[:2]:
-        return a[:2] > b[:2]
-    return a[2] > b[2] + AUTO_MIN_GAIN_DB
-
-
-def _task_and_sqnr(result: FidelityCheck) -> tuple[float, float]:
-    """The worst task measure over the outputs (1 where no output has one) and the worst finite SQNR."""
-    tasks = [o.task.value for o in result.outputs if o.task is not None]
-    sqnrs = [o.sqnr_db for o in result.outputs if math.isfinite(o.sqnr_db)]
-    return (min(tasks) if tasks else 1.0), (min(sqnrs) if sqnrs else math.inf)
-
-
-def _describe(score: tuple[bool, float, float]) -> str:
-    ok, task, sqnr = score
-    return f"{'task ' + format(task, '.1%') + ', ' if task < 1.0 else ''}{sqnr:.1f} dB" + ("" if ok else ", refused")
-
-
-def _placement_warnings(options: QuantizeOptions, fmt: str, report: QuantizeReport) -> list[str]:
+def _placement_warnings(options: QuantizeOptions, fmt: str, report: QuantizeReport, *, smoothed: bool) -> list[str]:
     warnings = []
     if options.from_cache and report.missing_ranges:
         shown = ", ".join(report.missing_ranges[:5])
         warnings.append(f"{len(report.missing_ranges)} tensor(s) have no entry in the cache; their ops stay in float: {shown}")
-    if fmt == "int8" and any(r.startswith("attention core") for r in report.kept_float.values()):
+    if fmt == "int8" and not smoothed and any(r.startswith("attention core") for r in report.kept_float.values()):
         warnings.append(
             "a transformer: --smoothquant (with --data) moves its activations' outlier channels into the weights "
             "(reports/bench/encoder.md measures what it gains)"

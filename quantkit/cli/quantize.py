@@ -52,8 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--algorithms",
         default="auto",
-        help="auto (default: where the check finds the model short of FP32, depthwise-equalization on a model with depthwise"
-        " Convs, then bias-correction, then gptq with it, are tried and kept if the check shows they help), none, or a "
+        help="auto (default: where the check finds the model short of FP32 -- a task measure, else an output's cosine, "
+        "under 0.99 -- depthwise-equalization on a model with depthwise Convs, SmoothQuant on one with MatMul "
+        "projections, then bias-correction, then gptq with it, are tried and kept if the check shows they help), none, or a "
         "comma list: cle (cross-layer equalization of Conv pairs with high-bias absorption), depthwise-equalization "
         "(each depthwise Conv's input channels brought to one range, the inverse in its weights) — these two rewrite "
         "the model, then calibrate it on --data, instead of --ranges; gptq (each Conv/Gemm's int8 weights, or with "

@@ -42,7 +42,7 @@ from onnx import helper, numpy_helper
 
 from quantkit.export.statistics import channel_maxima
 from quantkit.graph.passes import fold_batchnorm
-from quantkit.model import ModelInfo
+from quantkit.model import ModelInfo, lifted_constants
 
 #: ops between the two Convs through which the equalization stays exact
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
@@ -177,28 +177,9 @@ def _equalize_pair(
     return float(np.max(np.abs(np.log(s)))) if s.size else 0.0
 
 
-def _lifted_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with Constant nodes' tensors as initializers (opset-11 exports keep Conv weights there)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    kept = []
-    for node in out.graph.node:
-        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
-        if value is None:
-            kept.append(node)
-            continue
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(value)
-        tensor.name = node.output[0]
-        out.graph.initializer.append(tensor)
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    return out
-
-
 def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, EqualizeReport]:
     """The model with BatchNorm folded and every eligible Conv pair equalized (a copy)."""
-    folded, fusions = fold_batchnorm(_lifted_constants(model))
+    folded, fusions = fold_batchnorm(lifted_constants(model))
     report = EqualizeReport(folded=len(fusions))
     out = onnx.ModelProto()
     out.CopyFrom(folded)
@@ -225,7 +206,7 @@ def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, EqualizeReport]:
 def _batchnorm_statistics(model: onnx.ModelProto, fusions: list[tuple[str, str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Conv -> (beta, |gamma|) of the BatchNormalization folded into it: its output's per-channel
     mean and standard deviation as the trained network saw them."""
-    lifted = _lifted_constants(model)
+    lifted = lifted_constants(model)
     inits = {i.name: i for i in lifted.graph.initializer}
     nodes = {n.name: n for n in lifted.graph.node}
     found = {}
@@ -280,13 +261,13 @@ def _depthwise_convs(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 
 def has_depthwise_convs(model: onnx.ModelProto) -> bool:
-    return bool(_depthwise_convs(_lifted_constants(model).graph))
+    return bool(_depthwise_convs(lifted_constants(model).graph))
 
 
 def equalize_depthwise_inputs(model: ModelInfo, batches: Any) -> tuple[onnx.ModelProto, DepthwiseReport]:
     """A copy of the model whose depthwise Convs read their input channels brought to one range
     (see the module docstring), from one FP32 pass over ``batches``; Constant weights are lifted."""
-    out = _lifted_constants(model.proto)
+    out = lifted_constants(model.proto)
     report = DepthwiseReport()
     convs = _depthwise_convs(out.graph)
     maxima = channel_maxima(model, {c.input[0]: 1 for c in convs}, batches)

@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from quantkit.backends.ort import ActivationRunner
 from quantkit.errors import QuantkitError
-from quantkit.model import ModelInfo
+from quantkit.model import ModelInfo, lifted_constants
 
 MIN_SCALE, MAX_SCALE = 1e-5, 1e5  # keep s away from 0 and inf for dead or tiny channels
 #: the alphas "auto" tries per activation, besides leaving it unsmoothed
@@ -158,8 +158,9 @@ def _weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def smoothable(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """Activation -> the MatMuls (and Gemms without transA) reading it with a constant 2-D weight."""
-    consts = _weights(proto)
+    """Activation -> the MatMuls (and Gemms without transA) reading it with a constant 2-D weight (an
+    initializer, or a Constant node's tensor)."""
+    consts = _weights(lifted_constants(proto))
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[0] in consts or node.input[1] not in consts:
@@ -188,8 +189,7 @@ def check_alpha(alpha: Any) -> float | str:
 def smooth_model(model: ModelInfo, batches: Iterable[Any], alpha: float | str = "auto") -> tuple[onnx.ModelProto, SmoothReport]:
     """The smoothed FP32 model (see the module docstring) and what was done."""
     alpha = check_alpha(alpha)
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
+    proto = lifted_constants(model.proto)  # a copy, whose weights are all initializers
     groups = smoothable(proto)
     if not groups:
         raise QuantkitError(f"{model.path} has no MatMul/Gemm with a constant weight to smooth")

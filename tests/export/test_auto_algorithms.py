@@ -11,7 +11,7 @@ from conftest import float_model, save
 from onnx import helper, numpy_helper
 from test_equalize import chain_model
 
-from quantkit.api.quantize import _better
+from quantkit.api.quantize import _Score
 from quantkit.backends.ort import make_session
 from quantkit.cli import main
 
@@ -80,4 +80,37 @@ def test_auto_is_given_alone():
     ],
 )
 def test_a_trial_must_earn_its_change(a, b, better):
-    assert _better(a, b) is better
+    assert _Score(*a).better_than(_Score(*b)) is better
+
+
+def outlier_matmul(tmp_path):
+    """X [N, 32] @ W [32, 16], X's first four channels 100x the others and W's rows for them small:
+    a per-tensor INT8 grid sized for the outliers rounds the other channels, which carry the
+    output, to a few levels (a transformer's LayerNorm outliers, in miniature)."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(32, 16)).astype(np.float32)
+    w[:4] *= 0.01
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")]
+    model = save(float_model(nodes, {"x": ["N", 32]}, {"y": ["N", 16]}, [numpy_helper.from_array(w, "w")]), tmp_path / "mm.onnx")
+    x = rng.normal(size=(64, 32)).astype(np.float32)
+    x[:, :4] *= 100
+    np.save(tmp_path / "x.npy", x)
+    assert (
+        main(["calibrate", str(model), "--data", str(tmp_path / "x.npy"), "--method", "all", "--out-dir", str(tmp_path / "r"), "-q"]) == 0
+    )
+    return model, x
+
+
+def test_an_embedding_short_of_fp32_by_its_cosine_gets_the_smoothquant_trial(tmp_path, capsys):
+    """No output has a task here, so the worst cosine decides; SmoothQuant is tried on the MatMul
+    and kept because the check scores it higher, and the whole data agrees."""
+    model, x = outlier_matmul(tmp_path)
+    base = ["quantize", str(model), "--ranges", str(tmp_path / "r" / "ranges.json"), "--method", "minmax", "--high-precision", "fp32"]
+    capsys.readouterr()
+    assert main([*base, "-o", str(tmp_path / "auto.onnx")]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("algorithms (auto):")]
+    assert "applied smoothquant" in line and "(default cosine 0." in line
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "auto.onnx")).metadata_props}
+    assert meta["quantkit.algorithms"] == "smoothquant"
+    assert main([*base, "--algorithms", "none", "-q", "-o", str(tmp_path / "none.onnx")]) == 0
+    assert sqnr(model, tmp_path / "auto.onnx", x) > sqnr(model, tmp_path / "none.onnx", x) + 3

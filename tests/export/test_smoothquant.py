@@ -66,6 +66,26 @@ def test_the_smoothed_model_computes_the_original_function(tmp_path, producer, f
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_weights_in_constant_nodes_are_smoothed_too(tmp_path):
+    """Paddle2ONNX and opset-11 exports keep MatMul weights in Constant nodes (PP-OCRv4's recogniser)."""
+    model = block("ln")
+    weights = [i for i in model.graph.initializer if i.name.startswith("w")]
+    constants = [helper.make_node("Constant", [], [w.name], value=w, name=f"const_{w.name}") for w in weights]
+    for w in weights:
+        model.graph.initializer.remove(w)
+    nodes = [*constants, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    info = quantkit.load_model(save(model, tmp_path / "c.onnx"))
+    x = data(tmp_path, (32, S, D))
+    smoothed, report = smooth_model(info, batches(open_source(x, info), info, 8), alpha=0.5)
+    assert report.smoothed["h"] == ["proj0", "proj1", "proj2"]
+    feeds = {"x": np.load(x)[:8]}
+    np.testing.assert_allclose(
+        make_session(smoothed).run(None, feeds)[0], make_session(info.proto).run(None, feeds)[0], rtol=1e-4, atol=1e-5
+    )
+
+
 def test_gemm_with_transposed_weight_and_a_folded_mul(tmp_path):
     info = quantkit.load_model(save(gemm_block(), tmp_path / "g.onnx"))
     x = data(tmp_path, (64, D))
