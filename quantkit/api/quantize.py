@@ -22,7 +22,7 @@ import onnx
 
 from quantkit._io import check_output_file, write_bytes_atomic
 from quantkit.api.scaled import calibrate
-from quantkit.backends.ort import OptimizedGraphCheck, optimized_graph_check
+from quantkit.backends.ort import OptimizedGraphCheck, first_line, optimized_graph_check
 from quantkit.calibration.collect import batch_size_for, select_calibration_tensors
 from quantkit.data.batching import batches, check_sample, fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
@@ -483,7 +483,11 @@ def _automatic(
         with_data = dataclasses.replace(job, data=data, preprocess=preprocess)
         for rewrite in _auto_rewrites(job):
             trial_notes: list[str] = []
-            rewritten = _rewrite_base(with_data, rewrite, ranges, Path(tmp) / rewrite, trial_notes, range_aware_fp16)
+            try:
+                rewritten = _rewrite_base(with_data, rewrite, ranges, Path(tmp) / rewrite, trial_notes, range_aware_fp16)
+            except (QuantkitError, onnx.checker.ValidationError) as exc:  # a trial the model does not take: the default stands
+                tried.append(f"+{rewrite} not applicable ({first_line(exc)})")
+                continue
             score = _judge(job, rewritten.applied.model, feeds, source)
             tried.append(f"+{rewrite} {score}")
             if score.better_than(best_score):

@@ -159,7 +159,7 @@ def _weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def smoothable(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """Activation -> the MatMuls (and Gemms without transA) reading it with a constant 2-D weight (an
-    initializer, or a Constant node's tensor)."""
+    initializer, or a Constant node's tensor) that nothing else reads."""
     consts = _weights(lifted_constants(proto))
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
@@ -169,7 +169,13 @@ def smoothable(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
         if attrs.get("transA", 0) or consts[node.input[1]].ndim != 2:
             continue
         groups.setdefault(node.input[0], []).append(node)
-    return groups
+    readers: dict[str, set[int]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(id(node))
+    # a weight also read elsewhere (an unrolled RNN's steps share one) would be copied per reader:
+    # the model would grow by a copy of it per step, so such an activation is left as it is
+    return {act: mms for act, mms in groups.items() if all(readers[m.input[1]] <= {id(n) for n in mms} for m in mms)}
 
 
 def check_alpha(alpha: Any) -> float | str:
@@ -192,7 +198,10 @@ def smooth_model(model: ModelInfo, batches: Iterable[Any], alpha: float | str = 
     proto = lifted_constants(model.proto)  # a copy, whose weights are all initializers
     groups = smoothable(proto)
     if not groups:
-        raise QuantkitError(f"{model.path} has no MatMul/Gemm with a constant weight to smooth")
+        raise QuantkitError(
+            f"{model.path} has no MatMul/Gemm with a constant weight to smooth (a weight that other nodes read too, as an "
+            "unrolled RNN's steps share theirs, is left: smoothing would copy it per reader)"
+        )
     stats, samples = channel_statistics(model, list(groups), batches)
     inits = {i.name: i for i in proto.graph.initializer}
     consts = _weights(proto)
@@ -212,7 +221,7 @@ def smooth_model(model: ModelInfo, batches: Iterable[Any], alpha: float | str = 
         s = _chosen_scale(report, act, samples.get(act), x_max, w_max, kn, alpha)
         if s is None:
             continue
-        _scale_weights(proto, matmuls, s, consts, inits, readers)
+        _scale_weights(matmuls, s, consts, inits)
         # other readers (a post-LN transformer's residual Add) need the original X: the MatMuls then
         # read X/s through an inserted Mul, and the producer keeps its constants
         shared = {id(r) for r in readers.get(act, [])} != {id(m) for m in matmuls}
@@ -269,17 +278,13 @@ def _chosen_scale(
     return smoothing_scale(x_max, w_max, chosen)
 
 
-def _scale_weights(proto: onnx.ModelProto, matmuls: list[onnx.NodeProto], s: np.ndarray, consts: dict, inits: dict, readers: dict) -> None:
-    """W' = diag(s) W: each input channel's row grows by s (a weight shared with other readers is copied first)."""
+def _scale_weights(matmuls: list[onnx.NodeProto], s: np.ndarray, consts: dict, inits: dict) -> None:
+    """W' = diag(s) W: each input channel's row grows by s (in place: ``smoothable`` keeps only weights
+    that their MatMuls alone read)."""
     for m in matmuls:
         w = consts[m.input[1]].astype(np.float64)
         scaled = (w * s[None, :]) if _transposed(m) else (w * s[:, None])
-        name = m.input[1] if len(readers.get(m.input[1], [])) == 1 else f"{m.input[1]}_{m.name}_smoothed"
-        if name == m.input[1]:
-            inits[name].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), name))
-        else:
-            proto.graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), name))
-            m.input[1] = name
+        inits[m.input[1]].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), m.input[1]))
 
 
 def _divide_input(proto: onnx.ModelProto, act: str, inv: np.ndarray, matmuls: list[onnx.NodeProto]) -> onnx.NodeProto:

@@ -4,6 +4,8 @@ it tried, and records what it kept; a model the check passes in full is left alo
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import onnx
 import pytest
@@ -14,6 +16,7 @@ from test_equalize import chain_model
 from quantkit.api.quantize import _Score
 from quantkit.backends.ort import make_session
 from quantkit.cli import main
+from quantkit.errors import QuantkitError
 
 
 @pytest.fixture()
@@ -114,3 +117,20 @@ def test_an_embedding_short_of_fp32_by_its_cosine_gets_the_smoothquant_trial(tmp
     assert meta["quantkit.algorithms"] == "smoothquant"
     assert main([*base, "--algorithms", "none", "-q", "-o", str(tmp_path / "none.onnx")]) == 0
     assert sqnr(model, tmp_path / "auto.onnx", x) > sqnr(model, tmp_path / "none.onnx", x) + 3
+
+
+def test_a_trial_the_model_does_not_take_leaves_the_default_standing(tmp_path, capsys, monkeypatch):
+    """A rewrite that fails on the model (here SmoothQuant, made to refuse) is noted and skipped:
+    an optional trial never turns a model the default writes into an error."""
+    api = importlib.import_module("quantkit.api.quantize")  # the module: the package exports its function
+
+    def refuse(*args, **kwargs):
+        raise QuantkitError("no statistics for this activation")
+
+    monkeypatch.setattr(api, "smooth_model", refuse)
+    model, _ = outlier_matmul(tmp_path)
+    base = ["quantize", str(model), "--ranges", str(tmp_path / "r" / "ranges.json"), "--method", "minmax", "--high-precision", "fp32"]
+    capsys.readouterr()
+    assert main([*base, "--force", "-o", str(tmp_path / "auto.onnx")]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("algorithms (auto):")]
+    assert "+smoothquant not applicable (no statistics for this activation)" in line and "+bias-correction" in line
