@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,9 +171,13 @@ def _layers(qdq: onnx.ModelProto, fp32: ModelInfo, report: RoundingReport) -> li
     layers, not_constant = quantized_layers(qdq, fp32)
     report.skipped.update(dict.fromkeys(not_constant, "its FP32 weight is not a constant"))
     found = []
+    readers = Counter(layer.dq.input[0] for layer in layers)
     for layer in layers:
         node, dq = layer.node, layer.dq
         if dq.input[0] not in consts:
+            continue
+        if readers[dq.input[0]] > 1:  # an unrolled RNN's steps: one rounding cannot be each step's own
+            report.skipped[node.name] = "its int8 weight is shared with other layers"
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         q, scale = consts[dq.input[0]], consts.get(dq.input[1])

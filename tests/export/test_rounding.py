@@ -159,3 +159,27 @@ def test_sampled_conv_patches_are_rows_of_the_full_im2col():
     sampled = conv_patches(x, attrs, (3, 3), rows=20, rng=np.random.default_rng(1))
     picked = np.random.default_rng(1).choice(len(full), 20, replace=False)
     np.testing.assert_array_equal(sampled, full[picked])
+
+
+def test_a_weight_shared_by_two_layers_keeps_round_to_nearest(tmp_path, capsys):
+    """An unrolled RNN's steps read one weight: one rounding cannot minimise each step's own error
+    (and holding a copy per step cost a captcha CRNN 6 GB), so GPTQ leaves it and says so, while
+    the unshared layer beside it is still rounded."""
+    from quantkit.cli import main
+
+    rng = np.random.default_rng(4)
+    w, head = rng.normal(size=(64, 64)).astype(np.float32), rng.normal(size=(16, 64)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["h1"], transB=1, name="step1"),
+        helper.make_node("Gemm", ["h1", "w"], ["h2"], transB=1, name="step2"),
+        helper.make_node("Gemm", ["h2", "head"], ["y"], transB=1, name="head"),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(head, "head")]
+    model = save(float_model(nodes, {"x": ["N", 64]}, {"y": ["N", 16]}, inits), tmp_path / "rnn.onnx")
+    np.save(tmp_path / "x.npy", correlated_inputs(rng, 256, 64).astype(np.float32))
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "x.npy"), "--out-dir", str(tmp_path / "r"), "-q"]) == 0
+    capsys.readouterr()
+    quantize = ["quantize", str(model), "--ranges", str(tmp_path / "r" / "ranges.json"), "--algorithms", "gptq"]
+    assert main([*quantize, "--data", str(tmp_path / "x.npy"), "--force", "-o", str(tmp_path / "q.onnx")]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("optimized rounding (GPTQ)")]
+    assert line.startswith("optimized rounding (GPTQ): 1 layer(s)")
