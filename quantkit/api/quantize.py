@@ -381,17 +381,21 @@ def _rewritten(job: _Job, algorithms: tuple[str, ...], folder: Path) -> tuple[Mo
     """The FP32 model with the rewrite algorithms applied, saved in ``folder``, and their notes
     ("smoothquant" comes from the automatic recipe: asked for by name, it is ``--smoothquant``)."""
     path, proto, notes = folder / job.info.path.name, job.info.proto, []
+
+    def current() -> ModelInfo:  # the model so far as the statistics passes run it: saved only once rewritten
+        if proto is job.info.proto:
+            return job.info
+        onnx.save(proto, str(path))
+        return load_model(path)
+
     if "cle" in algorithms:
         proto, report = equalize(proto)
         notes.append(report.summary())
     if "depthwise-equalization" in algorithms:
-        onnx.save(proto, str(path))
-        batches_ = _calibration_batches(job.info, job.data, job.preprocess)
-        proto, depthwise = equalize_depthwise_inputs(load_model(path), batches_)
+        proto, depthwise = equalize_depthwise_inputs(current(), _calibration_batches(job.info, job.data, job.preprocess))
         notes.append(depthwise.summary())
     if "smoothquant" in algorithms:
-        onnx.save(proto, str(path))
-        proto, smooth = smooth_model(load_model(path), _calibration_batches(job.info, job.data, job.preprocess), job.options.alpha)
+        proto, smooth = smooth_model(current(), _calibration_batches(job.info, job.data, job.preprocess), job.options.alpha)
         notes.append(smooth.summary())
     onnx.save(proto, str(path))
     return load_model(path), notes
