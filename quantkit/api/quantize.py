@@ -11,6 +11,7 @@ against FP32 (``quantkit.evaluation.check.verify``) -> one atomic write. What th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tempfile
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import SYNTHETIC, FidelityCheck, check_fidelity, check_samples, data_or_recorded, verify
 from quantkit.export.apply import AppliedPlan, apply_plan
-from quantkit.export.bias_correction import correct_biases
+from quantkit.export.bias_correction import correct_biases, correct_biases_empirically
 from quantkit.export.equalize import equalize, equalize_depthwise_inputs, has_depthwise_convs
 from quantkit.export.fp16 import Fp16Report
 from quantkit.export.int4 import Int4Report, quantize_int4_weights
@@ -50,13 +51,16 @@ from quantkit.tuning.speed import SpeedChoice, fastest_placement
 FP8_DEFAULT_METHODS = ("mse-fp8", "minmax")
 #: the algorithms that rewrite the FP32 model before its calibration (cle, depthwise-equalization)
 REWRITE_ALGORITHMS = ("cle", "depthwise-equalization")
-#: the algorithms that rewrite the Q/DQ model's weights (gptq) and biases (bias-correction)
-WEIGHT_ALGORITHMS = ("gptq", "bias-correction")
+#: the algorithms that rewrite the Q/DQ model's weights (gptq) and biases (bias-correction, then
+#: empirical-bias-correction, which measures what is left)
+WEIGHT_ALGORITHMS = ("gptq", "bias-correction", "empirical-bias-correction")
 #: the weight algorithms "auto" tries, cheapest first: bias correction costs one FP32 pass over the
-#: data, gptq about half a calibration more (reports/bench/accuracy.md); before them, each rewrite
-#: that fits the model (a pass and a calibration each): depthwise-equalization on depthwise Convs,
-#: SmoothQuant on MatMuls with constant weights (a transformer's projections)
-AUTO_TRIALS = (("bias-correction",), ("gptq", "bias-correction"))
+#: data, its empirical form a pass of the Q/DQ model per level of layers more, gptq about half a
+#: calibration (reports/bench/accuracy.md); the weights-only correction after gptq would find no
+#: layer rounded to nearest, so gptq is followed by the empirical form only. Before them, each
+#: rewrite that fits the model (a pass and a calibration each): depthwise-equalization on depthwise
+#: Convs, SmoothQuant on MatMuls with constant weights (a transformer's projections)
+AUTO_TRIALS = (("bias-correction",), ("empirical-bias-correction",), ("gptq",), ("gptq", "empirical-bias-correction"))
 #: a model that passes the check with every task measure at least this is left as it is
 AUTO_GOOD_TASK = 0.99
 #: with equal task measures, a trial is kept only for an SQNR gain above this (the check's noise)
@@ -341,17 +345,23 @@ def _weight_algorithms(
     job: _Job, ranges: RangeSet, algorithms: tuple[str, ...], notes: list[str]
 ) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
     """The Q/DQ model's rewrite on the calibration data (given, or recorded): the weights' rounding
-    first (gptq), then the biases (bias-correction), which correct for the weights as rounded."""
+    first (gptq), then the biases (bias-correction, empirical-bias-correction), which correct for
+    the weights as rounded."""
     data, preprocess = data_or_recorded(job.data, job.preprocess, ranges)
     if data is None:
         raise QuantkitError("gptq and bias correction read the calibration data: give data", option="data")
 
     def rewritten(model: onnx.ModelProto) -> onnx.ModelProto:
         if "gptq" in algorithms:
-            model, rounding = optimize_rounding(model, job.info, _calibration_batches(job.info, data, preprocess))
+            stream = _calibration_batches(job.info, data, preprocess)
+            model, rounding = optimize_rounding(model, job.info, stream, quiet=job.progress is None)
             notes.append(rounding.summary())
         if "bias-correction" in algorithms:
             model, report = correct_biases(model, job.info, _calibration_batches(job.info, data, preprocess))
+            notes.append(report.summary())
+        if "empirical-bias-correction" in algorithms:
+            stream = functools.partial(_calibration_batches, job.info, data, preprocess)
+            model, report = correct_biases_empirically(model, job.info, stream, quiet=job.progress is None)
             notes.append(report.summary())
         return model
 

@@ -10,12 +10,22 @@ For y = W x + b with quantized weights W_q = W + dW, the expected output shift p
 with E[x] the per-channel mean of the layer's FP32 input over the calibration data (one streamed
 pass). The corrected bias is b - dW E[x]. dW is read from the Q/DQ model itself (its
 DequantizeLinear weights against the FP32 weights), so the correction is exactly for the weights
-it ships, at their bit width. Only the weight term is corrected (the empirical form's activation
-quantization noise is not): the cheap form the issue asks for first.
+it ships, at their bit width. Only the weight term is corrected: the cheap form.
+
+The empirical form (the paper's empirical bias correction; NNCF's full BiasCorrection) measures the
+shift instead: E[y_q] - E[y] per output channel, y_q the layer's output in the Q/DQ model itself,
+so that it also takes back what the quantized activations upstream shift, e.g. a clipped tail's
+mean. Correcting a layer changes the means after it, so the layers are corrected in order: one pass
+of the Q/DQ model (cut after the layers it measures) per level of ``correction_levels``. On
+PP-OCRv4's detector the activations' clipping shrank the text mask (mean probability -0.003), and
+this form took its mask IoU from 0.920 to 0.950 where the weights-only form could not move it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,18 +33,22 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantkit._io import step_bar
 from quantkit.export.statistics import channel_moments, quantized_layers
 from quantkit.model import ModelInfo
 
 
 @dataclass
 class BiasReport:
-    corrected: dict[str, float] = field(default_factory=dict)  # node -> largest |shift| / its output's weight scale
+    corrected: dict[str, float] = field(default_factory=dict)  # node -> largest |shift| taken off its bias
     skipped: dict[str, str] = field(default_factory=dict)
+    form: str = "weights"  # or "empirical": the measured shift of the Q/DQ model's outputs
+    stopped: str = ""  # why the empirical form stopped early (its time bound)
 
     def summary(self) -> str:
-        line = f"bias correction: {len(self.corrected)} layer(s) corrected for the mean shift of their quantized weights"
-        return line + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+        what = "of their quantized weights" if self.form == "weights" else "measured in the quantized model (empirical)"
+        line = f"bias correction: {len(self.corrected)} layer(s) corrected for the mean shift {what}"
+        return line + (f" ({len(self.skipped)} skipped)" if self.skipped else "") + (f"; {self.stopped}" if self.stopped else "")
 
 
 def expected_shift(delta_w: np.ndarray, input_mean: np.ndarray, op: str, group: int = 1, trans_b: int = 0) -> np.ndarray:
@@ -95,13 +109,18 @@ def _targets(qdq: onnx.ModelProto, fp32: ModelInfo, report: BiasReport) -> list[
 
 
 def _set_bias(qdq: onnx.ModelProto, node: onnx.NodeProto, shift: np.ndarray) -> None:
-    """bias - shift, written as a new initializer of this node (a shared bias stays as it was)."""
+    """bias - shift, written as an initializer of this node's own (a shared bias stays as it was;
+    a bias corrected before is corrected again in place)."""
     inits = {i.name: i for i in qdq.graph.initializer}
     old = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
     dtype = old.dtype if old is not None else np.float32
     base = old.astype(np.float64).reshape(-1) if old is not None else np.zeros(shift.shape)
     name = f"{node.name}_bias_corrected"
-    qdq.graph.initializer.append(numpy_helper.from_array((base - shift).astype(dtype), name))
+    corrected = numpy_helper.from_array((base - shift).astype(dtype), name)
+    if name in inits:
+        inits[name].CopyFrom(corrected)
+    else:
+        qdq.graph.initializer.append(corrected)
     if len(node.input) > 2:
         node.input[2] = name
     else:
@@ -131,8 +150,113 @@ def correct_biases(qdq: onnx.ModelProto, fp32: ModelInfo, batches: Any) -> tuple
                 continue
         _set_bias(out, node, shift)
         report.corrected[node.name] = float(np.max(np.abs(shift)))
-    used = {t for n in out.graph.node for t in n.input}
-    kept = [i for i in out.graph.initializer if i.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
+    _drop_unused(out)
+    return out, report
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Removes the initializers no node reads (the biases a correction replaced)."""
+    used = {t for n in model.graph.node for t in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+# ---- empirical bias correction ------------------------------------------------------------------------
+#: the time the empirical form may take in all, one pass per level (``correct_biases_empirically``)
+EMPIRICAL_SECONDS = 600.0
+
+
+def correction_levels(graph: onnx.GraphProto, targets: set[str]) -> list[list[onnx.NodeProto]]:
+    """The ``targets`` (node names) grouped by how many targets lie on their longest path from the
+    inputs: a level's means depend only on the biases of the levels before it, so one pass per
+    level corrects them all as a pass per layer would (graph order is topological in ONNX)."""
+    depth: dict[str, int] = {}
+    levels: list[list[onnx.NodeProto]] = []
+    for node in graph.node:
+        level = max((depth.get(t, 0) for t in node.input), default=0)
+        if node.name in targets:
+            level += 1
+            if len(levels) < level:
+                levels.append([])
+            levels[level - 1].append(node)
+        for out in node.output:
+            depth[out] = level
+    return levels
+
+
+def _upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` computing ``tensors`` and what they need, nothing after: the early
+    levels' passes run a small part of the network (a graph with subgraphs is kept whole, as its
+    nodes read outer tensors implicitly)."""
+    graph = model.graph
+    keep = [True] * len(graph.node)
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        needed, keep = set(tensors), [False] * len(graph.node)
+        for i in range(len(graph.node) - 1, -1, -1):
+            node = graph.node[i]
+            if needed.intersection(node.output):
+                keep[i] = True
+                needed.update(node.input)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    del pruned.graph.node[:]
+    pruned.graph.node.extend(n for n, k in zip(graph.node, keep, strict=True) if k)
+    del pruned.graph.output[:]
+    pruned.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+    return pruned
+
+
+def _empirical_targets(qdq: onnx.ModelProto, fp32: ModelInfo, report: BiasReport) -> dict[str, int]:
+    """Quantized Conv/Gemm name -> its output's channel axis, for those whose output is also a
+    tensor of the FP32 model (the placement's folds rename the rest) and whose bias is a constant vector."""
+    produced = {o for n in fp32.proto.graph.node for o in n.output}
+    sizes = {i.name: list(i.dims) for i in qdq.graph.initializer}
+    found = {}
+    for layer in quantized_layers(qdq, fp32)[0]:
+        node = layer.node
+        if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+            report.skipped[node.name] = "Gemm with transA"
+        elif node.output[0] not in produced:
+            report.skipped[node.name] = "its output is not a tensor of the FP32 model"
+        elif len(node.input) > 2 and node.input[2] and len(sizes.get(node.input[2], [0, 0])) != 1:
+            report.skipped[node.name] = "its bias is not a constant vector"
+        else:
+            found[node.name] = 1 if node.op_type == "Conv" else -1
+    return found
+
+
+def correct_biases_empirically(
+    qdq: onnx.ModelProto, fp32: ModelInfo, batches: Callable[[], Any], *, seconds: float = EMPIRICAL_SECONDS, quiet: bool = True
+) -> tuple[onnx.ModelProto, BiasReport]:
+    """A copy of the Q/DQ model with each quantized Conv/Gemm's bias corrected by the mean shift
+    of its output in the Q/DQ model itself, against FP32 (see the module docstring), level by
+    level; ``batches()`` streams the calibration data anew for each pass."""
+    out = onnx.ModelProto()
+    out.CopyFrom(qdq)
+    report = BiasReport(form="empirical")
+    axes = _empirical_targets(out, fp32, report)
+    nodes = {n.name: n for n in out.graph.node}
+    reference = channel_moments(fp32, {nodes[name].output[0]: axis for name, axis in axes.items()}, batches(), power=1)
+    levels = correction_levels(out.graph, {name for name in axes if nodes[name].output[0] in reference})
+    deadline = time.monotonic() + seconds
+    bar = step_bar(len(levels), "bias correction", "level", quiet)
+    for done, level in enumerate(levels):
+        if time.monotonic() > deadline:
+            report.stopped = f"stopped after {done} of {len(levels)} levels: over {seconds:.0f} s"
+            break
+        tensors = {node.output[0]: axes[node.name] for node in level}
+        upstream = dataclasses.replace(fp32, proto=_upstream(out, list(tensors)))
+        measured = channel_moments(upstream, tensors, batches(), power=1)
+        for node in level:
+            got = measured.get(node.output[0])
+            if got is None or got.shape != reference[node.output[0]].shape:
+                report.skipped[node.name] = "no mean for its output"
+                continue
+            shift = got - reference[node.output[0]]
+            _set_bias(out, node, shift)
+            report.corrected[node.name] = float(np.max(np.abs(shift)))
+        bar.update(1)
+    bar.close()
+    _drop_unused(out)
     return out, report
