@@ -308,11 +308,11 @@ class QuantizeOptions:
     high_precision: str | None = None
     # accuracy algorithms before or after the placement: "cle" (cross-layer equalization of the
     # FP32 model, then calibration of the equalized model on the data), "gptq" (the int8 weights'
-    # rounding that minimises each layer's output error), "bias-correction" (for the weights' mean
-    # shift), "empirical-bias-correction" (for the shift measured in the Q/DQ model); "auto" (the default)
-    # tries the rewrites that fit the model (depthwise-equalization, SmoothQuant), then the weight
-    # algorithms, where the check finds the model short of FP32, and keeps what the check shows
-    # helps; () applies none
+    # rounding that minimises each layer's output error against FP32, on its input in the Q/DQ
+    # model), "bias-correction" (for the weights' mean shift), "empirical-bias-correction" (for
+    # the shift measured in the Q/DQ model); "auto" (the default) tries the rewrites that fit the
+    # model (depthwise-equalization, SmoothQuant), then the weight algorithms, where the check
+    # finds the model short of FP32, and keeps what the check shows helps; () applies none
     algorithms: tuple[str, ...] = ("auto",)
 
     @property

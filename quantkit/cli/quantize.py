@@ -54,13 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (default: where the check finds the model short of FP32 -- a task measure, else an output's cosine, "
         "under 0.99 -- depthwise-equalization on a model with depthwise Convs, SmoothQuant on one with MatMul "
-        "projections, then bias-correction, empirical-bias-correction, gptq, and gptq with empirical-bias-correction, are tried "
+        "projections, then bias-correction, empirical-bias-correction and gptq are tried "
         "and kept if the check shows they help), none, or a "
         "comma list: cle (cross-layer equalization of Conv pairs with high-bias absorption), depthwise-equalization "
         "(each depthwise Conv's input channels brought to one range, the inverse in its weights) — these two rewrite "
         "the model, then calibrate it on --data, instead of --ranges; gptq (each Conv/Gemm's int8 weights, or with "
         "--format int4-weights each MatMul/Gemm's int4 blocks, rounded to minimise its output error on the calibration "
-        "data), bias-correction (each quantized Conv/Gemm's bias corrected for the mean shift of its quantized "
+        "data; int8 layers in order, on their inputs in the quantized model, whose error they take back), "
+        "bias-correction (each quantized Conv/Gemm's bias corrected for the mean shift of its quantized "
         "weights), empirical-bias-correction (each one's bias corrected for the mean shift of its output measured in the "
         "quantized model, which the quantized activations upstream add to; one pass per level of layers); gptq and the "
         "bias corrections read --data or the recorded calibration data",

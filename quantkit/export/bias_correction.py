@@ -16,7 +16,7 @@ The empirical form (the paper's empirical bias correction; NNCF's full BiasCorre
 shift instead: E[y_q] - E[y] per output channel, y_q the layer's output in the Q/DQ model itself,
 so that it also takes back what the quantized activations upstream shift, e.g. a clipped tail's
 mean. Correcting a layer changes the means after it, so the layers are corrected in order: one pass
-of the Q/DQ model (cut after the layers it measures) per level of ``correction_levels``. On
+of the Q/DQ model (cut after the layers it measures) per level of ``layer_levels``. On
 PP-OCRv4's detector the activations' clipping shrank the text mask (mean probability -0.003), and
 this form took its mask IoU from 0.920 to 0.950 where the weights-only form could not move it.
 """
@@ -34,7 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from quantkit._io import step_bar
-from quantkit.export.statistics import channel_moments, quantized_layers
+from quantkit.export.statistics import channel_moments, layer_levels, quantized_layers, upstream
 from quantkit.model import ModelInfo
 
 
@@ -167,46 +167,6 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 EMPIRICAL_SECONDS = 600.0
 
 
-def correction_levels(graph: onnx.GraphProto, targets: set[str]) -> list[list[onnx.NodeProto]]:
-    """The ``targets`` (node names) grouped by how many targets lie on their longest path from the
-    inputs: a level's means depend only on the biases of the levels before it, so one pass per
-    level corrects them all as a pass per layer would (graph order is topological in ONNX)."""
-    depth: dict[str, int] = {}
-    levels: list[list[onnx.NodeProto]] = []
-    for node in graph.node:
-        level = max((depth.get(t, 0) for t in node.input), default=0)
-        if node.name in targets:
-            level += 1
-            if len(levels) < level:
-                levels.append([])
-            levels[level - 1].append(node)
-        for out in node.output:
-            depth[out] = level
-    return levels
-
-
-def _upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` computing ``tensors`` and what they need, nothing after: the early
-    levels' passes run a small part of the network (a graph with subgraphs is kept whole, as its
-    nodes read outer tensors implicitly)."""
-    graph = model.graph
-    keep = [True] * len(graph.node)
-    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        needed, keep = set(tensors), [False] * len(graph.node)
-        for i in range(len(graph.node) - 1, -1, -1):
-            node = graph.node[i]
-            if needed.intersection(node.output):
-                keep[i] = True
-                needed.update(node.input)
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
-    del pruned.graph.node[:]
-    pruned.graph.node.extend(n for n, k in zip(graph.node, keep, strict=True) if k)
-    del pruned.graph.output[:]
-    pruned.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
-    return pruned
-
-
 def _empirical_targets(qdq: onnx.ModelProto, fp32: ModelInfo, report: BiasReport) -> dict[str, int]:
     """Quantized Conv/Gemm name -> its output's channel axis, for those whose output is also a
     tensor of the FP32 model (the placement's folds rename the rest) and whose bias is a constant vector."""
@@ -238,7 +198,7 @@ def correct_biases_empirically(
     axes = _empirical_targets(out, fp32, report)
     nodes = {n.name: n for n in out.graph.node}
     reference = channel_moments(fp32, {nodes[name].output[0]: axis for name, axis in axes.items()}, batches(), power=1)
-    levels = correction_levels(out.graph, {name for name in axes if nodes[name].output[0] in reference})
+    levels = layer_levels(out.graph, {name for name in axes if nodes[name].output[0] in reference})
     deadline = time.monotonic() + seconds
     bar = step_bar(len(levels), "bias correction", "level", quiet)
     for done, level in enumerate(levels):
@@ -246,8 +206,8 @@ def correct_biases_empirically(
             report.stopped = f"stopped after {done} of {len(levels)} levels: over {seconds:.0f} s"
             break
         tensors = {node.output[0]: axes[node.name] for node in level}
-        upstream = dataclasses.replace(fp32, proto=_upstream(out, list(tensors)))
-        measured = channel_moments(upstream, tensors, batches(), power=1)
+        cut = dataclasses.replace(fp32, proto=upstream(out, list(tensors)))
+        measured = channel_moments(cut, tensors, batches(), power=1)
         for node in level:
             got = measured.get(node.output[0])
             if got is None or got.shape != reference[node.output[0]].shape:

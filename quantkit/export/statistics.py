@@ -81,3 +81,43 @@ def quantized_layers(qdq: onnx.ModelProto, fp32: ModelInfo) -> tuple[list[Quanti
             continue
         found.append(QuantizedLayer(node, dq, original.input[0], fp32_consts[original.input[1]]))
     return found, not_constant
+
+
+def layer_levels(graph: onnx.GraphProto, targets: set[str]) -> list[list[onnx.NodeProto]]:
+    """The ``targets`` (node names) grouped by how many targets lie on their longest path from the
+    inputs: a level's means depend only on the biases of the levels before it, so one pass per
+    level corrects them all as a pass per layer would (graph order is topological in ONNX)."""
+    depth: dict[str, int] = {}
+    levels: list[list[onnx.NodeProto]] = []
+    for node in graph.node:
+        level = max((depth.get(t, 0) for t in node.input), default=0)
+        if node.name in targets:
+            level += 1
+            if len(levels) < level:
+                levels.append([])
+            levels[level - 1].append(node)
+        for out in node.output:
+            depth[out] = level
+    return levels
+
+
+def upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` computing ``tensors`` and what they need, nothing after: the early
+    levels' passes run a small part of the network (a graph with subgraphs is kept whole, as its
+    nodes read outer tensors implicitly)."""
+    graph = model.graph
+    keep = [True] * len(graph.node)
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        needed, keep = set(tensors), [False] * len(graph.node)
+        for i in range(len(graph.node) - 1, -1, -1):
+            node = graph.node[i]
+            if needed.intersection(node.output):
+                keep[i] = True
+                needed.update(node.input)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    del pruned.graph.node[:]
+    pruned.graph.node.extend(n for n, k in zip(graph.node, keep, strict=True) if k)
+    del pruned.graph.output[:]
+    pruned.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+    return pruned

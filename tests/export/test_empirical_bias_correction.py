@@ -15,7 +15,8 @@ from onnx import helper, numpy_helper
 from quantkit.backends.ort import make_session, with_outputs
 from quantkit.cli import main
 from quantkit.data import batches, open_source
-from quantkit.export.bias_correction import correct_biases_empirically, correction_levels
+from quantkit.export.bias_correction import correct_biases_empirically
+from quantkit.export.statistics import layer_levels
 from quantkit.model import load_model
 
 #: conv1 -> Relu -> (conv2a, conv2b) -> Add -> conv3: two layers side by side, one after both
@@ -87,10 +88,10 @@ def case(tmp_path):
 
 def test_levels_group_layers_by_their_longest_chain_of_layers():
     model = branchy_model(np.random.default_rng(0))
-    levels = correction_levels(model.graph, set(LAYERS))
+    levels = layer_levels(model.graph, set(LAYERS))
     assert [sorted(n.name for n in level) for level in levels] == [["conv1"], ["conv2a", "conv2b"], ["conv3"]]
     # a layer left out does not count towards the chain
-    assert [[n.name for n in level] for level in correction_levels(model.graph, {"conv1", "conv3"})] == [["conv1"], ["conv3"]]
+    assert [[n.name for n in level] for level in layer_levels(model.graph, {"conv1", "conv3"})] == [["conv1"], ["conv3"]]
 
 
 def test_every_layer_mean_matches_fp32_in_the_quantized_model(case):

@@ -69,30 +69,31 @@ def test_conv_patches_reproduce_the_conv(strides, pads, dilations, group):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_quantize_with_gptq_lowers_the_layer_error(tmp_path):
+def test_quantize_with_gptq_lowers_the_output_error_on_its_samples_and_held_out(tmp_path):
+    """The Q/DQ model's output error against FP32, through onnxruntime: GPTQ's (rounding the
+    compensated weights on the quantized input) is at least 10% below round-to-nearest's on the
+    calibration samples, and still below it on held-out samples of the same distribution (with
+    GPTQ's 1% ridge the compensation fitted the samples: 0.79 of the error on them, 0.97 held out)."""
     from quantkit.cli import main
 
     rng = np.random.default_rng(3)
     w1 = rng.normal(size=(32, 64)).astype(np.float32)
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["y"], transB=1, name="fc")]
     model = save(float_model(nodes, {"x": ["N", 64]}, {"y": ["N", 32]}, [numpy_helper.from_array(w1, "w1")]), tmp_path / "fc.onnx")
-    x = correlated_inputs(rng, 512, 64).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
+    x = correlated_inputs(rng, 1024, 64).astype(np.float32)
+    calibration, held_out = x[:512], x[512:]
+    np.save(tmp_path / "x.npy", calibration)
     calibrate = ["calibrate", str(model), "--data", str(tmp_path / "x.npy"), "--method", "minmax"]
     assert main([*calibrate, "--out-dir", str(tmp_path / "r"), "-q"]) == 0
     base = ["quantize", str(model), "--ranges", str(tmp_path / "r" / "ranges.json"), "--high-precision", "fp32", "-q"]
     assert main([*base, "-o", str(tmp_path / "plain.onnx")]) == 0
     assert main([*base, "--algorithms", "gptq", "--data", str(tmp_path / "x.npy"), "-o", str(tmp_path / "gptq.onnx")]) == 0
-    import onnx
 
-    w_of = {}
-    for name in ("plain", "gptq"):
-        m = onnx.load(str(tmp_path / f"{name}.onnx"))
-        c = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-        dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and getattr(c.get(n.input[0]), "ndim", 0) == 2)
-        w_of[name] = c[dq.input[0]].astype(np.float64) * c[dq.input[1]][:, None]
-    error = {k: np.sum((x.astype(np.float64) @ (v - w1).T) ** 2) for k, v in w_of.items()}
-    assert error["gptq"] < 0.8 * error["plain"]
+    def error(name: str, xs: np.ndarray) -> float:
+        return float(np.sum((make_session(tmp_path / f"{name}.onnx").run(None, {"x": xs})[0] - xs.astype(np.float64) @ w1.T) ** 2))
+
+    assert error("gptq", calibration) < 0.9 * error("plain", calibration)
+    assert error("gptq", held_out) < 0.97 * error("plain", held_out)
 
 
 def test_int4_blocks_rounded_by_gptq_lower_the_output_error_on_the_samples(tmp_path):
@@ -183,3 +184,83 @@ def test_a_weight_shared_by_two_layers_keeps_round_to_nearest(tmp_path, capsys):
     assert main([*quantize, "--data", str(tmp_path / "x.npy"), "--force", "-o", str(tmp_path / "q.onnx")]) == 0
     [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("optimized rounding (GPTQ)")]
     assert line.startswith("optimized rounding (GPTQ): 1 layer(s)")
+
+
+def test_compensated_rows_are_the_ridge_regression_toward_the_fp32_weights():
+    """A second implementation: least squares on the stacked system [x~; sqrt(damp) I] against
+    [W x; sqrt(damp) W], damp as ``compensated`` takes it."""
+    from quantkit.export.rounding import COMPENSATION_DAMP, compensated
+
+    rng = np.random.default_rng(11)
+    x = correlated_inputs(rng, 400, 10)
+    quantized = x + rng.normal(scale=0.3, size=x.shape)
+    w = rng.normal(size=(4, 10))
+    h, cross = quantized.T @ quantized / len(x), quantized.T @ x / len(x)
+    damp = COMPENSATION_DAMP * np.mean(np.diag(h))
+    stacked = np.vstack([quantized / np.sqrt(len(x)), np.sqrt(damp) * np.eye(10)])
+    targets = np.vstack([x @ w.T / np.sqrt(len(x)), np.sqrt(damp) * w.T])
+    np.testing.assert_allclose(compensated(w, h, cross), np.linalg.lstsq(stacked, targets, rcond=None)[0].T, rtol=1e-8, atol=1e-10)
+
+
+def test_output_error_is_the_mean_squared_error_on_the_samples():
+    from quantkit.export.rounding import output_error
+
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(300, 7))
+    quantized = np.round(x * 4) / 4
+    w, w_q = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    h, cross, power = quantized.T @ quantized / 300, quantized.T @ x / 300, np.mean((x @ w.T) ** 2, axis=0)
+    direct = np.mean((x @ w.T - quantized @ w_q.T) ** 2, axis=0)
+    np.testing.assert_allclose(output_error(w_q, w, h, cross, power), direct, rtol=1e-9)
+
+
+def test_a_later_layer_is_rounded_on_its_input_in_the_rounded_model(tmp_path):
+    """fc2's integers are those a second pass computes by hand: its input x~ taken from the final
+    model (fc1 already rounded), its FP32 input from the FP32 model, then ``compensated``,
+    ``round_rows`` and the keep-if-better rule; and the model's output error is below round-to-nearest's."""
+    import onnx
+
+    from quantkit.cli import main
+    from quantkit.data import batches, open_source
+    from quantkit.export.rounding import compensated, optimize_rounding, output_error
+    from quantkit.model import load_model
+
+    rng = np.random.default_rng(13)
+    w1, w2 = rng.normal(size=(24, 16)).astype(np.float32), rng.normal(size=(8, 24)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1, name="fc2"),
+    ]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    path = save(float_model(nodes, {"x": ["N", 16]}, {"y": ["N", 8]}, inits), tmp_path / "mlp.onnx")
+    x = correlated_inputs(rng, 256, 16).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    calibrate = ["calibrate", str(path), "--data", str(tmp_path / "x.npy"), "--method", "minmax", "--out-dir", str(tmp_path / "r")]
+    assert main([*calibrate, "-q"]) == 0
+    ranges = str(tmp_path / "r" / "ranges.json")
+    quantize = ["quantize", str(path), "--ranges", ranges, "--algorithms", "none", "--high-precision", "fp32", "-q"]
+    assert main([*quantize, "-o", str(tmp_path / "rtn.onnx")]) == 0
+    info, rtn = load_model(path), onnx.load(str(tmp_path / "rtn.onnx"))
+    rounded, report = optimize_rounding(rtn, info, lambda: batches(open_source(tmp_path / "x.npy", info), info, 64))
+    assert set(report.improved) == {"fc1", "fc2"}
+
+    consts = {i.name: numpy_helper.to_array(i) for i in rounded.graph.initializer}
+    fc2 = next(n for n in rounded.graph.node if n.name == "fc2")
+    dq = next(n for n in rounded.graph.node if n.output[0] == fc2.input[1])
+    with_inputs = onnx.ModelProto()
+    with_inputs.CopyFrom(rounded)
+    with_inputs.graph.output.append(helper.make_empty_tensor_value_info(fc2.input[0]))
+    quantized = make_session(with_inputs).run([fc2.input[0]], {"x": x})[0].astype(np.float64)
+    fp32 = np.maximum(x.astype(np.float64) @ w1.T, 0)
+    h, cross, power = quantized.T @ quantized / len(x), quantized.T @ fp32 / len(x), np.mean((fp32 @ w2.T.astype(np.float64)) ** 2, axis=0)
+    scale = consts[dq.input[1]].astype(np.float64)
+    w = w2.astype(np.float64)
+    nearest = np.clip(np.round(w / scale[:, None]), -127, 127)
+    found, _, _ = round_rows(compensated(w, h, cross), scale, h, 127)
+    keep = output_error(found * scale[:, None], w, h, cross, power) < output_error(nearest * scale[:, None], w, h, cross, power)
+    np.testing.assert_array_equal(consts[dq.input[0]], np.where(keep[:, None], found, nearest))
+
+    ref = fp32 @ w2.T
+    errors = [np.sum((make_session(m).run(None, {"x": x})[0] - ref) ** 2) for m in (rtn, rounded)]
+    assert errors[1] < errors[0]
