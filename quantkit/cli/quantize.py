@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and kept if the check shows they help), none, or a "
         "comma list: cle (cross-layer equalization of Conv pairs with high-bias absorption), depthwise-equalization "
         "(each depthwise Conv's input channels brought to one range, the inverse in its weights) — these two rewrite "
-        "the model, then calibrate it on --data, instead of --ranges; gptq (each Conv/Gemm's int8 weights, or with "
+        "the model, then calibrate it on --data, instead of --ranges; gptq (each Conv/Gemm/MatMul's int8 weights, or with "
         "--format int4-weights each MatMul/Gemm's int4 blocks, rounded to minimise its output error on the calibration "
         "data; int8 layers in order, on their inputs in the quantized model, whose error they take back), "
         "bias-correction (each quantized Conv/Gemm's bias corrected for the mean shift of its quantized "

@@ -23,7 +23,8 @@ PP-OCRv4's detector worse than round-to-nearest once its activations were quanti
 Per output channel the result is kept only where that exact error on the samples is below the
 current integers' (never worse is checked, not assumed).
 
-The sums come from Gemm input rows and Conv input patches (im2col, per group; a depthwise Conv
+The sums come from Gemm and MatMul input rows (a constant [in, out] weight is rounded as its
+transpose, per output column) and Conv input patches (im2col, per group; a depthwise Conv
 gets small ones per channel), at most ``ROWS_PER_BATCH`` positions sampled per batch, the same
 positions from both models. Conv with auto_pad or a rank other than 2-D is left to
 round-to-nearest.
@@ -182,7 +183,8 @@ class _Layer:
     shape: tuple[int, ...]
     groups: int
     qmax: int  # the placement's weight levels: 127 (8 bits) or 63 (onnxruntime's 7)
-    fp32_weight: np.ndarray
+    fp32_weight: np.ndarray  # [out, ...], as ``shape``
+    transposed: bool = False  # stored [in, out] (a MatMul's, a Gemm's without transB): the int8 initializer is the transpose
     hessians: list[np.ndarray] = field(default_factory=list)  # per group: sum of x~ x~^T (x~: its input in the Q/DQ model)
     cross: list[np.ndarray] = field(default_factory=list)  # per group: sum of x~ x^T (x: its FP32 input)
     power: list[np.ndarray] = field(default_factory=list)  # per group: sum of (W x)^2 per output channel
@@ -195,7 +197,7 @@ class _Layer:
 
 def _layers(qdq: onnx.ModelProto, fp32: ModelInfo, report: RoundingReport) -> list[_Layer]:
     consts = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-    layers, not_constant = quantized_layers(qdq, fp32)
+    layers, not_constant = quantized_layers(qdq, fp32, ("Conv", "Gemm", "MatMul"))
     report.skipped.update(dict.fromkeys(not_constant, "its FP32 weight is not a constant"))
     found = []
     readers = Counter(layer.dq.input[0] for layer in layers)
@@ -207,29 +209,33 @@ def _layers(qdq: onnx.ModelProto, fp32: ModelInfo, report: RoundingReport) -> li
             report.skipped[node.name] = "its int8 weight is shared with other layers"
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        q, scale = consts[dq.input[0]], consts.get(dq.input[1])
-        reason = _refusal(node, attrs, q, scale)
+        q, scale, w = consts[dq.input[0]], consts.get(dq.input[1]), layer.fp32_weight
+        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0))
+        reason = _refusal(node, attrs, dq, q, scale, transposed) or ("" if w.shape == q.shape else "its FP32 weight has another shape")
         if reason:
             report.skipped[node.name] = reason
             continue
+        q, w = (q.T, w.T) if transposed else (q, w)
         groups = int(attrs.get("group", 1)) if node.op_type == "Conv" else 1
-        k = int(np.prod(q.shape[1:])) if node.op_type == "Conv" else q.shape[1]
+        k = int(np.prod(q.shape[1:]))
         if k > MAX_K:
             report.skipped[node.name] = f"{k} weights per row: its H would be too large"
             continue
-        qmax, w = int(np.abs(q).max()), layer.fp32_weight
-        if w.shape != q.shape:
-            report.skipped[node.name] = "its FP32 weight has another shape (a rewritten layer)"
-            continue
-        found.append(_Layer(node, layer.fp32_input, dq.input[0], scale.astype(np.float64), q.shape, groups, qmax, w))
+        found.append(
+            _Layer(node, layer.fp32_input, dq.input[0], scale.astype(np.float64), q.shape, groups, int(np.abs(q).max()), w, transposed)
+        )
     return found
 
 
-def _refusal(node: onnx.NodeProto, attrs: dict[str, Any], q: np.ndarray, scale: np.ndarray | None) -> str:
-    if q.dtype != np.int8 or scale is None or scale.ndim != 1 or scale.shape[0] != q.shape[0]:
+def _refusal(
+    node: onnx.NodeProto, attrs: dict[str, Any], dq: onnx.NodeProto, q: np.ndarray, scale: np.ndarray | None, transposed: bool
+) -> str:
+    axis = next((helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
+    out_axis = 1 if transposed else 0
+    if q.dtype != np.int8 or scale is None or scale.ndim != 1 or axis % q.ndim != out_axis or scale.shape[0] != q.shape[out_axis]:
         return "not per-output-channel int8 weights"
-    if node.op_type == "Gemm" and (attrs.get("transA", 0) or not attrs.get("transB", 0)):
-        return "a Gemm whose weight is not [out, in] (transB)"
+    if node.op_type in ("MatMul", "Gemm") and (q.ndim != 2 or attrs.get("transA", 0)):
+        return "a MatMul or Gemm whose weight is not a matrix, or with transA"
     if node.op_type == "Conv" and (q.ndim != 4 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
         return "a Conv that is not 2-D with explicit pads"
     return ""
@@ -239,7 +245,7 @@ def _rows(layer: _Layer, x: np.ndarray, seed: int) -> list[np.ndarray]:
     """This batch's input rows of the layer, per group (a Gemm's rows, a Conv's patches), at most
     ``ROWS_PER_BATCH`` drawn by ``seed``: the same seed draws the same positions from the FP32 and
     the quantized input."""
-    if layer.node.op_type == "Gemm":
+    if layer.node.op_type != "Conv":
         groups = [x.reshape(-1, x.shape[-1])]
     else:
         attrs = {a.name: helper.get_attribute_value(a) for a in layer.node.attribute}
@@ -357,7 +363,8 @@ def _round_layer(layer: _Layer, weights: dict[str, onnx.TensorProto], report: Ro
         report.skipped[layer.node.name] = "its input was not seen"
         return
     w = layer.fp32_weight.astype(np.float64).reshape(layer.shape[0], -1)
-    existing = numpy_helper.to_array(weights[layer.weight]).reshape(layer.shape[0], -1).astype(np.float64)
+    stored = numpy_helper.to_array(weights[layer.weight])
+    existing = (stored.T if layer.transposed else stored).reshape(layer.shape[0], -1).astype(np.float64)
     if np.any(np.abs(w - existing * layer.scale[:, None]) > 0.5 * layer.scale[:, None] * (1 + 1e-4) + 1e-7 * np.abs(w).max()):
         report.skipped[layer.node.name] = "its int8 weight is not the FP32 weight rounded (folded into by the placement)"
         return
@@ -376,4 +383,5 @@ def _round_layer(layer: _Layer, weights: dict[str, onnx.TensorProto], report: Ro
         before, after = before + float(e_old.sum()), after + float(np.minimum(e_new, e_old).sum())
     if after < before:
         report.improved[layer.node.name] = (before, after)
-        weights[layer.weight].CopyFrom(numpy_helper.from_array(q.reshape(layer.shape).astype(np.int8), layer.weight))
+        rounded = q.reshape(layer.shape).astype(np.int8)
+        weights[layer.weight].CopyFrom(numpy_helper.from_array(rounded.T if layer.transposed else rounded, layer.weight))

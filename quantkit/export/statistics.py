@@ -63,16 +63,19 @@ class QuantizedLayer:
     fp32_weight: np.ndarray
 
 
-def quantized_layers(qdq: onnx.ModelProto, fp32: ModelInfo) -> tuple[list[QuantizedLayer], list[str]]:
-    """Every Conv/Gemm with a dequantized weight and an FP32 original of the same name, and the
-    names of those whose FP32 weight is not a constant (initializers and Constant nodes count:
-    opset-11 exports keep weights in Constant nodes)."""
+def quantized_layers(
+    qdq: onnx.ModelProto, fp32: ModelInfo, ops: tuple[str, ...] = ("Conv", "Gemm")
+) -> tuple[list[QuantizedLayer], list[str]]:
+    """Every node of ``ops`` (Conv, Gemm; MatMul where asked) with a dequantized weight as its
+    second input and an FP32 original of the same name, and the names of those whose FP32 weight
+    is not a constant (initializers and Constant nodes count: opset-11 exports keep weights in
+    Constant nodes)."""
     producer = {o: n for n in qdq.graph.node for o in n.output}
     originals = {n.name: n for n in fp32.proto.graph.node}
     fp32_consts = constant_values(fp32.proto.graph)
     found, not_constant = [], []
     for node in qdq.graph.node:
-        dq = producer.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 else None
+        dq = producer.get(node.input[1]) if node.op_type in ops and len(node.input) > 1 else None
         original = originals.get(node.name)
         if dq is None or dq.op_type != "DequantizeLinear" or original is None:
             continue  # a weight left float, or a node the placement renamed

@@ -264,3 +264,33 @@ def test_a_later_layer_is_rounded_on_its_input_in_the_rounded_model(tmp_path):
     ref = fp32 @ w2.T
     errors = [np.sum((make_session(m).run(None, {"x": x})[0] - ref) ** 2) for m in (rtn, rounded)]
     assert errors[1] < errors[0]
+
+
+def test_a_matmul_weight_stored_in_by_out_is_rounded_per_output_column(tmp_path):
+    """A MatMul's constant weight is [in, out], quantized per output column (axis 1): GPTQ rounds
+    its transpose and writes it back as stored. Square, so only the axis tells the two apart (read
+    the other way, the integers would not be FP32's rounded and the layer would be skipped): the
+    model's output error through onnxruntime drops below round-to-nearest's."""
+    import onnx
+
+    from quantkit.cli import main
+
+    rng = np.random.default_rng(14)
+    w = (rng.normal(size=(32, 32)) * np.linspace(0.2, 3.0, 32)[None, :]).astype(np.float32)  # columns of different ranges
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    path = save(float_model(nodes, {"x": ["N", 32]}, {"y": ["N", 32]}, [numpy_helper.from_array(w, "w")]), tmp_path / "mm.onnx")
+    x = correlated_inputs(rng, 512, 32).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    calibrate = ["calibrate", str(path), "--data", str(tmp_path / "x.npy"), "--method", "minmax", "--out-dir", str(tmp_path / "r")]
+    assert main([*calibrate, "-q"]) == 0
+    quantize = ["quantize", str(path), "--ranges", str(tmp_path / "r" / "ranges.json"), "--high-precision", "fp32", "-q"]
+    assert main([*quantize, "--algorithms", "none", "-o", str(tmp_path / "rtn.onnx")]) == 0
+    assert main([*quantize, "--algorithms", "gptq", "--data", str(tmp_path / "x.npy"), "-o", str(tmp_path / "gptq.onnx")]) == 0
+    model = onnx.load(str(tmp_path / "gptq.onnx"))
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and consts.get(n.input[0], np.zeros(0)).ndim == 2)
+    q, scale = consts[dq.input[0]].astype(np.float64), consts[dq.input[1]].astype(np.float64)
+    assert q.shape == (32, 32) and np.any(q != np.round(w / scale[None, :]))
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    errors = [np.sum((make_session(tmp_path / f"{m}.onnx").run(None, {"x": x})[0] - ref) ** 2) for m in ("rtn", "gptq")]
+    assert errors[1] < 0.9 * errors[0]
