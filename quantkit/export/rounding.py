@@ -346,7 +346,10 @@ def compensated(w: np.ndarray, h: np.ndarray, cross: np.ndarray) -> np.ndarray:
     """The float rows W' minimising mean ||W x - W' x~||^2 + damp ||W' - W||^2 over the samples:
     W' = (W C + damp W)(H~ + damp I)^-1, C = E[x x~^T], H~ = E[x~ x~^T] (``cross`` holds C^T): a
     ridge regression toward W, which keeps W where the samples say little."""
-    damp = COMPENSATION_DAMP * np.mean(np.diag(h)) * np.eye(len(h))
+    # an input that is always 0 in the quantized model (dead, or all of it: a layer fed zeros) has a
+    # zero row in H~ and C; a ridge of 1 there keeps its weight as it is, and H~ + damp invertible
+    diag = np.diag(h)
+    damp = np.diag(COMPENSATION_DAMP * np.mean(diag) + (diag == 0))
     return np.linalg.solve(h + damp, (w @ cross.T + w @ damp).T).T
 
 

@@ -202,6 +202,22 @@ def test_compensated_rows_are_the_ridge_regression_toward_the_fp32_weights():
     np.testing.assert_allclose(compensated(w, h, cross), np.linalg.lstsq(stacked, targets, rcond=None)[0].T, rtol=1e-8, atol=1e-10)
 
 
+def test_an_input_always_zero_in_the_quantized_model_keeps_its_weights():
+    """A dead input (zero in H~ and C), or an all-zero input (H~ = 0: before, a singular matrix
+    and an internal error on PP-OCRv4's detector), leaves those weights as they are."""
+    from quantkit.export.rounding import compensated
+
+    rng = np.random.default_rng(15)
+    x = correlated_inputs(rng, 200, 6)
+    quantized = x.copy()
+    quantized[:, 2] = 0.0
+    w = rng.normal(size=(3, 6))
+    got = compensated(w, quantized.T @ quantized / 200, quantized.T @ x / 200)
+    np.testing.assert_allclose(got[:, 2], w[:, 2])
+    assert np.all(np.isfinite(got))
+    np.testing.assert_array_equal(compensated(w, np.zeros((6, 6)), np.zeros((6, 6))), w)
+
+
 def test_output_error_is_the_mean_squared_error_on_the_samples():
     from quantkit.export.rounding import output_error
 
