@@ -33,6 +33,7 @@ round-to-nearest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -199,6 +200,11 @@ class _Layer:
     def quantized_input(self) -> str:
         return self.node.input[0]
 
+    @functools.cached_property
+    def group_weights(self) -> list[np.ndarray]:
+        """The FP32 weight as [out, K] rows, split per group (read for every batch: made once)."""
+        return np.split(self.fp32_weight.astype(np.float64).reshape(self.shape[0], -1), self.groups)
+
 
 def _layers(qdq: onnx.ModelProto, fp32: ModelInfo, report: RoundingReport) -> list[_Layer]:
     consts = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
@@ -266,7 +272,7 @@ def _rows(layer: _Layer, x: np.ndarray, seed: int) -> list[np.ndarray]:
 def _accumulate(layer: _Layer, x: np.ndarray, quantized: np.ndarray, seed: int) -> None:
     """Add this batch's rows to the layer's sums of x~ x~^T and x~ x^T, per group."""
     rows, qrows = _rows(layer, x, seed), _rows(layer, quantized, seed)
-    w = np.split(layer.fp32_weight.astype(np.float64).reshape(layer.shape[0], -1), layer.groups)
+    w = layer.group_weights
     if not layer.hessians:
         layer.hessians = [np.zeros((r.shape[1], r.shape[1])) for r in rows]
         layer.cross = [np.zeros((r.shape[1], r.shape[1])) for r in rows]
