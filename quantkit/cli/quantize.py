@@ -53,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--algorithms",
         default="auto",
         help="auto (default: where the check finds the model short of FP32 -- a task measure, else an output's cosine, "
-        "under 0.99 -- depthwise-equalization on a model with depthwise Convs, SmoothQuant on one with MatMul "
-        "projections, then bias-correction, empirical-bias-correction and gptq are tried "
-        "and kept if the check shows they help), none, or a "
+        "under 0.99, or an output's SQNR under 30 dB -- depthwise-equalization on a model with depthwise Convs, SmoothQuant "
+        "on one with MatMul projections, then bias-correction, empirical-bias-correction, gptq and gptq with "
+        "empirical-bias-correction are tried and kept if the check shows they help), none, or a "
         "comma list: cle (cross-layer equalization of Conv pairs with high-bias absorption), depthwise-equalization "
         "(each depthwise Conv's input channels brought to one range, the inverse in its weights) — these two rewrite "
         "the model, then calibrate it on --data, instead of --ranges; gptq (each Conv/Gemm/MatMul's int8 weights, or with "

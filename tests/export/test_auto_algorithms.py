@@ -1,10 +1,12 @@
-"""quantize's default "auto" algorithms: where the check finds the model short of FP32 it tries
-bias correction, then GPTQ with it, keeps a trial only when the check scores it higher, says what
-it tried, and records what it kept; a model the check passes in full is left alone."""
+"""quantize's default "auto" algorithms: where the check finds the model short of FP32 (a task
+measure, or an SQNR with too little room) it tries the rewrites and the weight algorithms, keeps a
+trial only when the check scores it higher, says what it tried, and records what it kept; a model
+the check passes in full is left alone."""
 
 from __future__ import annotations
 
 import importlib
+import re
 
 import numpy as np
 import onnx
@@ -134,3 +136,68 @@ def test_a_trial_the_model_does_not_take_leaves_the_default_standing(tmp_path, c
     assert main([*base, "--force", "-o", str(tmp_path / "auto.onnx")]) == 0
     [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("algorithms (auto):")]
     assert "+smoothquant not applicable (no statistics for this activation)" in line and "+bias-correction" in line
+
+
+@pytest.mark.parametrize(
+    ("score", "enough"),
+    [
+        ((True, 1.0, 35.0), True),
+        ((True, 1.0, 25.0), False),  # every check sample agrees, but at 25 dB the held-out ones may not
+        ((True, 0.98, 40.0), False),
+        ((False, 1.0, 40.0), False),
+    ],
+)
+def test_good_enough_asks_for_the_task_and_an_sqnr_with_room_to_spare(score, enough):
+    assert _Score(*score).good_enough is enough
+
+
+def test_a_classifier_the_check_agrees_with_at_a_low_sqnr_gets_the_trials(tmp_path, capsys):
+    """Two logits, +-10 x[:, 0]: an outlier of 1000 in another input channel sets minmax's step to
+    about 8, so every sign survives (top-1 agreement 100%) at about 14 dB; auto tries the trials."""
+    rng = np.random.default_rng(3)
+    w = np.zeros((2, 4), np.float32)
+    w[0, 0], w[1, 0] = 1.0, -1.0
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1, name="fc")]
+    model = save(float_model(nodes, {"x": ["N", 4]}, {"y": ["N", 2]}, [numpy_helper.from_array(w, "w")]), tmp_path / "fc.onnx")
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    x[:, 0] = 10 * np.sign(x[:, 0])
+    x[::8, 1] = 1000.0
+    np.save(tmp_path / "x.npy", x)
+    calibrate = ["calibrate", str(model), "--data", str(tmp_path / "x.npy"), "--method", "minmax", "--out-dir", str(tmp_path / "r")]
+    assert main([*calibrate, "-q"]) == 0
+    capsys.readouterr()
+    args = ["quantize", str(model), "--ranges", str(tmp_path / "r" / "ranges.json"), "--high-precision", "fp32", "--force"]
+    assert main([*args, "-o", str(tmp_path / "q.onnx")]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("algorithms (auto):")]
+    default = re.search(r"\(default (\d+\.\d) dB, ", line)  # no task measure shown: every check sample agrees
+    assert default and float(default.group(1)) < 20
+    assert "+bias-correction" in line
+
+
+def test_gptq_then_the_empirical_correction_reuses_gptq_and_equals_both_named(calibrated, capsys, monkeypatch):
+    """With every trial scored higher than the last (a stand-in judge), auto keeps its last trial,
+    gptq + empirical-bias-correction: it runs GPTQ once (the extension starts from the gptq trial's
+    model) and writes the bytes that naming both algorithms writes."""
+    api = importlib.import_module("quantkit.api.quantize")
+    judged, rounded = [], []
+
+    def rising(*args, **kwargs):
+        judged.append(1)
+        return _Score(True, 0.5, 10.0 + len(judged))
+
+    def counted(*args, **kwargs):
+        rounded.append(1)
+        return optimize_rounding(*args, **kwargs)
+
+    optimize_rounding = api.optimize_rounding
+    monkeypatch.setattr(api, "_judge", rising)
+    monkeypatch.setattr(api, "optimize_rounding", counted)
+    monkeypatch.setattr(api, "_auto_rewrites", lambda job: [])  # the weight trials alone
+    model, _, tmp = calibrated
+    base = ["quantize", str(model), "--ranges", str(tmp / "r" / "ranges.json"), "--method", "minmax", "--high-precision", "fp32", "-q"]
+    assert main([*base, "--force", "-o", str(tmp / "auto.onnx")]) == 0
+    assert len(rounded) == 1
+    meta = {p.key: p.value for p in onnx.load(str(tmp / "auto.onnx")).metadata_props}
+    assert meta["quantkit.algorithms"] == "gptq,empirical-bias-correction"
+    assert main([*base, "--force", "--algorithms", "gptq,empirical-bias-correction", "-o", str(tmp / "named.onnx")]) == 0
+    assert (tmp / "auto.onnx").read_bytes() == (tmp / "named.onnx").read_bytes()
