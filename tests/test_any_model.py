@@ -184,8 +184,9 @@ def test_a_tensor_built_from_shapes_needs_no_range(tmp_path):
 
 
 def test_the_check_holds_out_what_calibration_read(tmp_path):
-    """Without check data, the check reads the recorded calibration data in calibration's own order,
-    past the samples calibration read; with too few left, it says it checks on calibration's samples."""
+    """Without check data, or with the file calibration read named as it, the check reads that data
+    in calibration's own order, past the samples calibration read; with too few left, it says it
+    checks on calibration's samples."""
     from quantkit.evaluation.check import check_samples
 
     path = save(prototype_classifier()[0], tmp_path / "m.onnx")
@@ -196,6 +197,11 @@ def test_the_check_holds_out_what_calibration_read(tmp_path):
     feeds, source = check_samples(quantkit.load_model(path), ranges=ranges, count=32)
     assert source.endswith("(held out: past the 40 samples calibration read)")
     assert np.array_equal(np.concatenate([f["x"] for f in feeds]), x[40:72])
+    named, source = check_samples(quantkit.load_model(path), tmp_path / "x.npy", ranges=ranges, count=32)  # the same file, named
+    assert source.endswith("(held out: past the 40 samples calibration read)") and np.array_equal(named[0]["x"], feeds[0]["x"])
+    np.save(tmp_path / "other.npy", x)  # another file is the user's check data, from its start
+    other, _ = check_samples(quantkit.load_model(path), tmp_path / "other.npy", ranges=ranges, count=32)
+    assert np.array_equal(np.concatenate([f["x"] for f in other]), x[:32])
     most = quantkit.calibrate(path, tmp_path / "x.npy", quantkit.CalibrationOptions(methods="minmax")).ranges  # all 100
     _, source = check_samples(quantkit.load_model(path), ranges=most, count=32)
     assert "the samples calibration read: too few were left" in source

@@ -321,8 +321,11 @@ def check_samples(
 ) -> tuple[list[dict[str, np.ndarray]], str]:
     """Samples for the check: from ``data``; else from the calibration data ``ranges`` records,
     when it is still there, held out from calibration where it holds at least ``count`` samples
-    calibration did not read (a check on the samples a method was fitted to flatters it); else
-    synthetic inputs within the recorded (or a unit) range."""
+    calibration did not read (a check on the samples a method was fitted to flatters it: minmax's
+    range covers every one of them); else synthetic inputs within the recorded (or a unit) range.
+    ``data`` naming the file calibration read counts as the recorded data."""
+    if data is not None and _calibration_file(data, ranges):
+        data = None
     recorded = data is None
     data, preprocess = data_or_recorded(data, preprocess, ranges)
     if data is None:
@@ -338,6 +341,14 @@ def check_samples(
         if sum(len(next(iter(f.values()))) for f in held_out) >= count:
             return held_out, f"{source.description} (held out: past the {used} samples calibration read)"
     return _take(source, model, 0, count), f"{source.description} (the samples calibration read: too few were left to hold out)"
+
+
+def _calibration_file(data: Any, ranges: RangeSet | None) -> bool:
+    """Whether ``data`` is a path to the very file or folder calibration read (ranges.json records it)."""
+    recorded = ranges.calibration.get("data") if ranges is not None else None
+    if not recorded or not isinstance(data, str | Path):
+        return False
+    return Path(data).exists() and Path(recorded).exists() and Path(data).resolve() == Path(recorded).resolve()
 
 
 def _take(source: Any, model: ModelInfo, skip: int, count: int, required: bool = True) -> list[dict[str, np.ndarray]]:
