@@ -70,6 +70,8 @@ AUTO_TRIALS = (("bias-correction",), ("empirical-bias-correction",), ("gptq",), 
 #: 3% of the output's RMS, which only near-ties feel)
 AUTO_GOOD_TASK = 0.99
 AUTO_GOOD_SQNR_DB = 30.0
+#: task measures that are a share of the check's samples, whose sampling noise _Score weighs
+SAMPLE_SHARES = ("top-1 agreement", "string agreement")
 #: with equal task measures, a trial is kept only for an SQNR gain above this (the check's noise)
 AUTO_MIN_GAIN_DB = 0.1
 
@@ -424,7 +426,8 @@ def _int8_methods(ranges: RangeSet) -> list[str]:
 
 def _choose_method(job: _Job, ranges: RangeSet, range_aware_fp16: bool) -> tuple[str, str]:
     """Without a method: every calibrated INT8 method's model, judged by the gate on the check
-    samples; the best task measure wins (then SQNR; a tie keeps the ranges' default, listed first).
+    samples; the best by ``_Score.better_than`` wins (the task measure beyond its sampling noise,
+    then the SQNR; a tie keeps the ranges' default, listed first).
     All methods come from one histogram pass, so this costs a build and a check run per method."""
     feeds, source = check_samples(job.info, job.data, job.preprocess, ranges, job.check.samples)
     scores = {}
@@ -432,19 +435,22 @@ def _choose_method(job: _Job, ranges: RangeSet, range_aware_fp16: bool) -> tuple
         export = dataclasses.replace(job.options.export(job.fmt), method=method)
         candidate = apply_plan(job.info, ranges, job.plan, export, range_aware_fp16=range_aware_fp16).model
         scores[method] = _judge(job, candidate, feeds, source)
-    best = max(scores, key=lambda m: scores[m])  # max keeps the first of equal keys: the default method
+    best = next(iter(scores))  # the ranges' default, listed first, unless another method is better
+    for method, score in scores.items():
+        best = method if score.better_than(scores[best]) else best
     shown = ", ".join(f"{m} {scores[m]}" for m in scores)
     return best, f"method: {best}, the best of the calibrated methods on {len(feeds)} check batch(es) from {source} ({shown})"
 
 
 class _Score(NamedTuple):
-    """A candidate's standing on the check samples, compared as a tuple: passing, then its worst
-    task measure (the worst cosine where no output has a task: an embedding's), then its worst SQNR."""
+    """A candidate's standing on the check samples: passing, then its worst task measure (the worst
+    cosine where no output has a task: an embedding's), then its worst SQNR."""
 
     ok: bool
     task: float
     sqnr: float
     cosine_only: bool = False  # no output has a task measure: ``task`` is the worst cosine
+    samples: int = 0  # the check's samples, where ``task`` is a share of them (else 0: no sampling noise is assumed)
 
     def __str__(self) -> str:
         measure = f"cosine {self.task:.4f}, " if self.cosine_only else f"task {self.task:.1%}, " if self.task < 1.0 else ""
@@ -455,22 +461,35 @@ class _Score(NamedTuple):
         return self.ok and self.task >= AUTO_GOOD_TASK and self.sqnr >= AUTO_GOOD_SQNR_DB
 
     def better_than(self, other: _Score) -> bool:
-        """Passes where ``other`` does not, or has the higher task measure, or (equal tasks) the SQNR
-        higher by more than ``AUTO_MIN_GAIN_DB``: a trial must earn its change of the model."""
-        if self[:2] != other[:2]:
-            return self[:2] > other[:2]
+        """Passes where ``other`` does not, or has the higher task measure by more than the two
+        shares' sampling noise, or else the SQNR higher by more than ``AUTO_MIN_GAIN_DB``: a trial
+        must earn its change of the model, and one sample more or less of 32 (3%) is within the
+        noise of an agreement near 85% (6%), where the SQNR is the steadier judge."""
+        if self.ok != other.ok:
+            return self.ok
+        if abs(self.task - other.task) > self._noise(other):
+            return self.task > other.task
         return self.sqnr > other.sqnr + AUTO_MIN_GAIN_DB
+
+    def _noise(self, other: _Score) -> float:
+        """The binomial standard error of a share of ``samples``, at the two scores' mean share."""
+        n = min(self.samples, other.samples)
+        share = (self.task + other.task) / 2
+        return math.sqrt(share * (1 - share) / n) if n > 0 else 0.0
 
 
 def _judge(job: _Job, candidate: onnx.ModelProto, feeds: list, source: str) -> _Score:
     """A candidate's standing on the check samples (``_Score``)."""
     result = check_fidelity(job.info.proto, candidate, feeds, source=source, min_sqnr_db=job.check.min_sqnr, real=source != SYNTHETIC)
-    tasks = [o.task.value for o in result.outputs if o.task is not None]
+    tasks = [o.task for o in result.outputs if o.task is not None]
     cosines = [o.cosine for o in result.outputs if math.isfinite(o.cosine)]
     sqnrs = [o.sqnr_db for o in result.outputs if math.isfinite(o.sqnr_db)]
     worst_sqnr = min(sqnrs) if sqnrs else math.inf
-    if tasks or not cosines:
-        return _Score(result.ok, min(tasks) if tasks else 1.0, worst_sqnr)
+    if tasks:
+        worst = min(tasks, key=lambda t: t.value)
+        return _Score(result.ok, worst.value, worst_sqnr, samples=result.samples if worst.task.measure in SAMPLE_SHARES else 0)
+    if not cosines:
+        return _Score(result.ok, 1.0, worst_sqnr)
     return _Score(result.ok, min(cosines), worst_sqnr, cosine_only=True)
 
 

@@ -201,3 +201,20 @@ def test_gptq_then_the_empirical_correction_reuses_gptq_and_equals_both_named(ca
     assert meta["quantkit.algorithms"] == "gptq,empirical-bias-correction"
     assert main([*base, "--force", "--algorithms", "gptq,empirical-bias-correction", "-o", str(tmp / "named.onnx")]) == 0
     assert (tmp / "auto.onnx").read_bytes() == (tmp / "named.onnx").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "better"),
+    [
+        # PP-OCRv4's recogniser on 32 check samples: one string more is within the noise of 86%
+        # agreement (a standard error of 6.1%), so 2.5 dB decides
+        ((True, 0.844, 16.0, False, 32), (True, 0.875, 13.5, False, 32), True),
+        ((True, 0.875, 13.5, False, 32), (True, 0.844, 16.0, False, 32), False),
+        # near 100% the noise is small: one flip of 32 (3.1%) is more than its 2.2%
+        ((True, 1.0, 10.0, False, 32), (True, 0.969, 20.0, False, 32), True),
+        # a measure that is not a share of samples (samples=0: a mask IoU) is taken as it is
+        ((True, 0.875, 13.5), (True, 0.844, 16.0), True),
+    ],
+)
+def test_a_task_difference_within_its_sampling_noise_is_decided_by_the_sqnr(a, b, better):
+    assert _Score(*a).better_than(_Score(*b)) is better
