@@ -75,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--smoothquant",
         action="store_true",
-        help="SmoothQuant before INT8/FP8: needs --data (channel maxima, then calibration of the smoothed model with --method)",
+        help="SmoothQuant before INT8/FP8: needs --data (channel maxima, then calibration of the smoothed model with --method; "
+        "without it, each INT8 method and the best by the check)",
     )
     p.add_argument(
         "--alpha",

@@ -236,3 +236,20 @@ def test_the_row_reservoir_is_bounded_uniform_and_repeatable():
     small = RowReservoir(capacity=512)
     small.add(np.arange(10, dtype=np.float64)[:, None])
     assert np.array_equal(small.rows[:, 0], np.arange(10))
+
+
+def test_without_a_method_the_smoothed_model_gets_the_method_the_check_finds_best(tmp_path, capsys):
+    """As the default path does: every INT8 method calibrated in one pass, each one's model checked,
+    the best kept (entropy alone is what collapsed PP-OCRv4's recogniser); the model written is the
+    one --method names with that method."""
+    from quantkit.cli import main
+
+    model = save(block("ln"), tmp_path / "b.onnx")
+    x = data(tmp_path, (48, S, D))
+    assert main(["quantize", str(model), "--smoothquant", "--data", str(x), "-o", str(tmp_path / "auto.onnx")]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("method: ")]
+    chosen = line.split()[1].rstrip(",")
+    assert "the best of the calibrated methods" in line and all(m in line for m in ("entropy", "minmax", "percentile", "mse"))
+    named = tmp_path / "named.onnx"
+    assert main(["quantize", str(model), "--smoothquant", "--data", str(x), "--method", chosen, "-q", "-o", str(named)]) == 0
+    assert (tmp_path / "auto.onnx").read_bytes() == named.read_bytes()
