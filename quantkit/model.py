@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -140,6 +141,40 @@ def lifted_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(kept)
     return out
+
+
+def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a control-flow node (If, Loop, Scan) carries as attributes."""
+    out = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def outer_scope_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors that ``node``'s subgraphs read from the enclosing scope without listing them as the
+    node's inputs (ONNX lets a branch read any tensor in scope), in order of first read."""
+    reads: dict[str, None] = {}
+    for graph in node_subgraphs(node):
+        local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+        for inner in graph.node:
+            for name in [*inner.input, *outer_scope_reads(inner)]:
+                if name and name not in local:
+                    reads[name] = None
+            local.update(inner.output)
+    return list(reads)
+
+
+def rename_outer_reads(node: onnx.NodeProto, renamed: Mapping[str, str]) -> None:
+    """Point ``node``'s subgraphs' reads of enclosing-scope tensors at new names (names are unique
+    across scopes in ONNX, so a read of ``old`` inside a branch is always the outer tensor)."""
+    for graph in node_subgraphs(node):
+        for inner in graph.node:
+            inner.input[:] = [renamed.get(name, name) for name in inner.input]
+            rename_outer_reads(inner, renamed)
 
 
 def constant_tensors(graph: onnx.GraphProto) -> set[str]:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "calib_data" / "demo_cnn.onnx"
@@ -75,6 +75,64 @@ def conv_model(channels: int = 3, batch: int | str = "N", constant_branch: bool 
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2, 8, 8])],
         [w1, w2, zero],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def if_model(nested: bool = False) -> onnx.ModelProto:
+    """Control flow as exported VADs and merged decoders have it: x -> Conv -> Relu -> h, then an If on
+    mean(x) > 0 whose branches read h, and the initializer w2, from the enclosing scope:
+    then: Conv -> Relu -> Conv(w_then) -> y; else: Conv -> Relu -> Conv(w2) -> y
+    (``nested``: the else branch's second Conv sits in an If of its own, on the condition's negation, whose
+    other branch never runs).
+    z = Conv(h, w2) is a second output, so w2 has a reader on either side of the If."""
+    rng = np.random.default_rng(3)
+
+    def weight(name, shape):
+        return numpy_helper.from_array((rng.normal(size=shape) * 0.3).astype(np.float32), name)
+
+    def out(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 2, 16, 16])
+
+    def branch(tag, last):
+        """Conv -> Relu -> Conv(last); last None: that Conv (reading the outer w2) inside an If of its own."""
+        nodes = [
+            helper.make_node("Conv", ["h", f"w_{tag}"], [f"c_{tag}"], pads=[1, 1, 1, 1], name=f"conv_{tag}"),
+            helper.make_node("Relu", [f"c_{tag}"], [f"r_{tag}"], name=f"relu_{tag}"),
+        ]
+        weights = [weight(f"w_{tag}", (8, 8, 3, 3))]
+        if last is None:
+            inner = helper.make_graph(
+                [helper.make_node("Conv", [f"r_{tag}", "w2"], ["y_inner"], name="conv_inner")], "inner", [], [out("y_inner")]
+            )
+            never = helper.make_graph(  # not_cond is always true here: this branch never runs
+                [helper.make_node("Conv", [f"r_{tag}", "w_never"], ["y_never"], name="conv_never")], "never", [], [out("y_never")],
+                [weight("w_never", (2, 8, 1, 1))],
+            )
+            nodes.append(helper.make_node("Not", ["cond"], ["not_cond"], name="not"))
+            nodes.append(helper.make_node("If", ["not_cond"], [f"y_{tag}"], name="if_inner", then_branch=inner, else_branch=never))
+        else:
+            nodes.append(helper.make_node("Conv", [f"r_{tag}", last], [f"y_{tag}"], name=f"conv2_{tag}"))
+            if last != "w2":
+                weights.append(weight(last, (2, 8, 1, 1)))
+        return helper.make_graph(nodes, tag, [], [out(f"y_{tag}")], weights)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+        helper.make_node("Relu", ["c0"], ["h"], name="relu0"),
+        helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
+        helper.make_node("Greater", ["m", "zero"], ["cond"], name="greater"),
+        helper.make_node(
+            "If", ["cond"], ["y"], name="if", then_branch=branch("then", "w_then2"), else_branch=branch("else", None if nested else "w2")
+        ),
+        helper.make_node("Conv", ["h", "w2"], ["z"], name="conv_z"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [out("y"), out("z")],
+        [weight("w0", (8, 3, 3, 3)), weight("w2", (2, 8, 1, 1)), numpy_helper.from_array(np.array(0, np.float32), "zero")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 

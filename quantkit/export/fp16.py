@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.errors import QuantkitError
-from quantkit.model import shape_derived_tensors
+from quantkit.model import node_subgraphs, outer_scope_reads, rename_outer_reads, shape_derived_tensors
 from quantkit.optypes import FLOAT32_ONLY_INPUTS, FP16_KEEP_FP32_OPS, QDQ_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
@@ -248,6 +248,8 @@ def _keep_reason(
         return f"{node.op_type} kept in float32" + (" (may overflow float16)" if overflow else "")
     if node.domain not in ("", "ai.onnx"):
         return f"custom-domain op {node.domain}.{node.op_type}"
+    if node_subgraphs(node):
+        return f"control flow ({node.op_type}): its subgraphs stay float32"
     if ranges is not None and any(_exceeds_fp16(ranges, t) for t in [*node.input, *node.output]):
         return f"range exceeds float16's safe range ({FP16_SAFE_MAX:g})"
     if node.op_type == "Constant" and node.output and node.output[0] in bad_constants:
@@ -277,16 +279,25 @@ def _decide_fp16(
     return fp16
 
 
+#: the slot of a tensor a control-flow node's subgraph reads from the enclosing scope
+OUTER_READ = -1
+
+
+def _reads(node: onnx.NodeProto) -> list[tuple[int, str]]:
+    """(slot, tensor) for each tensor ``node`` reads, its subgraphs' outer-scope reads included."""
+    return [*enumerate(node.input), *((OUTER_READ, name) for name in outer_scope_reads(node))]
+
+
 def _readers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
-        for slot, name in enumerate(node.input):
+        for slot, name in _reads(node):
             readers.setdefault(name, []).append((node, slot))
     return readers
 
 
 def _wants_fp16(node: onnx.NodeProto, slot: int, fp16: set[str]) -> bool:
-    return node.name in fp16 and slot not in FLOAT32_ONLY_INPUTS.get(node.op_type, ())
+    return node.name in fp16 and slot != OUTER_READ and slot not in FLOAT32_ONLY_INPUTS.get(node.op_type, ())
 
 
 def _convert_initializers(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, int], report: Fp16Report) -> None:
@@ -324,11 +335,13 @@ def _retype_nodes(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, in
 
 
 def _insert_casts(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, int], report: Fp16Report) -> None:
-    """A Cast wherever a node reads a float tensor of the other type: one per (tensor, type), before its first reader."""
+    """A Cast wherever a node reads a float tensor of the other type: one per (tensor, type), before its first reader.
+    A subgraph's read of a float16 tensor from the enclosing scope is pointed at its float32 Cast."""
     casts: dict[tuple[str, int], str] = {}
     body: list[onnx.NodeProto] = []
     for node in graph.node:
-        for slot, name in enumerate(node.input):
+        outer: dict[str, str] = {}
+        for slot, name in _reads(node):
             have = dtype_of.get(name)
             if have is None or (node.op_type == "Cast" and node.name in fp16):
                 continue  # not a float tensor, or a Cast (which accepts any input type)
@@ -340,7 +353,11 @@ def _insert_casts(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, in
                 casts[(name, want)] = f"{name}_cast_{suffix}"
                 body.append(helper.make_node("Cast", [name], [casts[(name, want)]], name=f"{name}_Cast_{suffix}", to=want))
                 report.casts_inserted += 1
-            node.input[slot] = casts[(name, want)]
+            if slot == OUTER_READ:
+                outer[name] = casts[(name, want)]
+            else:
+                node.input[slot] = casts[(name, want)]
+        rename_outer_reads(node, outer)
         body.append(node)
     del graph.node[:]
     graph.node.extend(body)
