@@ -106,7 +106,10 @@ def if_model(nested: bool = False) -> onnx.ModelProto:
                 [helper.make_node("Conv", [f"r_{tag}", "w2"], ["y_inner"], name="conv_inner")], "inner", [], [out("y_inner")]
             )
             never = helper.make_graph(  # not_cond is always true here: this branch never runs
-                [helper.make_node("Conv", [f"r_{tag}", "w_never"], ["y_never"], name="conv_never")], "never", [], [out("y_never")],
+                [helper.make_node("Conv", [f"r_{tag}", "w_never"], ["y_never"], name="conv_never")],
+                "never",
+                [],
+                [out("y_never")],
                 [weight("w_never", (2, 8, 1, 1))],
             )
             nodes.append(helper.make_node("Not", ["cond"], ["not_cond"], name="not"))
