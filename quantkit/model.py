@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def batch_axes(shapes: list[tuple[int | str | None, ...]]) -> list[int | None]:
     return axes
 
 
-def _shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
+def value_shape(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
+    """A tensor's declared dims: sizes, symbolic names, or None where unknown."""
     dims: list[int | str | None] = []
     for d in value_info.type.tensor_type.shape.dim:
         if d.HasField("dim_value") and d.dim_value > 0:  # some exporters (Paddle2ONNX) write -1 for dynamic
@@ -175,6 +177,65 @@ def rename_outer_reads(node: onnx.NodeProto, renamed: Mapping[str, str]) -> None
         for inner in graph.node:
             inner.input[:] = [renamed.get(name, name) for name in inner.input]
             rename_outer_reads(inner, renamed)
+
+
+def if_branches(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The branches of every If in ``graph`` and, recursively, in those branches (not Loop or Scan
+    bodies: they run many times per inference, and nothing outside sees their tensors)."""
+    found = []
+    for node in graph.node:
+        if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+            for branch in node_subgraphs(node):
+                found += [branch, *if_branches(branch)]
+    return found
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    return {o for node in graph.node for o in node.output if o}
+
+
+def _rename_in_branch(branch: onnx.GraphProto, old: str, new: str) -> None:
+    for node in branch.node:
+        node.output[:] = [new if o == old else o for o in node.output]
+        node.input[:] = [new if i == old else i for i in node.input]
+        rename_outer_reads(node, {old: new})
+    for out in branch.output:
+        if out.name == old:
+            out.name = new
+
+
+def lift_branch_tensors(
+    graph: onnx.GraphProto, names: set[str], elem_types: Mapping[str, int], _ids: Iterator[int] | None = None
+) -> set[str]:
+    """Make the tensors of ``names`` that If branches compute visible in ``graph`` under their own
+    names (in place), so that they can be graph outputs; returns the names lifted.
+
+    onnxruntime cannot return a tensor of a subgraph. Each If gets one more output per lifted
+    tensor: the branch that computes it returns it (its definition there renamed), the other
+    branch an empty tensor, which the callers read as "this branch did not run". Nested Ifs are
+    lifted from the inside out. The lifted model computes what the original does.
+    """
+    ids = itertools.count() if _ids is None else _ids  # unique suffixes: names are unique across all scopes
+    lifted: set[str] = set()
+    for node in [n for n in graph.node if n.op_type == "If" and n.domain in ("", "ai.onnx")]:
+        branches = node_subgraphs(node)
+        for branch in branches:
+            lift_branch_tensors(branch, names, elem_types, ids)
+        for name in sorted(names & set().union(*(_defined(b) for b in branches))):
+            elem = elem_types.get(name) or onnx.TensorProto.FLOAT
+            for branch in branches:
+                carried = f"{name}__lifted{next(ids)}"
+                if name in _defined(branch):
+                    inner = f"{name}__lifted{next(ids)}"
+                    _rename_in_branch(branch, name, inner)
+                    branch.node.append(onnx.helper.make_node("Identity", [inner], [carried]))
+                else:
+                    empty = onnx.helper.make_tensor(carried, elem, [0], [])
+                    branch.node.append(onnx.helper.make_node("Constant", [], [carried], value=empty))
+                branch.output.append(onnx.helper.make_tensor_value_info(carried, elem, None))
+            node.output.append(name)
+            lifted.add(name)
+    return lifted
 
 
 def constant_tensors(graph: onnx.GraphProto) -> set[str]:
@@ -333,9 +394,9 @@ def load_model(path: str | Path) -> ModelInfo:
         raise QuantkitError(f"{path} is not a valid ONNX model: {first}") from None
     initializers = {init.name for init in proto.graph.initializer}
     graph_inputs = [vi for vi in proto.graph.input if vi.name not in initializers]
-    axes = batch_axes([_shape(vi) for vi in graph_inputs])
+    axes = batch_axes([value_shape(vi) for vi in graph_inputs])
     inputs = tuple(
-        InputSpec(vi.name, _shape(vi), _dtype(vi.type.tensor_type.elem_type), batch_axis=axis)
+        InputSpec(vi.name, value_shape(vi), _dtype(vi.type.tensor_type.elem_type), batch_axis=axis)
         for vi, axis in zip(graph_inputs, axes, strict=True)
     )
     free = [i.name for i in inputs if len(i.shape) == 4 and not all(isinstance(d, int) for d in i.shape[2:])]

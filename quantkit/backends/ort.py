@@ -25,7 +25,7 @@ import onnxruntime as ort
 from quantkit._deps import install_hint
 from quantkit._io import write_bytes_atomic
 from quantkit.errors import QuantkitError
-from quantkit.model import ModelInfo
+from quantkit.model import ModelInfo, if_branches, lift_branch_tensors
 
 RUNTIMES = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -159,10 +159,26 @@ def make_session(
         raise QuantkitError(f"onnxruntime cannot load {where}: {first_line(exc)}") from None
 
 
+def _branch_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - best effort: an unknown type is taken as float32
+        return {}
+    return {vi.name: vi.type.tensor_type.elem_type for g in if_branches(inferred.graph) for vi in [*g.value_info, *g.output]}
+
+
 def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``tensors`` added as graph outputs (types left to onnxruntime)."""
+    """A copy of ``model`` with ``tensors`` added as graph outputs (types left to onnxruntime).
+
+    Tensors inside If branches are lifted out under their own names (``lift_branch_tensors``): a
+    run where their branch did not execute returns them empty."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
+    graph = proto.graph
+    top = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    inner = {t for t in tensors if t not in top}
+    if inner and if_branches(graph):
+        lift_branch_tensors(graph, inner, _branch_elem_types(model))
     existing = {o.name for o in proto.graph.output}
     for name in dict.fromkeys(tensors):
         if name not in existing:
@@ -207,7 +223,7 @@ class ActivationRunner:
         return {
             n: v
             for n, v in zip(self.output_names, values, strict=True)
-            if n in wanted and isinstance(v, np.ndarray) and v.dtype.kind == "f"
+            if n in wanted and isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size  # empty: its If branch did not run
         }
 
     def close(self) -> None:

@@ -25,22 +25,22 @@ from quantkit.data.batching import Batch, batches, fixed_batch
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
-from quantkit.model import ModelInfo, constant_tensors, effective_outputs
+from quantkit.model import ModelInfo, constant_tensors, effective_outputs, if_branches, node_subgraphs
 from quantkit.optypes import QUANTIZABLE_OP_TYPES, RESIDUAL_ONLY_OPS
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type shape inference can tell (0 where unknown)."""
+    """Element type of every tensor whose type shape inference can tell (0 where unknown), If branches included."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # noqa: BLE001 - inference is best effort; unknown types are checked at run time
         inferred = model
-    graph = inferred.graph
     types = {}
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        types[vi.name] = vi.type.tensor_type.elem_type
+    for graph in [inferred.graph, *if_branches(inferred.graph)]:
+        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+            types[vi.name] = vi.type.tensor_type.elem_type
     return types
 
 
@@ -51,33 +51,42 @@ def select_calibration_tensors(model: onnx.ModelProto, all_tensors: bool = False
     (``QUANTIZABLE_OP_TYPES``; Add only when both operands are activations) its float inputs and
     its effective output (after BN/bias/ReLU, see ``effective_outputs``), where an int8 kernel
     requantizes. Weights are excluded. ``all_tensors``: every float activation.
-    Tensors of unknown type are included and filtered by dtype at run time.
+    Tensors of unknown type are included and filtered by dtype at run time. The ops inside If
+    branches count too (a VAD or a merged decoder runs its whole network there): the collection
+    lifts their tensors out (``with_outputs``).
     """
     graph = model.graph
     types = _elem_types(model)
-    const = constant_tensors(graph)
     chosen: dict[str, None] = {}
-    effective = effective_outputs(graph, QUANTIZABLE_OP_TYPES)
 
-    def consider(name: str) -> None:
+    def consider(name: str, const: set[str]) -> None:
         if name and name not in const and types.get(name, 0) in _FLOAT_TYPES | {0}:
             chosen.setdefault(name, None)
 
+    def select(graph: onnx.GraphProto, outer_const: set[str]) -> None:
+        const = constant_tensors(graph) | outer_const
+        effective = effective_outputs(graph, QUANTIZABLE_OP_TYPES)
+        for node in graph.node:
+            if all_tensors:
+                for name in list(node.input) + list(node.output):
+                    consider(name, const)
+            elif node.op_type in QUANTIZABLE_OP_TYPES:
+                if node.op_type in RESIDUAL_ONLY_OPS and any(i in const for i in node.input):
+                    continue
+                for name in node.input:
+                    consider(name, const)
+                if node.output:
+                    consider(effective[node.output[0]], const)
+            if node.op_type == "If":
+                for branch in node_subgraphs(node):
+                    select(branch, const)
+
+    top_const = constant_tensors(graph)
     for vi in graph.input:
-        consider(vi.name)
-    for node in graph.node:
-        if all_tensors:
-            for name in list(node.input) + list(node.output):
-                consider(name)
-        elif node.op_type in QUANTIZABLE_OP_TYPES:
-            if node.op_type in RESIDUAL_ONLY_OPS and any(i in const for i in node.input):
-                continue
-            for name in node.input:
-                consider(name)
-            if node.output:
-                consider(effective[node.output[0]])
+        consider(vi.name, top_const)
+    select(graph, set())
     for vi in graph.output:
-        consider(vi.name)
+        consider(vi.name, top_const)
     return list(chosen)
 
 

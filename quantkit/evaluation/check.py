@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,8 @@ from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.metrics import cosine, sqnr_db
-from quantkit.evaluation.task import TaskScore, infer_task, score_task
-from quantkit.model import ModelInfo
+from quantkit.evaluation.task import TaskScore, infer_task, recurrent_states, score_task
+from quantkit.model import ModelInfo, value_shape
 from quantkit.options import CHECK_SAMPLES, MIN_SQNR_DB, CheckOptions, given
 from quantkit.ranges import RangeSet
 
@@ -127,6 +127,14 @@ class FidelityCheck:
         return f"{shown} (on {self.samples} sample(s) from {self.source})"
 
 
+def graph_states(model: onnx.ModelProto) -> set[str]:
+    """``recurrent_states`` of a model, from its graph's declared inputs and outputs."""
+    weights = {i.name for i in model.graph.initializer}
+    inputs = {vi.name: value_shape(vi) for vi in model.graph.input if vi.name not in weights}
+    outputs = {vi.name: value_shape(vi) if vi.type.tensor_type.HasField("shape") else None for vi in model.graph.output}
+    return recurrent_states(inputs, outputs)
+
+
 def judge_outputs(
     names: Sequence[str],
     reference: Sequence[np.ndarray],
@@ -135,18 +143,20 @@ def judge_outputs(
     tokens: np.ndarray | None = None,
     *,
     real: bool = True,
+    states: Collection[str] = (),
 ) -> list[OutputCheck]:
     """Per output: SQNR, cosine, the task measure, and what is wrong with it, if anything.
 
     ``tokens`` (from ``token_positions``) leaves a transformer's padding positions out. ``real``:
     the samples are real data, so each output's task is judged too (``quantkit.evaluation.task``);
-    on synthetic inputs only the SQNR floor applies."""
+    on synthetic inputs only the SQNR floor applies. ``states`` (``recurrent_states``): outputs
+    that only feed the next call, judged by SQNR alone."""
     checks = []
     for name, ref, got in zip(names, reference, outputs, strict=True):
         ref, got = np.asarray(ref), np.asarray(got)
         check = _judge_values(name, ref, got, min_sqnr_db, tokens)
         # the task is measured on a collapsed output too: choosing among failed candidates ranks by it
-        if real and tokens is None and ref.shape == got.shape:
+        if real and tokens is None and ref.shape == got.shape and name not in states:
             check.task = score_task(infer_task(ref, len(ref)), ref, got)
             if check.task is not None and not check.task.ok and not check.problem:
                 check.problem = f"fails its task: {check.task.line()} < {check.task.floor:.0%}"
@@ -230,7 +240,7 @@ def check_fidelity(
     if tokens is not None:
         source = f"{source}, at the {int(tokens.sum())} real tokens (padding left out)"
     result = FidelityCheck(
-        judge_outputs(names, ref_values, new_values, min_sqnr_db, tokens, real=real),
+        judge_outputs(names, ref_values, new_values, min_sqnr_db, tokens, real=real, states=graph_states(reference)),
         count,
         source,
         min_sqnr_db,

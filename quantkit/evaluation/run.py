@@ -36,6 +36,7 @@ from quantkit.evaluation.decision import decide
 from quantkit.evaluation.latency import Latency, hardware, measure_all
 from quantkit.evaluation.metrics import OutputFidelity, fidelity
 from quantkit.evaluation.objectives import Objective, choose_objective, from_callable, objective
+from quantkit.evaluation.task import recurrent_states
 from quantkit.evaluation.variants import CalibrationInput, build_variants, layer_precisions, parse_variants
 from quantkit.model import ModelInfo, load_model
 from quantkit.options import DataOptions, EvalOptions, RuntimeOptions, given
@@ -320,7 +321,8 @@ def _run_variant(run: _Run, spec: Any, target: str | Path) -> VariantResult:
     result.fidelity = [
         fidelity(n, r, o, _slices(run.options.slices, n, r, run.tokens)) for n, r, o in zip(names, run.reference, outputs, strict=True)
     ]
-    result.collapsed = [c.line() for c in judge_outputs(names, run.reference, outputs) if c.problem]
+    states = recurrent_states({i.name: i.shape for i in session.get_inputs()}, {o.name: o.shape for o in session.get_outputs()})
+    result.collapsed = [c.line() for c in judge_outputs(names, run.reference, outputs, states=states) if c.problem]
     if TENSORRT_ON_CPU not in result.notes:  # fake-quantized on a CPU: no candidate for CPU deployment, so not timed
         run.timed.append((result, session))
     return result

@@ -25,6 +25,8 @@ only: on synthetic inputs a healthy model's decisions are noise, and only SQNR i
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +143,38 @@ def _sequence_task(reference: np.ndarray, batch: int | None) -> OutputTask | Non
         reason = f"{shape}: {what} over {shape[-1]} classes per position, class {blank} (blank) wins most positions"
         return OutputTask("ctc sequence", "string agreement", reason, layout, blank)
     return OutputTask("class sequence", "per-position agreement", f"{shape}: {what} over {shape[-1]} classes per position", layout)
+
+
+#: name parts that mark the two ends of a state carried from one call to the next (in_cache0 -> out_cache0,
+#: cache_0 -> next_cache_0, past_key_values.0.key -> present.0.key)
+_STATE_AFFIXES = frozenset({"in", "out", "next", "new", "prev", "last", "past", "present", "updated", "input", "output"})
+
+
+Dims = Sequence[int | str | None]
+
+
+def _state_key(name: str) -> str:
+    return "".join(t for t in re.split(r"[^a-z0-9]+", name.lower()) if t and t not in _STATE_AFFIXES)
+
+
+def _same_shape(a: Dims, b: Dims) -> bool:
+    return len(a) == len(b) and all(not isinstance(x, int) or not isinstance(y, int) or x == y for x, y in zip(a, b, strict=True))
+
+
+def recurrent_states(inputs: Mapping[str, Dims], outputs: Mapping[str, Dims | None]) -> set[str]:
+    """The outputs that carry a state into the model's next call (a streaming VAD's caches, an RNN's
+    hidden state, a decoder's key/value cache): named after an input (see ``_STATE_AFFIXES``; one
+    name may contain the other: state -> stateN), of its rank and fixed sizes. A state is no decision:
+    it is judged by SQNR, and the task by the outputs it feeds. ``outputs``' shape None: not known."""
+    found = set()
+    for out, out_shape in outputs.items():
+        key = _state_key(out)
+        for name, shape in inputs.items():
+            other = _state_key(name)
+            related = key == other or (min(len(key), len(other)) >= 4 and (other in key or key in other))
+            if related and (not out_shape or _same_shape(out_shape, shape)):
+                found.add(out)
+    return found
 
 
 def _map_threshold(reference: np.ndarray) -> float:

@@ -156,10 +156,7 @@ def _qdq_follow_consumers(graph: onnx.GraphProto, fp16: set[str], report: Fp16Re
     """Q/DQ pairs whose DequantizeLinear feeds only float16 nodes take float16 scales (opset 19), so
     no Cast sits between a DequantizeLinear and its op: TensorRT's Q/DQ fusion sees the pattern, as
     ModelOpt writes it. Returns how many Q/DQ nodes went to float16."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = {name: [node for node, _ in users] for name, users in _readers(graph).items()}  # a branch's reads count
     by_output = {o: n for n in graph.node for o in n.output}
     scales = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     moved, tiny = 0, []

@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from quantkit.errors import QuantkitError
 from quantkit.export.rules import FORMATS, TARGETS, NodePlan, OpRule, const_values, placement_rules
 from quantkit.graph.passes import fold_batchnorm, hardswish_as_gate
-from quantkit.model import ModelInfo, effective_outputs, shape_derived_tensors
+from quantkit.model import ModelInfo, effective_outputs, if_branches, shape_derived_tensors
 from quantkit.optypes import ALREADY_QUANTIZED_OPS, ORT_INT8_OPS
 from quantkit.plan import NodeFilter, PrecisionPlan
 from quantkit.ranges import RangeSet, TensorRange, amax_to_scale, ranges_from_scales
@@ -396,13 +396,19 @@ def quantize_model(
         ranges.check_model(model.path, model.sha256)
     p = _prepare(model, ranges, method, plan, target, fmt, weight_bits)
     p.filters, p.quantize_attention = filters, quantize_attention
-    _decide(p)
+    scopes = _scopes(p)
+    for scope in scopes:
+        _decide(scope)
     _check_missing(p, allow_missing)
-    _share_scales(p)
-    _insert_qdq(p)
-    if target == "onnxruntime":
-        _requantize_outputs(p)
-        _rewrite_hardsigmoids(p)
+    for scope in scopes:  # outer scopes first: a branch reuses the Q/DQ its enclosing graph already has
+        _share_scales(scope)
+        _insert_qdq(scope)
+        if target == "onnxruntime":
+            _requantize_outputs(scope)
+            _rewrite_hardsigmoids(scope)
+        for child in scopes:
+            if child.parent is scope:
+                child.act_dq, child.weight_dq = dict(scope.act_dq), dict(scope.weight_dq)
     return _export(p), p.report
 
 
@@ -441,6 +447,9 @@ class _Placement:
     range_of: dict[str, str] = field(default_factory=dict)  # tensor -> the tensor whose range it takes
     act_dq: dict[str, gs.Variable] = field(default_factory=dict)
     weight_dq: dict[tuple[str, int], gs.Variable] = field(default_factory=dict)
+    scope: str = ""  # suffix of the Q/DQ names written in an If branch (names are unique across all scopes)
+    parent: _Placement | None = None  # the enclosing graph's placement, for an If branch
+    ran: bool = True  # False for an If branch that the calibration data never took (no range for any of its tensors)
 
     @property
     def qtype(self) -> np.dtype:
@@ -462,8 +471,10 @@ def _prepare(
         plan.resolve([n.name for n in proto.graph.node])
     # where each op's int8 kernel would requantize (computed before BN folding; the folded Conv
     # takes over the BN output's name, so the tensor names stay valid)
-    effective = effective_outputs(proto.graph, ORT_INT8_OPS)
-    effective_output = {n.name: effective[n.output[0]] for n in proto.graph.node if n.output and n.output[0] in effective}
+    effective_output = {}
+    for g in [proto.graph, *if_branches(proto.graph)]:
+        effective = effective_outputs(g, ORT_INT8_OPS)
+        effective_output.update({n.name: effective[n.output[0]] for n in g.node if n.output and n.output[0] in effective})
     if target == "onnxruntime":
         proto, report.folded_batchnorms = fold_batchnorm(proto)
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(proto, strict_mode=False))
@@ -477,8 +488,28 @@ def _prepare(
     levels = (1 << (weight_bits - 1)) - 1
     rules = placement_rules(target, fmt)
     return _Placement(
-        proto, graph, ranges, method, target, fmt, levels, report, plan, effective_output, rules, shape_derived_tensors(proto.graph)
-    )
+        proto, graph, ranges, method, target, fmt, levels, report, plan, effective_output, rules,
+        set().union(*(shape_derived_tensors(g) for g in [proto.graph, *if_branches(proto.graph)])),
+    )  # fmt: skip
+
+
+def _scopes(p: _Placement) -> list[_Placement]:
+    """``p`` and a placement for each If branch below it, outer ones first. Each branch writes its own
+    Q/DQ (a branch may read its enclosing graph's, never a sibling's). Loop and Scan bodies are not
+    among them: calibration cannot see their tensors (see ``if_branches``)."""
+    scopes = [p]
+    for scope in scopes:
+        for node in scope.graph.nodes:
+            if node.op != "If" or node.domain not in (None, "", "ai.onnx"):
+                continue
+            for branch in (node.attrs.get("then_branch"), node.attrs.get("else_branch")):
+                computed = {t.name for n in branch.nodes for t in n.outputs}
+                child = dataclasses.replace(
+                    scope, graph=branch, plans={}, range_of={}, scope=f"__{len(scopes)}", parent=scope,
+                    ran=bool(computed & set(p.ranges.tensors)),
+                )  # fmt: skip
+                scopes.append(child)
+    return scopes
 
 
 def _attention_reason(target: str) -> str:
@@ -509,7 +540,8 @@ def _decide(p: _Placement) -> None:
             p.report.kept_float[node.name] = reason
             continue
         p.plans[node.name] = node_plan
-    p.report.float_op_counts = dict(float_ops)
+    for op, count in float_ops.items():  # summed over the scopes (the graph and its If branches)
+        p.report.float_op_counts[op] = p.report.float_op_counts.get(op, 0) + count
 
 
 def _refusal(p: _Placement, node: gs.Node, node_plan: NodePlan, in_attention: bool, output_names: set[str]) -> str:
@@ -532,6 +564,8 @@ def _refusal(p: _Placement, node: gs.Node, node_plan: NodePlan, in_attention: bo
     missing = [node.inputs[i].name for i in node_plan.activations if node.inputs[i].name not in p.ranges.tensors]
     if missing and all(m in p.shape_derived for m in missing):
         return f"{node.op} with an operand computed from shapes alone (no activation, no range)"
+    if missing and not p.ran:
+        return "in an If branch that the calibration data never took (no ranges)"
     if missing and node_plan.constants:  # an x * a or x + b whose x has no range: float, as before it had a plan
         return f"{node.op} with a constant operand, no range for its input"
     if missing:
@@ -590,18 +624,21 @@ def _activation_dq(p: _Placement, tensor: gs.Variable) -> gs.Variable:
     """The dequantized copy of an activation (one Q/DQ pair per tensor, shared by its readers)."""
     if tensor.name in p.act_dq:
         return p.act_dq[tensor.name]
+    if tensor.inputs and tensor.inputs[0].op == "DequantizeLinear":
+        return tensor  # an enclosing graph's requantized output, which a branch reads (onnxruntime)
     source = p.range_of.get(tensor.name, tensor.name)
     if p.fmt == "fp8":  # E4M3: amax maps to 448, its largest finite value
         scale, zp = fp8_scale(p.ranges.tensors[source].amax[p.method]), 0
     else:
         scale, zp = _activation_params(p.ranges, source, p.method, p.target)
     p.report.activation_params[tensor.name] = (scale, zp)
-    s = gs.Constant(f"{tensor.name}_scale", np.array(scale, dtype=np.float32))
-    z = gs.Constant(f"{tensor.name}_zero_point", np.array(zp, dtype=p.qtype))
-    q = gs.Variable(f"{tensor.name}_quantized", dtype=p.qtype, shape=tensor.shape)
-    dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=tensor.shape)
-    p.graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", inputs=[tensor, s, z], outputs=[q]))
-    p.graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[q, s, z], outputs=[dq]))
+    name = tensor.name + p.scope
+    s = gs.Constant(f"{name}_scale", np.array(scale, dtype=np.float32))
+    z = gs.Constant(f"{name}_zero_point", np.array(zp, dtype=p.qtype))
+    q = gs.Variable(f"{name}_quantized", dtype=p.qtype, shape=tensor.shape)
+    dq = gs.Variable(f"{name}_dequantized", dtype=np.float32, shape=tensor.shape)
+    p.graph.nodes.append(gs.Node("QuantizeLinear", f"{name}_QuantizeLinear", inputs=[tensor, s, z], outputs=[q]))
+    p.graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_DequantizeLinear", inputs=[q, s, z], outputs=[dq]))
     p.act_dq[tensor.name] = dq
     return dq
 
@@ -621,13 +658,12 @@ def _weight_dq(p: _Placement, tensor: gs.Tensor, axis: int) -> gs.Variable:
         scales = per_channel_scales(w, axis, p.levels)
         q = np.clip(np.round(w / scales.reshape(shape)), -p.levels, p.levels).astype(np.int8)
     p.report.weight_scales[tensor.name] = scales
-    qc = gs.Constant(f"{tensor.name}_quantized", q)
-    s = gs.Constant(f"{tensor.name}_scale", scales)
-    z = gs.Constant(f"{tensor.name}_zero_point", np.zeros(scales.shape, dtype=p.qtype if p.fmt == "fp8" else np.int8))
-    dq = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=list(w.shape))
-    p.graph.nodes.append(
-        gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq], attrs={"axis": axis})
-    )
+    name = tensor.name + p.scope
+    qc = gs.Constant(f"{name}_quantized", q)
+    s = gs.Constant(f"{name}_scale", scales)
+    z = gs.Constant(f"{name}_zero_point", np.zeros(scales.shape, dtype=p.qtype if p.fmt == "fp8" else np.int8))
+    dq = gs.Variable(f"{name}_dequantized", dtype=np.float32, shape=list(w.shape))
+    p.graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_DequantizeLinear", inputs=[qc, s, z], outputs=[dq], attrs={"axis": axis}))
     p.weight_dq[key] = dq
     return dq
 
@@ -690,9 +726,10 @@ def _requantize_outputs(p: _Placement) -> None:
 
 
 def _rewrite_hardsigmoids(p: _Placement) -> None:
-    p.report.hardsigmoids_as_add = _hardsigmoids_as_add(p.graph)
+    rewritten = _hardsigmoids_as_add(p.graph)
+    p.report.hardsigmoids_as_add += rewritten
     counts = p.report.float_op_counts
-    left = counts.get("HardSigmoid", 0) - len(p.report.hardsigmoids_as_add)
+    left = counts.get("HardSigmoid", 0) - len(rewritten)
     p.report.float_op_counts = {op: n for op, n in {**counts, "HardSigmoid": left}.items() if n > 0}
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import onnx
 
 from quantkit._io import ensure_writable_dir, step_bar, write_bytes_atomic
-from quantkit.evaluation.check import judge_outputs
+from quantkit.evaluation.check import graph_states, judge_outputs
 from quantkit.model import ModelInfo
 from quantkit.options import ExportOptions, TuneOptions, given
 from quantkit.optypes import KNOWN_SENSITIVE_OPS
@@ -321,7 +321,10 @@ class PrecisionSearch:
         if best is not None:
             tuned: onnx.ModelProto = build_candidate(self.model, self.ranges, plan, method=self.export.method, target=self.export.target)
             names = [o.name for o in self.model.proto.graph.output]
-            broken = [c for c in judge_outputs(names, self.evaluator.reference, self.evaluator._run(tuned)) if c.problem]
+            outputs = self.evaluator._run(tuned)
+            broken = [
+                c for c in judge_outputs(names, self.evaluator.reference, outputs, states=graph_states(self.model.proto)) if c.problem
+            ]
             if broken:  # never written: the history and the plan say what was tried
                 result.broken = [c.line() for c in broken]
                 result.messages.append("the best model so far is broken, so no tuned model was written: " + "; ".join(result.broken[:3]))

