@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.errors import QuantkitError
-from quantkit.model import node_subgraphs, outer_scope_reads, rename_outer_reads, shape_derived_tensors
+from quantkit.model import if_branches, node_subgraphs, outer_scope_reads, rename_outer_reads, shape_derived_tensors
 from quantkit.optypes import FLOAT32_ONLY_INPUTS, FP16_KEEP_FP32_OPS, QDQ_OPS
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
@@ -100,10 +100,11 @@ def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    g = inferred.graph
-    types = {init.name: init.data_type for init in g.initializer}
-    for vi in [*g.input, *g.value_info, *g.output]:
-        types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    types: dict[str, int] = {}
+    for g in [inferred.graph, *if_branches(inferred.graph)]:
+        types.update({init.name: init.data_type for init in g.initializer})
+        for vi in [*g.input, *g.value_info, *g.output]:
+            types.setdefault(vi.name, vi.type.tensor_type.elem_type)
     return types
 
 
@@ -152,11 +153,12 @@ def _subnormal_in_fp16(scale: np.ndarray | None) -> bool:
     return bool(np.any((values > 0) & (values < FP16_MIN_NORMAL)))
 
 
-def _qdq_follow_consumers(graph: onnx.GraphProto, fp16: set[str], report: Fp16Report) -> int:
+def _qdq_follow_consumers(graph: onnx.GraphProto, fp16: set[str], c: _Conversion) -> int:
     """Q/DQ pairs whose DequantizeLinear feeds only float16 nodes take float16 scales (opset 19), so
     no Cast sits between a DequantizeLinear and its op: TensorRT's Q/DQ fusion sees the pattern, as
     ModelOpt writes it. Returns how many Q/DQ nodes went to float16."""
-    readers = {name: [node for node, _ in users] for name, users in _readers(graph).items()}  # a branch's reads count
+    report = c.report
+    readers = {name: [node for node, _ in users] for name, users in _readers(graph, c.branched).items()}  # a body's reads count
     by_output = {o: n for n in graph.node for o in n.output}
     scales = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     moved, tiny = 0, []
@@ -201,17 +203,16 @@ def convert_fp16(
     if any(init.data_type == TensorProto.FLOAT16 for init in graph.initializer):
         raise QuantkitError("the model already holds float16 weights; convert its FP32 original instead")
     types = _tensor_types(src)
-    report = Fp16Report(notes=notes)
-    fp16 = _decide_fp16(graph, types, report, precisions or {}, ranges, DEFAULT_KEEP_FP32 | set(keep_op_types))
-    if _opset(src) >= 19:
-        report.qdq_fp16 = _qdq_follow_consumers(graph, fp16, report)
-    dtype_of = {name: TensorProto.FLOAT for name, t in types.items() if t == TensorProto.FLOAT}  # tensor -> its new float type
-    _convert_initializers(graph, fp16, dtype_of, report)
-    _retype_nodes(graph, fp16, dtype_of, report)
-    _insert_casts(graph, fp16, dtype_of, report)
-    _cast_outputs_back(graph, dtype_of, report)
+    conversion = _Conversion(
+        types, {name: TensorProto.FLOAT for name, t in types.items() if t == TensorProto.FLOAT},  # tensor -> its new float type
+        Fp16Report(notes=notes), precisions or {}, ranges, DEFAULT_KEEP_FP32 | set(keep_op_types),
+    )  # fmt: skip
+    _convert_graph(graph, conversion, qdq_fp16=_opset(src) >= 19)
+    report = conversion.report
+    _cast_outputs_back(graph, conversion.dtype_of, report)
     # value_info is stale after retyping: drop it and let shape inference recompute it
-    del graph.value_info[:]
+    for g in [graph, *if_branches(graph)]:
+        del g.value_info[:]
     try:
         out_model = onnx.shape_inference.infer_shapes(src, strict_mode=True)
         onnx.checker.check_model(out_model)
@@ -245,8 +246,8 @@ def _keep_reason(
         return f"{node.op_type} kept in float32" + (" (may overflow float16)" if overflow else "")
     if node.domain not in ("", "ai.onnx"):
         return f"custom-domain op {node.domain}.{node.op_type}"
-    if node_subgraphs(node):
-        return f"control flow ({node.op_type}): its subgraphs stay float32"
+    if node_subgraphs(node) and not _branches_convert(node):
+        return f"control flow ({node.op_type}): its body stays float32 (run many times; no ranges reach it)"
     if ranges is not None and any(_exceeds_fp16(ranges, t) for t in [*node.input, *node.output]):
         return f"range exceeds float16's safe range ({FP16_SAFE_MAX:g})"
     if node.op_type == "Constant" and node.output and node.output[0] in bad_constants:
@@ -254,24 +255,69 @@ def _keep_reason(
     return next((bad_constants[name] for name in node.input if name in bad_constants), "")
 
 
-def _decide_fp16(
-    graph: onnx.GraphProto, types: dict[str, int], report: Fp16Report, precisions: dict[str, str], ranges: RangeSet | None, keep: set[str]
-) -> set[str]:
-    """The nodes that run in float16; the others' reasons go to ``report.kept_fp32``."""
+def _branches_convert(node: onnx.NodeProto) -> bool:
+    """An If's branches are converted like any graph (calibration sees their tensors); Loop and Scan bodies are not."""
+    return node.op_type == "If" and node.domain in ("", "ai.onnx")
+
+
+@dataclass
+class _Conversion:
+    """What the passes over a graph and its If branches share (tensor names are unique across scopes)."""
+
+    types: dict[str, int]
+    dtype_of: dict[str, int]  # float tensor -> its type after conversion
+    report: Fp16Report
+    precisions: dict[str, str]
+    ranges: RangeSet | None
+    keep: set[str]
+    bad_constants: dict[str, str] = field(default_factory=dict)  # of this graph and the enclosing ones
+    derived: set[str] = field(default_factory=set)
+    branched: set[str] = field(default_factory=set)  # If nodes whose branches are converted in place
+
+
+def _convert_graph(graph: onnx.GraphProto, c: _Conversion, *, qdq_fp16: bool = False, scope: str = "") -> None:
+    """Decide, retype and cast ``graph``, then each If branch in it (``scope`` names the Casts a branch
+    adds). A branch's outputs go back to float32, so each If keeps its interface."""
+    fp16 = _decide_fp16(graph, c, ran=not scope or c.ranges is None or _ran(graph, c.ranges))
+    if qdq_fp16:
+        c.report.qdq_fp16 += _qdq_follow_consumers(graph, fp16, c)
+    _convert_initializers(graph, fp16, c)
+    _retype_nodes(graph, fp16, c.dtype_of, c.report)
+    _insert_casts(graph, fp16, c, scope)
+    for node in [n for n in graph.node if n.name in c.branched]:
+        for k, branch in enumerate(node_subgraphs(node)):
+            inner = f"{scope}_{node.name}_{k}"
+            for i, sub in enumerate(branch.node):
+                sub.name = sub.name or f"{sub.op_type}{inner}_{i}"
+            _convert_graph(branch, c, qdq_fp16=qdq_fp16, scope=inner)
+            _cast_branch_outputs(branch, c, inner)
+
+
+def _ran(branch: onnx.GraphProto, ranges: RangeSet) -> bool:
+    return any(o in ranges.tensors for n in branch.node for o in n.output)
+
+
+def _decide_fp16(graph: onnx.GraphProto, c: _Conversion, ran: bool = True) -> set[str]:
+    """The nodes that run in float16; the others' reasons go to ``report.kept_fp32``. ``ran``: False for
+    an If branch that the data never took, which stays float32 (no range says what it computes)."""
     constants = constant_values(graph)
-    bad_constants = {name: why for name, values in constants.items() if (why := constant_problem(values))}
-    derived = shape_derived_tensors(graph)  # from constants and shapes alone (a reshaped weight): parameters, not activations
+    c.bad_constants.update({name: why for name, values in constants.items() if (why := constant_problem(values))})
+    c.derived |= shape_derived_tensors(graph)  # from constants and shapes alone (a reshaped weight): parameters, not activations
     fp16: set[str] = set()
     for node in graph.node:
-        reason = _keep_reason(node, precisions, ranges, keep, bad_constants)
-        if not reason and ranges is not None and node.op_type != "Constant":
+        reason = _keep_reason(node, c.precisions, c.ranges, c.keep, c.bad_constants)
+        if not reason and not ran:
+            reason = "in an If branch that the data never took (no ranges)"
+        if not reason and c.ranges is not None and node.op_type != "Constant":
             for name in [*node.input, *node.output]:
-                if name and name not in derived and types.get(name, 0) == TensorProto.FLOAT and name not in ranges.tensors:
-                    if name not in report.unranged:
-                        report.unranged.append(name)
+                if name and name not in c.derived and c.types.get(name, 0) == TensorProto.FLOAT and name not in c.ranges.tensors:
+                    if name not in c.report.unranged:
+                        c.report.unranged.append(name)
         if reason:
-            report.kept_fp32[node.name] = reason
-        elif any(types.get(t, 0) in _FLOAT_TYPES for t in [*node.input, *node.output]) or node.op_type == "Constant":
+            c.report.kept_fp32[node.name] = reason
+        elif _branches_convert(node):
+            c.branched.add(node.name)  # neither float16 nor float32 itself: its branches decide, node by node
+        elif any(c.types.get(t, 0) in _FLOAT_TYPES for t in [*node.input, *node.output]) or node.op_type == "Constant":
             fp16.add(node.name)
     return fp16
 
@@ -280,15 +326,17 @@ def _decide_fp16(
 OUTER_READ = -1
 
 
-def _reads(node: onnx.NodeProto) -> list[tuple[int, str]]:
-    """(slot, tensor) for each tensor ``node`` reads, its subgraphs' outer-scope reads included."""
-    return [*enumerate(node.input), *((OUTER_READ, name) for name in outer_scope_reads(node))]
+def _reads(node: onnx.NodeProto, branched: set[str]) -> list[tuple[int, str]]:
+    """(slot, tensor) for each tensor ``node`` reads, the outer-scope reads of a body kept float32 included
+    (a converted branch casts what it reads itself)."""
+    outer = [] if node.name in branched else outer_scope_reads(node)
+    return [*enumerate(node.input), *((OUTER_READ, name) for name in outer)]
 
 
-def _readers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+def _readers(graph: onnx.GraphProto, branched: set[str]) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
-        for slot, name in _reads(node):
+        for slot, name in _reads(node, branched):
             readers.setdefault(name, []).append((node, slot))
     return readers
 
@@ -297,9 +345,10 @@ def _wants_fp16(node: onnx.NodeProto, slot: int, fp16: set[str]) -> bool:
     return node.name in fp16 and slot != OUTER_READ and slot not in FLOAT32_ONLY_INPUTS.get(node.op_type, ())
 
 
-def _convert_initializers(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, int], report: Fp16Report) -> None:
+def _convert_initializers(graph: onnx.GraphProto, fp16: set[str], c: _Conversion) -> None:
     """Initializers read only by fp16 nodes become float16; shared ones are cast where needed."""
-    readers = _readers(graph)
+    readers = _readers(graph, c.branched)
+    dtype_of, report = c.dtype_of, c.report
     for init in graph.initializer:
         if init.data_type != TensorProto.FLOAT:
             continue
@@ -331,14 +380,15 @@ def _retype_nodes(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, in
         report.fp16_nodes.append(node.name)
 
 
-def _insert_casts(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, int], report: Fp16Report) -> None:
+def _insert_casts(graph: onnx.GraphProto, fp16: set[str], c: _Conversion, scope: str = "") -> None:
     """A Cast wherever a node reads a float tensor of the other type: one per (tensor, type), before its first reader.
     A subgraph's read of a float16 tensor from the enclosing scope is pointed at its float32 Cast."""
     casts: dict[tuple[str, int], str] = {}
     body: list[onnx.NodeProto] = []
+    dtype_of, report = c.dtype_of, c.report
     for node in graph.node:
         outer: dict[str, str] = {}
-        for slot, name in _reads(node):
+        for slot, name in _reads(node, c.branched):
             have = dtype_of.get(name)
             if have is None or (node.op_type == "Cast" and node.name in fp16):
                 continue  # not a float tensor, or a Cast (which accepts any input type)
@@ -346,7 +396,7 @@ def _insert_casts(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, in
             if have == want:
                 continue
             if (name, want) not in casts:
-                suffix = "fp16" if want == TensorProto.FLOAT16 else "fp32"
+                suffix = ("fp16" if want == TensorProto.FLOAT16 else "fp32") + scope
                 casts[(name, want)] = f"{name}_cast_{suffix}"
                 body.append(helper.make_node("Cast", [name], [casts[(name, want)]], name=f"{name}_Cast_{suffix}", to=want))
                 report.casts_inserted += 1
@@ -358,6 +408,17 @@ def _insert_casts(graph: onnx.GraphProto, fp16: set[str], dtype_of: dict[str, in
         body.append(node)
     del graph.node[:]
     graph.node.extend(body)
+
+
+def _cast_branch_outputs(branch: onnx.GraphProto, c: _Conversion, scope: str) -> None:
+    """A converted branch returns float32 where its If did: a Cast before each float16 output."""
+    for out in branch.output:
+        if c.dtype_of.get(out.name) == TensorProto.FLOAT16:
+            cast = f"{out.name}_fp32{scope}"
+            branch.node.append(helper.make_node("Cast", [out.name], [cast], name=f"{out.name}_Cast_fp32{scope}", to=TensorProto.FLOAT))
+            out.name = cast
+            out.type.tensor_type.elem_type = TensorProto.FLOAT
+            c.report.casts_inserted += 1
 
 
 def _cast_outputs_back(graph: onnx.GraphProto, dtype_of: dict[str, int], report: Fp16Report) -> None:

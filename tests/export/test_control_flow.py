@@ -33,21 +33,60 @@ def test_outer_scope_reads_cover_nested_branches():
 
 
 @pytest.mark.parametrize("nested", [False, True])
-def test_fp16_keeps_branches_float32_and_runs_both(nested):
+def test_fp16_converts_each_branch_and_the_if_keeps_float32_outputs(nested):
     model = if_model(nested)
     fp16, report = convert_fp16(model)
-    assert report.kept_fp32["if"].startswith("control flow (If)")
-    assert {"conv0", "conv_z"} <= set(report.fp16_nodes)
-    # the branches read h (float16 now) through a float32 Cast; w2 stays float32, conv_z reads a float16 Cast of it
-    inner = [n for a in next(n for n in fp16.graph.node if n.op_type == "If").attribute for n in a.g.node]
-    assert "h" not in {i for n in inner for i in n.input} and "h_cast_fp32" in {i for n in inner for i in n.input}
-    w2 = next(i for i in fp16.graph.initializer if i.name == "w2")
-    assert w2.data_type == onnx.TensorProto.FLOAT
-    assert next(n for n in fp16.graph.node if n.name == "conv_z").input[1] == "w2_cast_fp16"
+    inner = {"conv_inner", "conv_never"} if nested else {"conv2_else"}
+    assert {"conv0", "conv_z", "conv_then", "conv2_then", "conv_else", *inner} <= set(report.fp16_nodes)
+    inferred = onnx.shape_inference.infer_shapes(fp16).graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.value_info, *inferred.output]}
+    assert types["y"] == onnx.TensorProto.FLOAT  # each branch casts its float16 result back
+    assert types["h"] == onnx.TensorProto.FLOAT16  # and reads the enclosing graph's float16 tensors as they are
+    branch = next(a.g for n in fp16.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert next(n for n in branch.node if n.name == "conv_then").input[0] == "h"
     for sign in (1, -1):
         want, got = run(model, inputs(sign)), run(fp16, inputs(sign))
         for a, b in zip(want, got, strict=True):
             assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
+
+
+def test_fp16_keeps_a_branch_the_data_never_took_in_float32(tmp_path):
+    path = save(if_model(), tmp_path / "if.onnx")
+    data = tmp_path / "positive.npz"
+    np.savez(data, x=inputs(1))
+    out = tmp_path / "if.fp16.onnx"
+    assert main(["fp16", str(path), "-o", str(out), "--data", str(data), "--quiet"]) == 0
+    converted = onnx.load(str(out))
+    branches = {a.name: a.g for n in converted.graph.node if n.op_type == "If" for a in n.attribute}
+    weights = {i.name: i.data_type for g in branches.values() for i in g.initializer}
+    assert weights["w_then"] == onnx.TensorProto.FLOAT16 and weights["w_else"] == onnx.TensorProto.FLOAT
+    for a, b in zip(run(onnx.load(str(path)), inputs(-1)), run(converted, inputs(-1)), strict=True):
+        assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
+
+
+def test_a_loop_body_stays_float32():
+    body = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            onnx.helper.make_node("Conv", ["h", "w_loop"], ["step"], name="conv_loop"),
+        ],
+        "body",
+        [
+            onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            onnx.helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+        ],
+        [onnx.helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []), onnx.helper.make_tensor_value_info("step", 1, None)],
+        [onnx.numpy_helper.from_array(np.full((2, 8, 1, 1), 0.1, np.float32), "w_loop")],
+    )
+    model = if_model()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(2, np.int64), "trips"))
+    model.graph.node.append(onnx.helper.make_node("Loop", ["trips", ""], ["steps"], name="loop", body=body))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("steps", onnx.TensorProto.FLOAT, None))
+    fp16, report = convert_fp16(model)
+    assert report.kept_fp32["loop"].startswith("control flow (Loop)")
+    loop_body = next(n for n in fp16.graph.node if n.op_type == "Loop").attribute[0].g
+    assert next(n for n in loop_body.node if n.name == "conv_loop").input[0] == "h_cast_fp32"  # h is float16 outside
+    np.testing.assert_allclose(run(fp16, inputs(1))[2], run(model, inputs(1))[2], rtol=1e-2, atol=1e-2)
 
 
 def calibrate(tmp_path, model, signs, batch=4):
