@@ -322,8 +322,9 @@ def optimized_graph_check(model: onnx.ModelProto | bytes | str | Path, threads: 
         path = Path(tmp) / "optimized.onnx"
         make_session(model, threads=threads, optimization="ORT_ENABLE_ALL", optimized_model_path=path)
         optimized = onnx.load(str(path), load_external_data=False)
-    nodes = list(optimized.graph.node)
-    between_qdq = _between_qdq(nodes)
+    graphs = [optimized.graph, *if_branches(optimized.graph)]  # onnxruntime optimizes If branches as graphs of their own
+    nodes = [n for g in graphs for n in g.node]
+    between_qdq = set().union(*(_between_qdq(list(g.node)) for g in graphs))
     between: dict[str, int] = {}
     kernels: dict[str, int] = {}
     for n in nodes:

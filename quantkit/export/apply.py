@@ -58,12 +58,16 @@ def apply_plan(
     names = [n.name for n in q.graph.node if n.op_type not in QDQ_OPS]
     if options.high_precision == "fp16":  # a mixed model: float16 wherever the plan does not say fp32
         wanted = {n: "fp32" if plan is not None and plan.precision_of(n) == "fp32" else "fp16" for n in names}
-        q, fp16_report = convert_fp16(q, precisions=wanted, ranges=ranges if range_aware_fp16 else None)
+        q, fp16_report = convert_fp16(
+            q, precisions=wanted, ranges=ranges if range_aware_fp16 else None, float16_scales=options.target == "tensorrt"
+        )
         return AppliedPlan(q, report, fp16_report)
     if plan is None:
         return AppliedPlan(q, report)
     wanted = fp16_precisions(plan, names, set(report.int8_nodes))
     if not any(p == "fp16" for p in wanted.values()):
         return AppliedPlan(q, report)
-    q, fp16_report = convert_fp16(q, precisions=wanted, ranges=ranges if range_aware_fp16 else None)
+    q, fp16_report = convert_fp16(
+        q, precisions=wanted, ranges=ranges if range_aware_fp16 else None, float16_scales=options.target == "tensorrt"
+    )
     return AppliedPlan(q, report, fp16_report)

@@ -193,9 +193,14 @@ def convert_fp16(
     precisions: dict[str, str] | None = None,
     ranges: RangeSet | None = None,
     keep_op_types: set[str] | frozenset[str] = frozenset(),
+    float16_scales: bool = True,
 ) -> tuple[onnx.ModelProto, Fp16Report]:
-    """Return a float16 copy of ``model`` (FP32 where needed, see the module doc) and its report."""
-    src, notes = _float16_source(model)
+    """Return a float16 copy of ``model`` (FP32 where needed, see the module doc) and its report.
+
+    ``float16_scales``: Q/DQ pairs read only by float16 ops take float16 scales, as TensorRT wants
+    them (off for onnxruntime's placement: its integer kernels take float32 scales only, and a
+    QLinearConcat fused from float16 ones does not load)."""
+    src, notes = _float16_source(model) if float16_scales else (_copy(model), [])
     graph = src.graph
     for i, node in enumerate(graph.node):  # plans and reports key on node names
         if not node.name:
@@ -207,7 +212,7 @@ def convert_fp16(
         types, {name: TensorProto.FLOAT for name, t in types.items() if t == TensorProto.FLOAT},  # tensor -> its new float type
         Fp16Report(notes=notes), precisions or {}, ranges, DEFAULT_KEEP_FP32 | set(keep_op_types),
     )  # fmt: skip
-    _convert_graph(graph, conversion, qdq_fp16=_opset(src) >= 19)
+    _convert_graph(graph, conversion, qdq_fp16=float16_scales and _opset(src) >= 19)
     report = conversion.report
     _cast_outputs_back(graph, conversion.dtype_of, report)
     # value_info is stale after retyping: drop it and let shape inference recompute it
@@ -221,11 +226,17 @@ def convert_fp16(
     return out_model, report
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def _float16_source(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model``, at opset 19 where it holds Q/DQ (float16 scales need it) and can be converted."""
-    src = onnx.ModelProto()
-    src.CopyFrom(model)
-    if _opset(src) >= 19 or not any(n.op_type == "DequantizeLinear" for n in src.graph.node):
+    src = _copy(model)
+    graphs = [src.graph, *if_branches(src.graph)]
+    if _opset(src) >= 19 or not any(n.op_type == "DequantizeLinear" for g in graphs for n in g.node):
         return src, []
     try:
         converted = onnx.version_converter.convert_version(src, 19)

@@ -39,7 +39,7 @@ import onnx_graphsurgeon as gs
 
 from quantkit.errors import QuantkitError
 from quantkit.export.rules import FORMATS, TARGETS, NodePlan, OpRule, const_values, placement_rules
-from quantkit.graph.passes import fold_batchnorm, hardswish_as_gate
+from quantkit.graph.passes import fold_batchnorm, hardswish_as_gate, if_branch_graphs
 from quantkit.model import ModelInfo, effective_outputs, if_branches, shape_derived_tensors
 from quantkit.optypes import ALREADY_QUANTIZED_OPS, ORT_INT8_OPS
 from quantkit.plan import NodeFilter, PrecisionPlan
@@ -321,9 +321,10 @@ _PASS_TO_DECISION = frozenset(
 DECISION_OPS = frozenset({"ArgMax", "ArgMin", "TopK", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "NonMaxSuppression"})
 
 
-def decision_tensors(graph: gs.Graph) -> set[str]:
-    """Tensors whose values reach a graph output or a decision op through value-preserving ops only."""
-    frontier = [t for t in graph.outputs]
+def decision_tensors(graph: gs.Graph, outputs: list[gs.Tensor] | None = None) -> set[str]:
+    """Tensors whose values reach a graph output or a decision op through value-preserving ops only.
+    ``outputs``: the graph outputs that count (for an If branch, those whose If output reaches one)."""
+    frontier = list(graph.outputs if outputs is None else outputs)
     frontier += [t for n in graph.nodes if n.op in DECISION_OPS for t in n.inputs if const_values(t) is None]
     found: set[str] = set()
     while frontier:
@@ -341,8 +342,20 @@ def _with_decision_maxima(ranges: RangeSet, graph: gs.Graph, method: str) -> tup
     """``ranges`` with each tensor that feeds a decision (see ``decision_tensors``) at its observed
     maximum, on both targets and whatever the method: a clipping method cuts exactly the values a
     decision turns on (a CTC model's blank logit, FP32 15-31, clipped at 14 ties or beats every
-    character: 12.5% of its strings stayed right)."""
-    return _raised_to_observed(ranges, decision_tensors(graph), method)
+    character: 12.5% of its strings stayed right). If branches count too: a branch's output feeds
+    a decision where its If's output does."""
+    found = decision_tensors(graph)
+
+    def branches(g: gs.Graph, decided: set[str]) -> None:
+        for node in (n for n in g.nodes if n.op == "If"):
+            for branch in (node.attrs["then_branch"], node.attrs["else_branch"]):
+                outs = [b for b, t in zip(branch.outputs, node.outputs, strict=False) if t.name in decided]
+                inner = decision_tensors(branch, outs)
+                found.update(inner)
+                branches(branch, inner)
+
+    branches(graph, found)
+    return _raised_to_observed(ranges, found, method)
 
 
 def _activation_params(ranges: RangeSet, name: str, method: str, target: str) -> tuple[float, int]:
@@ -481,9 +494,11 @@ def _prepare(
     # weights computed from constants (a reshaped bias, a transposed MatMul weight) become
     # plain constants, so they are quantized per channel and never mistaken for activations
     graph.fold_constants(error_ok=True).cleanup()
-    if target == "onnxruntime":
-        ranges = _with_scalar_op_ranges(_with_gate_ranges(ranges, hardswish_as_gate(graph)), graph)
-    ranges, report.layernorm_maxima = _with_layernorm_maxima(ranges, graph, method)
+    for g in [graph, *if_branch_graphs(graph)]:  # If branches hold whole networks (a VAD's)
+        if target == "onnxruntime":
+            ranges = _with_scalar_op_ranges(_with_gate_ranges(ranges, hardswish_as_gate(g)), g)
+        ranges, raised = _with_layernorm_maxima(ranges, g, method)
+        report.layernorm_maxima += raised
     ranges, report.decision_maxima = _with_decision_maxima(ranges, graph, method)
     levels = (1 << (weight_bits - 1)) - 1
     rules = placement_rules(target, fmt)

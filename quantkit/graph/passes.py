@@ -152,10 +152,20 @@ def _per_channel(bias: np.ndarray, channels: int, rank: int) -> bool:
     return shape[1] == channels and all(d == 1 for i, d in enumerate(shape) if i != 1)
 
 
+def if_branch_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """The branches of every If in ``graph``, nested ones included (``quantkit.model.if_branches`` for graphsurgeon)."""
+    found = []
+    for node in graph.nodes:
+        if node.op == "If" and node.domain in (None, "", "ai.onnx"):
+            for branch in (node.attrs["then_branch"], node.attrs["else_branch"]):
+                found += [branch, *if_branch_graphs(branch)]
+    return found
+
+
 def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
-    """``fold_scales`` on a model: the folded model and the (conv, folded node) name pairs."""
+    """``fold_scales`` on a model and its If branches: the folded model and the (conv, folded node) name pairs."""
     graph = gs.import_onnx(model)
-    fusions = fold_scales(graph)
+    fusions = [f for g in [graph, *if_branch_graphs(graph)] for f in fold_scales(g)]
     return export_graph(graph, model), [(f.result, f.replaced[1]) for f in fusions]
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import if_model, save
+from conftest import DEMO_MODEL, if_model, save
 
 from quantkit.backends.ort import with_outputs
 from quantkit.calibration.collect import select_calibration_tensors
@@ -168,3 +168,60 @@ def test_a_branch_the_data_never_took_stays_float_and_says_why(tmp_path):
     assert conv2.input[0] == "r_else"  # float: no range for it
     for a, b in zip(run(onnx.load(str(path)), inputs(-1)), run(onnx.load(str(out)), inputs(-1)), strict=True):
         assert 10 * np.log10(np.sum(a**2) / np.sum((a - b) ** 2)) > 25
+
+
+def in_an_if(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` run inside an If on a scalar int64 input ``sr``, as silero-vad switches its whole network
+    on the sample rate: then (sr == 16000) the network itself, else a renamed copy of it."""
+    graph, feed = model.graph, model.graph.input[0].name
+
+    def branch(prefix: str) -> onnx.GraphProto:
+        body = onnx.GraphProto()
+        body.CopyFrom(graph)
+        body.name = prefix
+
+        def renamed(name: str) -> str:
+            return name if name in (feed, "") else f"{prefix}/{name}"
+
+        for node in body.node:
+            node.input[:] = [renamed(i) for i in node.input]
+            node.output[:] = [renamed(o) for o in node.output]
+            node.name = f"{prefix}/{node.name}"
+        for item in [*body.initializer, *body.output]:
+            item.name = f"{prefix}/{item.name}"
+        del body.input[:], body.value_info[:]
+        return body
+
+    nodes = [
+        onnx.helper.make_node("Equal", ["sr", "sr16k"], ["is16k"], name="is16k"),
+        onnx.helper.make_node(
+            "If", ["is16k"], [o.name for o in graph.output], name="switch", then_branch=branch("t"), else_branch=branch("e")
+        ),
+    ]
+    inputs = [graph.input[0], onnx.helper.make_tensor_value_info("sr", onnx.TensorProto.INT64, [])]
+    wrapped = onnx.helper.make_graph(
+        nodes, "switched", inputs, list(graph.output), [onnx.numpy_helper.from_array(np.array(16000), "sr16k")]
+    )
+    return onnx.helper.make_model(wrapped, opset_imports=model.opset_import)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+@pytest.mark.parametrize("high", ["fp32", "fp16"])
+def test_a_network_inside_an_if_is_quantized_exactly_as_outside(tmp_path, demo_val, target, high):
+    """The independent reference: the same network quantized without the If. Every pass (BN folding,
+    hard-swish gates, decision maxima, Q/DQ placement, float16 scales) reaches into the branch, so the
+    branch the data takes computes what the plain model's quantization computes, bit for bit."""
+    images = demo_val[0][:64]
+    plain = onnx.load(str(DEMO_MODEL))
+    outputs = []
+    for name, model, feeds in (("plain", plain, {}), ("switched", in_an_if(plain), {"sr": np.array(16000)})):
+        path = save(model, tmp_path / f"{name}.onnx")
+        np.savez(tmp_path / f"{name}.npz", image=images, **feeds)
+        data = ["--data", str(tmp_path / f"{name}.npz")]
+        assert main(["calibrate", str(path), *data, "--method", "minmax", "--out-dir", str(tmp_path / name), "--quiet"]) == 0
+        out = tmp_path / f"{name}.int8.onnx"
+        args = ["--ranges", str(tmp_path / name / "ranges.json"), "--target", target, "--high-precision", high, "--algorithms", "none"]
+        assert main(["quantize", str(path), *data, *args, "-o", str(out), "--quiet", "--force"]) == 0
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"image": images[:32], **feeds})[0])
+    np.testing.assert_array_equal(outputs[1], outputs[0])
