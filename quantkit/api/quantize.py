@@ -71,7 +71,7 @@ AUTO_TRIALS = (("bias-correction",), ("empirical-bias-correction",), ("gptq",), 
 AUTO_GOOD_TASK = 0.99
 AUTO_GOOD_SQNR_DB = 30.0
 #: task measures that are a share of the check's samples, whose sampling noise _Score weighs
-SAMPLE_SHARES = ("top-1 agreement", "string agreement")
+SAMPLE_SHARES = ("top-1 agreement", "string agreement", "decision agreement")
 #: with equal task measures, a trial is kept only for an SQNR gain above this (the check's noise)
 AUTO_MIN_GAIN_DB = 0.1
 

@@ -147,6 +147,12 @@ def _agreement_stats(outputs: list[np.ndarray], reference: list[np.ndarray], lab
     return (_scores(outputs[0]).argmax(1) == _scores(reference[0]).argmax(1)).astype(np.float64)
 
 
+def _decision_stats(outputs: list[np.ndarray], reference: list[np.ndarray], labels: Sequence | None) -> np.ndarray:
+    """Per sample: the share of its probabilities on FP32's side of 0.5 (one per sample: a VAD's decision)."""
+    got, want = (np.asarray(o, np.float64).reshape(len(o), -1) > 0.5 for o in (outputs[0], reference[0]))
+    return (got == want).mean(axis=1)
+
+
 def _sequence(output: np.ndarray) -> np.ndarray:
     if output.ndim != 3:
         raise QuantkitError(f"a sequence metric needs [N, T, C] class scores, got shape {list(output.shape)}")
@@ -314,6 +320,8 @@ def _built_in(name: str, conf: float, threshold: float, reason: str) -> Objectiv
         )  # fmt: skip
     if name == "position-agreement":
         return Objective(name, _position_stats, _mean, reason=reason)
+    if name == "decision-agreement":
+        return Objective(name, _decision_stats, _mean, reason=reason)
     if name == "string-agreement":
         return Objective(name, _string_stats, _mean, reason=reason)
     if ":" in name:
@@ -323,7 +331,10 @@ def _built_in(name: str, conf: float, threshold: float, reason: str) -> Objectiv
     )
 
 
-BUILT_IN = ("top1", "top5", "agreement", "position-agreement", "string-agreement", "cosine", "sqnr", "mask-iou", "detection-f1")
+BUILT_IN = (
+    "top1", "top5", "agreement", "position-agreement", "decision-agreement", "string-agreement", "cosine", "sqnr", "mask-iou",
+    "detection-f1",
+)  # fmt: skip
 
 
 def _check_fraction(value: float, option: str) -> None:
@@ -421,6 +432,7 @@ _OBJECTIVE_OF_TASK = {
     "class sequence": "position-agreement",
     "ctc sequence": "string-agreement",
     "detection head": "detection-f1",
+    "probability per sample": "decision-agreement",
     "probability map": "mask-iou",
     "class maps": "mask-iou",
     "values": "cosine",
@@ -428,6 +440,7 @@ _OBJECTIVE_OF_TASK = {
 _WHAT = {
     "agreement": "argmax agreement with FP32",
     "position-agreement": "argmax agreement with FP32 at each position",
+    "decision-agreement": "agreement with FP32 on which side of 0.5 each probability falls",
     "string-agreement": "share of greedy-decoded strings equal to FP32's",
     "detection-f1": "F1 of its detections against FP32's",
     "mask-iou": "IoU of its mask against FP32's",

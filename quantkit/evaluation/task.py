@@ -11,6 +11,7 @@ because the boxes dominate it. So each output is judged by the decision it feeds
 | [N, T, C] the same per position                              | class sequence   | per-position agreement        |
 |   ... with a blank class (0 or C-1) winning most positions   | CTC sequence     | greedy-decoded string agreement |
 | [N, 4+C, A] / [N, A, 4+C]: pixel boxes, then scores in [0, 1] | detection head   | matched-box F1 (IoU 0.5)      |
+| [N] or [N, 1]: one probability per sample (a VAD, a binary classifier) | probability per sample | decision agreement at 0.5 |
 | values in [0, 1] (a rounding above 1 included), spatial/time | probability map  | mask IoU at a threshold from FP32 |
 | [N, C, H, W] whose channels compete (segmenter)              | class maps       | mean IoU of the argmax        |
 | anything else (embeddings, features, regressions)            | values           | SQNR floor only               |
@@ -40,6 +41,7 @@ TASK_FLOORS = {
     "string agreement": 0.8,
     "box F1": 0.8,
     "mask IoU": 0.8,
+    "decision agreement": 0.8,
 }
 #: values above 1 by less than this are still probabilities (float rounding of a sigmoid or softmax)
 UNIT_TOLERANCE = 1e-4
@@ -187,6 +189,9 @@ def infer_task(reference: np.ndarray, batch: int | None = None) -> OutputTask:
     """What an output is for, from its shape and FP32's values on real samples (see the module doc)."""
     ref = np.asarray(reference)
     shape = list(ref.shape)
+    if ref.dtype.kind == "f" and ref.ndim >= 1 and len(ref) > 1 and ref.size == len(ref) and _in_unit(ref) and np.ptp(ref) > 0:
+        reason = f"{shape}: one probability per sample (a VAD's speech, a binary classifier's positive class)"
+        return OutputTask("probability per sample", "decision agreement", reason, threshold=0.5)
     if ref.dtype.kind != "f" or ref.ndim < 2 or ref.size == 0 or not np.all(np.isfinite(ref)):
         return OutputTask("values", "", f"{shape}: not a float map of finite values")
     squeezed = [d for d in shape[1:] if d != 1]
@@ -252,6 +257,8 @@ def score_task(task: OutputTask, reference: np.ndarray, candidate: np.ndarray) -
         value = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
     elif task.measure == "string agreement":
         value = float(np.mean([a == b for a, b in zip(ctc_strings(got, task.blank), ctc_strings(ref, task.blank), strict=True)]))
+    elif task.measure == "decision agreement":
+        value = float(np.mean((got > task.threshold) == (ref > task.threshold)))
     elif task.measure == "box F1":
         value = _box_f1(got, ref)
     else:

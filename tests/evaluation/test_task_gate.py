@@ -6,6 +6,7 @@ import pytest
 
 from quantkit.evaluation.check import MIN_SQNR_DB, judge_outputs
 from quantkit.evaluation.metrics import sqnr_db
+from quantkit.evaluation.objectives import choose_objective
 from quantkit.evaluation.task import ctc_strings, infer_task, recurrent_states, score_task
 
 RNG = np.random.default_rng(7)
@@ -188,3 +189,28 @@ def test_a_state_output_is_judged_by_sqnr_not_by_the_decision_its_values_resembl
     assert score_task(infer_task(ref, 32), ref, got).value < 0.8  # read as a decision, it would fail
     as_state = judge_outputs(["next_cache_0"], [ref], [got], states={"next_cache_0"})[0]
     assert as_state.task is None and not as_state.problem
+
+
+def test_one_probability_per_sample_is_judged_by_its_decision():
+    """A VAD's speech probability per chunk ([N, 1], silero's shape): shifted by one logit, a quarter of
+    the chunks change sides of 0.5 while the SQNR stays above its floor; a healthy copy keeps its side."""
+    logits = RNG.normal(0.0, 1.5, size=(256, 1))
+    ref = 1 / (1 + np.exp(-logits))
+    task = infer_task(ref, 256)
+    assert (task.kind, task.measure, task.threshold) == ("probability per sample", "decision agreement", 0.5)
+    assert infer_task(ref[:, 0], 256).kind == "probability per sample"  # [N] alike
+    shifted = 1 / (1 + np.exp(-(logits - 1.0)))
+    healthy = 1 / (1 + np.exp(-(logits + RNG.normal(0, 0.02, size=logits.shape))))
+    broken = judge_outputs(["speech"], [ref], [shifted])[0]
+    assert sqnr_db(ref, shifted) > MIN_SQNR_DB and broken.problem.startswith("fails its task: decision agreement")
+    want = float(np.mean((ref > 0.5) == (shifted > 0.5)))
+    assert broken.task.value == pytest.approx(want) and want < 0.8
+    assert not judge_outputs(["speech"], [ref], [healthy])[0].problem
+
+
+def test_the_eval_objective_of_a_probability_per_sample_is_its_decision():
+    ref = np.array([[0.1], [0.6], [0.9], [0.4]])
+    got = np.array([[0.2], [0.4], [0.95], [0.45]])
+    chosen = choose_objective([[4, 1]], labelled=False, reference=ref)
+    assert chosen.name == "decision-agreement"
+    np.testing.assert_array_equal(chosen.stats([got], [ref], None), [1.0, 0.0, 1.0, 1.0])
