@@ -25,9 +25,31 @@ def detection_layout(shape: Sequence[int]) -> str | None:
     return "fields-first" if a == fields else "anchors-first"
 
 
-def decode_detections(head: np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300, max_candidates: int = 3000) -> list[np.ndarray]:
+def final_detections(values: np.ndarray) -> bool:
+    """Whether ``values`` (FP32's) are [N, K, 6] rows of x1, y1, x2, y2, score, class, as an NMS-free
+    head (YOLOv10, DocLayout-YOLO, RT-DETR exports) or an NMS inside the graph writes them: scores in
+    [0, 1], whole class ids, and boxes in pixels with x2 >= x1 and y2 >= y1 where the score is not 0."""
+    if values.ndim != 3 or values.shape[-1] != 6 or values.size == 0 or values.dtype.kind != "f":
+        return False
+    rows = values.reshape(-1, 6).astype(np.float64)
+    score, cls = rows[:, 4], rows[:, 5]
+    if not np.all(np.isfinite(rows)) or score.min() < 0 or score.max() > 1 + 1e-4 or cls.min() < 0 or np.any(cls != np.round(cls)):
+        return False
+    kept = rows[score > 0]  # zero rows pad a fixed-size output
+    if not len(kept):
+        return False
+    ordered = float(np.mean((kept[:, 2] >= kept[:, 0]) & (kept[:, 3] >= kept[:, 1])))
+    return ordered > 0.95 and float(np.abs(kept[:, :4]).max()) > 2.0
+
+
+def decode_detections(
+    head: np.ndarray, conf: float, iou: float = 0.7, max_det: int = 300, max_candidates: int = 3000, final: bool = False
+) -> list[np.ndarray]:
     """Per sample, [M, 6] rows of x1, y1, x2, y2, score, class after class-aware NMS over the
-    ``max_candidates`` best-scoring anchors (a low ``conf`` must not make NMS quadratic in 20k anchors)."""
+    ``max_candidates`` best-scoring anchors (a low ``conf`` must not make NMS quadratic in 20k anchors).
+    ``final``: the head already holds such rows (``final_detections`` of FP32's): those at ``conf`` or above."""
+    if final:
+        return [sample[sample[:, 4] >= conf] for sample in np.asarray(head, np.float64)]
     layout = detection_layout(head.shape)
     if layout is None:
         raise QuantkitError(f"detection-f1 needs a YOLO-style head [N, 4+C, A] or [N, A, 4+C], got shape {list(head.shape)}")

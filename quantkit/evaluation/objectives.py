@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.evaluation.detection import decode_detections, detection_layout, match_counts
+from quantkit.evaluation.detection import decode_detections, detection_layout, final_detections, match_counts
 from quantkit.evaluation.task import ctc_blank, ctc_strings, infer_task
 
 BOOTSTRAP_ROUNDS = 200
@@ -273,8 +273,9 @@ def _box_labels(labels: Sequence, n: int) -> list[np.ndarray]:
 
 def _detection_stats(conf: float) -> Stats:
     def stats(outputs: list[np.ndarray], reference: list[np.ndarray], labels: Sequence | None) -> np.ndarray:
-        found = decode_detections(outputs[0], conf)
-        truth = _box_labels(labels, len(found)) if _structured(labels) else decode_detections(reference[0], conf)
+        final = final_detections(reference[0])  # FP32's values say whether NMS already ran in the graph
+        found = decode_detections(outputs[0], conf, final=final)
+        truth = _box_labels(labels, len(found)) if _structured(labels) else decode_detections(reference[0], conf, final=final)
         return np.array([match_counts(f, t) for f, t in zip(found, truth, strict=True)], np.float64).reshape(-1, 3)
 
     return stats

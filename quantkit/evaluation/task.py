@@ -11,6 +11,7 @@ because the boxes dominate it. So each output is judged by the decision it feeds
 | [N, T, C] the same per position                              | class sequence   | per-position agreement        |
 |   ... with a blank class (0 or C-1) winning most positions   | CTC sequence     | greedy-decoded string agreement |
 | [N, 4+C, A] / [N, A, 4+C]: pixel boxes, then scores in [0, 1] | detection head   | matched-box F1 (IoU 0.5)      |
+| [N, K, 6]: x1, y1, x2, y2, score, class (NMS done in the graph) | detection head | matched-box F1 (IoU 0.5)      |
 | [N] or [N, 1]: one probability per sample (a VAD, a binary classifier) | probability per sample | decision agreement at 0.5 |
 | values in [0, 1] (a rounding above 1 included), spatial/time | probability map  | mask IoU at a threshold from FP32 |
 | [N, C, H, W] whose channels compete (segmenter)              | class maps       | mean IoU of the argmax        |
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantkit.evaluation.detection import decode_detections, detection_layout, match_counts
+from quantkit.evaluation.detection import decode_detections, detection_layout, final_detections, match_counts
 
 #: the lowest task measure a model may have against FP32 and still pass the gate (see the module doc)
 TASK_FLOORS = {
@@ -197,6 +198,8 @@ def infer_task(reference: np.ndarray, batch: int | None = None) -> OutputTask:
     squeezed = [d for d in shape[1:] if d != 1]
     if len(squeezed) == 1 and squeezed[0] > 1 and (_rows_normalized(ref.reshape(len(ref), -1)) or _peaked(ref.reshape(len(ref), -1))):
         return OutputTask("class scores", "top-1 agreement", f"{shape}: one score per class and sample, one class standing out")
+    if final_detections(ref):
+        return OutputTask("detection head", "box F1", f"{shape}: final detections (x1, y1, x2, y2, score, class)", "final")
     if ref.ndim == 3 and (layout := _detection(ref)):
         return OutputTask("detection head", "box F1", f"{shape}: boxes in pixels, then class scores in [0, 1]", layout)
     if ref.ndim == 3 and shape[-1] > 1 and (task := _sequence_task(ref, batch)):
@@ -225,7 +228,8 @@ def ctc_strings(scores: np.ndarray, blank: int) -> list[tuple[int, ...]]:
 
 
 def _box_f1(got: np.ndarray, ref: np.ndarray) -> float:
-    found, truth = decode_detections(got, DETECTION_CONF), decode_detections(ref, DETECTION_CONF)
+    final = final_detections(ref)
+    found, truth = decode_detections(got, DETECTION_CONF, final=final), decode_detections(ref, DETECTION_CONF, final=final)
     tp = fp = fn = 0
     for f, t in zip(found, truth, strict=True):
         a, b, c = match_counts(f, t)

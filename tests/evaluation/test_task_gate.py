@@ -214,3 +214,37 @@ def test_the_eval_objective_of_a_probability_per_sample_is_its_decision():
     chosen = choose_objective([[4, 1]], labelled=False, reference=ref)
     assert chosen.name == "decision-agreement"
     np.testing.assert_array_equal(chosen.stats([got], [ref], None), [1.0, 0.0, 1.0, 1.0])
+
+
+def final_rows(n=8, k=300, found=20, classes=10, size=1024):
+    """[N, K, 6] as DocLayout-YOLO's NMS-free head writes them: x1, y1, x2, y2, score, class, sorted by
+    score, the rest of the K rows low-scoring."""
+    xy = RNG.uniform(0, size * 0.8, size=(n, k, 2))
+    wh = RNG.uniform(10, size * 0.2, size=(n, k, 2))
+    score = np.sort(RNG.uniform(0.0, 0.2, size=(n, k)), axis=1)[:, ::-1].copy()
+    score[:, :found] = np.sort(RNG.uniform(0.3, 0.95, size=(n, found)), axis=1)[:, ::-1]
+    cls = RNG.integers(0, classes, size=(n, k)).astype(np.float64)
+    return np.concatenate([xy, xy + wh, score[..., None], cls[..., None]], axis=2).astype(np.float32)
+
+
+def test_final_detections_are_judged_by_box_f1_not_as_an_anchor_head():
+    ref = final_rows()
+    task = infer_task(ref, 8)
+    assert (task.kind, task.measure, task.layout) == ("detection head", "box F1", "final")
+    jitter = ref.copy()
+    jitter[..., :4] += RNG.normal(0, 1.0, size=jitter[..., :4].shape)  # a pixel: every box still matches
+    assert score_task(task, ref, jitter).value == 1.0
+    dropped = ref.copy()
+    dropped[:, :10, 4] = 0.1  # half the detections fall under the 0.25 confidence
+    assert score_task(task, ref, dropped).value == pytest.approx(2 * 10 / (2 * 10 + 10))
+    # the eval objective reads them the same way (a raw head's decoding would take columns 0-3 as cx, cy, w, h)
+    chosen = choose_objective([list(ref.shape)], labelled=False, reference=ref)
+    assert chosen.name == "detection-f1"
+    tp, fp, fn = chosen.stats([dropped], [ref], None).sum(axis=0)
+    assert (tp, fp, fn) == (8 * 10, 0, 8 * 10)
+
+
+def test_an_anchor_head_with_two_classes_is_not_taken_for_final_detections():
+    head = RNG.uniform(0, 1, size=(2, 300, 6)).astype(np.float32)
+    head[..., :4] *= 640  # cx, cy, w, h in pixels, then two class scores: not whole class ids
+    assert infer_task(head, 2).layout != "final"
