@@ -283,8 +283,9 @@ def tensor_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
     except Exception:  # noqa: BLE001 - best effort: every tensor is measured
         inferred = proto
     sizes = _inferred_sizes(inferred)
-    const = constant_tensors(model.graph)
-    unknown = [o for n in model.graph.node for o in n.output if o and o not in sizes and o not in const]
+    graphs = [model.graph, *if_branches(model.graph)]  # an If's branches hold activations too (measured lifted out)
+    const = set().union(*(constant_tensors(g) for g in graphs))
+    unknown = [o for g in graphs for n in g.node for o in n.output if o and o not in sizes and o not in const]
     if unknown:
         sizes.update(_measured_sizes(model, feeds, unknown))
     return sizes
@@ -302,7 +303,8 @@ def _measured_sizes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names:
 
 def _inferred_sizes(inferred: onnx.ModelProto) -> dict[str, int]:
     sizes = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+    graph = inferred.graph
+    for vi in [*graph.value_info, *graph.output, *(v for g in if_branches(graph) for v in g.value_info)]:
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
         if not tt.HasField("shape") or any(d < 0 for d in dims):
@@ -319,8 +321,15 @@ def activation_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tenso
     """Bytes of (every intermediate tensor, the calibrated tensors) for one run on ``feeds``: an
     upper bound of onnxruntime's activations (it reuses buffers)."""
     sizes = tensor_bytes(model, feeds)
-    wanted = set(tensors)
-    return sum(sizes.values()), sum(v for k, v in sizes.items() if k in wanted)
+    return _run_bytes(model.graph, sizes), _run_bytes(model.graph, sizes, set(tensors))
+
+
+def _run_bytes(graph: onnx.GraphProto, sizes: dict[str, int], only: set[str] | None = None) -> int:
+    """The bytes of ``graph``'s node outputs (those in ``only``) in one run: of each If, only its larger branch runs."""
+    total = sum(sizes.get(o, 0) for n in graph.node for o in n.output if o and (only is None or o in only))
+    for node in (n for n in graph.node if n.op_type == "If"):
+        total += max(_run_bytes(branch, sizes, only) for branch in node_subgraphs(node))
+    return total
 
 
 def tensor_groups(model: ModelInfo, sample: dict[str, np.ndarray], tensors: Sequence[str], max_memory: int) -> list[list[str]]:

@@ -9,7 +9,7 @@ import pytest
 from conftest import DEMO_MODEL, if_model, save
 
 from quantkit.backends.ort import with_outputs
-from quantkit.calibration.collect import select_calibration_tensors
+from quantkit.calibration.collect import activation_bytes, select_calibration_tensors
 from quantkit.cli import main
 from quantkit.export.fp16 import convert_fp16
 from quantkit.model import outer_scope_reads
@@ -225,3 +225,18 @@ def test_a_network_inside_an_if_is_quantized_exactly_as_outside(tmp_path, demo_v
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {"image": images[:32], **feeds})[0])
     np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
+def test_calibration_sizes_its_batch_for_a_network_inside_an_if_as_for_the_network(demo_val):
+    """Shape inference sizes a branch's tensors too, and only one branch of an If runs: the memory a
+    sample needs is the plain network's (before, the branches' tensors counted for nothing, and a
+    model run inside an If got an estimate of 0 MB a sample and every sample in one batch)."""
+    plain = onnx.load(str(DEMO_MODEL))
+    image = demo_val[0][:1]
+    tensors = select_calibration_tensors(plain)
+    switched = in_an_if(plain)
+    inside = select_calibration_tensors(switched)
+    want = activation_bytes(plain, {"image": image}, tensors)
+    got = activation_bytes(switched, {"image": image, "sr": np.array(16000)}, inside)
+    extra = 10 * 4 + 1  # the If's output (a copy of its branch's [1, 10] logits) and its condition
+    assert want[0] > 100_000 and got == (want[0] + extra, want[1] + 10 * 4)
