@@ -107,6 +107,16 @@ def _stack(model: ModelInfo, arrays: list[dict[str, np.ndarray]]) -> dict[str, n
     return feeds
 
 
+def first_sample(model: ModelInfo, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch's first sample as a feed of its own: each batched input cut to one along its batch
+    axis; a shared input (a sample rate, a fixed-shape input) as it is."""
+    out = {}
+    for spec in model.inputs:
+        value = feeds[spec.name]
+        out[spec.name] = value if spec.batch_axis is None else np.take(value, [0], axis=spec.batch_axis)
+    return out
+
+
 def _joins(model: ModelInfo, arrays: dict[str, np.ndarray], first: dict[str, np.ndarray]) -> bool:
     """Whether a sample can join a batch: equal shapes, and equal values of every shared input."""
     for spec in model.inputs:

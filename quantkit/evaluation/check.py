@@ -257,7 +257,7 @@ def _dynamic_batch(session: Any) -> bool:
 
 def _split(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """A batch as single samples (inputs without a batch of their own, such as scalars, go with each)."""
-    n = len(next(iter(feed.values())))
+    n = next((len(v) for v in feed.values() if v.ndim), 1)
     if any(v.ndim == 0 or len(v) != n for v in feed.values()):
         return [feed]
     return [{k: v[i : i + 1] for k, v in feed.items()} for i in range(n)]

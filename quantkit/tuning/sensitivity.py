@@ -24,7 +24,7 @@ import onnx
 
 from quantkit._io import step_bar
 from quantkit.backends.ort import make_session, with_outputs
-from quantkit.data.batching import Batch, batches
+from quantkit.data.batching import Batch, batches, first_sample
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import token_positions, zero_padding
@@ -139,7 +139,7 @@ class Evaluator:
         session = self._session(proto)
         score = self.score_outputs(self._run(proto, session))
         if latency:
-            one = {k: v[:1] for k, v in self.data[0].feeds.items()}
+            one = first_sample(self.model, self.data[0].feeds)
             for _ in range(3):
                 session.run(None, one)
             times = []

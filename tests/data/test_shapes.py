@@ -12,6 +12,7 @@ from PIL import Image
 
 from quantkit.cli import main
 from quantkit.data import PreprocessSpec, batches, open_source
+from quantkit.data.batching import first_sample
 from quantkit.errors import QuantkitError
 from quantkit.model import load_model
 
@@ -69,3 +70,28 @@ def test_build_takes_its_profile_from_calibration_and_warns_without_one(tmp_path
     out, err = capsys.readouterr()
     assert "# warning: x[Nx3xHxW] float32 has dynamic dimensions and no optimization profile" in out and "--minShapes" not in out
     assert len(err.strip().splitlines()) == 1  # the error alone: the warning sits with the trtexec lines it is about
+
+
+def test_first_sample_cuts_each_input_along_its_batch_axis_and_keeps_a_shared_one(tmp_path):
+    """A VAD's inputs: audio [N, 512], a state batched on axis 1 ([2, N, 8]) and a scalar sample rate
+    shared by every sample (tune's latency took v[:1] of each, which a 0-d input cannot give)."""
+    nodes = [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["state"], ["stateN"])]
+    graph = helper.make_graph(
+        nodes,
+        "vad",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 8]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 512]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "N", 8]),
+        ],
+    )
+    model = load_model(save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "vad.onnx"))
+    x, state, sr = np.arange(3 * 512.0).reshape(3, 512), np.arange(2 * 3 * 8.0).reshape(2, 3, 8), np.array(16000)
+    one = first_sample(model, {"x": x, "state": state, "sr": sr})
+    np.testing.assert_array_equal(one["x"], x[:1])
+    np.testing.assert_array_equal(one["state"], state[:, :1])
+    assert one["sr"] is sr
