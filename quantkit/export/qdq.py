@@ -161,14 +161,16 @@ def prepare_model(model: ModelInfo | onnx.ModelProto, min_opset: int = MIN_OPSET
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto if isinstance(model, ModelInfo) else model)
     _check_not_quantized(proto)
-    used = {n.name for n in proto.graph.node if n.name}
-    for i, node in enumerate(proto.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
+    graphs = [proto.graph, *if_branches(proto.graph)]  # a branch's nodes are quantized, planned and reported too
+    used = {n.name for g in graphs for n in g.node if n.name}
+    for k, graph in enumerate(graphs):
+        for i, node in enumerate(graph.node):
+            if not node.name:
+                name = f"{node.op_type}_{i}" if k == 0 else f"{node.op_type}_if{k}_{i}"
+                while name in used:
+                    name += "_"
+                node.name = name
+                used.add(name)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     converted = None
     if opset < min_opset:
@@ -185,7 +187,7 @@ def prepare_model(model: ModelInfo | onnx.ModelProto, min_opset: int = MIN_OPSET
 def node_names(model: ModelInfo | onnx.ModelProto) -> list[str]:
     """Node names as quantkit sees them (unnamed nodes get ``<op>_<index>``), for plans."""
     proto, _ = prepare_model(model)
-    return [n.name for n in proto.graph.node]
+    return [n.name for g in [proto.graph, *if_branches(proto.graph)] for n in g.node]
 
 
 def _hardsigmoid(v: float) -> float:
@@ -481,7 +483,7 @@ def _prepare(
     proto, converted = prepare_model(model, FP8_OPSET if fmt == "fp8" else MIN_OPSET)
     report = QuantizeReport(target=target, method=method, opset_converted_from=converted, weight_bits=weight_bits, format=fmt)
     if plan is not None:  # validate against the model's own node names, before any folding
-        plan.resolve([n.name for n in proto.graph.node])
+        plan.resolve([n.name for g in [proto.graph, *if_branches(proto.graph)] for n in g.node])
     # where each op's int8 kernel would requantize (computed before BN folding; the folded Conv
     # takes over the BN output's name, so the tensor names stay valid)
     effective_output = {}

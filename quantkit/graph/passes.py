@@ -286,10 +286,11 @@ def merge_horizontal(graph: gs.Graph, opset: int) -> list[Fusion]:
     activations. A Concat that takes all of the Split's outputs in order reads the merged tensor
     itself (``fold_concats``)."""
     fusions: list[Fusion] = []
+    local = {id(n) for n in graph.nodes}  # an If branch's convs read the enclosing graph's tensors too: they stay apart
     for tensor in list(graph.tensors().values()):
         groups: dict[tuple, list[gs.Node]] = {}
         for node in tensor.outputs:
-            if node.op in _CONVS and node.inputs and node.inputs[0] is tensor:
+            if id(node) in local and node.op in _CONVS and node.inputs and node.inputs[0] is tensor:
                 sig = _signature(node)
                 if sig is not None:
                     groups.setdefault(sig, []).append(node)

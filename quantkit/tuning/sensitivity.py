@@ -35,7 +35,7 @@ from quantkit.evaluation.run import fitting_batch
 from quantkit.evaluation.variants import CalibrationInput
 from quantkit.export.apply import apply_plan
 from quantkit.export.qdq import quantize_model
-from quantkit.model import ModelInfo, load_model
+from quantkit.model import ModelInfo, if_branches, load_model
 from quantkit.options import DEFAULT_MAX_MEMORY, DataOptions, ExportOptions, given
 from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
@@ -265,7 +265,7 @@ def quantized_nodes(
 ) -> tuple[list[str], dict[str, str], onnx.ModelProto]:
     """Nodes the all-INT8 placement quantizes (in graph order), their op types, and the all-INT8 model."""
     q, report = quantize_model(model, ranges, method=method, target=target, allow_missing=True)
-    ops = {n.name: n.op_type for n in q.graph.node}
+    ops = {n.name: n.op_type for g in [q.graph, *if_branches(q.graph)] for n in g.node}
     return list(report.int8_nodes), ops, q
 
 

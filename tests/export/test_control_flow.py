@@ -12,8 +12,11 @@ from quantkit.backends.ort import with_outputs
 from quantkit.calibration.collect import activation_bytes, select_calibration_tensors
 from quantkit.cli import main
 from quantkit.export.fp16 import convert_fp16
-from quantkit.model import outer_scope_reads
+from quantkit.export.qdq import node_names, quantize_model
+from quantkit.model import load_model, outer_scope_reads
+from quantkit.plan import PrecisionPlan
 from quantkit.ranges import RangeSet
+from quantkit.tuning.sensitivity import quantized_nodes
 
 
 def run(model, x):
@@ -240,3 +243,16 @@ def test_calibration_sizes_its_batch_for_a_network_inside_an_if_as_for_the_netwo
     got = activation_bytes(switched, {"image": image, "sr": np.array(16000)}, inside)
     extra = 10 * 4 + 1  # the If's output (a copy of its branch's [1, 10] logits) and its condition
     assert want[0] > 100_000 and got == (want[0] + extra, want[1] + 10 * 4)
+
+
+def test_branch_nodes_can_be_named_in_a_plan_and_ranked(tmp_path):
+    """Plans, sensitivity and tune address a branch's nodes by name as any other node's."""
+    model = if_model()
+    names = node_names(model)
+    assert {"conv_then", "conv2_else", "conv0"} <= set(names)
+    path, _, ranges = calibrate(tmp_path, model, [1, -1] * 4)
+    int8, ops, _ = quantized_nodes(load_model(path), ranges, method="minmax", target="tensorrt")
+    assert {"conv_then", "conv2_then", "conv_else", "conv2_else"} <= set(int8) and ops["conv_then"] == "Conv"
+    plan = PrecisionPlan(nodes={"conv_then": "fp32"})
+    _, report = quantize_model(load_model(path), ranges, method="minmax", plan=plan, check_hash=False)
+    assert report.kept_float["conv_then"] == "plan: fp32" and "conv2_then" in report.int8_nodes
