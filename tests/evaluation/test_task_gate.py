@@ -248,3 +248,27 @@ def test_an_anchor_head_with_two_classes_is_not_taken_for_final_detections():
     head = RNG.uniform(0, 1, size=(2, 300, 6)).astype(np.float32)
     head[..., :4] *= 640  # cx, cy, w, h in pixels, then two class scores: not whole class ids
     assert infer_task(head, 2).layout != "final"
+
+
+def test_frame_labels_with_a_dominant_silence_class_are_no_ctc_sequence():
+    """FunASR's FSMN VAD writes [1, T, 248] frame posteriors, silence (class 0) winning about half the
+    frames and each speech label holding ~5 frames: read as CTC, a healthy INT8 copy (97.8% of frames,
+    99.7% of speech decisions as FP32's, 31.7 dB) had 0% of its 600-frame "strings" right and was
+    refused. CTC's own outputs are spikes (three real recognisers: 1.1 positions per symbol)."""
+    n, t, classes = 16, 600, 248
+    labels = np.zeros((n, t), int)
+    for row in labels:
+        pos = 0
+        while pos < t:
+            length = int(RNG.integers(3, 9))
+            row[pos : pos + length] = 0 if RNG.random() < 0.5 else RNG.integers(1, classes)
+            pos += length
+    logits = RNG.normal(0, 1, size=(n, t, classes))
+    logits[np.arange(n)[:, None], np.arange(t)[None, :], labels] += 6
+    task = infer_task(logits, n)
+    assert task.kind == "class sequence" and "frame labels" in task.reason
+    flipped = logits.copy()
+    rows, cols = np.nonzero(RNG.random((n, t)) < 0.02)  # 2% of frames change label
+    flipped[rows, cols, labels[rows, cols]] -= 12
+    assert score_task(task, logits, flipped).value > 0.97
+    assert infer_task(ctc_logits(), 32).kind == "ctc sequence"  # spikes between blanks stay CTC
