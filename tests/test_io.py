@@ -16,8 +16,17 @@ def setup_old(tmp_path):
     return {p: b"new" + bytes([i]) for i, p in enumerate(files)}
 
 
+@pytest.fixture
+def interruptible():
+    """Python's own SIGINT handler for the test: a job started in the background (``cmd &`` in a
+    script) inherits SIGINT ignored, and an ignored Ctrl-C rightly raises nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("after", [1, 2, 3])
-def test_sigint_between_renames_waits_for_all_of_them(tmp_path, monkeypatch, after):
+def test_sigint_between_renames_waits_for_all_of_them(tmp_path, monkeypatch, after, interruptible):
     new = setup_old(tmp_path)
     real_replace, done = os.replace, []
 
