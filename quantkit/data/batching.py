@@ -117,6 +117,17 @@ def first_sample(model: ModelInfo, feeds: dict[str, np.ndarray]) -> dict[str, np
     return out
 
 
+def join_outputs(parts: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """Per-run outputs as one array, joined along each run's batch axis: axis 0, or axis 1 for a
+    time-first output ([T, N, C]) or a state batched on axis 1 ([layers, N, hidden], an RNN's)
+    whose axis 0 is not the run's sample count. ``sizes``: the samples of each run."""
+    if not parts[0].ndim:
+        return np.stack(parts)
+    first = parts[0]
+    axis = 1 if first.shape[0] != sizes[0] and first.ndim > 1 and first.shape[1] == sizes[0] else 0
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
 def _joins(model: ModelInfo, arrays: dict[str, np.ndarray], first: dict[str, np.ndarray]) -> bool:
     """Whether a sample can join a batch: equal shapes, and equal values of every shared input."""
     for spec in model.inputs:

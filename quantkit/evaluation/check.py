@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from quantkit.backends.ort import make_session, with_outputs
-from quantkit.data.batching import batches, fixed_batch
+from quantkit.data.batching import batches, fixed_batch, join_outputs
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
@@ -195,16 +195,6 @@ def float16_tensors(model: onnx.ModelProto) -> list[str]:
     return [o for n in model.graph.node if n.op_type != "Constant" for o in n.output if o in typed]
 
 
-def _join(parts: list[np.ndarray], sizes: list[int]) -> np.ndarray:
-    """Per-run outputs as one array, joined along each run's batch axis: axis 0, or axis 1 for a
-    time-first output ([T, N, C], an RNN's) whose axis 0 is not the run's sample count."""
-    if not parts[0].ndim:
-        return np.stack(parts)
-    first = parts[0]
-    axis = 1 if first.shape[0] != sizes[0] and first.ndim > 1 and first.shape[1] == sizes[0] else 0
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
-
-
 def check_fidelity(
     reference: onnx.ModelProto,
     candidate: onnx.ModelProto,
@@ -286,7 +276,7 @@ def _run_pair(
             if np.any(bad):
                 suspects.setdefault(name, []).append((feed, bad))
         del new
-    return [_join(p, sizes) for p in ref_out], [_join(p, sizes) for p in new_out], suspects
+    return [join_outputs(p, sizes) for p in ref_out], [join_outputs(p, sizes) for p in new_out], suspects
 
 
 def _confirmed_overflows(

@@ -27,6 +27,7 @@ import importlib.util
 import inspect
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,10 +173,17 @@ def _string_stats(outputs: list[np.ndarray], reference: list[np.ndarray], labels
     return np.array([a == b for a, b in zip(got, want, strict=True)], np.float64)
 
 
+def _samples_first(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Each output with its sample axis first: axis 1 where axis 0 is not the sample count (most
+    outputs' first size) and axis 1 is (an RNN's state [layers, N, hidden], a time-first output)."""
+    n = Counter(a.shape[0] for a in arrays if a.ndim).most_common(1)[0][0]
+    return [np.moveaxis(a, 1, 0) if a.ndim > 1 and a.shape[0] != n and a.shape[1] == n else a for a in arrays]
+
+
 def _per_sample(outputs: list[np.ndarray], reference: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Every output of a sample as one row (float64)."""
-    got = np.concatenate([o.reshape(o.shape[0], -1).astype(np.float64) for o in outputs], axis=1)
-    ref = np.concatenate([r.reshape(r.shape[0], -1).astype(np.float64) for r in reference], axis=1)
+    got = np.concatenate([o.reshape(o.shape[0], -1).astype(np.float64) for o in _samples_first(outputs)], axis=1)
+    ref = np.concatenate([r.reshape(r.shape[0], -1).astype(np.float64) for r in _samples_first(reference)], axis=1)
     return got, ref
 
 

@@ -27,7 +27,7 @@ import onnx
 from quantkit._io import StepTimer, step_bar
 from quantkit.backends.ort import make_session, runtime_providers
 from quantkit.calibration.collect import batch_size_for
-from quantkit.data.batching import Batch, batches, check_sample, fixed_batch
+from quantkit.data.batching import Batch, batches, check_sample, fixed_batch, join_outputs
 from quantkit.data.preprocess import PreprocessSpec
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
@@ -99,7 +99,7 @@ def _collect(data: Sequence[Batch], session: Any) -> list[np.ndarray]:
     for batch in data:
         for i, value in enumerate(session.run(names, batch.feeds)):
             per_output[i].append(np.asarray(value))
-    return [np.concatenate(v) if v and v[0].ndim else np.stack(v) for v in per_output]
+    return [join_outputs(v, [len(b) for b in data]) for v in per_output]
 
 
 def evaluate(

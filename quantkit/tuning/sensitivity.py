@@ -24,7 +24,7 @@ import onnx
 
 from quantkit._io import step_bar
 from quantkit.backends.ort import make_session, with_outputs
-from quantkit.data.batching import Batch, batches, first_sample
+from quantkit.data.batching import Batch, batches, first_sample, join_outputs
 from quantkit.data.sources import open_source
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.check import token_positions, zero_padding
@@ -115,7 +115,8 @@ class Evaluator:
     def _run(self, proto: onnx.ModelProto, session: Any = None) -> list[np.ndarray]:
         session = session or self._session(proto)
         outs = [session.run(None, b.feeds) for b in self.data]
-        return [zero_padding(np.concatenate([o[i] for o in outs]), self.tokens) for i in range(len(outs[0]))]
+        sizes = [len(b) for b in self.data]
+        return [zero_padding(join_outputs([o[i] for o in outs], sizes), self.tokens) for i in range(len(outs[0]))]
 
     def score_outputs(self, outputs: list[np.ndarray]) -> Score:
         outputs = [zero_padding(o, self.tokens) for o in outputs]  # outputs run elsewhere (Ray workers) too

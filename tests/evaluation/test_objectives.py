@@ -12,6 +12,7 @@ from conftest import float_model, save
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.cli import main
+from quantkit.data.batching import join_outputs
 from quantkit.errors import QuantkitError
 from quantkit.evaluation.metrics import cosine, sqnr_db
 from quantkit.evaluation.objectives import choose_objective, decode_detections, match_counts, objective
@@ -203,3 +204,18 @@ def test_eval_flags_a_detector_that_finds_nothing(tmp_path):
     np.save(tmp_path / "val.npy", np.random.default_rng(0).normal(size=(6, 3, 32, 32)).astype(np.float32))
     report = evaluate(model, tmp_path / "val.npy", EvalOptions(variants="fp32", latency=False))
     assert any("detection-f1: the reference has no detection" in f for f in report.flags)
+
+
+def test_a_state_batched_on_axis_1_joins_and_is_scored_per_sample():
+    """flashvad's next_recurrent is [1, N, 64]: eval and tune joined its runs on axis 0 and then
+    could not put it beside [N, 1] (internal error)."""
+    rng = np.random.default_rng(0)
+    runs = [(rng.normal(size=(5, 1)), rng.normal(size=(1, 5, 8))), (rng.normal(size=(3, 1)), rng.normal(size=(1, 3, 8)))]
+    logits = join_outputs([r[0] for r in runs], [5, 3])
+    state = join_outputs([r[1] for r in runs], [5, 3])
+    assert logits.shape == (8, 1) and state.shape == (1, 8, 8)
+    np.testing.assert_array_equal(state[0, 5:], runs[1][1][0])
+    cos = objective("cosine").stats([logits, -state], [logits, state], None)
+    # per sample: the logit agrees, the 8 state values are negated: cos = (l^2 - |s|^2) / (l^2 + |s|^2)
+    l2, s2 = logits[:, 0] ** 2, np.sum(state[0] ** 2, axis=1)
+    np.testing.assert_allclose(cos, (l2 - s2) / (l2 + s2))

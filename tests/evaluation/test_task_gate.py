@@ -4,6 +4,7 @@ passes the SQNR floor and is refused by its task measure, while a healthy copy p
 import numpy as np
 import pytest
 
+from quantkit.data.batching import join_outputs
 from quantkit.evaluation.check import MIN_SQNR_DB, judge_outputs
 from quantkit.evaluation.metrics import sqnr_db
 from quantkit.evaluation.objectives import choose_objective
@@ -130,13 +131,11 @@ def test_score_task_of_an_unjudged_output_is_none():
 def test_runs_of_single_samples_join_along_each_outputs_batch_axis():
     """The FP16 check runs one sample at a time (its watched tensors are dropped run by run); a
     time-first RNN output [T, N, C] joins along axis 1, everything else along axis 0."""
-    from quantkit.evaluation.check import _join
-
     time_first = [RNG.normal(size=(20, 1, 37)) for _ in range(3)]
     batch_first = [RNG.normal(size=(1, 40, 6)) for _ in range(3)]
-    assert _join(time_first, [1, 1, 1]).shape == (20, 3, 37)
-    assert np.array_equal(_join(time_first, [1, 1, 1])[:, 2], time_first[2][:, 0])
-    assert _join(batch_first, [1, 1, 1]).shape == (3, 40, 6)
+    assert join_outputs(time_first, [1, 1, 1]).shape == (20, 3, 37)
+    assert np.array_equal(join_outputs(time_first, [1, 1, 1])[:, 2], time_first[2][:, 0])
+    assert join_outputs(batch_first, [1, 1, 1]).shape == (3, 40, 6)
 
 
 def test_a_collapsed_output_keeps_its_collapse_and_is_still_scored_on_its_task():
