@@ -415,15 +415,14 @@ def quantize_model(
     for scope in scopes:
         _decide(scope)
     _check_missing(p, allow_missing)
-    for scope in scopes:  # outer scopes first: a branch reuses the Q/DQ its enclosing graph already has
+    for scope in scopes:  # outer scopes first: a branch starts from the Q/DQ its enclosing graph has, never a sibling's
+        if scope.parent is not None:
+            scope.act_dq, scope.weight_dq = dict(scope.parent.act_dq), dict(scope.parent.weight_dq)
         _share_scales(scope)
         _insert_qdq(scope)
         if target == "onnxruntime":
             _requantize_outputs(scope)
             _rewrite_hardsigmoids(scope)
-        for child in scopes:
-            if child.parent is scope:
-                child.act_dq, child.weight_dq = dict(scope.act_dq), dict(scope.weight_dq)
     return _export(p), p.report
 
 
@@ -520,11 +519,8 @@ def _scopes(p: _Placement) -> list[_Placement]:
             if node.op != "If" or node.domain not in (None, "", "ai.onnx"):
                 continue
             for branch in (node.attrs.get("then_branch"), node.attrs.get("else_branch")):
-                computed = {t.name for n in branch.nodes for t in n.outputs}
-                child = dataclasses.replace(
-                    scope, graph=branch, plans={}, range_of={}, scope=f"__{len(scopes)}", parent=scope,
-                    ran=bool(computed & set(p.ranges.tensors)),
-                )  # fmt: skip
+                ran = any(t.name in p.ranges.tensors for n in branch.nodes for t in n.outputs)
+                child = dataclasses.replace(scope, graph=branch, plans={}, range_of={}, scope=f"__{len(scopes)}", parent=scope, ran=ran)
                 scopes.append(child)
     return scopes
 
